@@ -1,0 +1,187 @@
+"""A TCP (or TLS) connection as an awaitable byte pipe, with backpressure both ways.
+
+Used for visitors, origin connections, localtunnel pool sockets and the agent's dial-out before it
+switches to the multiplexer. Reads return whatever has arrived (no per-chunk task or copy beyond
+one join); reading pauses once HIGH_WATER bytes sit unread, writing callers await `drain()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+
+
+class ConduitReset(ConnectionError):
+    """The other end aborted: whatever was in flight is lost and must be shown as lost."""
+
+
+class Connection(asyncio.Protocol):
+    HIGH_WATER = 512 * 1024
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._lost = False
+        self._reset = False
+        self._reading_paused = False
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
+        self._writing_paused = False
+        self.peer_ip = ""
+        self.closed = asyncio.get_running_loop().create_future()
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer_ip = peer[0]
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > self.HIGH_WATER and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_reader()
+        return True  # keep our sending half open: the peer may still be reading
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._lost = True
+        if exc is not None and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+            self._reset = True
+        self._wake_reader()
+        if self._write_waiter is not None and not self._write_waiter.done():
+            self._write_waiter.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._write_waiter is not None and not self._write_waiter.done():
+            self._write_waiter.set_result(None)
+
+    def _wake_reader(self) -> None:
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # the conduit interface
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._chunks
+
+    @property
+    def has_unread(self) -> bool:
+        return bool(self._chunks) or self._eof
+
+    async def read(self) -> bytes:
+        """Everything that has arrived, or b"" at end of stream; raises ConduitReset on abort."""
+        while not self._chunks:
+            if self._eof:
+                if self._reset:
+                    raise ConduitReset("connection reset by peer")
+                return b""
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+        return self.take_buffered()
+
+    def take_buffered(self) -> bytes:
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._reading_paused and self.transport is not None and not self._lost:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self._lost or self.transport is None:
+            raise ConduitReset("connection already closed")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._lost:
+            raise ConduitReset("connection already closed")
+        if self._writing_paused:
+            self._write_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._write_waiter
+            finally:
+                self._write_waiter = None
+            if self._lost:
+                raise ConduitReset("connection closed while writing")
+
+    async def send(self, data: bytes) -> None:
+        self.write(data)
+        await self.drain()
+
+    def write_eof(self) -> None:
+        if self.transport is not None and not self._lost and self.transport.can_write_eof():
+            try:
+                self.transport.write_eof()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close with a TCP reset, so the other side sees an error rather than a clean end."""
+        if self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            except OSError:
+                pass
+        self.transport.abort()
+
+
+async def splice(a, b) -> None:
+    """Copy bytes both ways between two conduits until both directions have ended."""
+
+    async def one_way(src, dst) -> None:
+        try:
+            while True:
+                data = await src.read()
+                if not data:
+                    dst.write_eof()
+                    return
+                await dst.send(data)
+        except (ConduitReset, ConnectionError):
+            src.abort()
+            dst.abort()
+
+    other = asyncio.ensure_future(one_way(b, a))
+    try:
+        await one_way(a, b)
+        await other
+    finally:
+        if not other.done():
+            other.cancel()
+        a.close()
+        b.close()

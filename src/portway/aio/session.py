@@ -1,0 +1,342 @@
+"""Runs a sans-I/O Mux over one transport: the glue between asyncio and proto.mux.
+
+One read callback feeds the mux, one coalesced flush per loop iteration writes what it produced, one
+timer drives keepalive. Streams are conduits with the same interface as aio.connection.Connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Awaitable, Callable
+
+from ..errors import MuxClosedError, ProtocolError
+from ..proto import events as ev
+from ..proto.mux import Mux, MuxConfig, Role
+from .connection import ConduitReset
+
+log = logging.getLogger(__name__)
+
+
+class MuxStream:
+    """One multiplexed stream, read and written like a connection."""
+
+    __slots__ = (
+        "session", "stream_id", "_chunks", "_eof", "_reset", "_read_waiter", "_window_waiter",
+        "_local_ended", "_closed",
+    )
+
+    def __init__(self, session: "MuxSession", stream_id: int) -> None:
+        self.session = session
+        self.stream_id = stream_id
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._reset = False
+        self._local_ended = False
+        self._closed = False
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._window_waiter: asyncio.Future[None] | None = None
+
+    # fed by the session
+    def _on_data(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._wake_reader()
+
+    def _on_end(self) -> None:
+        self._eof = True
+        self._wake_reader()
+
+    def _on_reset(self) -> None:
+        self._reset = True
+        self._eof = True
+        self._closed = True
+        self._wake_reader()
+        self._on_window()
+
+    def _on_window(self) -> None:
+        waiter = self._window_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_reader(self) -> None:
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # the conduit interface
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._chunks
+
+    @property
+    def has_unread(self) -> bool:
+        return bool(self._chunks) or self._eof
+
+    async def read(self) -> bytes:
+        while not self._chunks:
+            if self._reset:
+                raise ConduitReset(f"stream {self.stream_id} was reset")
+            if self._eof:
+                return b""
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        if not self._closed:
+            self.session.consumed(self.stream_id, len(data))
+        return data
+
+    async def send(self, data: bytes) -> None:
+        session = self.session
+        view = memoryview(data)
+        while True:
+            if self._reset or self._closed:
+                raise ConduitReset(f"stream {self.stream_id} was reset")
+            try:
+                sent = session.mux.send_data(self.stream_id, view)
+            except (KeyError, MuxClosedError, ProtocolError) as error:
+                raise ConduitReset(f"stream {self.stream_id} is gone: {error}") from None
+            session.schedule_flush()
+            if sent == len(view):
+                break
+            view = view[sent:]
+            self._window_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._window_waiter
+            finally:
+                self._window_waiter = None
+        await session.drain()
+
+    def write(self, data: bytes) -> None:
+        """Queue without waiting; only for small control writes (error pages) that fit the window."""
+        if self._reset or self._closed:
+            raise ConduitReset(f"stream {self.stream_id} was reset")
+        sent = self.session.mux.send_data(self.stream_id, data)
+        if sent != len(data):
+            raise ConduitReset("write exceeded the stream window; use send()")
+        self.session.schedule_flush()
+
+    async def drain(self) -> None:
+        await self.session.drain()
+
+    def write_eof(self) -> None:
+        if not self._local_ended and not self._closed:
+            self._local_ended = True
+            try:
+                self.session.mux.end_stream(self.stream_id)
+            except (KeyError, MuxClosedError, ProtocolError):
+                pass
+            self.session.schedule_flush()
+            if self._eof:
+                self._forget()
+
+    def close(self) -> None:
+        """Done with the stream: a clean close when both halves ended, else a reset."""
+        if self._closed:
+            return
+        if self._eof and self._local_ended:
+            self._forget()
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        if self._closed:
+            return
+        self._reset = True
+        try:
+            self.session.mux.reset_stream(self.stream_id)
+        except (KeyError, MuxClosedError, ProtocolError):
+            pass
+        self.session.schedule_flush()
+        self._forget()
+
+    def _forget(self) -> None:
+        self._closed = True
+        self.session.streams.pop(self.stream_id, None)
+
+
+class MuxSession(asyncio.Protocol):
+    """An asyncio protocol that owns a transport speaking the Portway multiplexing protocol."""
+
+    def __init__(
+        self,
+        role: Role,
+        config: MuxConfig | None = None,
+        on_stream: Callable[[MuxStream], Awaitable[None]] | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.mux = Mux(role, config or MuxConfig(), now=self.loop.time())
+        self.streams: dict[int, MuxStream] = {}
+        self.transport: asyncio.Transport | None = None
+        self._on_stream = on_stream
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._writing_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closed: asyncio.Future[str] = self.loop.create_future()
+        self.go_away_received = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._rearm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.mux.receive_data(data, self.loop.time())
+        except ProtocolError as error:
+            log.warning("closing agent link: protocol error: %s", error)
+            self._flush_now()
+            self._terminate(f"protocol error: {error}")
+            return
+        self._dispatch(events)
+        self._flush_now()
+        self._rearm_timer()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._shutdown("link closed" if exc is None else f"link lost: {exc}")
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # for streams
+    def open_stream(self) -> MuxStream:
+        if self.transport is None or self.closed.done():
+            raise MuxClosedError("the agent link is closed")
+        stream_id = self.mux.open_stream()
+        stream = MuxStream(self, stream_id)
+        self.streams[stream_id] = stream
+        self.schedule_flush()
+        return stream
+
+    def consumed(self, stream_id: int, count: int) -> None:
+        try:
+            self.mux.acknowledge_received(stream_id, count, self.loop.time())
+        except (KeyError, MuxClosedError):
+            return
+        self.schedule_flush()
+
+    async def drain(self) -> None:
+        if self.closed.done():
+            raise ConduitReset("the agent link is closed")
+        if self._writing_paused:
+            waiter = self.loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+            if self.closed.done():
+                raise ConduitReset("the agent link is closed")
+
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
+        data = self.mux.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def go_away(self) -> None:
+        self.mux.go_away(0)
+        self._flush_now()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self._shutdown("closed locally")
+
+    # internals
+    def _dispatch(self, events: list[object]) -> None:
+        streams = self.streams
+        for event in events:
+            kind = type(event)
+            if kind is ev.DataReceived:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_data(event.data)
+                else:
+                    # the app already forgot this stream; return the credit so the window stays honest
+                    self.consumed(event.stream_id, len(event.data))
+            elif kind is ev.WindowUpdated:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_window()
+            elif kind is ev.StreamEnded:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_end()
+                    if stream._local_ended:
+                        stream._forget()
+            elif kind is ev.StreamReset:
+                stream = streams.pop(event.stream_id, None)
+                if stream is not None:
+                    stream._on_reset()
+            elif kind is ev.StreamOpened:
+                self._accept(event.stream_id)
+            elif kind is ev.GoAwayReceived:
+                self.go_away_received = True
+            elif kind is ev.ConnectionTerminated:
+                self._terminate(event.reason)
+            # StreamAccepted and PingAcked need no action here; the mux keeps the RTT.
+
+    def _accept(self, stream_id: int) -> None:
+        if self._on_stream is None:
+            self.mux.reset_stream(stream_id)
+            return
+        self.mux.accept_stream(stream_id)
+        stream = MuxStream(self, stream_id)
+        self.streams[stream_id] = stream
+        task = self.loop.create_task(self._on_stream(stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _rearm_timer(self) -> None:
+        when = self.mux.get_timer()
+        if when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = None if when is None else self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._dispatch(self.mux.handle_timer(self.loop.time()))
+        self._flush_now()
+        if not self.closed.done():
+            self._rearm_timer()
+
+    def _terminate(self, reason: str) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self._shutdown(reason)
+
+    def _shutdown(self, reason: str) -> None:
+        if self.closed.done():
+            return
+        self.closed.set_result(reason)
+        if self._timer is not None:
+            self._timer.cancel()
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream._on_reset()
+        self.resume_writing()

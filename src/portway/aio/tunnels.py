@@ -1,0 +1,146 @@
+"""Live tunnels on this relay and the registry that names them.
+
+A tunnel hands out conduits (byte pipes that end at the origin): multiplexed streams for Portway
+agents, pool sockets for localtunnel clients. Conduits whose origin connection is still open after a
+complete exchange are kept idle for the next request, like a keep-alive pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from ..errors import HttpError, MuxClosedError
+from .session import MuxSession
+
+IDLE_CONDUITS_PER_TUNNEL = 64
+
+
+@dataclass
+class AccessPolicy:
+    """Who may visit a tunnel: checked on the same parsed request the relay routes by."""
+
+    basic_auth: bytes | None = None  # the expected `Authorization` header value
+    allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def check(self, peer_ip: str, authorization: bytes | None) -> None:
+        if self.allow_networks:
+            try:
+                address = ipaddress.ip_address(peer_ip)
+            except ValueError:
+                raise HttpError(403, "this tunnel does not accept visitors from your address", close=False)
+            if not any(address in network for network in self.allow_networks):
+                raise HttpError(403, "this tunnel does not accept visitors from your address", close=False)
+        if self.basic_auth is not None:
+            if authorization is None or not secrets.compare_digest(authorization, self.basic_auth):
+                raise HttpError(401, "this tunnel requires a user name and password", close=False)
+
+
+class Tunnel:
+    """Common part of every tunnel kind: name, idle conduit pool, online state."""
+
+    kind = "tunnel"
+
+    def __init__(self, name: str, access: AccessPolicy | None = None) -> None:
+        self.name = name
+        self.access = access or AccessPolicy()
+        self.idle: list = []
+        self.created = time.time()
+        self.requests = 0
+
+    @property
+    def online(self) -> bool:
+        raise NotImplementedError
+
+    async def _new_conduit(self):
+        raise NotImplementedError
+
+    async def acquire(self):
+        """A conduit to the origin: an idle one still clean, else a new one."""
+        idle = self.idle
+        while idle:
+            conduit = idle.pop()
+            if not conduit.has_unread:
+                return conduit, True
+            conduit.close()  # the origin closed it or sent stray bytes (a 408) while it sat idle
+        return await self._new_conduit(), False
+
+    def release(self, conduit, reusable: bool) -> None:
+        if reusable and self.online and len(self.idle) < IDLE_CONDUITS_PER_TUNNEL:
+            self.idle.append(conduit)
+        else:
+            conduit.close()
+
+    def drop_idle(self) -> None:
+        idle, self.idle = self.idle, []
+        for conduit in idle:
+            conduit.close()
+
+    def status(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "online": self.online, "requests": self.requests}
+
+
+class AgentTunnel(Tunnel):
+    """A tunnel served by a Portway agent over one multiplexed link."""
+
+    kind = "portway"
+
+    def __init__(self, name: str, session: MuxSession, resume_key: str, access: AccessPolicy | None = None,
+                 owner: str | None = None) -> None:
+        super().__init__(name, access)
+        self.session: MuxSession | None = session
+        self.resume_key = resume_key
+        self.owner = owner
+
+    @property
+    def online(self) -> bool:
+        return self.session is not None and not self.session.closed.done()
+
+    async def _new_conduit(self):
+        session = self.session
+        if session is None or session.closed.done():
+            raise HttpError(502, f"the agent for tunnel {self.name!r} is not connected")
+        try:
+            return session.open_stream()
+        except MuxClosedError:
+            raise HttpError(502, f"the agent for tunnel {self.name!r} is going away") from None
+
+
+@dataclass
+class Registry:
+    """Name → tunnel, for this relay process. Offline tunnels keep their name for a grace period."""
+
+    tunnels: dict[str, Tunnel] = field(default_factory=dict)
+    grace_handles: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+
+    def get(self, name: str) -> Tunnel | None:
+        return self.tunnels.get(name)
+
+    def add(self, tunnel: Tunnel) -> None:
+        self.cancel_grace(tunnel.name)
+        self.tunnels[tunnel.name] = tunnel
+
+    def remove(self, tunnel: Tunnel) -> None:
+        if self.tunnels.get(tunnel.name) is tunnel:
+            del self.tunnels[tunnel.name]
+            tunnel.drop_idle()
+        self.cancel_grace(tunnel.name)
+
+    def free_after(self, tunnel: Tunnel, delay: float) -> None:
+        """Forget the tunnel after `delay` unless it comes back online first."""
+        self.cancel_grace(tunnel.name)
+        loop = asyncio.get_running_loop()
+        self.grace_handles[tunnel.name] = loop.call_later(delay, self._expire, tunnel)
+
+    def cancel_grace(self, name: str) -> None:
+        handle = self.grace_handles.pop(name, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _expire(self, tunnel: Tunnel) -> None:
+        self.grace_handles.pop(tunnel.name, None)
+        if not tunnel.online:
+            self.remove(tunnel)

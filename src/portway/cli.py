@@ -1,0 +1,143 @@
+"""The `portway` command: `portway server …` runs a relay, `portway http PORT …` exposes a local port."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import os
+import signal
+import sys
+from typing import Awaitable, Callable
+
+from rich.console import Console
+
+from . import __version__
+from .config import DEFAULT_RELAY_PORT, AgentConfig, RelayConfig
+from .errors import RegistrationError
+
+stderr = Console(stderr=True, highlight=False)
+
+EMBEDDED_PORT_ATTEMPTS = 50
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="portway", description="Self-hosted HTTP and WebSocket tunnels.")
+    parser.add_argument("--version", action="version", version=f"portway {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the relay/agent does")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    server = commands.add_parser("server", help="run a relay on a public host")
+    server.add_argument("--bind", default=os.environ.get("PORTWAY_BIND", "127.0.0.1"),
+                        help="address to listen on (default 127.0.0.1)")
+    server.add_argument("--port", type=int, default=int(os.environ.get("PORTWAY_PORT", DEFAULT_RELAY_PORT)),
+                        help=f"port for visitors and agents alike (default {DEFAULT_RELAY_PORT})")
+    server.add_argument("--domain", default=os.environ.get("PORTWAY_DOMAIN", "localhost"),
+                        help="base domain: tunnels are NAME.DOMAIN (default localhost)")
+    server.add_argument("--public-port", type=int, default=None,
+                        help="port shown in tunnel URLs when a proxy or NAT maps it (default: --port)")
+    server.add_argument("--grace-period", type=float, default=10.0,
+                        help="seconds a disconnected agent keeps its name (default 10)")
+
+    http = commands.add_parser("http", help="expose a local HTTP/WebSocket port through a relay")
+    http.add_argument("port", type=int, help="local port to expose")
+    http.add_argument("--relay", default=os.environ.get("PORTWAY_RELAY"),
+                      help="relay URL, e.g. https://relay.example.com (default: $PORTWAY_RELAY, "
+                           "else an embedded relay on 127.0.0.1 with *.localhost names)")
+    http.add_argument("--name", default=None, help="tunnel name (default: a random readable one)")
+    http.add_argument("--local-host", default="localhost", help="host of the local service (default localhost)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s")
+    if args.command == "server":
+        config = RelayConfig(bind=args.bind, port=args.port, domain=args.domain,
+                             public_port=args.public_port, grace_period=args.grace_period)
+        sys.exit(_run(lambda: run_server(config)))
+    config = AgentConfig(port=args.port, local_host=args.local_host, relay=args.relay, name=args.name)
+    sys.exit(_run(lambda: run_http(config)))
+
+
+def _run(make: Callable[[], Awaitable[int]]) -> int:
+    async def guarded() -> int:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        assert task is not None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, task.cancel)
+        try:
+            return await make()
+        except asyncio.CancelledError:
+            return 0
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(guarded())
+    return uvloop.run(guarded())
+
+
+async def run_server(config: RelayConfig) -> int:
+    from .aio.relay import Relay
+
+    relay = Relay(config)
+    try:
+        await relay.start()
+    except OSError as error:
+        stderr.print(f"[red]error:[/] cannot listen on {config.bind}:{config.port}: {error.strerror or error}")
+        return 1
+    stderr.print(f"Portway relay on {config.bind}:{relay.port}; tunnels at {relay.public_url('NAME')}")
+    print(f"listening on {config.bind}:{relay.port}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await relay.close()
+    return 0
+
+
+async def start_embedded_relay():
+    """A relay in this process on 127.0.0.1:8000, or the next free port, with *.localhost names."""
+    from .aio.relay import Relay
+
+    for offset in range(EMBEDDED_PORT_ATTEMPTS):
+        relay = Relay(RelayConfig(port=DEFAULT_RELAY_PORT + offset))
+        try:
+            await relay.start()
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+            continue
+        return relay
+    raise OSError(errno.EADDRINUSE, "no free port for the embedded relay")
+
+
+async def run_http(config: AgentConfig) -> int:
+    from .aio.agent import Agent
+
+    relay = None
+    relay_url = config.relay
+    if relay_url is None:
+        relay = await start_embedded_relay()
+        relay_url = f"http://127.0.0.1:{relay.port}"
+        stderr.print(f"No --relay given: running an embedded relay on 127.0.0.1:{relay.port}")
+
+    def show_url(url: str) -> None:
+        print(url, flush=True)
+
+    try:
+        agent = Agent(config, relay_url, on_url=show_url, on_status=lambda text: stderr.print(text))
+        await agent.run()
+    except ValueError as error:
+        stderr.print(f"[red]error:[/] {error}")
+        return 2
+    except RegistrationError as error:
+        stderr.print(f"[red]error:[/] {error.message}")
+        return 1
+    finally:
+        if relay is not None:
+            await relay.close()
+    return 0

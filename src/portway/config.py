@@ -1,0 +1,35 @@
+"""Every tunable of the relay and the agent, with its default, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .proto.mux import MuxConfig
+
+DEFAULT_RELAY_PORT = 8000
+
+
+@dataclass
+class RelayConfig:
+    bind: str = "127.0.0.1"
+    port: int = DEFAULT_RELAY_PORT
+    domain: str = "localhost"
+    public_port: int | None = None  # the port visitors use, when a proxy or NAT maps it (URLs only)
+    idle_timeout: float = 75.0  # a keep-alive visitor connection with no request is closed after this
+    head_timeout: float = 15.0  # a request head must arrive completely within this (slowloris)
+    pool_wait_timeout: float = 10.0  # how long a visitor waits for a free conduit before a 503
+    grace_period: float = 10.0  # an agent that drops keeps its name this long to reconnect
+    mux: MuxConfig = field(default_factory=MuxConfig)
+
+
+@dataclass
+class AgentConfig:
+    port: int
+    local_host: str = "localhost"
+    relay: str | None = None  # None: run an embedded relay in this process
+    name: str | None = None
+    token: str | None = None
+    basic_auth: str | None = None
+    allow_ip: list[str] = field(default_factory=list)
+    ca_file: str | None = None
+    mux: MuxConfig = field(default_factory=MuxConfig)

@@ -1,0 +1,406 @@
+"""HTTP/1.1 as the relay's public edge speaks it: visitor requests in, origin responses back.
+
+Both directions are parsed with llhttp (via httptools) in strict mode and re-framed on the way
+through, so the origin and the visitor each see a message whose framing the relay chose. That is
+what makes request smuggling through the relay impossible and what lets a response cut short by a
+dying agent look cut short to the visitor. Nothing here does I/O: feed bytes, get events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import httptools
+
+from ..errors import HttpError
+
+MAX_HEAD_BYTES = 32 * 1024
+
+# Headers that describe one hop only; the relay drops them and writes its own framing.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"content-length",
+    }
+)
+FORWARDED_HEADERS = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"forwarded"}
+)
+
+
+class BodyFraming(Enum):
+    NONE = "none"
+    LENGTH = "length"
+    CHUNKED = "chunked"
+    UNTIL_CLOSE = "until-close"
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: str
+    target: bytes  # origin-form, even when the visitor sent absolute-form
+    http_version: str
+    headers: list[tuple[bytes, bytes]]  # as sent, hop-by-hop ones included
+    host: str  # the Host header's value, as sent
+    framing: BodyFraming
+    content_length: int
+    keep_alive: bool
+    upgrade: bytes | None  # the Upgrade header's value when the visitor asks to switch protocols
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    http_version: str
+    headers: list[tuple[bytes, bytes]]
+    framing: BodyFraming
+    content_length: int
+    keep_alive: bool
+
+    @property
+    def informational(self) -> bool:
+        return 100 <= self.status < 200 and self.status != 101
+
+
+@dataclass(slots=True)
+class Body:
+    data: bytes
+
+
+@dataclass(slots=True)
+class MessageEnd:
+    pass
+
+
+@dataclass(slots=True)
+class Switched:
+    """The connection left HTTP; `trailing` is the first raw bytes after the head."""
+
+    trailing: bytes
+
+
+MESSAGE_END = MessageEnd()
+
+
+def _framing_of(headers: list[tuple[bytes, bytes]]) -> tuple[BodyFraming, int]:
+    length = -1
+    for key, value in headers:
+        lowered = key.lower()
+        if lowered == b"transfer-encoding":
+            return BodyFraming.CHUNKED, -1
+        if lowered == b"content-length":
+            length = int(value)
+    if length >= 0:
+        return BodyFraming.LENGTH, length
+    return BodyFraming.UNTIL_CLOSE, -1
+
+
+def _reject_control_characters(value: bytes) -> None:
+    # llhttp refuses CR/LF inside values but tolerates other controls; a proxy must not pass NUL on.
+    if b"\x00" in value:
+        raise HttpError(400, "a header value contains a NUL byte")
+
+
+class RequestParser:
+    """Incremental parser of a visitor's requests; a keep-alive connection yields many heads."""
+
+    def __init__(self, max_head_bytes: int = MAX_HEAD_BYTES) -> None:
+        self._parser = httptools.HttpRequestParser(self)
+        self._max_head_bytes = max_head_bytes
+        self._events: list[object] = []
+        self._in_head = False
+        self._head_bytes = 0
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._switched = False
+
+    def feed(self, data: bytes) -> list[object]:
+        """Parse `data`; returns RequestHead, Body, MessageEnd and Switched events in order."""
+        if self._switched:
+            raise RuntimeError("the connection has switched protocols; feed raw bytes elsewhere")
+        if self._in_head or not self._events:
+            self._head_bytes += len(data) if self._in_head else 0
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._switched = True
+            self._events.append(Switched(data[upgrade.args[0] :]))
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if isinstance(cause, HttpError):
+                raise cause from None
+            raise HttpError(400, f"malformed request: {error}") from None
+        except httptools.HttpParserError as error:
+            if self._in_head and self._head_bytes > self._max_head_bytes:
+                raise HttpError(431, "request head too large") from None
+            raise HttpError(400, f"malformed request: {error}") from None
+        if self._in_head and self._head_bytes > self._max_head_bytes:
+            raise HttpError(431, "request head too large")
+        events, self._events = self._events, []
+        return events
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._url = b""
+        self._headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self._max_head_bytes:
+            raise HttpError(431, "request head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._max_head_bytes:
+            raise HttpError(431, "request head too large")
+        _reject_control_characters(value)
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        method = parser.get_method().decode("ascii")
+        if method == "CONNECT":
+            raise HttpError(405, "CONNECT is not supported by this relay")
+        hosts = [value for key, value in self._headers if key.lower() == b"host"]
+        if not hosts:
+            raise HttpError(400, "the request has no Host header")
+        if len(hosts) > 1:
+            raise HttpError(400, "the request has more than one Host header")
+        host = hosts[0].decode("latin-1").strip()
+        target = self._url
+        if not target.startswith(b"/") and target != b"*":
+            target = self._origin_form(target, host)
+        framing, length = _framing_of(self._headers)
+        if framing is BodyFraming.UNTIL_CLOSE:
+            framing, length = BodyFraming.NONE, 0  # a request without length has no body (RFC 9112 §6.3)
+        upgrade = None
+        if parser.should_upgrade():
+            for key, value in self._headers:
+                if key.lower() == b"upgrade":
+                    upgrade = value
+        self._events.append(
+            RequestHead(
+                method=method,
+                target=target,
+                http_version=parser.get_http_version(),
+                headers=self._headers,
+                host=host,
+                framing=framing,
+                content_length=length,
+                keep_alive=parser.should_keep_alive(),
+                upgrade=upgrade,
+            )
+        )
+
+    @staticmethod
+    def _origin_form(target: bytes, host: str) -> bytes:
+        try:
+            url = httptools.parse_url(target)
+        except httptools.HttpParserInvalidURLError:
+            raise HttpError(400, "the request target is not a valid URL") from None
+        if url.host is None:
+            raise HttpError(400, "the request target is not a valid URL")
+        authority = url.host.decode("latin-1")
+        if url.port is not None:
+            authority += f":{url.port}"
+        if authority.lower() != host.lower():
+            raise HttpError(400, "the absolute request target names a different host than the Host header")
+        path = url.path or b"/"
+        return path + (b"?" + url.query if url.query else b"")
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Body(body))
+
+    def on_message_complete(self) -> None:
+        self._events.append(MESSAGE_END)
+
+
+class ResponseParser:
+    """Parser of one origin response (plus any 1xx before it) arriving on a conduit."""
+
+    def __init__(self, request_method: str, max_head_bytes: int = MAX_HEAD_BYTES) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_request = request_method == "HEAD"
+        self._max_head_bytes = max_head_bytes
+        self._events: list[object] = []
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._in_head = False
+        self.head: ResponseHead | None = None
+        self.complete = False
+        self.switched = False
+
+    def feed(self, data: bytes) -> list[object]:
+        if self.complete:
+            raise HttpError(502, "the origin sent bytes after its response ended")
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.switched = True
+            self.complete = True
+            self._events.append(Switched(data[upgrade.args[0] :]))
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if isinstance(cause, HttpError):
+                raise cause from None
+            if isinstance(cause, _HeadResponseDone):
+                return self._take_events()
+            raise HttpError(502, f"the origin sent a malformed response: {error}") from None
+        except httptools.HttpParserError as error:
+            if self.complete:
+                raise HttpError(502, "the origin sent bytes after its response ended") from None
+            raise HttpError(502, f"the origin sent a malformed response: {error}") from None
+        return self._take_events()
+
+    def _take_events(self) -> list[object]:
+        events, self._events = self._events, []
+        return events
+
+    def feed_eof(self) -> list[object]:
+        """The conduit ended cleanly: that completes a close-delimited body, nothing else."""
+        if self.complete:
+            return []
+        if self.head is not None and self.head.framing is BodyFraming.UNTIL_CLOSE:
+            self.complete = True
+            return [MESSAGE_END]
+        raise HttpError(502, "the origin closed the connection before its response was complete")
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._reason = b""
+        self._headers = []
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._max_head_bytes:
+            raise HttpError(502, "the origin's response head is too large")
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        status = parser.get_status_code()
+        framing, length = _framing_of(self._headers)
+        if status in (204, 304) or 100 <= status < 200 or self._head_request:
+            framing, length = BodyFraming.NONE, 0
+        self.head = ResponseHead(
+            status=status,
+            reason=self._reason,
+            http_version=parser.get_http_version(),
+            headers=self._headers,
+            framing=framing,
+            content_length=length,
+            keep_alive=parser.should_keep_alive() and framing is not BodyFraming.UNTIL_CLOSE,
+        )
+        self._events.append(self.head)
+        if self._head_request and 200 <= status:
+            # llhttp can't be told the request was HEAD, so it would wait for a body that never comes.
+            self.complete = True
+            self._events.append(MESSAGE_END)
+            raise _HeadResponseDone
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Body(body))
+
+    def on_message_complete(self) -> None:
+        if self.head is not None and (self.head.informational or self.head.status == 101):
+            return  # a final response follows, or Switched does
+        if not self.complete:
+            self.complete = True
+            self._events.append(MESSAGE_END)
+
+
+class _HeadResponseDone(Exception):
+    """Stops llhttp after the head of a response to HEAD; never escapes this module."""
+
+
+def encode_request_head(
+    head: RequestHead, *, peer_ip: str, scheme: str, connection: bytes = b"keep-alive"
+) -> bytes:
+    """The request head as the origin receives it: hop-by-hop headers replaced, X-Forwarded-* set."""
+    lines = [f"{head.method} ".encode("ascii") + head.target + b" HTTP/1.1"]
+    for key, value in head.headers:
+        lowered = key.lower()
+        if lowered in HOP_BY_HOP or lowered in FORWARDED_HEADERS:
+            continue
+        lines.append(key + b": " + value)
+    if head.framing is BodyFraming.LENGTH:
+        lines.append(b"Content-Length: %d" % head.content_length)
+    elif head.framing is BodyFraming.CHUNKED:
+        lines.append(b"Transfer-Encoding: chunked")
+    if head.upgrade is not None:
+        lines.append(b"Connection: Upgrade")
+        lines.append(b"Upgrade: " + head.upgrade)
+    else:
+        lines.append(b"Connection: " + connection)
+    lines.append(b"X-Forwarded-For: " + peer_ip.encode("ascii"))
+    lines.append(b"X-Forwarded-Proto: " + scheme.encode("ascii"))
+    lines.append(b"X-Forwarded-Host: " + head.host.encode("latin-1"))
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
+
+
+def encode_response_head(head: ResponseHead, *, framing: BodyFraming, keep_alive: bool) -> bytes:
+    """The response head as the visitor receives it, with the framing the relay chose."""
+    lines = [b"HTTP/1.1 %d " % head.status + head.reason]
+    switching = head.status == 101
+    for key, value in head.headers:
+        lowered = key.lower()
+        if lowered in HOP_BY_HOP and not (switching and lowered in (b"connection", b"upgrade")):
+            continue
+        lines.append(key + b": " + value)
+    if framing is BodyFraming.LENGTH:
+        lines.append(b"Content-Length: %d" % head.content_length)
+    elif framing is BodyFraming.CHUNKED:
+        lines.append(b"Transfer-Encoding: chunked")
+    if not switching and not head.informational:
+        lines.append(b"Connection: keep-alive" if keep_alive else b"Connection: close")
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def simple_response(
+    status: int, reason: str, body: bytes, *, content_type: str = "text/html; charset=utf-8",
+    close: bool = False, extra_headers: list[tuple[str, str]] | None = None,
+) -> bytes:
+    """A complete response the relay writes itself (error pages, API answers)."""
+    lines = [
+        f"HTTP/1.1 {status} {reason}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+        "Connection: close" if close else "Connection: keep-alive",
+    ]
+    for key, value in extra_headers or ():
+        lines.append(f"{key}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

@@ -1,0 +1,73 @@
+"""Which part of the relay a request's Host names: the relay itself, a tunnel, or nothing it serves."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from ..errors import HttpError
+
+
+@dataclass(frozen=True, slots=True)
+class ToRelay:
+    """The bare domain, an IP literal or `localhost`: the relay's own pages, API and agent link."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToTunnel:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class NotServed:
+    hostname: str
+
+
+Route = ToRelay | ToTunnel | NotServed
+TO_RELAY = ToRelay()
+
+
+def hostname_of(host_header: str) -> str:
+    """`Quiet-River.Example.COM.:8080` → `quiet-river.example.com`; IPv6 brackets kept off."""
+    host = host_header.strip()
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            raise HttpError(400, "the Host header has an unclosed IPv6 bracket")
+        return host[1:end].lower()
+    name, _, port = host.partition(":")
+    if port and not port.isdigit():
+        raise HttpError(400, "the Host header has an invalid port")
+    name = name.rstrip(".").lower()
+    if not name:
+        raise HttpError(400, "the Host header is empty")
+    return name
+
+
+def _is_ip(hostname: str) -> bool:
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return False
+    return True
+
+
+class Router:
+    """Maps a hostname to a route; `domain` is the relay's base domain (`NAME.DOMAIN` are tunnels)."""
+
+    def __init__(self, domain: str, system_names: frozenset[str]) -> None:
+        self.domain = domain.rstrip(".").lower()
+        self._suffix = "." + self.domain
+        self.system_names = system_names
+
+    def route(self, host_header: str) -> Route:
+        hostname = hostname_of(host_header)
+        if hostname == self.domain or _is_ip(hostname) or hostname == "localhost":
+            return TO_RELAY
+        if hostname.endswith(self._suffix):
+            label = hostname[: -len(self._suffix)]
+            if label in self.system_names:
+                return TO_RELAY
+            if "." not in label:
+                return ToTunnel(label)
+        return NotServed(hostname)

@@ -1,0 +1,191 @@
+"""Real processes on 127.0.0.1: relay, agent, Node origin, lt client. Every one is killed at teardown."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+NODE_MODULES = ROOT / "node_modules"
+DEFAULT_TIMEOUT = 20.0
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition, timeout: float = DEFAULT_TIMEOUT, interval: float = 0.02, what: str = "condition"):
+    """Poll `condition` until it returns something truthy; the value is returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Proc:
+    """A child process whose output lines are collected by a reader thread."""
+
+    def __init__(self, args: list[str], name: str, env: dict | None = None, cwd: Path | None = None) -> None:
+        self.name = name
+        self.args = args
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.popen = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=cwd,
+            start_new_session=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.readers = [
+            threading.Thread(target=self._read, args=(stream, sink), daemon=True)
+            for stream, sink in ((self.popen.stdout, self.stdout), (self.popen.stderr, self.stderr))
+        ]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self, stream, sink: list[str]) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            sink.append(line)
+            self.lines.put(line)
+
+    def wait_for_line(self, pattern: str, timeout: float = DEFAULT_TIMEOUT) -> re.Match:
+        regex = re.compile(pattern)
+
+        def found():
+            for line in self.stdout + self.stderr:
+                match = regex.search(line)
+                if match:
+                    return match
+            if self.popen.poll() is not None:
+                time.sleep(0.1)
+                for line in self.stdout + self.stderr:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) before printing "
+                                     f"{pattern!r}; output:\n{self.output()}")
+            return None
+
+        return wait_until(found, timeout, what=f"{self.name} to print {pattern!r}")
+
+    def output(self) -> str:
+        return "\n".join(self.stdout + self.stderr)
+
+    def wait_exit(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        return self.popen.wait(timeout)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
+        for reader in self.readers:
+            reader.join(5)
+        self.popen.stdout.close()
+        self.popen.stderr.close()
+
+
+class Processes:
+    def __init__(self) -> None:
+        self.procs: list[Proc] = []
+
+    def start(self, args: list[str], name: str, **kwargs) -> Proc:
+        proc = Proc(args, name, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def procs():
+    processes = Processes()
+    yield processes
+    processes.stop_all()
+
+
+PORTWAY = [sys.executable, "-m", "portway"]
+
+
+def require_node_tools() -> None:
+    if shutil.which("node") is None or not (NODE_MODULES / "ws").exists():
+        pytest.fail("Node.js and the pinned npm test tools are required: run `bash scripts/test.sh`")
+
+
+class Relay:
+    def __init__(self, proc: Proc, port: int, domain: str) -> None:
+        self.proc = proc
+        self.port = port
+        self.domain = domain
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def host(self, name: str) -> str:
+        return f"{name}.{self.domain}:{self.port}"
+
+
+def start_relay(procs: Processes, *extra: str, domain: str = "localhost") -> Relay:
+    port = free_port()
+    proc = procs.start(PORTWAY + ["server", "--port", str(port), "--domain", domain, *extra], "relay")
+    proc.wait_for_line(r"listening on")
+    return Relay(proc, port, domain)
+
+
+def start_agent(procs: Processes, relay: Relay, local_port: int, *extra: str, name: str | None = None) -> tuple[Proc, str]:
+    args = PORTWAY + ["http", str(local_port), "--relay", relay.url]
+    if name:
+        args += ["--name", name]
+    proc = procs.start(args + list(extra), f"agent {name}")
+    match = proc.wait_for_line(r"^(http://([a-z0-9-]+)\.%s:%d)$" % (re.escape(relay.domain), relay.port))
+    return proc, match.group(2)
+
+
+def start_origin(procs: Processes, label: str = "origin") -> int:
+    require_node_tools()
+    port = free_port()
+    proc = procs.start(["node", str(FIXTURES / "ws_echo_server.js"), str(port), label], label,
+                       env={"ORIGIN_NAME": label})
+    proc.wait_for_line(r"listening")
+    return port
+
+
+@pytest.fixture
+def relay(procs) -> Relay:
+    return start_relay(procs)
+
+
+@pytest.fixture
+def origin(procs) -> int:
+    return start_origin(procs)

@@ -1,0 +1,209 @@
+"""Issue 2's end-to-end checks: real relay, real agent, the seed's Node `ws` echo server."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from websockets.sync.client import connect as ws_connect
+
+from .conftest import PORTWAY, free_port, start_agent, start_origin, start_relay, wait_until
+from .payload import expected_sha256
+
+
+def request(relay, name, method="GET", path="/", body=None, headers=None, timeout=30, encode_chunked=False):
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers={"Host": relay.host(name), **(headers or {})},
+                     encode_chunked=encode_chunked)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def ws_url(relay, name, path="/"):
+    return f"ws://{relay.host(name)}{path}"
+
+
+def ws_open(relay, name):
+    sock = socket.create_connection(("127.0.0.1", relay.port))
+    return ws_connect(ws_url(relay, name), sock=sock, max_size=None, open_timeout=10)
+
+
+@pytest.fixture
+def tunnel(procs, relay, origin):
+    agent, name = start_agent(procs, relay, origin, name="seed")
+    return relay, name, agent
+
+
+def test_get_through_tunnel(tunnel):
+    relay, name, _ = tunnel
+    status, _, body = request(relay, name)
+    assert (status, body) == (200, b"hello from origin")
+
+
+def test_forwarded_headers_replace_visitor_ones(tunnel):
+    relay, name, _ = tunnel
+    status, _, body = request(relay, name, path="/whoami", headers={"X-Forwarded-For": "6.6.6.6"})
+    seen = json.loads(body)["headers"]
+    assert status == 200
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-host"] == relay.host(name)
+    assert seen["host"] == relay.host(name)
+
+
+def test_50mb_download_intact(tunnel):
+    relay, name, _ = tunnel
+    size = 50 * 1024 * 1024
+    status, _, body = request(relay, name, path=f"/download?bytes={size}&seed=dl")
+    assert status == 200 and len(body) == size
+    assert hashlib.sha256(body).hexdigest() == expected_sha256(size, "dl")
+
+
+def test_chunked_download_intact(tunnel):
+    relay, name, _ = tunnel
+    size = 5 * 1024 * 1024 + 17
+    status, headers, body = request(relay, name, path=f"/download-chunked?bytes={size}&seed=ch")
+    assert status == 200 and headers.get("Transfer-Encoding") == "chunked"
+    assert hashlib.sha256(body).hexdigest() == expected_sha256(size, "ch")
+
+
+def test_close_delimited_response_is_rechunked(tunnel):
+    relay, name, _ = tunnel
+    size = 300_001
+    status, headers, body = request(relay, name, path=f"/close-delimited?bytes={size}&seed=cd")
+    assert status == 200 and hashlib.sha256(body).hexdigest() == expected_sha256(size, "cd")
+
+
+def test_50mb_upload_intact(tunnel):
+    relay, name, _ = tunnel
+    size = 50 * 1024 * 1024
+    payload = os.urandom(1024 * 1024) * 50
+    status, _, body = request(relay, name, method="POST", path="/upload", body=payload,
+                              headers={"Content-Length": str(size)})
+    answer = json.loads(body)
+    assert status == 200 and answer["bytes"] == size
+    assert answer["sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+def test_chunked_upload_intact(tunnel):
+    relay, name, _ = tunnel
+    pieces = [os.urandom(n) for n in (1, 1000, 65536, 70000, 3)]
+    status, _, body = request(relay, name, method="POST", path="/upload", body=iter(pieces),
+                              headers={"Transfer-Encoding": "chunked"}, encode_chunked=True)
+    answer = json.loads(body)
+    assert status == 200 and answer["sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest()
+
+
+def test_websocket_text_and_binary(tunnel):
+    relay, name, _ = tunnel
+    with ws_open(relay, name) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=10) == "Echo: hello"
+        blob = os.urandom(1024 * 1024)
+        ws.send(blob)
+        echoed = ws.recv(timeout=30)
+        assert hashlib.sha256(echoed).digest() == hashlib.sha256(blob).digest()
+
+
+def test_100_concurrent_visitors_share_one_agent_link(tunnel):
+    relay, name, _ = tunnel
+
+    def one(i: int) -> bool:
+        size = 10_000 + i * 997
+        status, _, body = request(relay, name, path=f"/download?bytes={size}&seed=c{i}")
+        return status == 200 and hashlib.sha256(body).hexdigest() == expected_sha256(size, f"c{i}")
+
+    with ThreadPoolExecutor(100) as pool:
+        results = list(pool.map(one, range(100)))
+    assert all(results)
+
+
+def test_keep_alive_connection_routes_each_request_by_its_host(procs, relay):
+    first = start_origin(procs, "first")
+    second = start_origin(procs, "second")
+    start_agent(procs, relay, first, name="one")
+    start_agent(procs, relay, second, name="two")
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
+    answers = []
+    for name in ("one", "two", "one", "two"):
+        conn.request("GET", "/name", headers={"Host": relay.host(name)})
+        response = conn.getresponse()
+        answers.append(response.read())
+    local_port = conn.sock.getsockname()[1]
+    conn.close()
+    assert answers == [b"first", b"second", b"first", b"second"]
+    assert local_port  # one connection carried all four
+
+
+def test_unknown_host_gets_404_naming_it(relay):
+    status, _, body = request(relay, "nobody")
+    assert status == 404 and b"nobody.localhost" in body
+
+
+def test_bare_domain_shows_landing_page(relay):
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
+    conn.request("GET", "/", headers={"Host": f"localhost:{relay.port}"})
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    assert response.status == 200 and b"Portway relay" in body
+
+
+def test_name_taken_exits_nonzero(procs, tunnel):
+    relay, name, _ = tunnel
+    second = procs.start(PORTWAY + ["http", "9", "--relay", relay.url, "--name", name], "second agent")
+    assert second.wait_exit(20) != 0
+    assert f"'{name}'" in second.output() and "in use" in second.output()
+
+
+def test_invalid_name_exits_nonzero(procs, relay):
+    agent = procs.start(PORTWAY + ["http", "9", "--relay", relay.url, "--name", "../etc"], "bad agent")
+    assert agent.wait_exit(20) != 0
+    assert "DNS label" in agent.output()
+
+
+def test_random_readable_name(procs, relay, origin):
+    _, name = start_agent(procs, relay, origin)
+    assert len(name.split("-")) >= 2
+    assert request(relay, name)[0] == 200
+
+
+def test_local_service_down_gives_502_saying_so(procs, relay):
+    dead_port = free_port()
+    _, name = start_agent(procs, relay, dead_port, name="down")
+    status, _, body = request(relay, name)
+    assert status == 502 and f"localhost:{dead_port} refused the connection".encode() in body
+
+
+def test_agent_killed_gives_502_within_a_second(tunnel):
+    relay, name, agent = tunnel
+    assert request(relay, name)[0] == 200
+    agent.kill(signal.SIGKILL)
+    killed_at = time.monotonic()
+    status, _, body = wait_until(lambda: (r := request(relay, name, timeout=5)) and r[0] == 502 and r,
+                                 timeout=5, what="502 after the agent died")
+    assert time.monotonic() - killed_at < 1.0
+    assert b"not connected" in body
+
+
+def test_visitor_sees_cut_short_response_when_agent_dies(tunnel):
+    relay, name, agent = tunnel
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
+    conn.request("GET", "/slow?ms=5000&bytes=1000000", headers={"Host": relay.host(name)})
+    response = conn.getresponse()
+    assert response.status == 200
+    response.read(1)
+    agent.kill(signal.SIGKILL)
+    with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+        response.read()
+    conn.close()

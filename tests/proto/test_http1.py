@@ -1,0 +1,168 @@
+"""The relay's HTTP/1.1 edge: parsing, strictness, re-framing. No sockets."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from portway.errors import HttpError
+from portway.proto import http1
+from portway.proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, RequestParser, ResponseHead, Switched
+
+
+def feed_all_ways(data: bytes):
+    """Whole, byte by byte, and in two halves: all must give the same events."""
+    results = []
+    for pieces in ([data], [data[i : i + 1] for i in range(len(data))], [data[: len(data) // 2], data[len(data) // 2 :]]):
+        parser = RequestParser()
+        events = []
+        for piece in pieces:
+            events.extend(parser.feed(piece))
+        results.append(_normalise(events))
+    assert results[0] == results[1] == results[2]
+    return results[0]
+
+
+def _normalise(events):
+    out = []
+    for event in events:
+        if isinstance(event, Body):
+            if out and isinstance(out[-1], Body):
+                out[-1] = Body(out[-1].data + event.data)
+                continue
+        out.append(event)
+    return out
+
+
+def test_simple_get():
+    (head, end) = feed_all_ways(b"GET /a?b=1 HTTP/1.1\r\nHost: Quiet-River.localhost:8000\r\n\r\n")
+    assert isinstance(head, RequestHead)
+    assert head.method == "GET" and head.target == b"/a?b=1" and head.host == "Quiet-River.localhost:8000"
+    assert head.framing is BodyFraming.NONE and head.keep_alive and head.upgrade is None
+    assert end is MESSAGE_END
+
+
+def test_pipelined_requests_for_different_hosts():
+    events = feed_all_ways(b"GET / HTTP/1.1\r\nHost: a.x\r\n\r\nGET /2 HTTP/1.1\r\nHost: b.x\r\n\r\n")
+    heads = [e for e in events if isinstance(e, RequestHead)]
+    assert [h.host for h in heads] == ["a.x", "b.x"]
+
+
+def test_content_length_body_streams():
+    events = feed_all_ways(b"POST /u HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+    assert events[0].framing is BodyFraming.LENGTH and events[0].content_length == 5
+    assert events[1] == Body(b"hello") and events[2] is MESSAGE_END
+
+
+def test_chunked_body_is_decoded():
+    events = feed_all_ways(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    assert events[0].framing is BodyFraming.CHUNKED
+    assert events[1] == Body(b"abcde") and events[2] is MESSAGE_END
+
+
+def test_upgrade_hands_over_trailing_bytes():
+    parser = RequestParser()
+    events = parser.feed(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nRAW")
+    assert events[0].upgrade == b"websocket"
+    assert events[1] is MESSAGE_END and events[2] == Switched(b"RAW")
+
+
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: y\r\n  folded\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\nHost: a\n\n", 400),
+        (b"GET http://b.x/ HTTP/1.1\r\nHost: a.x\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: \x00\r\n\r\n", 400),
+        (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 405),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"y" * 40000 + b"\r\n\r\n", 431),
+        (b"GET /" + b"y" * 40000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 431),
+    ],
+)
+def test_hostile_requests_are_refused(raw, status):
+    with pytest.raises(HttpError) as caught:
+        RequestParser().feed(raw)
+    assert caught.value.status == status
+
+
+def test_absolute_form_matching_host_becomes_origin_form():
+    (head, _) = feed_all_ways(b"GET http://a.x:8000/p?q HTTP/1.1\r\nHost: a.x:8000\r\n\r\n")
+    assert head.target == b"/p?q"
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=512))
+def test_arbitrary_bytes_raise_only_http_errors(data):
+    parser = RequestParser()
+    try:
+        parser.feed(data)
+    except HttpError as error:
+        assert 400 <= error.status < 500
+
+
+def test_request_head_encoding_replaces_forwarding_headers():
+    (head, _) = feed_all_ways(
+        b"GET / HTTP/1.1\r\nHost: a.x\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: keep-alive\r\nAccept: */*\r\n\r\n"
+    )
+    wire = http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="https")
+    assert b"6.6.6.6" not in wire
+    assert b"X-Forwarded-For: 10.0.0.1\r\n" in wire and b"X-Forwarded-Proto: https\r\n" in wire
+    assert b"X-Forwarded-Host: a.x\r\n" in wire and b"Accept: */*\r\n" in wire
+    assert wire.endswith(b"\r\n\r\n") and wire.count(b"Connection:") == 1
+
+
+def response_events(raw: bytes, method: str = "GET", eof: bool = False):
+    parser = http1.ResponseParser(method)
+    events = parser.feed(raw)
+    if eof:
+        events += parser.feed_eof()
+    return parser, events
+
+
+def test_response_with_length():
+    parser, events = response_events(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert isinstance(events[0], ResponseHead) and events[0].framing is BodyFraming.LENGTH
+    assert events[1] == Body(b"ok") and events[2] is MESSAGE_END and parser.complete
+
+
+def test_close_delimited_response_ends_at_eof_only():
+    parser, events = response_events(b"HTTP/1.1 200 OK\r\n\r\nabc", eof=True)
+    assert events[0].framing is BodyFraming.UNTIL_CLOSE and not events[0].keep_alive
+    assert events[-1] is MESSAGE_END
+
+
+def test_truncated_response_is_an_error_at_eof():
+    parser, _ = response_events(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    with pytest.raises(HttpError) as caught:
+        parser.feed_eof()
+    assert caught.value.status == 502
+
+
+def test_head_response_has_no_body():
+    parser, events = response_events(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", method="HEAD")
+    assert events[-1] is MESSAGE_END and parser.complete
+
+
+def test_informational_then_final():
+    parser, events = response_events(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
+    assert [e.status for e in events if isinstance(e, ResponseHead)] == [100, 204]
+    assert events[-1] is MESSAGE_END
+
+
+def test_switching_protocols():
+    parser, events = response_events(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nXY")
+    assert events[0].status == 101 and events[-1] == Switched(b"XY")
+    wire = http1.encode_response_head(events[0], framing=BodyFraming.NONE, keep_alive=False)
+    assert b"Upgrade: websocket" in wire and b"Connection: Upgrade" in wire
+
+
+def test_response_reframing_to_chunked():
+    parser, events = response_events(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+    wire = http1.encode_response_head(events[0], framing=BodyFraming.CHUNKED, keep_alive=True)
+    assert b"Transfer-Encoding: chunked" in wire and b"Connection: keep-alive" in wire
+    assert http1.encode_chunk(b"abc") == b"3\r\nabc\r\n"
