@@ -20,6 +20,7 @@ from ..proto.names import SYSTEM_NAMES, InvalidName, random_name, validate_name
 from ..proto.pages import landing_page, reason
 from ..proto.routing import Router
 from .connection import Connection
+from .ltcompat import LocalTunnelService
 from .proxy import VisitorConnection
 from .session import MuxSession
 from .tunnels import AccessPolicy, AgentTunnel, Registry
@@ -51,6 +52,7 @@ class Relay:
         self.server: asyncio.base_events.Server | None = None
         self.ssl_context: ssl.SSLContext | None = None
         self.port = config.port
+        self.localtunnel = LocalTunnelService(self)
 
     # lifecycle
     async def start(self) -> None:
@@ -94,6 +96,8 @@ class Relay:
         path, _, query = head.target.decode("latin-1").partition("?")
         if path == AGENT_PATH:
             return await self._register_agent(visitor, head, query)
+        if self.localtunnel.wants(head, path, query):
+            return await self.localtunnel.serve(visitor, head, path, query)
         if not await visitor.skip_body(head):
             visitor.send_error(400, "unexpected request body", close=True)
             return False
