@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import signal
@@ -14,8 +15,10 @@ from typing import Awaitable, Callable
 from rich.console import Console
 
 from . import __version__
+from .auth import Grant, TokenFileError, hash_token, load_tokens_file
 from .config import DEFAULT_RELAY_PORT, AgentConfig, RelayConfig
 from .errors import RegistrationError
+from .proto.names import InvalidName, validate_name
 
 stderr = Console(stderr=True, highlight=False)
 
@@ -39,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="port shown in tunnel URLs when a proxy or NAT maps it (default: --port)")
     server.add_argument("--grace-period", type=float, default=10.0,
                         help="seconds a disconnected agent keeps its name (default 10)")
+    server.add_argument("--token", action="append", default=[], metavar="SECRET",
+                        help="accept agents presenting this token (repeatable; also $PORTWAY_TOKENS, comma-separated)")
+    server.add_argument("--tokens", metavar="FILE",
+                        help="TOML file of [[token]] entries: sha256, label, names (reserved), max_tunnels")
+    server.add_argument("--open", action="store_true",
+                        help="allow running without tokens on a non-loopback address (anyone may open tunnels)")
+    server.add_argument("--tls-cert", metavar="FILE", help="certificate chain (PEM): serve HTTPS/WSS and TLS to agents")
+    server.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for --tls-cert")
+
+    hash_token = commands.add_parser("hash-token", help="print the sha256 line for a token, for a --tokens file")
+    hash_token.add_argument("secret")
 
     http = commands.add_parser("http", help="expose a local HTTP/WebSocket port through a relay")
     http.add_argument("port", type=int, help="local port to expose")
@@ -47,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "else an embedded relay on 127.0.0.1 with *.localhost names)")
     http.add_argument("--name", default=None, help="tunnel name (default: a random readable one)")
     http.add_argument("--local-host", default="localhost", help="host of the local service (default localhost)")
+    http.add_argument("--token", default=os.environ.get("PORTWAY_TOKEN"),
+                      help="token the relay asked for (default $PORTWAY_TOKEN)")
+    http.add_argument("--basic-auth", metavar="USER:PASS",
+                      help="visitors must log in with this user name and password")
+    http.add_argument("--allow-ip", action="append", default=[], metavar="CIDR",
+                      help="only visitors from these networks may connect (repeatable)")
+    http.add_argument("--ca", metavar="FILE", help="CA certificate(s) to verify an https:// relay with")
     return parser
 
 
@@ -54,12 +75,49 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
+    if args.command == "hash-token":
+        print(f'sha256 = "{hash_token(args.secret)}"')
+        return
     if args.command == "server":
-        config = RelayConfig(bind=args.bind, port=args.port, domain=args.domain,
-                             public_port=args.public_port, grace_period=args.grace_period)
+        try:
+            config = relay_config(args)
+        except (TokenFileError, ValueError) as error:
+            stderr.print(f"[red]error:[/] {error}")
+            sys.exit(2)
         sys.exit(_run(lambda: run_server(config)))
-    config = AgentConfig(port=args.port, local_host=args.local_host, relay=args.relay, name=args.name)
+    try:
+        config = agent_config(args)
+    except ValueError as error:
+        stderr.print(f"[red]error:[/] {error}")
+        sys.exit(2)
     sys.exit(_run(lambda: run_http(config)))
+
+
+def relay_config(args: argparse.Namespace) -> RelayConfig:
+    tokens = list(args.token) + [t for t in os.environ.get("PORTWAY_TOKENS", "").split(",") if t]
+    grants = [Grant(label=f"--token #{i + 1}", digest=hash_token(token)) for i, token in enumerate(tokens)]
+    if args.tokens:
+        grants += load_tokens_file(args.tokens)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    return RelayConfig(bind=args.bind, port=args.port, domain=args.domain, public_port=args.public_port,
+                       grace_period=args.grace_period, grants=tuple(grants), open_relay=args.open,
+                       tls_cert=args.tls_cert, tls_key=args.tls_key)
+
+
+def agent_config(args: argparse.Namespace) -> AgentConfig:
+    if args.basic_auth is not None and ":" not in args.basic_auth:
+        raise ValueError("--basic-auth must be USER:PASS")
+    for network in args.allow_ip:
+        ipaddress.ip_network(network, strict=False)  # ValueError names the bad network
+    if args.name is not None:
+        try:
+            args.name = validate_name(args.name)
+        except InvalidName as error:
+            raise ValueError(str(error)) from None
+    return AgentConfig(port=args.port, local_host=args.local_host, relay=args.relay, name=args.name,
+                       token=args.token, basic_auth=args.basic_auth, allow_ip=list(args.allow_ip),
+                       ca_file=args.ca)
 
 
 def _run(make: Callable[[], Awaitable[int]]) -> int:
@@ -84,9 +142,14 @@ def _run(make: Callable[[], Awaitable[int]]) -> int:
 async def run_server(config: RelayConfig) -> int:
     from .aio.relay import Relay
 
+    from .aio.relay import InsecureConfiguration
+
     relay = Relay(config)
     try:
         await relay.start()
+    except InsecureConfiguration as error:
+        stderr.print(f"[red]error:[/] {error}")
+        return 2
     except OSError as error:
         stderr.print(f"[red]error:[/] cannot listen on {config.bind}:{config.port}: {error.strerror or error}")
         return 1

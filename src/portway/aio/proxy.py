@@ -44,30 +44,56 @@ class VisitorConnection:
         self.pending: deque[object] = deque()
         self.loop = asyncio.get_running_loop()
 
-    async def next_event(self, *, awaiting_head: bool = False) -> object:
+    async def next_event(self) -> object:
         pending = self.pending
         while not pending:
-            timer = None
-            if awaiting_head:
-                timer = self.loop.call_later(self.relay.config.idle_timeout, self.conn.close)
             try:
                 data = await self.conn.read()
             except ConduitReset:
                 raise VisitorGone from None
-            finally:
-                if timer is not None:
-                    timer.cancel()
             if not data:
                 raise VisitorGone
             pending.extend(self.parser.feed(data))
         return pending.popleft()
 
+    async def next_head(self) -> RequestHead:
+        """The next request head: an idle connection may wait idle_timeout for its first byte, then the
+        whole head must arrive within head_timeout (a slowloris can't hold a connection open)."""
+        if self.pending:
+            head = self.pending.popleft()
+            assert isinstance(head, RequestHead)
+            return head
+        config = self.relay.config
+        timer = self.loop.call_later(config.idle_timeout, self.conn.close)
+        started = False
+        try:
+            while not self.pending:
+                try:
+                    data = await self.conn.read()
+                except ConduitReset:
+                    raise VisitorGone from None
+                if not data:
+                    raise VisitorGone
+                self.pending.extend(self.parser.feed(data))
+                if not started and not self.pending:
+                    started = True
+                    timer.cancel()
+                    timer = self.loop.call_later(config.head_timeout, self._head_timed_out)
+        finally:
+            timer.cancel()
+        head = self.pending.popleft()
+        assert isinstance(head, RequestHead)
+        return head
+
+    def _head_timed_out(self) -> None:
+        self.send_error(408, "The request head did not arrive in time.", close=True)
+        self.conn.close()
+
     async def serve(self) -> None:
         conn = self.conn
         try:
             while True:
-                head = await self.next_event(awaiting_head=True)
-                assert isinstance(head, RequestHead)
+                head = await self.next_head()
                 if not await self.handle(head):
                     break
         except VisitorGone:

@@ -9,21 +9,23 @@ import logging
 import secrets
 import ssl
 from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import parse_qs
 
+from ..auth import FailureThrottle, Grant, TokenBook
 from ..config import RelayConfig
 from ..errors import HttpError
 from ..proto import http1
 from ..proto.http1 import RequestHead
 from ..proto.mux import Role
 from ..proto.names import SYSTEM_NAMES, InvalidName, random_name, validate_name
-from ..proto.pages import landing_page, reason
+from ..proto.pages import error_response, landing_page, reason
 from ..proto.routing import Router
 from .connection import Connection
 from .ltcompat import LocalTunnelService
 from .proxy import VisitorConnection
 from .session import MuxSession
-from .tunnels import AccessPolicy, AgentTunnel, Registry
+from .tunnels import AccessPolicy, AgentTunnel, Registry, Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class Registration:
     name: str | None
     resume_key: str | None
     access: AccessPolicy
+    token: str | None
 
 
 def json_response(status: int, payload: dict, *, close: bool = False) -> bytes:
@@ -53,9 +56,16 @@ class Relay:
         self.ssl_context: ssl.SSLContext | None = None
         self.port = config.port
         self.localtunnel = LocalTunnelService(self)
+        self.tokens = TokenBook(list(config.grants))
+        self.throttle = FailureThrottle()
+        self.connections_per_ip: dict[str, int] = {}
 
     # lifecycle
     async def start(self) -> None:
+        check_secure_default(self.config)
+        if self.config.tls_cert:
+            self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.ssl_context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             self._new_connection, self.config.bind, self.config.port, ssl=self.ssl_context,
@@ -89,7 +99,21 @@ class Relay:
 
     async def _serve(self, conn: Connection) -> None:
         await asyncio.sleep(0)  # connection_made runs right after the factory returns
-        await VisitorConnection(self, conn, self.scheme).serve()
+        address = conn.peer_ip
+        count = self.connections_per_ip.get(address, 0)
+        if count >= self.config.max_connections_per_ip:
+            conn.write(error_response(429, "Too many connections from your address.", close=True))
+            conn.close()
+            return
+        self.connections_per_ip[address] = count + 1
+        try:
+            await VisitorConnection(self, conn, self.scheme).serve()
+        finally:
+            remaining = self.connections_per_ip[address] - 1
+            if remaining:
+                self.connections_per_ip[address] = remaining
+            else:
+                del self.connections_per_ip[address]
 
     # the relay's own endpoints (bare domain, IP literal, localhost)
     async def serve_own(self, visitor: VisitorConnection, head: RequestHead) -> bool:
@@ -131,7 +155,7 @@ class Relay:
                 )
             except ValueError as error:
                 raise HttpError(400, f"invalid --allow-ip network: {error}") from None
-        return Registration(name, resume.decode("ascii") if resume else None, access)
+        return Registration(name, resume.decode("ascii") if resume else None, access, bearer_token(head))
 
     async def _register_agent(self, visitor: VisitorConnection, head: RequestHead, query: str) -> bool:
         conn = visitor.conn
@@ -140,7 +164,10 @@ class Relay:
             return False
         try:
             registration = self._parse_registration(head, query)
-            name = self._claim(registration)
+            name, grant = self.claim(
+                token=registration.token, peer_ip=conn.peer_ip, requested=registration.name,
+                may_replace=lambda tunnel: _holds_resume_key(tunnel, registration.resume_key),
+            )
         except HttpError as error:
             conn.write(json_response(error.status, {"message": error.message}, close=True))
             return False
@@ -164,7 +191,7 @@ class Relay:
             existing.access = registration.access
             tunnel = existing
         else:
-            tunnel = AgentTunnel(name, session, resume_key, registration.access)
+            tunnel = AgentTunnel(name, session, resume_key, registration.access, owner=grant.digest)
         self.registry.add(tunnel)
         transport = conn.transport
         assert transport is not None
@@ -180,22 +207,78 @@ class Relay:
             self.registry.free_after(tunnel, self.config.grace_period)
         return False
 
-    def _claim(self, registration: Registration) -> str:
-        if registration.name is None:
-            return random_name(self.registry.tunnels)
+    def claim(self, *, token: str | None, peer_ip: str, requested: str | None,
+              may_replace: Callable[[Tunnel], bool]) -> tuple[str, Grant]:
+        """Authenticate a registration and pick its name; raises HttpError with the refusal."""
+        now = asyncio.get_running_loop().time()
+        if self.throttle.blocked(peer_ip, now):
+            raise HttpError(429, "too many failed authentication attempts from your address; try again later")
+        grant = self.tokens.verify(token)
+        if grant is None:
+            self.throttle.record_failure(peer_ip, now)
+            raise HttpError(401, "this relay needs a valid token (--token or PORTWAY_TOKEN)" if not token
+                            else "the token was not accepted by this relay")
+        if grant.max_tunnels:
+            held = sum(1 for tunnel in self.registry.tunnels.values() if tunnel.owner == grant.digest)
+            if held >= grant.max_tunnels and not (requested and self._replaceable(requested, may_replace)):
+                raise HttpError(403, f"this token may hold {grant.max_tunnels} tunnel(s) at once and holds {held}")
+        if requested is None:
+            return random_name(self.reserved_or_taken()), grant
         try:
-            name = validate_name(registration.name)
+            name = validate_name(requested)
         except InvalidName as error:
             raise HttpError(400, str(error)) from None
+        owner = self.tokens.owner_of(name)
+        if owner is not None and owner.digest != grant.digest:
+            raise HttpError(403, f"tunnel name {name!r} is reserved for another token")
         existing = self.registry.get(name)
-        if existing is None:
-            return name
-        if (
-            isinstance(existing, AgentTunnel)
-            and registration.resume_key is not None
-            and secrets.compare_digest(registration.resume_key, existing.resume_key)
-        ):
-            if existing.session is not None and not existing.session.closed.done():
-                existing.session.close()  # a reconnecting agent replaces its stale link
-            return name
-        raise HttpError(409, f"tunnel name {name!r} is already in use")
+        if existing is not None and not may_replace(existing):
+            raise HttpError(409, f"tunnel name {name!r} is already in use")
+        return name, grant
+
+    def _replaceable(self, name: str, may_replace: Callable[[Tunnel], bool]) -> bool:
+        existing = self.registry.get(name)
+        return existing is not None and may_replace(existing)
+
+    def reserved_or_taken(self) -> set[str]:
+        taken = set(self.registry.tunnels)
+        for grant in self.tokens.grants:
+            taken |= grant.reserved_names
+        return taken
+
+
+def check_secure_default(config: RelayConfig) -> None:
+    """Refuse to run an open relay on a reachable address unless the operator said so."""
+    if config.grants or config.open_relay:
+        return
+    try:
+        loopback = ipaddress.ip_address(config.bind).is_loopback
+    except ValueError:
+        loopback = config.bind == "localhost"
+    if not loopback:
+        raise InsecureConfiguration(
+            f"refusing to listen on {config.bind} without agent tokens: anyone could open tunnels here. "
+            "Add --token SECRET (or --tokens FILE), or pass --open to run an open relay knowingly."
+        )
+
+
+class InsecureConfiguration(ValueError):
+    """The relay configuration would expose an unauthenticated relay."""
+
+
+def bearer_token(head: RequestHead) -> str | None:
+    value = head.header(b"authorization")
+    if value is None or not value[:7].lower() == b"bearer ":
+        return None
+    return value[7:].strip().decode("latin-1")
+
+
+def _holds_resume_key(tunnel: Tunnel, resume_key: str | None) -> bool:
+    """A reconnecting agent proves it is the one that held the name by the key it was given."""
+    if not isinstance(tunnel, AgentTunnel) or resume_key is None:
+        return False
+    if not secrets.compare_digest(resume_key, tunnel.resume_key):
+        return False
+    if tunnel.session is not None and not tunnel.session.closed.done():
+        tunnel.session.close()  # the old link is stale: the agent has already moved to a new one
+    return True

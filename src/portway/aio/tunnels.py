@@ -44,8 +44,9 @@ class Tunnel:
 
     kind = "tunnel"
 
-    def __init__(self, name: str, access: AccessPolicy | None = None) -> None:
+    def __init__(self, name: str, access: AccessPolicy | None = None, owner: str = "") -> None:
         self.name = name
+        self.owner = owner  # digest of the token that registered it ("" on an open relay)
         self.access = access or AccessPolicy()
         self.idle: list = []
         self.created = time.time()
@@ -89,11 +90,10 @@ class AgentTunnel(Tunnel):
     kind = "portway"
 
     def __init__(self, name: str, session: MuxSession, resume_key: str, access: AccessPolicy | None = None,
-                 owner: str | None = None) -> None:
-        super().__init__(name, access)
+                 owner: str = "") -> None:
+        super().__init__(name, access, owner)
         self.session: MuxSession | None = session
         self.resume_key = resume_key
-        self.owner = owner
 
     @property
     def online(self) -> bool:
