@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--tls-cert", metavar="FILE", help="certificate chain (PEM): serve HTTPS/WSS and TLS to agents")
     server.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for --tls-cert")
 
+    server.add_argument("--head-timeout", type=float, default=15.0,
+                        help="seconds a request head may take to arrive once started (default 15)")
+    server.add_argument("--idle-timeout", type=float, default=75.0,
+                        help="seconds an idle keep-alive visitor connection is kept (default 75)")
+    server.add_argument("--max-connections-per-ip", type=int, default=256,
+                        help="concurrent visitor connections allowed from one address (default 256)")
+
     hash_token = commands.add_parser("hash-token", help="print the sha256 line for a token, for a --tokens file")
     hash_token.add_argument("secret")
 
@@ -102,7 +109,8 @@ def relay_config(args: argparse.Namespace) -> RelayConfig:
         raise ValueError("--tls-cert and --tls-key go together")
     return RelayConfig(bind=args.bind, port=args.port, domain=args.domain, public_port=args.public_port,
                        grace_period=args.grace_period, grants=tuple(grants), open_relay=args.open,
-                       tls_cert=args.tls_cert, tls_key=args.tls_key)
+                       tls_cert=args.tls_cert, tls_key=args.tls_key, head_timeout=args.head_timeout,
+                       idle_timeout=args.idle_timeout, max_connections_per_ip=args.max_connections_per_ip)
 
 
 def agent_config(args: argparse.Namespace) -> AgentConfig:
