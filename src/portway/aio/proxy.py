@@ -163,7 +163,11 @@ class VisitorConnection:
         request_complete: bool | None = None
         while True:
             try:
-                conduit, reused = await asyncio.wait_for(tunnel.acquire(), relay.config.pool_wait_timeout)
+                idle = tunnel.take_idle()
+                if idle is not None:
+                    conduit, reused = idle, True
+                else:
+                    conduit, reused = await asyncio.wait_for(tunnel.acquire(), relay.config.pool_wait_timeout)
             except asyncio.TimeoutError:
                 return await self.refuse(
                     head, 503, f"Tunnel {tunnel.name!r} is busy: no connection to its origin became free in time."
@@ -177,18 +181,32 @@ class VisitorConnection:
                 if reused:
                     continue
                 return await self.refuse(head, 502, f"The agent for tunnel {tunnel.name!r} went away.")
-            response = asyncio.ensure_future(self.forward_response(head, conduit, reused and retry_allowed))
-            try:
-                if request_complete is None:
+            may_retry = reused and retry_allowed
+            if retry_allowed and self.pending and self.pending[0] is MESSAGE_END:
+                # no body to upload: the common GET needs no second task
+                self.pending.popleft()
+                request_complete = True
+            if request_complete is not None:
+                try:
+                    outcome = await self.forward_response(head, conduit, may_retry)
+                except _RetryOnFreshConduit:
+                    conduit.close()
+                    continue
+                except BaseException:
+                    conduit.abort()
+                    raise
+            else:
+                response = asyncio.ensure_future(self.forward_response(head, conduit, may_retry))
+                try:
                     request_complete = await self.forward_request_body(head, conduit)
-                outcome = await response
-            except _RetryOnFreshConduit:
-                conduit.close()
-                continue
-            except BaseException:
-                response.cancel()
-                conduit.abort()
-                raise
+                    outcome = await response
+                except _RetryOnFreshConduit:
+                    conduit.close()
+                    continue
+                except BaseException:
+                    response.cancel()
+                    conduit.abort()
+                    raise
             if isinstance(outcome, Switched):
                 await self.switch_protocols(conduit, outcome)
                 return False

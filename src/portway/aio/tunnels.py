@@ -59,14 +59,21 @@ class Tunnel:
     async def _new_conduit(self):
         raise NotImplementedError
 
-    async def acquire(self):
-        """A conduit to the origin: an idle one still clean, else a new one."""
+    def take_idle(self):
+        """An idle conduit still clean, or None."""
         idle = self.idle
         while idle:
             conduit = idle.pop()
             if not conduit.has_unread:
-                return conduit, True
+                return conduit
             conduit.close()  # the origin closed it or sent stray bytes (a 408) while it sat idle
+        return None
+
+    async def acquire(self):
+        """A conduit to the origin: an idle one still clean, else a new one; and whether it was reused."""
+        conduit = self.take_idle()
+        if conduit is not None:
+            return conduit, True
         return await self._new_conduit(), False
 
     def release(self, conduit, reusable: bool) -> None:
@@ -79,6 +86,10 @@ class Tunnel:
         idle, self.idle = self.idle, []
         for conduit in idle:
             conduit.close()
+
+    def close(self) -> None:
+        """The tunnel left the registry for good: release whatever it holds (subclasses add theirs)."""
+        self.drop_idle()
 
     def status(self) -> dict:
         return {"name": self.name, "kind": self.kind, "online": self.online, "requests": self.requests}
@@ -126,7 +137,7 @@ class Registry:
     def remove(self, tunnel: Tunnel) -> None:
         if self.tunnels.get(tunnel.name) is tunnel:
             del self.tunnels[tunnel.name]
-            tunnel.drop_idle()
+            tunnel.close()
         self.cancel_grace(tunnel.name)
 
     def free_after(self, tunnel: Tunnel, delay: float) -> None:

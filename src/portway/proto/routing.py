@@ -55,12 +55,25 @@ def _is_ip(hostname: str) -> bool:
 class Router:
     """Maps a hostname to a route; `domain` is the relay's base domain (`NAME.DOMAIN` are tunnels)."""
 
+    CACHE_SIZE = 4096
+
     def __init__(self, domain: str, system_names: frozenset[str]) -> None:
         self.domain = domain.rstrip(".").lower()
         self._suffix = "." + self.domain
         self.system_names = system_names
+        self._cache: dict[str, Route] = {}
 
     def route(self, host_header: str) -> Route:
+        """Routes are pure functions of the header, so each distinct value is worked out once."""
+        route = self._cache.get(host_header)
+        if route is None:
+            route = self._route(host_header)
+            if len(self._cache) >= self.CACHE_SIZE:
+                self._cache.clear()
+            self._cache[host_header] = route
+        return route
+
+    def _route(self, host_header: str) -> Route:
         hostname = hostname_of(host_header)
         if hostname == self.domain or _is_ip(hostname) or hostname == "localhost":
             return TO_RELAY
