@@ -166,3 +166,21 @@ def test_response_reframing_to_chunked():
     wire = http1.encode_response_head(events[0], framing=BodyFraming.CHUNKED, keep_alive=True)
     assert b"Transfer-Encoding: chunked" in wire and b"Connection: keep-alive" in wire
     assert http1.encode_chunk(b"abc") == b"3\r\nabc\r\n"
+
+
+def test_length_body_split_across_feeds_is_counted_exactly():
+    parser = http1.ResponseParser("GET")
+    events = parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    events += parser.feed(b"defg")
+    assert not parser.complete
+    events += parser.feed(b"hij")
+    assert parser.complete and events[-1] is MESSAGE_END
+    assert b"".join(e.data for e in events if isinstance(e, Body)) == b"abcdefghij"
+
+
+def test_length_body_overrun_is_a_bad_gateway():
+    parser = http1.ResponseParser("GET")
+    parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    with pytest.raises(HttpError) as caught:
+        parser.feed(b"cdEXTRA")
+    assert caught.value.status == 502

@@ -84,9 +84,7 @@ class MuxStream:
                 await self._read_waiter
             finally:
                 self._read_waiter = None
-        chunks = self._chunks
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
+        data = self._chunks.popleft()  # one frame's payload: joining them would copy every byte again
         if not self._closed:
             self.session.consumed(self.stream_id, len(data))
         return data
