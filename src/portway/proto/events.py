@@ -1,0 +1,103 @@
+"""Events the multiplexer reports to the application, in the order the peer's frames caused them.
+
+They are frozen, slotted dataclasses: cheap to build on the hot path and safe to hand to other tasks.
+Don't subclass them; code downstream dispatches on the exact type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "ConnectionTerminated",
+    "DataReceived",
+    "Event",
+    "GoAwayReceived",
+    "PingAcked",
+    "StreamAccepted",
+    "StreamEnded",
+    "StreamOpened",
+    "StreamReset",
+    "WindowUpdated",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """The peer opened a stream. Answer with ``accept_stream`` or ``reset_stream``; data may already follow."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAccepted:
+    """The peer accepted a stream we opened."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class DataReceived:
+    """Payload for a stream. Call ``acknowledge_received`` once it is consumed, or the peer's window runs dry."""
+
+    stream_id: int
+    data: bytes
+
+    def __repr__(self) -> str:  # payloads can be 64 KiB; keep logs and test failures readable
+        return f"DataReceived(stream_id={self.stream_id}, data=<{len(self.data)} bytes>)"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The peer half-closed the stream (FIN): no more data will arrive, but we may still send."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The peer abandoned the stream (RST), or refused one we opened. The stream is gone."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUpdated:
+    """The stream's send window grew; a sender waiting for credit can try again."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PingAcked:
+    """The peer answered one of our pings after ``rtt`` seconds."""
+
+    rtt: float
+
+
+@dataclass(frozen=True, slots=True)
+class GoAwayReceived:
+    """The peer will accept no new streams (a ``GoAwayCode``); existing streams carry on and drain."""
+
+    code: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionTerminated:
+    """The link is dead (e.g. keepalive timeout) and the multiplexer closed; ``code`` is a ``GoAwayCode``."""
+
+    code: int
+    reason: str
+
+
+Event = (
+    StreamOpened
+    | StreamAccepted
+    | DataReceived
+    | StreamEnded
+    | StreamReset
+    | WindowUpdated
+    | PingAcked
+    | GoAwayReceived
+    | ConnectionTerminated
+)

@@ -1,0 +1,191 @@
+"""Agent-link wire format: the 12-byte yamux-style frame header, its encoder and an incremental decoder.
+
+Every frame starts with the same big-endian header::
+
+    version u8 (always 0) | type u8 | flags u16 | stream id u32 | length u32
+
+Only DATA frames carry a payload (``length`` bytes of it). For the other types ``length`` is a value:
+the window delta for WINDOW_UPDATE, an opaque token echoed back for PING, the error code for GO_AWAY.
+Stream id 0 names the link itself, so PING and GO_AWAY must use it and DATA / WINDOW_UPDATE must not.
+
+The decoder is the first thing hostile bytes touch, so it checks every header before it buffers a payload
+and reports any malformed input as :class:`~portway.errors.FrameError` and nothing else. It is also the hot
+receive path of a pure-Python tunnel, which is why it parses straight out of one growing ``bytearray`` through
+an offset and builds each :class:`Frame` with a single tuple allocation.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum, IntFlag
+from typing import NamedTuple
+
+from portway.errors import FrameError
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "HEADER",
+    "HEADER_SIZE",
+    "INITIAL_STREAM_WINDOW",
+    "MAX_STREAM_ID",
+    "MAX_WINDOW_SIZE",
+    "PROTOCOL_VERSION",
+    "Flag",
+    "Frame",
+    "FrameDecoder",
+    "FrameType",
+    "GoAwayCode",
+]
+
+PROTOCOL_VERSION = 0
+HEADER = struct.Struct(">BBHII")
+"""The header layout; ``HEADER.pack(PROTOCOL_VERSION, type, flags, stream_id, length)`` encodes one."""
+HEADER_SIZE = HEADER.size
+DEFAULT_MAX_FRAME_SIZE = 64 * 1024
+INITIAL_STREAM_WINDOW = 256 * 1024
+"""Receive window every stream starts with on both sides; anything above it is announced by WINDOW_UPDATE."""
+MAX_WINDOW_SIZE = 2**31 - 1
+"""A send window may never exceed this; a WINDOW_UPDATE that would push it over is a protocol error."""
+MAX_STREAM_ID = 2**32 - 1
+
+
+class FrameType(IntEnum):
+    DATA = 0
+    WINDOW_UPDATE = 1
+    PING = 2
+    GO_AWAY = 3
+
+
+class Flag(IntFlag):
+    SYN = 0x1
+    """Opens a stream (DATA / WINDOW_UPDATE) or asks for a ping answer (PING)."""
+    ACK = 0x2
+    """Accepts a stream the peer opened, or answers a ping."""
+    FIN = 0x4
+    """The sender will send no more data on the stream (half-close)."""
+    RST = 0x8
+    """The stream is abandoned at once; also refuses an open."""
+
+
+class GoAwayCode(IntEnum):
+    NORMAL = 0
+    PROTOCOL_ERROR = 1
+    INTERNAL_ERROR = 2
+
+
+class Frame(NamedTuple):
+    """One decoded frame. ``payload`` is empty for every type but DATA, where ``length == len(payload)``."""
+
+    type: FrameType
+    flags: Flag
+    stream_id: int
+    length: int
+    payload: bytes = b""
+
+    def encode(self) -> bytes:
+        """Serialise the frame; raise ValueError for a frame the decoder would reject as malformed."""
+        if self.type == FrameType.DATA:
+            if self.length != len(self.payload):
+                raise ValueError("a DATA frame's length must equal its payload length")
+        elif self.payload:
+            raise ValueError(f"{FrameType(self.type).name} frames carry no payload")
+        return HEADER.pack(PROTOCOL_VERSION, self.type, self.flags, self.stream_id, self.length) + self.payload
+
+
+# Decoded type and flag fields are mapped to enum members by indexing, which is far cheaper per frame than
+# calling the enum classes; an index past the end is exactly an unknown type or flag bit.
+_TYPES_BY_VALUE = tuple(FrameType)
+_FLAGS_BY_VALUE = tuple(Flag(value) for value in range(16))
+_PING_FLAGS = frozenset((Flag.SYN, Flag.ACK))
+_GO_AWAY_CODES = frozenset(GoAwayCode)
+_make_frame = tuple.__new__  # builds a Frame without NamedTuple's Python-level __new__ (hot path)
+_COMPACT_AFTER = 64 * 1024
+"""Consumed bytes worth moving out of the buffer's way once they outweigh what is still unread."""
+
+
+class FrameDecoder:
+    """Turns a byte stream into :class:`Frame` objects: ``feed(data)``, then iterate until it stops.
+
+    Iteration stops when the buffer holds no complete frame; feed more and iterate again. A malformed header
+    raises FrameError and stays at the front of the buffer, so every later attempt raises again: a decoder
+    never resynchronises on a corrupted link.
+    """
+
+    __slots__ = ("max_frame_size", "_buffer", "_offset", "_view")
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        if not 0 < max_frame_size <= MAX_STREAM_ID:
+            raise ValueError(f"max_frame_size must be in 1..{MAX_STREAM_ID}, got {max_frame_size}")
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+        self._offset = 0
+        # A memoryview lets a payload be copied out once instead of twice (slice, then bytes()); it must be
+        # released before the bytearray is resized, which only feed() does.
+        self._view: memoryview | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append bytes from the link; nothing is parsed until the decoder is iterated."""
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        buffer = self._buffer
+        offset = self._offset
+        if offset == len(buffer):
+            buffer.clear()
+            self._offset = 0
+        elif offset >= _COMPACT_AFTER and offset * 2 >= len(buffer):
+            del buffer[:offset]
+            self._offset = 0
+        buffer += data
+
+    def __iter__(self) -> FrameDecoder:
+        return self
+
+    def __next__(self) -> Frame:
+        buffer = self._buffer
+        offset = self._offset
+        available = len(buffer) - offset
+        if available < HEADER_SIZE:
+            raise StopIteration
+        version, type_value, flags_value, stream_id, length = HEADER.unpack_from(buffer, offset)
+        if version != PROTOCOL_VERSION:
+            raise FrameError(f"unsupported protocol version {version}")
+        if type_value >= len(_TYPES_BY_VALUE):
+            raise FrameError(f"unknown frame type {type_value}")
+        if flags_value >= len(_FLAGS_BY_VALUE):
+            raise FrameError(f"unknown flags 0x{flags_value:04x}")
+        if type_value == 0:  # DATA
+            if stream_id == 0:
+                raise FrameError("DATA frame on stream 0")
+            if length > self.max_frame_size:
+                raise FrameError(f"DATA frame of {length} bytes exceeds the {self.max_frame_size}-byte limit")
+            end = HEADER_SIZE + length
+            if available < end:
+                raise StopIteration
+            view = self._view
+            if view is None:
+                view = self._view = memoryview(buffer)
+            payload = bytes(view[offset + HEADER_SIZE : offset + end])
+            self._offset = offset + end
+            return _make_frame(Frame, (FrameType.DATA, _FLAGS_BY_VALUE[flags_value], stream_id, length, payload))
+        if type_value == 1:  # WINDOW_UPDATE
+            if stream_id == 0:
+                raise FrameError("WINDOW_UPDATE frame on stream 0")
+        else:
+            self._check_session_frame(_TYPES_BY_VALUE[type_value], flags_value, stream_id, length)
+        self._offset = offset + HEADER_SIZE
+        return _make_frame(Frame, (_TYPES_BY_VALUE[type_value], _FLAGS_BY_VALUE[flags_value], stream_id, length, b""))
+
+    @staticmethod
+    def _check_session_frame(frame_type: FrameType, flags_value: int, stream_id: int, length: int) -> None:
+        """PING and GO_AWAY speak for the whole link, so they are pinned to stream 0 with strict flags."""
+        if stream_id != 0:
+            raise FrameError(f"{frame_type.name} frame on stream {stream_id}, expected 0")
+        if frame_type is FrameType.PING:
+            if flags_value not in _PING_FLAGS:
+                raise FrameError(f"PING needs exactly one of SYN or ACK, got flags 0x{flags_value:x}")
+        else:
+            if flags_value:
+                raise FrameError(f"GO_AWAY takes no flags, got 0x{flags_value:x}")
+            if length not in _GO_AWAY_CODES:
+                raise FrameError(f"unknown GO_AWAY code {length}")

@@ -1,0 +1,956 @@
+"""Multiplexer behaviour: stream lifecycle, flow control, limits, keepalive and hostile peers. No I/O, no sleeps."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+from collections import defaultdict
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from portway.errors import MuxClosedError, ProtocolError
+from portway.proto.events import (
+    ConnectionTerminated,
+    DataReceived,
+    GoAwayReceived,
+    PingAcked,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+from portway.proto.frame import (
+    HEADER_SIZE,
+    INITIAL_STREAM_WINDOW,
+    MAX_STREAM_ID,
+    MAX_WINDOW_SIZE,
+    Flag,
+    Frame,
+    FrameType,
+    GoAwayCode,
+)
+from portway.proto.mux import ASSUMED_RTT, Mux, MuxConfig, Role
+
+from .helpers import FrameFactory, MuxPair, decode_all, window_credit
+
+KiB = 1024
+MiB = 1024 * KiB
+WINDOW = INITIAL_STREAM_WINDOW
+SLOW = 1_000.0
+"""A ``now`` long after every stream opened: consumption this late never earns window growth."""
+EVENT_TYPES = (
+    StreamOpened,
+    StreamAccepted,
+    DataReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+    PingAcked,
+    GoAwayReceived,
+)
+
+f = FrameFactory()
+both_roles = pytest.mark.parametrize("opener", [Role.CLIENT, Role.SERVER], ids=["agent-opens", "relay-opens"])
+
+
+def settle(pair: MuxPair, first: Mux, now: float = 0.0) -> tuple[list, list]:
+    """Transfer until quiescent; return (events seen by ``first``, events seen by its peer)."""
+    client_events, server_events = pair.transfer(now)
+    return (client_events, server_events) if first is pair.client else (server_events, client_events)
+
+
+def sha256(*chunks: bytes) -> bytes:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.digest()
+
+
+def received_bytes(events: list) -> int:
+    return sum(len(event.data) for event in events if isinstance(event, DataReceived))
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+def test_config_defaults() -> None:
+    config = MuxConfig()
+    assert (config.initial_window, config.max_window, config.max_frame_size) == (256 * KiB, 16 * MiB, 64 * KiB)
+    assert (config.accept_backlog, config.max_streams, config.max_control_frames_per_second) == (256, 4096, 2000)
+    assert (config.keepalive_interval, config.keepalive_timeout) == (30.0, 10.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"initial_window": WINDOW - 1},
+        {"initial_window": 2 * MiB, "max_window": 1 * MiB},
+        {"max_window": MAX_WINDOW_SIZE + 1},
+        {"max_frame_size": 0},
+        {"max_frame_size": 2**31},
+        {"accept_backlog": 0},
+        {"max_streams": 0},
+        {"max_control_frames_per_second": 0},
+        {"keepalive_interval": 0.0},
+        {"keepalive_timeout": -1.0},
+        {"keepalive_timeout": float("nan")},
+    ],
+)
+def test_config_rejects_nonsense(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        MuxConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------- stream lifecycle
+
+
+@both_roles
+def test_open_accept_exchange_and_half_close_both_ways(opener: Role) -> None:
+    pair = MuxPair()
+    a = pair.side(opener)
+    b = pair.peer(a)
+    stream_id = a.open_stream()
+    assert stream_id % 2 == (1 if opener is Role.CLIENT else 0)
+    assert settle(pair, a) == ([], [StreamOpened(stream_id)])
+    b.accept_stream(stream_id)
+    assert settle(pair, a) == ([StreamAccepted(stream_id)], [])
+
+    assert a.send_data(stream_id, b"request") == 7
+    assert settle(pair, a) == ([], [DataReceived(stream_id, b"request")])
+    assert b.send_data(stream_id, b"response", end_stream=True) == 8
+    assert settle(pair, a) == ([DataReceived(stream_id, b"response"), StreamEnded(stream_id)], [])
+    assert a.send_data(stream_id, b"more after their FIN") == 20  # half-close: our direction stays open
+    a.end_stream(stream_id)
+    assert settle(pair, a) == ([], [DataReceived(stream_id, b"more after their FIN"), StreamEnded(stream_id)])
+    assert a.stream_count == b.stream_count == 0
+
+
+@both_roles
+def test_a_short_exchange_needs_no_round_trip_before_data(opener: Role) -> None:
+    pair = MuxPair()
+    a = pair.side(opener)
+    b = pair.peer(a)
+    stream_id = a.open_stream()
+    a.send_data(stream_id, b"GET / HTTP/1.1\r\n\r\n", end_stream=True)
+    assert settle(pair, a)[1] == [
+        StreamOpened(stream_id),
+        DataReceived(stream_id, b"GET / HTTP/1.1\r\n\r\n"),
+        StreamEnded(stream_id),
+    ]
+    b.accept_stream(stream_id)
+    b.send_data(stream_id, b"HTTP/1.1 204 No Content\r\n\r\n", end_stream=True)
+    assert settle(pair, a)[0] == [
+        StreamAccepted(stream_id),
+        DataReceived(stream_id, b"HTTP/1.1 204 No Content\r\n\r\n"),
+        StreamEnded(stream_id),
+    ]
+    assert a.stream_count == b.stream_count == 0
+
+
+def test_stream_opened_with_syn_on_data_is_accepted() -> None:
+    server = Mux(Role.SERVER)
+    events = server.receive_data(f.data(1, b"hi", Flag.SYN | Flag.FIN), 0.0)
+    assert events == [StreamOpened(1), DataReceived(1, b"hi"), StreamEnded(1)]
+
+
+def test_api_misuse_raises_and_queues_nothing() -> None:
+    pair = MuxPair()
+    client, server = pair.client, pair.server
+    stream_id = client.open_stream()
+    pair.transfer()
+    with pytest.raises(ValueError, match="can't send"):
+        server.send_data(stream_id, b"before accepting")
+    with pytest.raises(ValueError, match="not allowed"):
+        server.end_stream(stream_id)
+    server.accept_stream(stream_id)
+    with pytest.raises(ValueError, match="not allowed"):
+        server.accept_stream(stream_id)
+    with pytest.raises(KeyError, match="not open"):
+        client.send_data(99, b"x")
+    with pytest.raises(KeyError, match="not open"):
+        client.accept_stream(98)
+    pair.transfer()
+    client.end_stream(stream_id)
+    assert client.data_to_send() == Frame(FrameType.WINDOW_UPDATE, Flag.FIN, stream_id, 0).encode()
+    with pytest.raises(ValueError, match="can't send"):
+        client.send_data(stream_id, b"after FIN")
+    with pytest.raises(ValueError, match="not allowed"):
+        client.end_stream(stream_id)
+    assert client.data_to_send() == server.data_to_send() == b""
+    assert client.send_window(stream_id) == 0
+    assert client.send_window(12345) == 0
+
+
+def test_send_data_splits_into_frames_and_puts_fin_on_the_last() -> None:
+    pair = MuxPair(MuxConfig(max_frame_size=1000))
+    stream_id = pair.open_stream()
+    data = bytes(range(256)) * 10
+    assert pair.client.send_data(stream_id, data, end_stream=True) == 2560
+    frames = decode_all(pair.client.data_to_send(), max_frame_size=1000)
+    assert [(fr.type, fr.flags, fr.length) for fr in frames] == [
+        (FrameType.DATA, Flag(0), 1000),
+        (FrameType.DATA, Flag(0), 1000),
+        (FrameType.DATA, Flag.FIN, 560),
+    ]
+    assert b"".join(fr.payload for fr in frames) == data
+
+
+def test_partial_send_never_half_closes() -> None:
+    pair = MuxPair()
+    stream_id = pair.open_stream()
+    client = pair.client
+    assert client.send_data(stream_id, b"x" * (WINDOW + 1), end_stream=True) == WINDOW
+    assert not any(fr.flags & Flag.FIN for fr in decode_all(client.data_to_send()))
+    assert client.send_data(stream_id, b"x", end_stream=True) == 0
+    assert client.data_to_send() == b""
+
+
+def test_empty_send_queues_nothing_unless_it_ends_the_stream() -> None:
+    pair = MuxPair()
+    stream_id = pair.open_stream()
+    client = pair.client
+    assert client.send_data(stream_id, b"") == 0
+    assert client.data_to_send() == b""
+    assert client.send_data(stream_id, b"", end_stream=True) == 0
+    assert decode_all(client.data_to_send()) == [Frame(FrameType.WINDOW_UPDATE, Flag.FIN, stream_id, 0)]
+
+
+@pytest.mark.parametrize(
+    "make_buffer", [bytearray, lambda b: memoryview(bytearray(b))], ids=["bytearray", "memoryview"]
+)
+def test_mutable_buffers_are_copied_when_queued(make_buffer) -> None:
+    pair = MuxPair()
+    stream_id = pair.open_stream()
+    buffer = make_buffer(b"original")
+    assert pair.client.send_data(stream_id, buffer) == 8
+    buffer[:] = b"mutated!"
+    assert decode_all(pair.client.data_to_send())[0].payload == b"original"
+
+
+def test_data_received_repr_shows_the_size_not_the_payload() -> None:
+    assert repr(DataReceived(3, b"x" * 65536)) == "DataReceived(stream_id=3, data=<65536 bytes>)"
+
+
+def test_views_of_immutable_bytes_are_sent_as_is() -> None:
+    pair = MuxPair()
+    stream_id = pair.open_stream()
+    body = b"0123456789"
+    assert pair.client.send_data(stream_id, memoryview(body)[3:7]) == 4
+    assert decode_all(pair.client.data_to_send())[0].payload == b"3456"
+
+
+def test_data_to_send_coalesces_everything_queued() -> None:
+    pair = MuxPair()
+    first, second = pair.open_stream(), pair.open_stream()
+    client = pair.client
+    client.send_data(first, b"one")
+    client.send_data(second, b"two")
+    client.ping(0.0)
+    wire = client.data_to_send()
+    assert [fr.type for fr in decode_all(wire)] == [FrameType.DATA, FrameType.DATA, FrameType.PING]
+    assert client.data_to_send() == b""
+
+
+# ---------------------------------------------------------------------------- flow control
+
+
+def test_a_reader_that_stops_reading_stalls_the_sender_exactly_at_the_window() -> None:
+    pair = MuxPair()
+    client, server = pair.client, pair.server
+    stream_id = pair.open_stream()
+    big = b"x" * (10 * MiB)
+    assert client.send_data(stream_id, big) == WINDOW
+    assert client.send_window(stream_id) == 0
+    assert client.send_data(stream_id, big) == 0
+    wire = client.data_to_send()
+    assert len(wire) == WINDOW + HEADER_SIZE * (WINDOW // MuxConfig().max_frame_size)  # nothing buffered beyond
+    assert received_bytes(server.receive_data(wire, 0.0)) == WINDOW
+    for _ in range(3):  # the reader never consumes: nothing more moves, nothing piles up
+        assert client.send_data(stream_id, big) == 0
+        assert pair.transfer() == ([], [])
+    server.acknowledge_received(stream_id, WINDOW // 4, SLOW)
+    assert server.data_to_send() == b"", "credit below half a window is batched"
+    server.acknowledge_received(stream_id, WINDOW // 4, SLOW)
+    assert pair.transfer(SLOW) == ([WindowUpdated(stream_id)], [])
+    assert client.send_window(stream_id) == WINDOW // 2
+
+
+@settings(deadline=None, max_examples=50)
+@given(
+    initial_window=st.integers(WINDOW, 4 * WINDOW),
+    reads=st.lists(st.integers(1, 200_000), min_size=1, max_size=30),
+)
+def test_credit_returned_equals_bytes_consumed(initial_window: int, reads: list[int]) -> None:
+    pair = MuxPair(MuxConfig(initial_window=initial_window, max_window=initial_window))
+    client, server = pair.client, pair.server
+    stream_id = pair.open_stream()
+    assert client.send_window(stream_id) == initial_window
+    payload = memoryview(b"p" * (sum(reads) + initial_window))
+    sent = received = consumed = credited = 0
+    for read in reads:
+        sent += client.send_data(stream_id, payload[sent:])
+        received += received_bytes(server.receive_data(client.data_to_send(), SLOW))
+        n = min(read, received - consumed)
+        server.acknowledge_received(stream_id, n, SLOW)
+        consumed += n
+        wire = server.data_to_send()
+        credited += window_credit(decode_all(wire), stream_id)
+        client.receive_data(wire, SLOW)
+
+        assert received == sent
+        assert consumed - credited >= 0 and 2 * (consumed - credited) < initial_window
+        assert client.send_window(stream_id) == initial_window - received + credited
+        assert received - consumed <= initial_window  # the reader's memory is bounded by its window
+
+
+def test_acknowledge_received_validates_its_count() -> None:
+    pair = MuxPair()
+    stream_id = pair.open_stream()
+    pair.client.send_data(stream_id, b"12345")
+    pair.transfer()
+    with pytest.raises(ValueError, match="negative"):
+        pair.server.acknowledge_received(stream_id, -1, 0.0)
+    with pytest.raises(ValueError, match="only 5"):
+        pair.server.acknowledge_received(stream_id, 6, 0.0)
+    pair.server.acknowledge_received(stream_id, 0, 0.0)
+    pair.server.acknowledge_received(777, 10, 0.0)  # a stream that is gone: nothing to credit
+    assert pair.server.data_to_send() == b""
+
+
+def test_no_credit_is_returned_after_the_peer_finished_sending() -> None:
+    pair = MuxPair()
+    stream_id = pair.open_stream()
+    pair.client.send_data(stream_id, b"x" * WINDOW, end_stream=True)
+    pair.transfer()
+    pair.server.acknowledge_received(stream_id, WINDOW, 0.0)
+    assert pair.server.data_to_send() == b""
+
+
+def test_larger_initial_window_is_announced_in_syn_and_ack() -> None:
+    config = MuxConfig(initial_window=1 * MiB)
+    pair = MuxPair(config)
+    stream_id = pair.client.open_stream()
+    assert decode_all(pair.client.data_to_send()) == [
+        Frame(FrameType.WINDOW_UPDATE, Flag.SYN, stream_id, 1 * MiB - WINDOW)
+    ]
+    pair.server.receive_data(Frame(FrameType.WINDOW_UPDATE, Flag.SYN, stream_id, 1 * MiB - WINDOW).encode(), 0.0)
+    pair.server.accept_stream(stream_id)
+    assert pair.server.send_window(stream_id) == 1 * MiB
+    ack = pair.server.data_to_send()
+    assert decode_all(ack) == [Frame(FrameType.WINDOW_UPDATE, Flag.ACK, stream_id, 1 * MiB - WINDOW)]
+    assert pair.client.send_window(stream_id) == WINDOW, "before the ACK only the base window is usable"
+    pair.client.receive_data(ack, 0.0)
+    assert pair.client.send_window(stream_id) == 1 * MiB
+
+
+def test_mismatched_initial_windows_interoperate() -> None:
+    pair = MuxPair(MuxConfig(initial_window=WINDOW), MuxConfig(initial_window=3 * WINDOW))
+    stream_id = pair.open_stream()
+    assert pair.client.send_window(stream_id) == 3 * WINDOW
+    assert pair.server.send_window(stream_id) == WINDOW
+
+
+# ---------------------------------------------------------------------------- window growth
+
+
+def fill_and_consume(pair: MuxPair, stream_id: int, times: list[float]) -> int:
+    """Send one full window client→server and consume it in len(times) equal parts; return credit granted."""
+    client, server = pair.client, pair.server
+    window = client.send_window(stream_id)
+    assert client.send_data(stream_id, b"x" * window) == window
+    assert received_bytes(server.receive_data(client.data_to_send(), times[0])) == window
+    parts = [window // len(times)] * len(times)
+    parts[-1] += window - sum(parts)
+    credit = 0
+    for part, now in zip(parts, times, strict=True):
+        server.acknowledge_received(stream_id, part, now)
+        wire = server.data_to_send()
+        credit += window_credit(decode_all(wire), stream_id)
+        client.receive_data(wire, now)
+    return credit
+
+
+def test_window_doubles_when_a_full_window_is_consumed_within_two_rtts() -> None:
+    pair = MuxPair(MuxConfig(max_window=1 * MiB))
+    stream_id = pair.open_stream(now=0.0)
+    assert fill_and_consume(pair, stream_id, [0.05, 0.1]) == WINDOW + WINDOW  # the credit plus the growth
+    assert pair.client.send_window(stream_id) == 2 * WINDOW
+
+
+def test_window_stays_when_the_reader_is_slow() -> None:
+    pair = MuxPair(MuxConfig(max_window=1 * MiB))
+    stream_id = pair.open_stream(now=0.0)
+    assert fill_and_consume(pair, stream_id, [0.1, 2 * ASSUMED_RTT + 0.01]) == WINDOW
+    assert pair.client.send_window(stream_id) == WINDOW
+
+
+def test_window_growth_stops_at_max_window() -> None:
+    pair = MuxPair(MuxConfig(max_window=3 * WINDOW))
+    stream_id = pair.open_stream(now=0.0)
+    windows = []
+    for epoch in range(4):
+        now = epoch * 0.01
+        fill_and_consume(pair, stream_id, [now, now])
+        windows.append(pair.client.send_window(stream_id))
+    assert windows == [2 * WINDOW, 3 * WINDOW, 3 * WINDOW, 3 * WINDOW]
+
+
+@pytest.mark.parametrize(("measured_rtt", "grows"), [(None, False), (1.0, True)])
+def test_window_growth_uses_the_measured_rtt(measured_rtt: float | None, grows: bool) -> None:
+    pair = MuxPair(MuxConfig(max_window=1 * MiB))
+    stream_id = pair.open_stream(now=0.0)
+    if measured_rtt is not None:
+        pair.server.ping(0.0)
+        pair.transfer(now=measured_rtt)
+        assert pair.server.last_rtt == measured_rtt
+    fill_and_consume(pair, stream_id, [1.5, 1.5])  # a full window consumed 1.5 s after the open
+    assert pair.client.send_window(stream_id) == (2 * WINDOW if grows else WINDOW)
+
+
+def test_growth_on_a_stream_we_opened_is_timed_from_the_peers_accept() -> None:
+    pair = MuxPair(MuxConfig(max_window=1 * MiB))
+    client, server = pair.client, pair.server
+    stream_id = client.open_stream()
+    pair.transfer(now=0.0)
+    server.accept_stream(stream_id)
+    pair.transfer(now=5.0)  # the ACK arrives late; the epoch starts there, not at the open
+    server.send_data(stream_id, b"y" * WINDOW)
+    client.receive_data(server.data_to_send(), 5.0)
+    client.acknowledge_received(stream_id, WINDOW, 5.1)
+    server.receive_data(client.data_to_send(), 5.1)
+    assert server.send_window(stream_id) == 2 * WINDOW
+
+
+# ---------------------------------------------------------------------------- many streams
+
+
+def test_a_thousand_interleaved_streams_arrive_intact() -> None:
+    rng = random.Random(20261125)
+    pair = MuxPair()
+    client, server = pair.client, pair.server
+    requests: dict[int, bytes] = {}
+    responses: dict[int, bytes] = {}
+    unsent = {client: {}, server: {}}  # mux -> stream id -> offset of the first byte not yet accepted
+    received = {client: defaultdict(list), server: defaultdict(list)}
+    ended = {client: set(), server: set()}
+    to_open = 1000
+
+    def pump(mux: Mux, payloads: dict[int, bytes]) -> None:
+        pending = unsent[mux]
+        for stream_id in rng.sample(sorted(pending), len(pending)):
+            data, offset = payloads[stream_id], pending[stream_id]
+            end = min(len(data), offset + rng.randrange(1, 20_000))
+            accepted = mux.send_data(stream_id, data[offset:end], end_stream=end == len(data))
+            if offset + accepted == len(data) and end == len(data):
+                del pending[stream_id]
+            else:
+                pending[stream_id] = offset + accepted
+
+    def deliver(receiver: Mux, data: bytes) -> None:
+        for event in receiver.receive_data(data, 0.0):
+            if isinstance(event, StreamOpened):
+                receiver.accept_stream(event.stream_id)
+                responses[event.stream_id] = rng.randbytes(rng.randrange(0, 30_000))
+                unsent[receiver][event.stream_id] = 0
+            elif isinstance(event, DataReceived):
+                received[receiver][event.stream_id].append(event.data)
+                receiver.acknowledge_received(event.stream_id, len(event.data), 0.0)
+            elif isinstance(event, StreamEnded):
+                ended[receiver].add(event.stream_id)
+            else:
+                assert isinstance(event, (StreamAccepted, WindowUpdated)), event
+
+    for _ in range(1000):
+        for _ in range(min(100, to_open)):  # waves of opens, so the accept backlog never overflows
+            stream_id = client.open_stream()
+            requests[stream_id] = rng.randbytes(rng.randrange(0, 40_000))
+            unsent[client][stream_id] = 0
+            to_open -= 1
+        pump(client, requests)
+        pump(server, responses)
+        to_server = client.data_to_send()
+        deliver(server, to_server)
+        to_client = server.data_to_send()
+        deliver(client, to_client)
+        if not (to_open or unsent[client] or unsent[server] or to_server or to_client):
+            break
+    else:
+        pytest.fail("streams never finished")
+
+    assert len(requests) == len(responses) == 1000
+    for stream_id in requests:
+        assert sha256(*received[server][stream_id]) == sha256(requests[stream_id])
+        assert sha256(*received[client][stream_id]) == sha256(responses[stream_id])
+    assert ended[server] == ended[client] == set(requests)
+    assert client.stream_count == server.stream_count == 0
+
+
+# ---------------------------------------------------------------------------- reset
+
+
+@pytest.mark.parametrize("resetter", [Role.CLIENT, Role.SERVER])
+def test_reset_mid_transfer(resetter: Role) -> None:
+    pair = MuxPair()
+    stream_id = pair.open_stream()
+    a = pair.side(resetter)
+    b = pair.peer(a)
+    a.send_data(stream_id, b"a" * 100_000)
+    b.send_data(stream_id, b"b" * 100_000)
+    assert settle(pair, a)[0][0] == DataReceived(stream_id, b"b" * 65536)
+
+    a.reset_stream(stream_id)
+    assert a.stream_count == 0
+    b.send_data(stream_id, b"in flight")  # crosses the RST on the wire
+    straggler = b.data_to_send()
+    assert b.receive_data(a.data_to_send(), 0.0) == [StreamReset(stream_id)]
+    assert a.receive_data(straggler, 0.0) == [], "late data for a reset stream is dropped silently"
+    assert not a.is_closed
+
+    with pytest.raises(KeyError):
+        b.send_data(stream_id, b"x")
+    assert b.send_window(stream_id) == 0
+    b.reset_stream(stream_id)  # resets cross; the second one is a no-op
+    b.acknowledge_received(stream_id, 1, 0.0)
+    assert b.data_to_send() == b""
+
+    other = pair.open_stream()
+    a.send_data(other, b"still fine")
+    assert settle(pair, a)[1] == [DataReceived(other, b"still fine")]
+
+
+def test_refusing_a_stream_resets_it_for_the_opener() -> None:
+    pair = MuxPair()
+    stream_id = pair.client.open_stream()
+    pair.transfer()
+    pair.server.reset_stream(stream_id)
+    client_events, _ = pair.transfer()
+    assert client_events == [StreamReset(stream_id)]
+    assert pair.server.stream_count == pair.client.stream_count == 0
+    with pytest.raises(KeyError):
+        pair.server.accept_stream(stream_id)
+
+
+def test_stragglers_for_forgotten_streams_are_dropped() -> None:
+    server = Mux(Role.SERVER)
+    server.receive_data(f.syn(1) + f.syn(3), 0.0)
+    server.reset_stream(1)
+    local = server.open_stream()
+    server.reset_stream(local)
+    late = (
+        f.data(1, b"late")
+        + f.window_update(1, 100)
+        + f.fin(1)
+        + f.rst(1)
+        + f.data(1)
+        + f.ack(local, 10)
+        + f.data(local, b"x")
+    )
+    assert server.receive_data(late, 0.0) == []
+    assert not server.is_closed
+    assert server.stream_count == 1
+
+
+# ---------------------------------------------------------------------------- go-away
+
+
+def test_go_away_refuses_new_streams_and_lets_existing_ones_drain() -> None:
+    pair = MuxPair()
+    client, server = pair.client, pair.server
+    stream_id = pair.open_stream()
+    client.send_data(stream_id, b"request")
+    pair.transfer()
+    server.go_away()
+    assert pair.transfer() == ([GoAwayReceived(GoAwayCode.NORMAL)], [])
+    for mux in (client, server):
+        with pytest.raises(MuxClosedError):
+            mux.open_stream()
+
+    server.send_data(stream_id, b"response", end_stream=True)
+    client.end_stream(stream_id)
+    assert pair.transfer() == ([DataReceived(stream_id, b"response"), StreamEnded(stream_id)], [StreamEnded(stream_id)])
+    assert client.stream_count == server.stream_count == 0
+    assert not client.is_closed and not server.is_closed
+
+    # Peers that open anyway are refused, whichever side said go-away.
+    assert server.receive_data(f.syn(3), 0.0) == []
+    assert decode_all(server.data_to_send()) == [Frame(FrameType.WINDOW_UPDATE, Flag.RST, 3, 0)]
+    assert client.receive_data(f.syn(2), 0.0) == []
+    assert decode_all(client.data_to_send()) == [Frame(FrameType.WINDOW_UPDATE, Flag.RST, 2, 0)]
+
+
+def test_go_away_is_sent_once_and_checks_its_code() -> None:
+    mux = Mux(Role.SERVER)
+    with pytest.raises(ValueError):
+        mux.go_away(7)
+    mux.go_away(GoAwayCode.INTERNAL_ERROR)
+    mux.go_away()
+    assert decode_all(mux.data_to_send()) == [Frame(FrameType.GO_AWAY, Flag(0), 0, GoAwayCode.INTERNAL_ERROR)]
+
+
+def test_go_away_code_is_reported() -> None:
+    assert Mux(Role.CLIENT).receive_data(f.go_away(2), 0.0) == [GoAwayReceived(2)]
+
+
+# ---------------------------------------------------------------------------- limits
+
+
+def test_backlog_full_refuses_with_rst_and_no_event() -> None:
+    pair = MuxPair(MuxConfig(accept_backlog=2))
+    client, server = pair.client, pair.server
+    ids = [client.open_stream() for _ in range(3)]
+    client_events, server_events = pair.transfer()
+    assert server_events == [StreamOpened(ids[0]), StreamOpened(ids[1])]
+    assert client_events == [StreamReset(ids[2])]
+    assert server.stream_count == 2
+
+    server.accept_stream(ids[0])  # frees a backlog slot
+    again = client.open_stream()
+    client_events, server_events = pair.transfer()
+    assert client_events == [StreamAccepted(ids[0])]
+    assert server_events == [StreamOpened(again)]
+
+
+def test_streams_reset_before_acceptance_free_their_backlog_slot() -> None:
+    pair = MuxPair(MuxConfig(accept_backlog=1))
+    first = pair.client.open_stream()
+    pair.transfer()
+    pair.client.reset_stream(first)
+    second = pair.client.open_stream()
+    assert pair.transfer()[1] == [StreamReset(first), StreamOpened(second)]
+
+
+def test_max_streams_refuses_with_rst() -> None:
+    pair = MuxPair(MuxConfig(max_streams=3))
+    client, server = pair.client, pair.server
+    pair.open_stream(Role.CLIENT)
+    pair.open_stream(Role.CLIENT)
+    pair.open_stream(Role.SERVER)  # streams in either direction count
+    refused = client.open_stream()
+    client_events, server_events = pair.transfer()
+    assert server_events == []
+    assert client_events == [StreamReset(refused)]
+    assert server.stream_count == 3
+
+
+def test_stream_ids_run_out_cleanly() -> None:
+    client = Mux(Role.CLIENT)
+    client._next_local_id = MAX_STREAM_ID  # no public way to burn 2**31 ids in a test
+    assert client.open_stream() == MAX_STREAM_ID
+    with pytest.raises(MuxClosedError, match="exhausted"):
+        client.open_stream()
+
+
+# ---------------------------------------------------------------------------- keepalive
+
+
+def test_keepalive_pings_a_quiet_peer_and_measures_rtt() -> None:
+    pair = MuxPair(now=100.0)
+    client, server = pair.client, pair.server
+    assert client.get_timer() == 130.0
+    assert client.handle_timer(129.9) == []
+    assert client.data_to_send() == b""
+    assert client.handle_timer(130.0) == []
+    (ping,) = decode_all(client.data_to_send())
+    assert (ping.type, ping.flags, ping.stream_id) == (FrameType.PING, Flag.SYN, 0)
+    assert client.get_timer() == 140.0, "an outstanding ping sets the deadline"
+
+    assert server.receive_data(ping.encode(), 130.5) == []
+    answer = server.data_to_send()
+    assert decode_all(answer) == [Frame(FrameType.PING, Flag.ACK, 0, ping.length)]
+    assert client.receive_data(answer, 130.75) == [PingAcked(0.75)]
+    assert client.last_rtt == 0.75
+    assert client.get_timer() == 160.75, "anything received restarts the idle clock"
+
+
+def test_keepalive_timeout_terminates_the_connection() -> None:
+    client = Mux(Role.CLIENT, now=0.0)
+    client.handle_timer(30.0)
+    ping_only = client.data_to_send()
+    assert client.handle_timer(39.9) == []
+    (event,) = client.handle_timer(40.0)
+    assert isinstance(event, ConnectionTerminated)
+    assert event.code == GoAwayCode.INTERNAL_ERROR and "keepalive" in event.reason
+    assert client.is_closed
+    assert client.get_timer() is None
+    assert client.handle_timer(100.0) == []
+    assert [fr.type for fr in decode_all(ping_only)] == [FrameType.PING]
+    assert client.data_to_send() == b"", "a dead peer is sent no GO_AWAY"
+
+
+def test_explicit_ping_reports_rtt_and_unknown_answers_are_ignored() -> None:
+    pair = MuxPair()
+    assert pair.client.last_rtt is None
+    pair.client.ping(5.0)
+    client_events, _ = pair.transfer(now=5.25)
+    assert client_events == [PingAcked(0.25)]
+    assert pair.client.receive_data(f.ping(12345, Flag.ACK), 6.0) == []
+    assert pair.client.last_rtt == 0.25
+
+
+# ---------------------------------------------------------------------------- closed mux
+
+
+def test_a_closed_mux_refuses_work_but_tolerates_cleanup() -> None:
+    mux = Mux(Role.SERVER)
+    mux.receive_data(f.syn(1), 0.0)
+    with pytest.raises(ProtocolError):
+        mux.receive_data(f.header(FrameType.DATA, 0, 1, 0, version=7), 0.0)
+    assert mux.is_closed and mux.stream_count == 0
+    assert mux.receive_data(f.ping(1), 0.0) == []
+    refused = [
+        mux.open_stream,
+        lambda: mux.accept_stream(1),
+        lambda: mux.send_data(1, b"x"),
+        lambda: mux.end_stream(1),
+        lambda: mux.ping(0.0),
+    ]
+    for call in refused:
+        with pytest.raises(MuxClosedError):
+            call()
+    mux.reset_stream(1)
+    mux.go_away()
+    mux.acknowledge_received(1, 1, 0.0)
+    assert mux.send_window(1) == 0
+    assert mux.handle_timer(1e9) == [] and mux.get_timer() is None
+    assert decode_all(mux.data_to_send()) == [Frame(FrameType.GO_AWAY, Flag(0), 0, GoAwayCode.PROTOCOL_ERROR)]
+
+
+# ---------------------------------------------------------------------------- hostile peers
+
+
+def victim() -> Mux:
+    """A relay with stream 1 opened by the peer and accepted, and stream 2 opened by us but not yet accepted."""
+    server = Mux(Role.SERVER)
+    server.receive_data(f.syn(1), 0.0)
+    server.accept_stream(1)
+    assert server.open_stream() == 2
+    server.data_to_send()
+    return server
+
+
+HOSTILE = {
+    "malformed-frame": f.header(FrameType.DATA, 0, 1, 0, version=1),
+    "data-beyond-window": b"".join(f.data(1, b"x" * 65536) for _ in range(5)),
+    "window-overflow": f.window_update(1, MAX_WINDOW_SIZE),
+    "syn-with-our-parity": f.syn(4),
+    "syn-reusing-an-id": f.syn(1),
+    "syn-ids-going-down": f.syn(7) + f.syn(5),
+    "syn-window-overflow": f.syn(3, MAX_WINDOW_SIZE),
+    "unopened-remote-id": f.data(9, b"x"),
+    "unopened-local-id": f.window_update(4, 10),
+    "data-after-fin": f.fin(1) + f.data(1, b"x"),
+    "empty-data-after-fin": f.fin(1) + f.data(1),
+    "second-fin": f.fin(1) + f.fin(1),
+    "ack-for-a-stream-they-opened": f.ack(1),
+    "second-ack": f.ack(2) + f.ack(2),
+    "data-before-ack": f.data(2, b"x"),
+    "fin-before-ack": f.fin(2),
+    "syn-and-ack-together": f.window_update(3, 0, Flag.SYN | Flag.ACK),
+    "ping-flood": f.ping(1) * 2001,
+    "go-away-flood": f.go_away() * 2001,
+    "empty-frame-flood": f.data(1) * 2001,
+    "rst-then-updates-flood": f.rst(1) + f.window_update(1, 1) * 2000,
+    "open-reset-flood": b"".join(f.syn(i) + f.rst(i) for i in range(3, 4006, 2)),
+}
+
+
+@pytest.mark.parametrize("attack", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_input_raises_protocol_error_and_queues_go_away(attack: bytes) -> None:
+    server = victim()
+    with pytest.raises(ProtocolError) as raised:
+        server.receive_data(attack, 0.0)
+    assert raised.value.code == GoAwayCode.PROTOCOL_ERROR
+    assert server.is_closed
+    assert decode_all(server.data_to_send())[-1] == Frame(FrameType.GO_AWAY, Flag(0), 0, GoAwayCode.PROTOCOL_ERROR)
+
+
+def test_control_budget_refills_every_second() -> None:
+    server = victim()
+    for second in range(5):
+        server.receive_data(f.ping(second) * 2000, float(second))
+    assert not server.is_closed
+
+
+# ---------------------------------------------------------------------------- property tests
+
+stream_frames = st.builds(
+    lambda frame_type, flags, stream_id, body: (
+        FrameFactory.header(frame_type, flags, stream_id, len(body)) + body
+        if frame_type is FrameType.DATA
+        else FrameFactory.header(frame_type, flags, stream_id, len(body) * 4096)
+    ),
+    st.sampled_from([FrameType.DATA, FrameType.WINDOW_UPDATE]),
+    st.integers(0, 15),
+    st.integers(1, 12),
+    st.binary(max_size=300),
+)
+session_frames = st.one_of(
+    st.builds(f.ping, st.integers(0, 3), st.sampled_from([Flag.SYN, Flag.ACK])),
+    st.builds(f.go_away, st.sampled_from(list(GoAwayCode))),
+)
+
+
+def check_window_bookkeeping(mux: Mux) -> None:
+    for stream in mux._streams.values():
+        assert min(stream.receive_remaining, stream.unacknowledged, stream.unannounced, stream.send_window) >= 0
+        assert stream.receive_remaining + stream.unacknowledged + stream.unannounced == stream.receive_window
+        assert stream.receive_window <= mux.config.max_window
+        assert stream.send_window <= MAX_WINDOW_SIZE
+
+
+@settings(deadline=None)
+@given(st.lists(stream_frames | session_frames, max_size=40), st.data())
+def test_random_well_formed_frames_yield_only_events_or_protocol_error(frames: list[bytes], data) -> None:
+    config = MuxConfig(accept_backlog=3, max_streams=5, max_control_frames_per_second=15, max_window=1 * MiB)
+    server = Mux(Role.SERVER, config)
+    server.open_stream()
+    server.open_stream()
+    now = 0.0
+    for wire in frames:
+        now += data.draw(st.sampled_from([0.0, 0.01, 0.5]))
+        try:
+            events = server.receive_data(wire, now)
+        except ProtocolError:
+            assert server.is_closed
+            assert decode_all(server.data_to_send())[-1].type is FrameType.GO_AWAY
+            return
+        assert all(isinstance(event, EVENT_TYPES) for event in events)
+        reset = {event.stream_id for event in events if isinstance(event, StreamReset)}  # SYN|RST frames
+        for event in events:
+            if isinstance(event, DataReceived) and data.draw(st.booleans()):
+                server.acknowledge_received(event.stream_id, len(event.data), now)
+            elif isinstance(event, StreamOpened) and event.stream_id not in reset and data.draw(st.booleans()):
+                server.accept_stream(event.stream_id)
+        check_window_bookkeeping(server)
+        assert server.stream_count <= config.max_streams
+        decode_all(server.data_to_send())  # whatever we answer is well-formed
+
+
+class HonestPeers(RuleBasedStateMachine):
+    """Two muxes driven through random API calls, legal or not, must never see a protocol error.
+
+    Calls the API refuses (KeyError for a stream that is gone, ValueError for one in the wrong state) must
+    leave nothing queued, and after every transfer both ends must agree on each stream's window.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = MuxConfig(max_frame_size=16 * KiB, max_window=1 * MiB, accept_backlog=4, max_streams=8)
+        self.pair = MuxPair(config)
+        self.now = 0.0
+        self.stream_ids: list[int] = []  # every id either side opened; ids are shared by both ends
+        self.unconsumed: dict[tuple[Role, int], int] = defaultdict(int)
+        self.waiting: dict[Role, list[int]] = {Role.CLIENT: [], Role.SERVER: []}  # opened by the peer
+
+    sides = st.sampled_from([Role.CLIENT, Role.SERVER])
+    picks = st.integers(0, 15)
+    send_sizes = st.sampled_from([0, 100, 100 * KiB, WINDOW]) | st.integers(0, 300 * KiB)
+
+    def pick(self, mux: Mux, index: int) -> int:
+        """Mostly a stream the mux still has; sometimes any id ever used, to exercise refusals."""
+        live = sorted(mux._streams)
+        if live and index < 12:
+            return live[index % len(live)]
+        return self.stream_ids[index % len(self.stream_ids)] if self.stream_ids else 1
+
+    @initialize()
+    def open_a_few_streams(self) -> None:
+        for opener in (Role.CLIENT, Role.SERVER, Role.CLIENT):
+            self.stream_ids.append(self.pair.open_stream(opener))
+
+    def refused_quietly(self, mux: Mux, call) -> None:
+        queued = len(mux._outbound)
+        try:
+            call()
+        except (KeyError, ValueError):
+            assert len(mux._outbound) == queued, "a refused call queued frames"
+
+    @rule(side=sides)
+    def open_stream(self, side: Role) -> None:
+        with contextlib.suppress(MuxClosedError):  # after a go-away
+            self.stream_ids.append(self.pair.side(side).open_stream())
+
+    @rule(side=sides, index=picks)
+    def accept(self, side: Role, index: int) -> None:
+        waiting = self.waiting[side]
+        if waiting:
+            self.pair.side(side).accept_stream(waiting.pop(index % len(waiting)))
+
+    @rule(side=sides, index=picks, size=send_sizes, end=st.booleans())
+    def send(self, side: Role, index: int, size: int, end: bool) -> None:
+        mux = self.pair.side(side)
+        stream_id = self.pick(mux, index)
+        window = mux.send_window(stream_id)
+
+        def send() -> None:
+            assert mux.send_data(stream_id, b"s" * size, end_stream=end) == min(size, window)
+
+        self.refused_quietly(mux, send)
+
+    @rule(side=sides, index=picks)
+    def end(self, side: Role, index: int) -> None:
+        mux = self.pair.side(side)
+        self.refused_quietly(mux, lambda: mux.end_stream(self.pick(mux, index)))
+
+    @rule(side=sides, index=picks)
+    def reset(self, side: Role, index: int) -> None:
+        mux = self.pair.side(side)
+        stream_id = self.pick(mux, index)
+        mux.reset_stream(stream_id)
+        self.waiting[side] = [s for s in self.waiting[side] if s != stream_id]
+
+    @rule(side=sides, index=picks, share=st.sampled_from([0.25, 0.5, 1.0]))
+    def consume(self, side: Role, index: int, share: float) -> None:
+        mux = self.pair.side(side)
+        stream_id = self.pick(mux, index)
+        n = int(self.unconsumed[side, stream_id] * share)
+        mux.acknowledge_received(stream_id, n, self.now)
+        self.unconsumed[side, stream_id] -= n
+
+    @rule(side=sides)
+    def ping(self, side: Role) -> None:
+        self.pair.side(side).ping(self.now)
+
+    @precondition(lambda self: len(self.stream_ids) >= 4)  # late, or it would starve most runs of streams
+    @rule(side=sides)
+    def go_away(self, side: Role) -> None:
+        self.pair.side(side).go_away()
+
+    @rule(elapsed=st.sampled_from([0.0, 0.01, 0.3]), eager_readers=st.booleans())
+    def transfer(self, elapsed: float, eager_readers: bool) -> None:
+        self.now += elapsed
+        client_events, server_events = self.pair.transfer(self.now, acknowledge=eager_readers)
+        for side, events in ((Role.CLIENT, client_events), (Role.SERVER, server_events)):
+            for event in events:
+                assert isinstance(event, EVENT_TYPES), event
+                if isinstance(event, StreamOpened):
+                    self.waiting[side].append(event.stream_id)
+                elif isinstance(event, DataReceived) and not eager_readers:
+                    self.unconsumed[side, event.stream_id] += len(event.data)
+                elif isinstance(event, StreamReset):
+                    self.unconsumed.pop((side, event.stream_id), None)
+                    self.waiting[side] = [s for s in self.waiting[side] if s != event.stream_id]
+        self.check_agreement()
+
+    def check_agreement(self) -> None:
+        client, server = self.pair.client, self.pair.server
+        for sender, receiver in ((client, server), (server, client)):
+            for stream_id, stream in sender._streams.items():
+                peer_stream = receiver._streams.get(stream_id)
+                if peer_stream is not None:
+                    assert stream.send_window == peer_stream.receive_remaining
+
+    @invariant()
+    def healthy(self) -> None:
+        for mux in (self.pair.client, self.pair.server):
+            assert not mux.is_closed
+            check_window_bookkeeping(mux)
+
+
+TestHonestPeers = HonestPeers.TestCase
+TestHonestPeers.settings = settings(max_examples=100, stateful_step_count=60, deadline=None)
