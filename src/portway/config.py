@@ -20,6 +20,7 @@ class RelayConfig:
     head_timeout: float = 15.0  # a request head must arrive completely within this (slowloris)
     pool_wait_timeout: float = 10.0  # how long a visitor waits for a free conduit before a 503
     grace_period: float = 10.0  # an agent that drops keeps its name this long to reconnect
+    lt_grace_period: float = 5.0  # an lt tunnel whose last pool socket went keeps its name this long
     max_connections_per_ip: int = 256  # concurrent visitor connections from one address
     grants: tuple[Grant, ...] = ()  # agent tokens; empty means anyone may register (an open relay)
     open_relay: bool = False  # knowingly run without tokens on a non-loopback address
