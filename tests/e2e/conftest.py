@@ -49,6 +49,8 @@ class Proc:
         self.name = name
         self.args = args
         full_env = dict(os.environ)
+        # the portway under test is this checkout's, whatever another editable install points at
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), full_env.get("PYTHONPATH")]))
         full_env.update(env or {})
         self.popen = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=cwd,

@@ -207,3 +207,18 @@ def test_visitor_sees_cut_short_response_when_agent_dies(tunnel):
     with pytest.raises((http.client.IncompleteRead, ConnectionError)):
         response.read()
     conn.close()
+
+
+def test_stopped_agent_frees_its_name_and_a_new_one_can_take_it(procs, tunnel):
+    relay, name, agent = tunnel
+    agent.kill(signal.SIGINT)
+    assert agent.popen.returncode == 0
+    second, second_name = start_agent(procs, relay, 9, name=name)
+    assert second_name == name
+
+
+def test_agent_that_lost_its_link_keeps_its_name_during_the_grace_period(procs, tunnel):
+    relay, name, agent = tunnel
+    agent.kill(signal.SIGKILL)
+    intruder = procs.start(PORTWAY + ["http", "9", "--relay", relay.url, "--name", name], "intruder")
+    assert intruder.wait_exit(20) != 0 and "in use" in intruder.output()

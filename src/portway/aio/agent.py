@@ -74,7 +74,13 @@ class Agent:
                 self.on_status(f"reconnected: {registered.url}")
             first = False
             delay = RECONNECT_MIN_DELAY
-            reason = await registered.session.closed
+            try:
+                reason = await registered.session.closed
+            except asyncio.CancelledError:
+                # stopping on purpose: say so, so the relay frees the name at once instead of holding it
+                registered.session.go_away()
+                registered.session.close()
+                raise
             self.on_status(f"link to relay lost ({reason}); reconnecting")
 
     async def register(self) -> Registered:

@@ -204,7 +204,10 @@ class Relay:
         log.info("tunnel %s offline: %s", name, reason_closed)
         if tunnel.session is session:
             tunnel.drop_idle()
-            self.registry.free_after(tunnel, self.config.grace_period)
+            if session.go_away_received:
+                self.registry.remove(tunnel)  # the agent stopped on purpose: its name is free now
+            else:
+                self.registry.free_after(tunnel, self.config.grace_period)
         return False
 
     def claim(self, *, token: str | None, peer_ip: str, requested: str | None,
