@@ -954,3 +954,13 @@ class HonestPeers(RuleBasedStateMachine):
 
 TestHonestPeers = HonestPeers.TestCase
 TestHonestPeers.settings = settings(max_examples=100, stateful_step_count=60, deadline=None)
+
+
+def test_buffers_to_send_hands_over_the_queued_frames_without_joining():
+    client = Mux(Role.CLIENT)
+    stream_id = client.open_stream()
+    payload = b"x" * 1000
+    client.send_data(stream_id, payload)
+    buffers = client.buffers_to_send()
+    assert len(buffers) >= 3 and b"".join(buffers).endswith(payload)
+    assert client.buffers_to_send() == [] and client.data_to_send() == b""

@@ -248,9 +248,9 @@ class MuxSession(asyncio.Protocol):
 
     def _flush_now(self) -> None:
         self._flush_scheduled = False
-        data = self.mux.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        buffers = self.mux.buffers_to_send()
+        if buffers and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(buffers)
 
     def go_away(self) -> None:
         self.mux.go_away(0)

@@ -546,6 +546,13 @@ class Mux:
         self._go_away_sent = True
         self._queue_header(FrameType.GO_AWAY, 0, 0, code)
 
+    def buffers_to_send(self) -> list[bytes | memoryview]:
+        """Everything queued for the peer since the last call, as separate buffers for a vectored write
+        (no copy of the payloads); the caller must write them before the payloads' owners change them."""
+        outbound = self._outbound
+        self._outbound = []
+        return outbound
+
     def data_to_send(self) -> bytes:
         """Everything queued for the peer since the last call, coalesced into one write."""
         outbound = self._outbound
