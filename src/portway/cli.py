@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     http = commands.add_parser("http", help="expose a local HTTP/WebSocket port through a relay")
     http.add_argument("port", type=int, help="local port to expose")
-    http.add_argument("--relay", default=os.environ.get("PORTWAY_RELAY"),
+    http.add_argument("--relay", default=os.environ.get("PORTWAY_RELAY") or None,
                       help="relay URL, e.g. https://relay.example.com (default: $PORTWAY_RELAY, "
                            "else an embedded relay on 127.0.0.1 with *.localhost names)")
     http.add_argument("--name", default=None, help="tunnel name (default: a random readable one)")

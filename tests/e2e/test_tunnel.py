@@ -135,14 +135,28 @@ def test_keep_alive_connection_routes_each_request_by_its_host(procs, relay):
     start_agent(procs, relay, second, name="two")
     conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
     answers = []
+    sockets = set()
     for name in ("one", "two", "one", "two"):
         conn.request("GET", "/name", headers={"Host": relay.host(name)})
         response = conn.getresponse()
         answers.append(response.read())
-    local_port = conn.sock.getsockname()[1]
+        sockets.add(conn.sock.getsockname())
     conn.close()
     assert answers == [b"first", b"second", b"first", b"second"]
-    assert local_port  # one connection carried all four
+    assert len(sockets) == 1  # one keep-alive connection carried all four
+
+
+def test_embedded_relay_when_no_relay_is_given(procs, origin):
+    env = {"PORTWAY_RELAY": ""}
+    agent = procs.start(PORTWAY + ["http", str(origin), "--name", "embedded"], "embedded agent", env=env)
+    match = agent.wait_for_line(r"^http://embedded\.localhost:(\d+)$")
+    port = int(match.group(1))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/", headers={"Host": f"embedded.localhost:{port}"})
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    assert (response.status, body) == (200, b"hello from origin")
 
 
 def test_unknown_host_gets_404_naming_it(relay):
