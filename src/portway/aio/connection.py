@@ -16,7 +16,44 @@ class ConduitReset(ConnectionError):
     """The other end aborted: whatever was in flight is lost and must be shown as lost."""
 
 
-class Connection(asyncio.Protocol):
+class ReceiveBuffer:
+    """Bytes that arrived and were not read yet, and a way to wait for more: shared by every conduit."""
+
+    __slots__ = ()
+    _chunks: deque[bytes]
+    _eof: bool
+    _reset: bool
+    _read_waiter: asyncio.Future[None] | None
+
+    def _wake_reader(self) -> None:
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._chunks
+
+    @property
+    def has_unread(self) -> bool:
+        return bool(self._chunks) or self._eof
+
+    async def _wait_readable(self, what: str) -> bool:
+        """True once a chunk is buffered, False at a clean end; raises ConduitReset after an abort."""
+        while not self._chunks:
+            if self._reset:
+                raise ConduitReset(f"{what} was reset")
+            if self._eof:
+                return False
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+        return True
+
+
+class Connection(ReceiveBuffer, asyncio.Protocol):
     HIGH_WATER = 512 * 1024
 
     def __init__(self) -> None:
@@ -78,32 +115,11 @@ class Connection(asyncio.Protocol):
         if self._write_waiter is not None and not self._write_waiter.done():
             self._write_waiter.set_result(None)
 
-    def _wake_reader(self) -> None:
-        waiter = self._read_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     # the conduit interface
-    @property
-    def at_eof(self) -> bool:
-        return self._eof and not self._chunks
-
-    @property
-    def has_unread(self) -> bool:
-        return bool(self._chunks) or self._eof
-
     async def read(self) -> bytes:
         """Everything that has arrived, or b"" at end of stream; raises ConduitReset on abort."""
-        while not self._chunks:
-            if self._eof:
-                if self._reset:
-                    raise ConduitReset("connection reset by peer")
-                return b""
-            self._read_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._read_waiter
-            finally:
-                self._read_waiter = None
+        if not await self._wait_readable("the connection"):
+            return b""
         return self.take_buffered()
 
     def take_buffered(self) -> bytes:

@@ -14,12 +14,12 @@ from typing import Awaitable, Callable
 from ..errors import MuxClosedError, ProtocolError
 from ..proto import events as ev
 from ..proto.mux import Mux, MuxConfig, Role
-from .connection import ConduitReset
+from .connection import ConduitReset, ReceiveBuffer
 
 log = logging.getLogger(__name__)
 
 
-class MuxStream:
+class MuxStream(ReceiveBuffer):
     """One multiplexed stream, read and written like a connection."""
 
     __slots__ = (
@@ -59,31 +59,10 @@ class MuxStream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _wake_reader(self) -> None:
-        waiter = self._read_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     # the conduit interface
-    @property
-    def at_eof(self) -> bool:
-        return self._eof and not self._chunks
-
-    @property
-    def has_unread(self) -> bool:
-        return bool(self._chunks) or self._eof
-
     async def read(self) -> bytes:
-        while not self._chunks:
-            if self._reset:
-                raise ConduitReset(f"stream {self.stream_id} was reset")
-            if self._eof:
-                return b""
-            self._read_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._read_waiter
-            finally:
-                self._read_waiter = None
+        if not await self._wait_readable(f"stream {self.stream_id}"):
+            return b""
         data = self._chunks.popleft()  # one frame's payload: joining them would copy every byte again
         if not self._closed:
             self.session.consumed(self.stream_id, len(data))
