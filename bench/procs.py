@@ -1,0 +1,303 @@
+"""Child processes for the benchmark, and a monitor of their memory and CPU.
+
+Every child runs in its own session (process group), writes its output to a log file in the
+run's temporary directory, and is killed by `Registry.kill_all()` (SIGTERM to the group, then
+SIGKILL), which `run.py` calls from a `finally` block, so Ctrl-C leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+class StartError(RuntimeError):
+    """A helper process could not be started or did not become ready."""
+
+
+class Proc:
+    def __init__(self, registry: "Registry", args: list[str], name: str, *, env: dict | None = None,
+                 cwd: str | Path | None = None) -> None:
+        self.name = name
+        self.args = args
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+        registry.started += 1
+        self.log_path = registry.logdir / f"{registry.started:03d}-{safe}.log"
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self._log = open(self.log_path, "wb")
+        try:
+            self.popen = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                env=full_env, cwd=cwd, start_new_session=True,
+            )
+        except OSError as exc:
+            self._log.close()
+            raise StartError(f"cannot start {name}: {exc}") from exc
+        registry.procs.append(self)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def tail(self, n: int = 15) -> str:
+        return "\n".join(self.output().splitlines()[-n:])
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        """Wait until the process prints a line matching `pattern`; the match is returned."""
+        regex = re.compile(pattern, re.M)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.output())
+            if match:
+                return match
+            if not self.alive():
+                match = regex.search(self.output())
+                if match:
+                    return match
+                raise StartError(f"{self.name} exited with status {self.popen.returncode} before printing "
+                                 f"{pattern!r}; its output:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise StartError(f"{self.name} did not print {pattern!r} within {timeout:.0f} s; "
+                                 f"its output:\n{self.tail()}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                self.popen.wait(3)
+            except subprocess.TimeoutExpired:
+                pass
+        # Whatever is left in the group (the leader may be gone while children linger) gets SIGKILL.
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+
+class Registry:
+    """All processes started by the benchmark, so they can all be killed at the end."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: list[Proc] = []
+        self.started = 0
+
+    def start(self, args: list[str], name: str, **kwargs) -> Proc:
+        return Proc(self, args, name, **kwargs)
+
+    def kill(self, procs: list[Proc]) -> None:
+        for proc in reversed(procs):
+            proc.kill()
+            if proc in self.procs:
+                self.procs.remove(proc)
+
+    def kill_all(self) -> None:
+        self.kill(list(self.procs))
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc readers
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                    out.extend(int(x) for x in fh.read().split())
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants that are alive now."""
+    seen = [pid]
+    i = 0
+    while i < len(seen):
+        seen.extend(c for c in _children(seen[i]) if c not in seen)
+        i += 1
+    return seen
+
+
+def read_status_kib(pid: int, key: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def read_cpu_ticks(pid: int) -> int | None:
+    """utime + stime of one process, in clock ticks."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(")") + 2:].split()
+    try:
+        return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+    except (IndexError, ValueError):
+        return None
+
+
+def reset_hwm(pid: int) -> bool:
+    """Reset a process's VmHWM (peak RSS) to its current RSS (Linux >= 4.0, same user or root)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# the monitor
+
+
+@dataclass
+class RoleStats:
+    """What the monitor knows about one role (relay, agent, lt, sshd...) in one phase."""
+
+    peak_rss_kib: int = 0
+    cpu_ticks: int = 0
+
+
+@dataclass
+class Role:
+    name: str
+    root_pid: int
+    # Last CPU tick count seen per pid in the tree (a pid that exits keeps its last value).
+    last_ticks: dict[int, int] = field(default_factory=dict)
+    hwm_reset_ok: bool = False
+    phases: dict[str, RoleStats] = field(default_factory=dict)
+    ticks_at_phase_start: int = 0
+
+    def total_ticks(self) -> int:
+        return sum(self.last_ticks.values())
+
+
+class Monitor:
+    """Samples RSS (sum over each role's process tree) and CPU time of the watched roles.
+
+    Peak RSS per phase is the larger of the sampled maximum and, for a single-process role, the
+    kernel's exact VmHWM (reset at every phase start through /proc/PID/clear_refs).
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.roles: dict[str, Role] = {}
+        self.phase = "setup"
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="monitor", daemon=True)
+        self._thread.start()
+
+    def watch(self, name: str, pid: int) -> None:
+        with self._lock:
+            role = Role(name, pid)
+            role.hwm_reset_ok = reset_hwm(pid)
+            role.phases[self.phase] = RoleStats()
+            self.roles[name] = role
+            self._sample_role(role)
+
+    def unwatch_all(self) -> dict[str, Role]:
+        with self._lock:
+            self._close_phase()
+            roles, self.roles = self.roles, {}
+            return roles
+
+    def set_phase(self, phase: str) -> None:
+        with self._lock:
+            self._close_phase()
+            self.phase = phase
+            for role in self.roles.values():
+                role.phases[phase] = RoleStats()
+                role.ticks_at_phase_start = role.total_ticks()
+                role.hwm_reset_ok = reset_hwm(role.root_pid)
+                self._sample_role(role)
+
+    def _close_phase(self) -> None:
+        for role in self.roles.values():
+            self._sample_role(role)
+            stats = role.phases.setdefault(self.phase, RoleStats())
+            tree = process_tree(role.root_pid)
+            if role.hwm_reset_ok and len(tree) == 1:
+                hwm = read_status_kib(role.root_pid, "VmHWM")
+                if hwm:
+                    stats.peak_rss_kib = max(stats.peak_rss_kib, hwm)
+            stats.cpu_ticks = role.total_ticks() - role.ticks_at_phase_start
+
+    def _sample_role(self, role: Role) -> None:
+        rss = 0
+        for pid in process_tree(role.root_pid):
+            kib = read_status_kib(pid, "VmRSS")
+            if kib:
+                rss += kib
+            ticks = read_cpu_ticks(pid)
+            if ticks is not None:
+                role.last_ticks[pid] = ticks
+        stats = role.phases.setdefault(self.phase, RoleStats())
+        stats.peak_rss_kib = max(stats.peak_rss_kib, rss)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                for role in self.roles.values():
+                    self._sample_role(role)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+def summarize(role: Role, streams_phase: str = "streams") -> dict:
+    """JSON-ready numbers for one role: per phase, overall, streams phase vs the rest."""
+    phases = {
+        name: {"peak_rss_mib": round(st.peak_rss_kib / 1024, 1), "cpu_s": round(st.cpu_ticks / CLK_TCK, 2)}
+        for name, st in role.phases.items()
+    }
+    rest = [st.peak_rss_kib for name, st in role.phases.items() if name != streams_phase]
+    streams = role.phases.get(streams_phase)
+    return {
+        "peak_rss_mib": round(max((st.peak_rss_kib for st in role.phases.values()), default=0) / 1024, 1),
+        "peak_rss_mib_rest": round(max(rest, default=0) / 1024, 1),
+        "peak_rss_mib_streams": round(streams.peak_rss_kib / 1024, 1) if streams else None,
+        "cpu_s": round(role.total_ticks() / CLK_TCK, 2),
+        "phases": phases,
+    }

@@ -1,0 +1,501 @@
+#!/usr/bin/env python3
+"""Portway benchmark: direct vs Portway vs localtunnel vs ssh -R, on loopback, in one run.
+
+    python3 bench/run.py [--quick] [--localtunnel-server DIR] [--json PATH]
+
+See bench/README.md for what is measured and what each column means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path as FsPath
+
+sys.path.insert(0, str(FsPath(__file__).resolve().parent))
+
+import loads  # noqa: E402
+import paths  # noqa: E402
+from procs import Monitor, Registry, StartError, summarize  # noqa: E402
+
+ROOT = FsPath(__file__).resolve().parents[1]
+DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
+
+PATH_ORDER = ["direct", "portway", "portway_lt", "localtunnel", "ssh"]
+PATH_TITLES = {
+    "direct": "direct",
+    "portway": "Portway",
+    "portway_lt": "Portway relay + lt",
+    "localtunnel": "lt server + lt",
+    "ssh": "ssh -R",
+}
+# Paths that run the many-streams case (one multiplexed link; lt has a pool of 10 sockets).
+STREAM_PATHS = {"direct", "portway", "ssh"}
+CONCURRENCY = [1, 10, 50, 200]
+
+
+def config_for(quick: bool) -> dict:
+    if quick:
+        return {"wrk_seconds": 2, "wrk_warmup_seconds": 1, "bulk_bytes": 20_000_000, "ws_rtt_seconds": 1.0,
+                "ws_bulk_messages": 20, "ws_bulk_window": 4, "streams": 100, "stream_ms": 2000,
+                "stream_bytes": 20_000, "bulk_deadline_s": 60}
+    return {"wrk_seconds": 5, "wrk_warmup_seconds": 1, "bulk_bytes": 200_000_000, "ws_rtt_seconds": 3.0,
+            "ws_bulk_messages": 100, "ws_bulk_window": 4, "streams": 1000, "stream_ms": 2000,
+            "stream_bytes": 20_000, "bulk_deadline_s": 120}
+
+
+# ---------------------------------------------------------------------------------------------
+# machine and versions
+
+
+def _cmd_version(args: list[str]) -> str | None:
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0].strip() if text else None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
+def machine_info() -> dict:
+    model = None
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kib = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    except OSError:
+        pass
+    return {"cpu_model": model, "cores": os.cpu_count(), "loadavg_start": _loadavg(), "mem_total_mib": mem_kib // 1024 if mem_kib else None,
+            "kernel": platform.release(), "platform": platform.platform()}
+
+
+def versions(lt_server_dir: str | None) -> dict:
+    from importlib import metadata
+
+    def pkg(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    def git(args, cwd):
+        try:
+            return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                                  timeout=10).stdout.strip() or None
+        except OSError:
+            return None
+
+    def node_pkg(p: FsPath):
+        try:
+            return json.loads(p.read_text())["version"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    info = {
+        "python": platform.python_version(),
+        "node": _cmd_version(["node", "--version"]),
+        "wrk": _cmd_version(["wrk", "-v"]),
+        "openssh": _cmd_version(["ssh", "-V"]),
+        "portway": pkg("portway"),
+        "portway_git": git(["describe", "--always", "--dirty"], ROOT),
+        "uvloop": pkg("uvloop"),
+        "websockets": pkg("websockets"),
+        "localtunnel_client": node_pkg(ROOT / "node_modules" / "localtunnel" / "package.json"),
+    }
+    if lt_server_dir:
+        d = FsPath(lt_server_dir)
+        info["localtunnel_server"] = node_pkg(d / "package.json")
+        info["localtunnel_server_git"] = git(["rev-parse", "--short", "HEAD"], d)
+        info["localtunnel_server_esm"] = node_pkg(d / "node_modules" / "esm" / "package.json")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# running one path
+
+
+def _short_error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, (loads.LoadError, StartError)) else str(exc)
+    return text.strip()[:600]
+
+
+def run_path(key: str, reg: Registry, mon: Monitor, origin, origin_port: int, cfg: dict, expected: dict,
+             args, out: dict) -> dict:
+    """Run every case over one path, filling `out` as it goes (so an interrupted run keeps what it got)."""
+    out.update({"title": PATH_TITLES[key], "cases": {}, "resources": {}, "notes": []})
+    t_start = time.monotonic()
+    try:
+        if key == "direct":
+            path = paths.setup_direct(reg, origin_port)
+        elif key == "portway":
+            path = paths.setup_portway(reg, origin_port)
+        elif key == "portway_lt":
+            path = paths.setup_portway_lt(reg, origin_port)
+        elif key == "localtunnel":
+            path = paths.setup_localtunnel(reg, origin_port, args.localtunnel_server)
+        elif key == "ssh":
+            path = paths.setup_ssh(reg, origin_port)
+        else:
+            raise ValueError(key)
+    except paths.Skip as exc:
+        out["skipped"] = str(exc)
+        print(f"  skipped: {exc}", flush=True)
+        return out
+    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+        out["error"] = _short_error(exc)
+        print(f"  setup failed: {out['error']}", flush=True)
+        return out
+
+    out["setup_s"] = round(time.monotonic() - t_start, 2)
+    out["target"] = {"connect": f"{path.target.ip}:{path.target.port}", "host": path.target.host}
+    out["roles"] = {role: path.role_labels[role] for role in path.roles}
+    try:
+        mon.set_phase("setup")
+        for role, proc in path.roles.items():
+            mon.watch(role, proc.pid)
+        mon.watch("origin", origin.pid)
+
+        def case(name: str, fn) -> None:
+            mon.set_phase(name)
+            t0 = time.monotonic()
+            try:
+                result = fn()
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - one failing case must not stop the run
+                result = {"error": _short_error(exc)}
+                if args.verbose:
+                    traceback.print_exc()
+            dead = [p.name for p in path.procs if not p.alive()]
+            if dead:
+                result.setdefault("error", "")
+                result["error"] = (result["error"] + f" (process exited: {', '.join(dead)})").strip()
+                for p in path.procs:
+                    if not p.alive():
+                        result.setdefault("process_output", {})[p.name] = p.tail(20)
+            result["wall_s"] = round(time.monotonic() - t0, 2)
+            out["cases"][name] = result
+            print(f"  {name:<12} {_brief(result)}", flush=True)
+
+        target = path.target
+        mon.set_phase("warmup")
+        try:
+            loads.run_wrk(target, 10, cfg["wrk_warmup_seconds"], reg)
+        except loads.LoadError:
+            pass
+        for c in CONCURRENCY:
+            case(f"get_c{c}", lambda c=c: loads.run_wrk(target, c, cfg["wrk_seconds"], reg))
+        case("download", lambda: loads.bulk_download(target, cfg["bulk_bytes"], "bench-down",
+                                                     expected["download"], cfg["bulk_deadline_s"]))
+        case("upload", lambda: loads.bulk_upload(target, cfg["bulk_bytes"], "bench-up", expected["upload"],
+                                                 cfg["bulk_deadline_s"]))
+        case("ws_rtt", lambda: loads.ws_round_trips(target, cfg["ws_rtt_seconds"]))
+        case("ws_1mib", lambda: loads.ws_bulk(target, cfg["ws_bulk_messages"], 1 << 20, cfg["ws_bulk_window"],
+                                              cfg["bulk_deadline_s"]))
+        if key in STREAM_PATHS:
+            case("streams", lambda: loads.many_streams(target, cfg["streams"], cfg["stream_ms"],
+                                                       cfg["stream_bytes"], expected["streams"]))
+        else:
+            out["notes"].append("many-streams case not run: lt multiplexes nothing (a pool of 10 sockets)")
+    finally:
+        roles = mon.unwatch_all()
+        for role, info in roles.items():
+            out["resources"][role] = summarize(info)
+        reg.kill(path.procs)
+        for fn in path.cleanup:
+            fn()
+    out["wall_s"] = round(time.monotonic() - t_start, 2)
+    return out
+
+
+def _brief(result: dict) -> str:
+    if "error" in result and len(result) <= 3:
+        return "ERROR " + result["error"][:200]
+    parts = []
+    for k in ("rps", "p50_ms", "p99_ms", "errors", "mb_s", "rtt_per_s", "ok", "failed", "peak_concurrent",
+              "seconds"):
+        if k in result:
+            parts.append(f"{k}={result[k]}")
+    if result.get("error"):
+        parts.append("ERROR " + result["error"][:200])
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+def _num(v: float) -> str:
+    if v >= 100:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def _ratio(v: float | None, base: float | None) -> str:
+    if v is None or not base:
+        return ""
+    return f" ({v / base:.2f}×)"
+
+
+def build_table(results: dict, cfg: dict) -> tuple[str, list[str]]:
+    keys = [k for k in PATH_ORDER if k in results["paths"]]
+    prs = results["paths"]
+    footnotes: list[str] = []
+
+    def cell_error(key: str, case: str) -> str | None:
+        p = prs[key]
+        if "skipped" in p:
+            return "skipped"
+        if "error" in p:
+            return "setup failed"
+        r = p["cases"].get(case)
+        if r is None:
+            return "n/a"
+        if r.get("error"):
+            footnotes.append(f"{PATH_TITLES[key]}, {case}: {r['error']}")
+            return f"error [{len(footnotes)}]"
+        return None
+
+    def metric_row(label: str, case: str, field: str, ratio: bool = True) -> list[str]:
+        base = prs.get("direct", {}).get("cases", {}).get(case, {}).get(field)
+        row = [label]
+        for k in keys:
+            err = cell_error(k, case)
+            if err:
+                row.append(err)
+                continue
+            v = prs[k]["cases"][case].get(field)
+            row.append(_num(v) + (_ratio(v, base) if ratio and k != "direct" else "") if v is not None else "")
+        return row
+
+    rows = []
+    for c in CONCURRENCY:
+        case = f"get_c{c}"
+        row = metric_row(f"GET req/s, {c} conn", case, "rps")
+        for i, k in enumerate(keys, 1):
+            r = prs[k].get("cases", {}).get(case) or {}
+            if r.get("errors"):
+                row[i] += f", {r['errors']:,} errors"
+        rows.append(row)
+        row = [f"GET p50 / p99 ms, {c} conn"]
+        for k in keys:
+            err = cell_error(k, case)
+            r = prs[k].get("cases", {}).get(case) or {}
+            row.append(err or f"{_num(r['p50_ms'])} / {_num(r['p99_ms'])}")
+        rows.append(row)
+    mb = cfg["bulk_bytes"] / 1e6
+    rows.append(metric_row(f"download {mb:g} MB, MB/s", "download", "mb_s"))
+    rows.append(metric_row(f"upload {mb:g} MB, MB/s", "upload", "mb_s"))
+    rows.append(metric_row("WebSocket round trips/s", "ws_rtt", "rtt_per_s"))
+    rows.append(metric_row("WebSocket 1 MiB messages, MB/s", "ws_1mib", "mb_s"))
+    row = [f"{cfg['streams']:,} slow streams: intact, s"]
+    for k in keys:
+        err = cell_error(k, "streams")
+        r = prs[k].get("cases", {}).get("streams") or {}
+        row.append(err or f"{r['ok']}/{r['streams']}, {_num(r['seconds'])} s")
+    rows.append(row)
+
+    def res_row(label: str, role: str, fmt) -> list[str]:
+        row = [label]
+        for k in keys:
+            res = prs[k].get("resources", {}).get(role)
+            row.append(fmt(res) if res else "–")
+        return row
+
+    def rss(res):
+        s = f"{res['peak_rss_mib_rest']:.0f}"
+        if res.get("peak_rss_mib_streams") is not None:
+            s += f" / {res['peak_rss_mib_streams']:.0f}"
+        return s
+
+    row = ["tunnel CPU µs/request, 50 conn"]
+    for k in keys:
+        r = prs[k].get("cases", {}).get("get_c50") or {}
+        res = prs[k].get("resources", {})
+        cpu = [res[role]["phases"].get("get_c50", {}).get("cpu_s") for role in ("server", "client") if role in res]
+        if not cpu or None in cpu or not r.get("requests"):
+            row.append("–")
+        else:
+            row.append(f"{sum(cpu) / r['requests'] * 1e6:.0f}")
+    rows.append(row)
+    rows.append(res_row("server peak RSS MiB (rest / streams)", "server", rss))
+    rows.append(res_row("client peak RSS MiB (rest / streams)", "client", rss))
+    rows.append(res_row("server CPU s", "server", lambda r: f"{r['cpu_s']:.1f}"))
+    rows.append(res_row("client CPU s", "client", lambda r: f"{r['cpu_s']:.1f}"))
+    rows.append(res_row("origin CPU s", "origin", lambda r: f"{r['cpu_s']:.1f}"))
+
+    header = ["case"] + [PATH_TITLES[k] for k in keys]
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+
+    def line(cells):
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in rows]
+    notes = []
+    for k in keys:
+        p = prs[k]
+        if "skipped" in p:
+            notes.append(f"{PATH_TITLES[k]}: skipped ({p['skipped']})")
+        elif "error" in p:
+            notes.append(f"{PATH_TITLES[k]}: setup failed: {p['error']}")
+        elif p.get("roles"):
+            notes.append(f"{PATH_TITLES[k]}: server = {p['roles'].get('server')}, "
+                         f"client = {p['roles'].get('client')}")
+        for n in p.get("notes", []):
+            notes.append(f"{PATH_TITLES[k]}: {n}")
+    notes += [f"[{i}] {f}" for i, f in enumerate(footnotes, 1)]
+    return "\n".join(out), notes
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Benchmark Portway against a direct connection, localtunnel "
+                                             "and ssh -R on loopback.")
+    ap.add_argument("--quick", action="store_true", help="short smoke run (2 s wrk, 20 MB, 100 streams)")
+    ap.add_argument("--localtunnel-server", metavar="DIR",
+                    help="checkout of localtunnel/server with node_modules installed (esm >= 3.2.25 on Node 20)")
+    ap.add_argument("--json", metavar="PATH", default=str(DEFAULT_JSON), help=f"results file (default {DEFAULT_JSON.relative_to(ROOT)})")
+    ap.add_argument("--paths", default=",".join(PATH_ORDER),
+                    help=f"comma-separated subset of {','.join(PATH_ORDER)} (default: all)")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the child processes' logs (path printed)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failing cases")
+    args = ap.parse_args(argv)
+
+    selected = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = [p for p in selected if p not in PATH_ORDER]
+    if unknown:
+        ap.error(f"unknown path(s): {', '.join(unknown)}")
+    if "direct" not in selected:
+        selected.insert(0, "direct")  # ratios need it
+    for tool in ("wrk", "node"):
+        if shutil.which(tool) is None:
+            print(f"error: {tool} is not installed (bash scripts/test.sh installs everything)", file=sys.stderr)
+            return 2
+
+    cfg = config_for(args.quick)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # children inherit it
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+    t_run = time.monotonic()
+    started = dt.datetime.now(dt.timezone.utc)
+    logdir = FsPath(tempfile.mkdtemp(prefix="portway-bench-"))
+    reg = Registry(logdir)
+    mon = Monitor()
+    results: dict = {
+        "date": started.isoformat(timespec="seconds"),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "quick": args.quick,
+        "machine": machine_info(),
+        "versions": versions(args.localtunnel_server),
+        "config": cfg,
+        "paths": {},
+    }
+    m = results["machine"]
+    print(f"Portway benchmark {'(quick) ' if args.quick else ''}on {m['cpu_model']}, {m['cores']} cores; "
+          f"logs in {logdir}", flush=True)
+    if m["loadavg_start"] and m["loadavg_start"][0] > 0.5:
+        print(f"note: load average is {m['loadavg_start'][0]:.2f} before the run: other work on this machine "
+              f"makes the numbers noisy", flush=True)
+    interrupted = False
+    try:
+        t0 = time.monotonic()
+        expected = {
+            "download": loads.payload.expected_sha256(cfg["bulk_bytes"], "bench-down"),
+            "upload": loads.payload.expected_sha256(cfg["bulk_bytes"], "bench-up"),
+            "streams": loads.expected_stream_hashes(cfg["streams"], cfg["stream_bytes"]),
+        }
+        print(f"expected hashes computed in {time.monotonic() - t0:.1f} s", flush=True)
+        origin, origin_port = paths.start_origin(reg)
+        origin_target = loads.Target("127.0.0.1", origin_port, f"127.0.0.1:{origin_port}")
+        status, _ = loads.http_get(origin_target, f"/warm?prefix=s&count={cfg['streams']}"
+                                                  f"&bytes={cfg['stream_bytes']}", timeout=60)
+        if status != 200:
+            raise RuntimeError(f"origin /warm answered {status}")
+        for key in PATH_ORDER:
+            if key not in selected:
+                continue
+            print(f"\n== {PATH_TITLES[key]}", flush=True)
+            results["paths"][key] = {}
+            run_path(key, reg, mon, origin, origin_port, cfg, expected, args, results["paths"][key])
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: stopping every process", file=sys.stderr, flush=True)
+    except Exception as exc:  # noqa: BLE001 - still write what was measured
+        results["fatal_error"] = _short_error(exc)
+        traceback.print_exc()
+    finally:
+        mon.stop()
+        reg.kill_all()
+        if not args.keep_logs:
+            shutil.rmtree(logdir, ignore_errors=True)
+    results["runtime_s"] = round(time.monotonic() - t_run, 1)
+    results["machine"]["loadavg_end"] = _loadavg()
+    results["interrupted"] = interrupted
+
+    table, notes = build_table(results, cfg)
+    results["table_markdown"] = table
+    results["table_notes"] = notes
+    out_path = FsPath(args.json)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=2) + "\n")
+
+    print()
+    print(f"Machine: {m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}; "
+          f"Python {results['versions']['python']}, Node {results['versions']['node']}, "
+          f"Portway {results['versions']['portway']} ({results['versions']['portway_git']})")
+    print(table)
+    print()
+    for n in notes:
+        print(f"- {n}")
+    print(f"\nJSON: {out_path}   total runtime: {results['runtime_s']:.0f} s"
+          + ("   (INTERRUPTED)" if interrupted else ""))
+    if args.keep_logs:
+        print(f"logs: {logdir}")
+    if results.get("fatal_error"):
+        print(f"FATAL: {results['fatal_error']}", file=sys.stderr)
+        return 1
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
