@@ -13,6 +13,7 @@ import sys
 from typing import Awaitable, Callable
 
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .auth import Grant, TokenFileError, hash_token, load_tokens_file
@@ -93,13 +94,13 @@ def main(argv: list[str] | None = None) -> None:
         try:
             config = relay_config(args)
         except (TokenFileError, ValueError) as error:
-            stderr.print(f"[red]error:[/] {error}")
+            stderr.print(f"[red]error:[/] {escape(str(error))}")
             sys.exit(2)
         sys.exit(_run(lambda: run_server(config)))
     try:
         config = agent_config(args)
     except ValueError as error:
-        stderr.print(f"[red]error:[/] {error}")
+        stderr.print(f"[red]error:[/] {escape(str(error))}")
         sys.exit(2)
     sys.exit(_run(lambda: run_http(config)))
 
@@ -161,10 +162,10 @@ async def run_server(config: RelayConfig) -> int:
     try:
         await relay.start()
     except InsecureConfiguration as error:
-        stderr.print(f"[red]error:[/] {error}")
+        stderr.print(f"[red]error:[/] {escape(str(error))}")
         return 2
     except OSError as error:
-        stderr.print(f"[red]error:[/] cannot listen on {config.bind}:{config.port}: {error.strerror or error}")
+        stderr.print(f"[red]error:[/] cannot listen on {config.bind}:{config.port}: {escape(str(error.strerror or error))}")
         return 1
     stderr.print(f"Portway relay on {config.bind}:{relay.port}; tunnels at {relay.public_url('NAME')}")
     print(f"listening on {config.bind}:{relay.port}", flush=True)
@@ -205,13 +206,13 @@ async def run_http(config: AgentConfig) -> int:
         print(url, flush=True)
 
     try:
-        agent = Agent(config, relay_url, on_url=show_url, on_status=lambda text: stderr.print(text))
+        agent = Agent(config, relay_url, on_url=show_url, on_status=lambda text: stderr.print(escape(text)))
         await agent.run()
     except ValueError as error:
-        stderr.print(f"[red]error:[/] {error}")
+        stderr.print(f"[red]error:[/] {escape(str(error))}")
         return 2
     except RegistrationError as error:
-        stderr.print(f"[red]error:[/] {error.message}")
+        stderr.print(f"[red]error:[/] {escape(error.message)}")
         return 1
     finally:
         if relay is not None:

@@ -106,9 +106,12 @@ class VisitorConnection:
             conn.close()
 
     def send_error(self, status: int, message: str, *, close: bool,
-                   extra_headers: list[tuple[str, str]] | None = None) -> None:
+                   extra_headers: list[tuple[str, str]] | None = None, head_only: bool = False) -> None:
+        response = error_response(status, message, close=close, extra_headers=extra_headers)
+        if head_only:  # the answer to HEAD has no body (RFC 9110 §9.3.2); one would desync the visitor
+            response = response[: response.index(b"\r\n\r\n") + 4]
         try:
-            self.conn.write(error_response(status, message, close=close, extra_headers=extra_headers))
+            self.conn.write(response)
         except ConduitReset:
             pass
 
@@ -153,7 +156,7 @@ class VisitorConnection:
         keep = head.keep_alive and small_body and head.upgrade is None
         if keep:
             keep = await self.skip_body(head)
-        self.send_error(status, message, close=not keep, extra_headers=extra_headers)
+        self.send_error(status, message, close=not keep, extra_headers=extra_headers, head_only=head.method == "HEAD")
         return keep
 
     async def exchange(self, head: RequestHead, tunnel) -> bool:

@@ -67,9 +67,11 @@ class Relay:
             self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self.ssl_context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
         loop = asyncio.get_running_loop()
+        # a handshake that never completes is a slowloris the per-address limit can't count yet: bound it like a head
+        handshake = {"ssl_handshake_timeout": self.config.head_timeout} if self.ssl_context is not None else {}
         self.server = await loop.create_server(
             self._new_connection, self.config.bind, self.config.port, ssl=self.ssl_context,
-            reuse_address=True, backlog=1024,
+            reuse_address=True, backlog=1024, **handshake,
         )
         self.port = self.server.sockets[0].getsockname()[1]
 

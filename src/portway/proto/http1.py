@@ -363,7 +363,8 @@ def encode_request_head(
     """The request head as the origin receives it: hop-by-hop headers replaced, X-Forwarded-* set."""
     lines = [f"{head.method} ".encode("ascii") + head.target + b" HTTP/1.1"]
     for key, value in head.headers:
-        lowered = key.lower()
+        # CGI/WSGI servers fold `_` into `-`: `X_Forwarded_For` or `Transfer_Encoding` must not get through either
+        lowered = key.lower().replace(b"_", b"-")
         if lowered in HOP_BY_HOP or lowered in FORWARDED_HEADERS:
             continue
         lines.append(key + b": " + value)
