@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds an idle keep-alive visitor connection is kept (default 75)")
     server.add_argument("--max-connections-per-ip", type=int, default=256,
                         help="concurrent visitor connections allowed from one address (default 256)")
+    server.add_argument("--response-timeout", type=float, default=120.0,
+                        help="seconds the origin may take to start its answer before a 504 (default 120)")
     server.add_argument("--pool-wait-timeout", type=float, default=10.0,
                         help="seconds a visitor waits for a free lt pool socket before a 503 (default 10)")
     server.add_argument("--lt-grace-period", type=float, default=5.0,
@@ -116,7 +118,7 @@ def relay_config(args: argparse.Namespace) -> RelayConfig:
                        grace_period=args.grace_period, grants=tuple(grants), open_relay=args.open,
                        tls_cert=args.tls_cert, tls_key=args.tls_key, head_timeout=args.head_timeout,
                        idle_timeout=args.idle_timeout, max_connections_per_ip=args.max_connections_per_ip,
-                       pool_wait_timeout=args.pool_wait_timeout, lt_grace_period=args.lt_grace_period)
+                       pool_wait_timeout=args.pool_wait_timeout, response_timeout=args.response_timeout, lt_grace_period=args.lt_grace_period)
 
 
 def agent_config(args: argparse.Namespace) -> AgentConfig:

@@ -236,3 +236,11 @@ def test_agent_that_lost_its_link_keeps_its_name_during_the_grace_period(procs, 
     agent.kill(signal.SIGKILL)
     intruder = procs.start(PORTWAY + ["http", "9", "--relay", relay.url, "--name", name], "intruder")
     assert intruder.wait_exit(20) != 0 and "in use" in intruder.output()
+
+
+def test_origin_that_never_answers_gives_504(procs, origin):
+    relay = start_relay(procs, "--response-timeout", "1")
+    start_agent(procs, relay, origin, name="mute")
+    status, _, body = request(relay, "mute", path="/slow?ms=100&bytes=10&delay=3000", timeout=10)
+    assert status == 504 and b"did not answer" in body
+    assert request(relay, "mute")[0] == 200  # the tunnel itself is fine

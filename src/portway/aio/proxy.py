@@ -253,13 +253,26 @@ class VisitorConnection:
         chunked_out = False
         keep_alive = False
         received_any = False
+        timeout = self.relay.config.response_timeout
+        timed_out = False
+
+        def give_up() -> None:
+            nonlocal timed_out
+            timed_out = True
+            conduit.abort()
+
+        deadline = self.loop.call_later(timeout, give_up)
         while True:
             try:
                 data = await conduit.read()
                 received_any = received_any or bool(data)
                 events = parser.feed(data) if data else parser.feed_eof()
             except (ConduitReset, HttpError) as error:
+                deadline.cancel()
                 if not sent_head:
+                    if timed_out:
+                        self.send_error(504, f"The origin did not answer within {timeout:g} s.", close=True)
+                        raise CloseAfterResponse from None
                     if may_retry and not received_any:
                         raise _RetryOnFreshConduit from None
                     status = error.status if isinstance(error, HttpError) else 502
@@ -291,6 +304,7 @@ class VisitorConnection:
                     chunked_out = framing is BodyFraming.CHUNKED
                     conn.write(http1.encode_response_head(event, framing=framing, keep_alive=keep_alive))
                     sent_head = True
+                    deadline.cancel()
                 elif isinstance(event, Switched):
                     return event
             try:

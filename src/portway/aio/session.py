@@ -125,6 +125,8 @@ class MuxStream(ReceiveBuffer):
         if self._closed:
             return
         self._reset = True
+        self._wake_reader()
+        self._on_window()
         try:
             self.session.mux.reset_stream(self.stream_id)
         except (KeyError, MuxClosedError, ProtocolError):
