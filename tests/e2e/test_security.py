@@ -570,6 +570,12 @@ def test_foreign_host_gets_404_naming_it_and_never_a_tunnel(world, host, named):
     assert {name: len(origin.requests()) for name, origin in world.origins.items()} == before
 
 
+def test_reflected_host_is_escaped_on_the_404_page(world):
+    response = get(world.port, '<script>alert(1)</script>"x.pw.test', "/SMUGGLED")
+    assert response.status == 404 and b"<script>" not in response.body and b"&lt;script&gt;" in response.body
+    assert (response.header("Content-Type") or "").startswith("text/html")
+
+
 NORMALISED = [
     ("upper-case", "ALPHA.PW.TEST:{port}"),
     ("trailing-dot", "alpha.pw.test.:{port}"),

@@ -404,6 +404,8 @@ def encode_response_head(head: ResponseHead, *, framing: BodyFraming, keep_alive
 
 
 def encode_chunk(data: bytes) -> bytes:
+    if not data:  # a zero-size chunk is the last chunk: an empty Body must not end the message early
+        return b""
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
