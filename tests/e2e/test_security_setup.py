@@ -348,3 +348,44 @@ def test_registration_json_errors_are_json(procs):
     assert link.status == 401 and json.loads(json.dumps({"message": link.message}))["message"]
     assert re.search(r"token", link.message)
     link.close()
+
+
+# =============================================================================================== a hostile relay
+
+def test_agent_survives_a_relay_that_opens_and_resets_a_stream_at_once(procs, origin):
+    """The agent trusts its relay, but not to the point of crashing: a stream opened and reset in the same frame
+    (or the same read) is legal, and the link must go on serving the next stream."""
+    from .test_security import ACK, DATA, HEADER, RST, SYN, WINDOW_UPDATE, data_frame, frame
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(ANSWER_TIMEOUT)
+        port = server.getsockname()[1]
+        agent = procs.start(PORTWAY + ["http", str(origin.port), "--relay", f"http://127.0.0.1:{port}",
+                                       "--name", "victim"], "agent")
+        link, _ = server.accept()
+        with link:
+            link.settimeout(ANSWER_TIMEOUT)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += link.recv(4096)
+            link.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: portway-mux\r\nConnection: Upgrade\r\n"
+                         b"Portway-Name: victim\r\nPortway-Url: http://victim.pw.test:1\r\nPortway-Resume: k\r\n\r\n")
+            agent.wait_for_line(r"http://victim\.pw\.test:1")
+            link.sendall(frame(WINDOW_UPDATE, SYN | RST, 2, 0)
+                         + frame(WINDOW_UPDATE, SYN, 4, 0) + frame(WINDOW_UPDATE, RST, 4, 0))
+            link.sendall(frame(WINDOW_UPDATE, SYN, 6, 0)
+                         + data_frame(6, b"GET /after-reset HTTP/1.1\r\nHost: victim.pw.test\r\n\r\n"))
+            received = b""
+            deadline = time.monotonic() + ANSWER_TIMEOUT
+            while b"origin GET /after-reset" not in received:
+                assert time.monotonic() < deadline, f"no answer on stream 6: {received[-200:]!r}"
+                data = link.recv(65536)
+                assert data, f"the agent dropped the link:\n{agent.output()}"
+                received += data
+    kinds = set()
+    while len(received) >= HEADER.size:
+        _, kind, flags, stream_id, length = HEADER.unpack_from(received)
+        kinds.add((kind, stream_id, flags & ACK))
+        received = received[HEADER.size + (length if kind == DATA else 0):]
+    assert (WINDOW_UPDATE, 6, ACK) in kinds
+    assert_clean_log(agent)

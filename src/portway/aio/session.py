@@ -280,7 +280,10 @@ class MuxSession(asyncio.Protocol):
         if self._on_stream is None:
             self.mux.reset_stream(stream_id)
             return
-        self.mux.accept_stream(stream_id)
+        try:
+            self.mux.accept_stream(stream_id)
+        except KeyError:
+            return  # opened and reset in the same read (legal): there is nothing left to serve
         stream = MuxStream(self, stream_id)
         self.streams[stream_id] = stream
         task = self.loop.create_task(self._on_stream(stream))
