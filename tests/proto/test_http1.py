@@ -184,3 +184,19 @@ def test_length_body_overrun_is_a_bad_gateway():
     with pytest.raises(HttpError) as caught:
         parser.feed(b"cdEXTRA")
     assert caught.value.status == 502
+
+
+def test_headers_named_in_connection_are_not_forwarded():
+    (head, _) = feed_all_ways(
+        b"GET / HTTP/1.1\r\nHost: a.x\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nX-Kept: 2\r\n\r\n"
+    )
+    wire = http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="http")
+    assert b"X-Secret" not in wire and b"X-Kept: 2" in wire
+
+
+def test_tunnel_credentials_are_not_forwarded_when_the_relay_consumed_them():
+    (head, _) = feed_all_ways(b"GET / HTTP/1.1\r\nHost: a.x\r\nAuthorization: Basic dTpw\r\n\r\n")
+    assert b"Authorization" in http1.encode_request_head(head, peer_ip="1.2.3.4", scheme="http")
+    assert b"Authorization" not in http1.encode_request_head(
+        head, peer_ip="1.2.3.4", scheme="http", drop_authorization=True
+    )

@@ -107,8 +107,12 @@ class VisitorConnection:
 
     def send_error(self, status: int, message: str, *, close: bool,
                    extra_headers: list[tuple[str, str]] | None = None, head_only: bool = False) -> None:
-        response = error_response(status, message, close=close, extra_headers=extra_headers)
-        if head_only:  # the answer to HEAD has no body (RFC 9110 §9.3.2); one would desync the visitor
+        self.send(error_response(status, message, close=close, extra_headers=extra_headers), head_only=head_only)
+
+    def send(self, response: bytes, *, head_only: bool = False) -> None:
+        """Write a response the relay made itself; `head_only` for HEAD, whose answer has no body
+        (RFC 9110 §9.3.2): a body there would desync the visitor's next response."""
+        if head_only:
             response = response[: response.index(b"\r\n\r\n") + 4]
         try:
             self.conn.write(response)
@@ -161,7 +165,10 @@ class VisitorConnection:
 
     async def exchange(self, head: RequestHead, tunnel) -> bool:
         relay = self.relay
-        request_bytes = http1.encode_request_head(head, peer_ip=self.conn.peer_ip, scheme=self.scheme)
+        request_bytes = http1.encode_request_head(
+            head, peer_ip=self.conn.peer_ip, scheme=self.scheme,
+            drop_authorization=tunnel.access.basic_auth is not None,
+        )
         retry_allowed = head.framing is BodyFraming.NONE and head.upgrade is None
         request_complete: bool | None = None
         while True:

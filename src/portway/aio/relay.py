@@ -128,12 +128,14 @@ class Relay:
             visitor.send_error(400, "unexpected request body", close=True)
             return False
         if path == "/api/status":
-            visitor.conn.write(json_response(200, self.status()))
+            visitor.send(json_response(200, self.status()), head_only=head.method == "HEAD")
         elif path == "/" or path == "":
             suffix = self.public_url().split(self.config.domain, 1)[1]
-            visitor.conn.write(landing_page(self.config.domain, suffix, len(self.registry.tunnels)))
+            visitor.send(landing_page(self.config.domain, suffix, len(self.registry.tunnels)),
+                         head_only=head.method == "HEAD")
         else:
-            visitor.send_error(404, f"Nothing is served at {path} on this relay.", close=False)
+            visitor.send_error(404, f"Nothing is served at {path} on this relay.", close=False,
+                               head_only=head.method == "HEAD")
         return head.keep_alive
 
     def status(self) -> dict:

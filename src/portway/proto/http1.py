@@ -179,6 +179,10 @@ class RequestParser:
         method = parser.get_method().decode("ascii")
         if method == "CONNECT":
             raise HttpError(405, "CONNECT is not supported by this relay")
+        if parser.get_http_version() not in ("1.0", "1.1"):
+            raise HttpError(400, "only HTTP/1.0 and HTTP/1.1 requests are served")
+        if sum(1 for key, _ in self._headers if key.lower() == b"transfer-encoding") > 1:
+            raise HttpError(400, "the request has more than one Transfer-Encoding header")
         hosts = [value for key, value in self._headers if key.lower() == b"host"]
         if not hosts:
             raise HttpError(400, "the request has no Host header")
@@ -357,15 +361,32 @@ class _HeadResponseDone(Exception):
     """Stops llhttp after the head of a response to HEAD; never escapes this module."""
 
 
+def _named_in_connection(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Headers the visitor declared hop-by-hop by listing them in `Connection` (RFC 9110 §7.6.1)."""
+    named: set[bytes] = set()
+    for key, value in headers:
+        if key.lower() == b"connection":
+            named.update(token.strip().lower().replace(b"_", b"-") for token in value.split(b","))
+    named.discard(b"")
+    return frozenset(named)
+
+
 def encode_request_head(
-    head: RequestHead, *, peer_ip: str, scheme: str, connection: bytes = b"keep-alive"
+    head: RequestHead, *, peer_ip: str, scheme: str, connection: bytes = b"keep-alive",
+    drop_authorization: bool = False,
 ) -> bytes:
-    """The request head as the origin receives it: hop-by-hop headers replaced, X-Forwarded-* set."""
+    """The request head as the origin receives it: hop-by-hop headers replaced, X-Forwarded-* set.
+
+    `drop_authorization` keeps the relay's own visitor credentials (tunnel basic auth) from the origin.
+    """
     lines = [f"{head.method} ".encode("ascii") + head.target + b" HTTP/1.1"]
+    also_drop = _named_in_connection(head.headers)
+    if drop_authorization:
+        also_drop |= {b"authorization"}
     for key, value in head.headers:
         # CGI/WSGI servers fold `_` into `-`: `X_Forwarded_For` or `Transfer_Encoding` must not get through either
         lowered = key.lower().replace(b"_", b"-")
-        if lowered in HOP_BY_HOP or lowered in FORWARDED_HEADERS:
+        if lowered in HOP_BY_HOP or lowered in FORWARDED_HEADERS or lowered in also_drop:
             continue
         lines.append(key + b": " + value)
     if head.framing is BodyFraming.LENGTH:
