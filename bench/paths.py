@@ -65,9 +65,29 @@ def setup_direct(reg: Registry, origin_port: int) -> Path:
     return path
 
 
+# Every visitor of the benchmark comes from 127.0.0.1, so the relay's per-address cap on concurrent
+# visitor connections (a defence, default 256) would turn most of the 1,000 streams into 429s.
+VISITOR_CAP = 4096
+_relay_help: str | None = None
+
+
+def _relay_extra_args() -> list[str]:
+    global _relay_help
+    if _relay_help is None:
+        try:
+            _relay_help = subprocess.run(PORTWAY + ["server", "--help"], capture_output=True, text=True,
+                                         timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            _relay_help = ""
+    if "--max-connections-per-ip" in _relay_help:
+        return ["--max-connections-per-ip", str(VISITOR_CAP)]
+    return []
+
+
 def _start_relay(reg: Registry, label: str) -> tuple[Proc, int]:
     port = free_port()
-    relay = reg.start(PORTWAY + ["server", "--port", str(port), "--domain", "localhost"], label)
+    relay = reg.start(PORTWAY + ["server", "--port", str(port), "--domain", "localhost",
+                                 *_relay_extra_args()], label)
     relay.wait_for(r"listening on", 20)
     return relay, port
 

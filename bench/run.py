@@ -51,7 +51,7 @@ def config_for(quick: bool) -> dict:
         return {"wrk_seconds": 2, "wrk_warmup_seconds": 1, "bulk_bytes": 20_000_000, "ws_rtt_seconds": 1.0,
                 "ws_bulk_messages": 20, "ws_bulk_window": 4, "streams": 100, "stream_ms": 2000,
                 "stream_bytes": 20_000, "bulk_deadline_s": 60}
-    return {"wrk_seconds": 5, "wrk_warmup_seconds": 1, "bulk_bytes": 200_000_000, "ws_rtt_seconds": 3.0,
+    return {"wrk_seconds": 8, "wrk_warmup_seconds": 1, "bulk_bytes": 200_000_000, "ws_rtt_seconds": 3.0,
             "ws_bulk_messages": 100, "ws_bulk_window": 4, "streams": 1000, "stream_ms": 2000,
             "stream_bytes": 20_000, "bulk_deadline_s": 120}
 
