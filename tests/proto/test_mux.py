@@ -80,7 +80,7 @@ def received_bytes(events: list) -> int:
 
 def test_config_defaults() -> None:
     config = MuxConfig()
-    assert (config.initial_window, config.max_window, config.max_frame_size) == (256 * KiB, 16 * MiB, 64 * KiB)
+    assert (config.initial_window, config.max_window, config.max_frame_size) == (256 * KiB, 4 * MiB, 64 * KiB)
     assert (config.accept_backlog, config.max_streams, config.max_control_frames_per_second) == (256, 4096, 2000)
     assert (config.keepalive_interval, config.keepalive_timeout) == (30.0, 10.0)
 
@@ -964,3 +964,23 @@ def test_buffers_to_send_hands_over_the_queued_frames_without_joining():
     buffers = client.buffers_to_send()
     assert len(buffers) >= 3 and b"".join(buffers).endswith(payload)
     assert client.buffers_to_send() == [] and client.data_to_send() == b""
+
+
+def test_resetting_streams_after_a_full_exchange_is_not_a_flood():
+    """A relay trimming its keep-alive pool resets answered streams at request rate; that must not kill the link."""
+    f = FrameFactory()
+    agent = Mux(Role.CLIENT)
+    for stream_id in range(2, 2 + 2 * 3000, 2):
+        agent.receive_data(f.syn(stream_id) + f.data(stream_id, b"GET"), 0.5)
+        agent.accept_stream(stream_id)
+        agent.send_data(stream_id, b"200 OK")
+        agent.receive_data(f.rst(stream_id), 0.5)
+    assert not agent.is_closed
+
+
+def test_rapid_reset_of_unanswered_streams_is_still_a_flood():
+    f = FrameFactory()
+    agent = Mux(Role.CLIENT)
+    with pytest.raises(ProtocolError):
+        for stream_id in range(2, 2 + 2 * 3000, 2):
+            agent.receive_data(f.syn(stream_id) + f.rst(stream_id), 0.5)

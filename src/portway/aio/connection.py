@@ -20,6 +20,7 @@ class ReceiveBuffer:
     """Bytes that arrived and were not read yet, and a way to wait for more: shared by every conduit."""
 
     __slots__ = ()
+    _loop: asyncio.AbstractEventLoop
     _chunks: deque[bytes]
     _eof: bool
     _reset: bool
@@ -45,7 +46,7 @@ class ReceiveBuffer:
                 raise ConduitReset(f"{what} was reset")
             if self._eof:
                 return False
-            self._read_waiter = asyncio.get_running_loop().create_future()
+            self._read_waiter = self._loop.create_future()
             try:
                 await self._read_waiter
             finally:
@@ -68,7 +69,8 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
         self._write_waiter: asyncio.Future[None] | None = None
         self._writing_paused = False
         self.peer_ip = ""
-        self.closed = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()  # looked up once: get_running_loop costs a getpid() per call
+        self.closed = self._loop.create_future()
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -137,11 +139,16 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
             raise ConduitReset("connection already closed")
         self.transport.write(data)
 
+    def writelines(self, buffers: list[bytes]) -> None:
+        if self._lost or self.transport is None:
+            raise ConduitReset("connection already closed")
+        self.transport.writelines(buffers)
+
     async def drain(self) -> None:
         if self._lost:
             raise ConduitReset("connection already closed")
         if self._writing_paused:
-            self._write_waiter = asyncio.get_running_loop().create_future()
+            self._write_waiter = self._loop.create_future()
             try:
                 await self._write_waiter
             finally:

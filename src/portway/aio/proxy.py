@@ -289,31 +289,39 @@ class VisitorConnection:
                     raise CloseAfterResponse from None
                 conn.abort()  # mid-body: the visitor must see the answer as cut short
                 raise CloseAfterResponse from None
-            for event in events:
-                if isinstance(event, Body):
-                    conn.write(http1.encode_chunk(event.data) if chunked_out else event.data)
-                elif event is MESSAGE_END:
-                    if chunked_out:
-                        conn.write(http1.LAST_CHUNK)
-                    return keep_alive
-                elif isinstance(event, ResponseHead):
-                    if event.informational:
-                        conn.write(http1.encode_response_head(event, framing=BodyFraming.NONE, keep_alive=True))
-                        continue
-                    framing = event.framing
-                    if event.status == 101:
-                        keep_alive = False
-                    elif framing is BodyFraming.UNTIL_CLOSE and request.http_version == "1.1":
-                        framing = BodyFraming.CHUNKED
-                        keep_alive = request.keep_alive
-                    else:
-                        keep_alive = event.keep_alive and request.keep_alive
-                    chunked_out = framing is BodyFraming.CHUNKED
-                    conn.write(http1.encode_response_head(event, framing=framing, keep_alive=keep_alive))
-                    sent_head = True
-                    deadline.cancel()
-                elif isinstance(event, Switched):
-                    return event
+            out: list[bytes] = []  # one write per read from the conduit: head and body leave together
+            try:
+                for event in events:
+                    if isinstance(event, Body):
+                        out.append(http1.encode_chunk(event.data) if chunked_out else event.data)
+                    elif event is MESSAGE_END:
+                        if chunked_out:
+                            out.append(http1.LAST_CHUNK)
+                        return keep_alive
+                    elif isinstance(event, ResponseHead):
+                        if event.informational:
+                            out.append(http1.encode_response_head(event, framing=BodyFraming.NONE, keep_alive=True))
+                            continue
+                        framing = event.framing
+                        if event.status == 101:
+                            keep_alive = False
+                        elif framing is BodyFraming.UNTIL_CLOSE and request.http_version == "1.1":
+                            framing = BodyFraming.CHUNKED
+                            keep_alive = request.keep_alive
+                        else:
+                            keep_alive = event.keep_alive and request.keep_alive
+                        chunked_out = framing is BodyFraming.CHUNKED
+                        out.append(http1.encode_response_head(event, framing=framing, keep_alive=keep_alive))
+                        sent_head = True
+                        deadline.cancel()
+                    elif isinstance(event, Switched):
+                        return event
+            finally:
+                if out:
+                    try:
+                        conn.writelines(out)
+                    except ConduitReset:
+                        raise VisitorGone from None
             try:
                 await conn.drain()
             except ConduitReset:

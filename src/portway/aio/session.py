@@ -23,12 +23,13 @@ class MuxStream(ReceiveBuffer):
     """One multiplexed stream, read and written like a connection."""
 
     __slots__ = (
-        "session", "stream_id", "_chunks", "_eof", "_reset", "_read_waiter", "_window_waiter",
+        "session", "_loop", "stream_id", "_chunks", "_eof", "_reset", "_read_waiter", "_window_waiter",
         "_local_ended", "_closed",
     )
 
     def __init__(self, session: "MuxSession", stream_id: int) -> None:
         self.session = session
+        self._loop = session.loop
         self.stream_id = stream_id
         self._chunks: deque[bytes] = deque()
         self._eof = False
@@ -82,7 +83,7 @@ class MuxStream(ReceiveBuffer):
             if sent == len(view):
                 break
             view = view[sent:]
-            self._window_waiter = asyncio.get_running_loop().create_future()
+            self._window_waiter = self._loop.create_future()
             try:
                 await self._window_waiter
             finally:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from ..errors import HttpError, MuxClosedError
 from .session import MuxSession
 
-IDLE_CONDUITS_PER_TUNNEL = 64
+IDLE_CONDUITS_PER_TUNNEL = 256
 
 
 @dataclass

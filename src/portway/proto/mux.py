@@ -82,7 +82,7 @@ class MuxConfig:
     initial_window: int = 256 * 1024
     """Receive window granted to each new stream; at least the protocol's 256 KiB base (it is announced as an
     increase in the SYN or ACK, and a window can't be announced smaller)."""
-    max_window: int = 16 * 1024 * 1024
+    max_window: int = 4 * 1024 * 1024  # 4 MiB per stream fills ~300 Mbit/s at 100 ms RTT, and bounds memory
     """Ceiling for a stream's receive window as auto-growth doubles it for fast readers."""
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     """Largest DATA payload we send and accept; both ends of a link must agree on it."""
@@ -193,6 +193,7 @@ class _Stream:
         "unannounced",
         "epoch_started_at",
         "epoch_consumed",
+        "sent_any",
     )
 
     def __init__(self, receive_window: int, epoch_started_at: float) -> None:
@@ -204,6 +205,7 @@ class _Stream:
         self.receive_remaining = INITIAL_STREAM_WINDOW
         self.unacknowledged = 0
         self.unannounced = receive_window - INITIAL_STREAM_WINDOW
+        self.sent_any = False  # a stream we answered on did real work; resetting it is no flood
         # Window auto-growth measures how long the application takes to consume a full window ("epoch").
         self.epoch_started_at = epoch_started_at
         self.epoch_consumed = 0
@@ -323,7 +325,9 @@ class Mux:
             if frame_type is _WINDOW_UPDATE or flags or not length:
                 self._count_control_frame(now)
             return
-        elif flags & _RST or not (flags or length):
+        elif (flags & _RST and not stream.sent_any) or not (flags or length):
+            # "rapid reset" opens and resets streams that cost us work but got no answer; a peer closing a
+            # stream after a full exchange (a relay trimming its keep-alive pool) is ordinary traffic
             self._count_control_frame(now)
         if flags & _ACK:
             self._transition(stream_id, stream, _I.RECV_ACK)
@@ -459,6 +463,7 @@ class Mux:
             outbound.append(_pack_header(PROTOCOL_VERSION, _DATA, fin if last else 0, stream_id, len(chunk)))
             outbound.append(chunk)
         stream.send_window -= accepted
+        stream.sent_any = True
         if fin:
             self._transition(stream_id, stream, _I.SEND_FIN)
         return accepted
