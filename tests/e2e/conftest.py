@@ -191,3 +191,20 @@ def relay(procs) -> Relay:
 @pytest.fixture
 def origin(procs) -> int:
     return start_origin(procs)
+
+
+def assert_cut_short_when_killed(relay: Relay, name: str, proc: Proc) -> None:
+    """Start a slow 1 MB download, kill `proc` mid-body: the visitor must see the answer cut short."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
+    try:
+        conn.request("GET", "/slow?ms=5000&bytes=1000000", headers={"Host": relay.host(name)})
+        response = conn.getresponse()
+        assert response.status == 200
+        response.read(1)
+        proc.kill(signal.SIGKILL)
+        with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+            response.read()
+    finally:
+        conn.close()

@@ -19,6 +19,7 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 from .conftest import (
+    assert_cut_short_when_killed,
     NODE_MODULES, PORTWAY, require_node_tools, start_agent, start_origin, start_relay, wait_until,
 )
 from .payload import expected_sha256
@@ -239,15 +240,7 @@ def test_same_client_gets_its_name_back_within_the_grace_period(procs, forwstest
 
 def test_visitor_sees_a_cut_short_response_when_lt_dies(forwstest):
     relay, name, proc = forwstest
-    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
-    conn.request("GET", "/slow?ms=5000&bytes=1000000", headers={"Host": relay.host(name)})
-    response = conn.getresponse()
-    assert response.status == 200
-    response.read(1)
-    proc.kill(signal.SIGKILL)
-    with pytest.raises((http.client.IncompleteRead, ConnectionError)):
-        response.read()
-    conn.close()
+    assert_cut_short_when_killed(relay, name, proc)
 
 
 def test_name_taken_by_an_agent_is_reported_by_lt(procs, relay, origin):

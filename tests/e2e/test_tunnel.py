@@ -14,7 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from .conftest import PORTWAY, free_port, start_agent, start_origin, start_relay, wait_until
+from .conftest import (
+    PORTWAY,
+    assert_cut_short_when_killed,
+    free_port,
+    start_agent,
+    start_origin,
+    start_relay,
+    wait_until,
+)
 from .payload import expected_sha256
 
 
@@ -212,15 +220,7 @@ def test_agent_killed_gives_502_within_a_second(tunnel):
 
 def test_visitor_sees_cut_short_response_when_agent_dies(tunnel):
     relay, name, agent = tunnel
-    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
-    conn.request("GET", "/slow?ms=5000&bytes=1000000", headers={"Host": relay.host(name)})
-    response = conn.getresponse()
-    assert response.status == 200
-    response.read(1)
-    agent.kill(signal.SIGKILL)
-    with pytest.raises((http.client.IncompleteRead, ConnectionError)):
-        response.read()
-    conn.close()
+    assert_cut_short_when_killed(relay, name, agent)
 
 
 def test_stopped_agent_frees_its_name_and_a_new_one_can_take_it(procs, tunnel):

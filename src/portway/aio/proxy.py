@@ -44,17 +44,19 @@ class VisitorConnection:
         self.pending: deque[object] = deque()
         self.loop = asyncio.get_running_loop()
 
+    async def _read_and_parse(self) -> None:
+        try:
+            data = await self.conn.read()
+        except ConduitReset:
+            raise VisitorGone from None
+        if not data:
+            raise VisitorGone
+        self.pending.extend(self.parser.feed(data))
+
     async def next_event(self) -> object:
-        pending = self.pending
-        while not pending:
-            try:
-                data = await self.conn.read()
-            except ConduitReset:
-                raise VisitorGone from None
-            if not data:
-                raise VisitorGone
-            pending.extend(self.parser.feed(data))
-        return pending.popleft()
+        while not self.pending:
+            await self._read_and_parse()
+        return self.pending.popleft()
 
     async def next_head(self) -> RequestHead:
         """The next request head: an idle connection may wait idle_timeout for its first byte, then the
@@ -68,13 +70,7 @@ class VisitorConnection:
         started = False
         try:
             while not self.pending:
-                try:
-                    data = await self.conn.read()
-                except ConduitReset:
-                    raise VisitorGone from None
-                if not data:
-                    raise VisitorGone
-                self.pending.extend(self.parser.feed(data))
+                await self._read_and_parse()
                 if not started and not self.pending:
                     started = True
                     timer.cancel()
