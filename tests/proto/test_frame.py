@@ -110,7 +110,21 @@ def test_decoded_fields_are_enum_members(frame: Frame, wire: bytes) -> None:
     (decoded,) = decode_whole(wire)
     assert type(decoded.type) is FrameType
     assert type(decoded.flags) is Flag
-    assert type(decoded.payload) is bytes
+    # payloads are bytes, or read-only views of the bytes fed in (zero-copy); never a view of a reused buffer
+    assert type(decoded.payload) is bytes or (type(decoded.payload) is memoryview and decoded.payload.readonly)
+
+
+def test_payload_views_survive_later_feeds() -> None:
+    decoder = FrameDecoder()
+    first = Frame(FrameType.DATA, Flag(0), 1, 5, b"hello").encode()
+    second = Frame(FrameType.DATA, Flag(0), 1, 5, b"world").encode()
+    decoder.feed(first + second[:3])
+    (frame,) = list(decoder)
+    decoder.feed(second[3:])
+    (later,) = list(decoder)
+    decoder.feed(first)
+    list(decoder)
+    assert bytes(frame.payload) == b"hello" and bytes(later.payload) == b"world"
 
 
 MALFORMED = [

@@ -117,7 +117,7 @@ class FrameDecoder:
         if not 0 < max_frame_size <= MAX_STREAM_ID:
             raise ValueError(f"max_frame_size must be in 1..{MAX_STREAM_ID}, got {max_frame_size}")
         self.max_frame_size = max_frame_size
-        self._buffer = bytearray()
+        self._buffer: bytes | bytearray = bytearray()
         self._offset = 0
         # A memoryview lets a payload be copied out once instead of twice (slice, then bytes()); it must be
         # released before the bytearray is resized, which only feed() does.
@@ -125,13 +125,24 @@ class FrameDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes from the link; nothing is parsed until the decoder is iterated."""
-        if self._view is not None:
-            self._view.release()
+        view = self._view
+        if view is not None:
             self._view = None
+            if type(self._buffer) is not bytes:
+                view.release()  # views of immutable bytes may live on in payloads handed out
         buffer = self._buffer
         offset = self._offset
         if offset == len(buffer):
-            buffer.clear()
+            self._offset = 0
+            if type(data) is bytes:
+                # Nothing left over: decode straight out of the caller's immutable bytes, and hand out payloads
+                # as views of it, so a DATA frame's bytes are never copied on the way through.
+                self._buffer = data
+            else:
+                self._buffer = bytearray(data)
+            return
+        if type(buffer) is bytes:
+            self._buffer = buffer = bytearray(memoryview(buffer)[offset:])
             self._offset = 0
         elif offset >= _COMPACT_AFTER and offset * 2 >= len(buffer):
             del buffer[:offset]
@@ -165,7 +176,9 @@ class FrameDecoder:
             view = self._view
             if view is None:
                 view = self._view = memoryview(buffer)
-            payload = bytes(view[offset + HEADER_SIZE : offset + end])
+            payload = view[offset + HEADER_SIZE : offset + end]
+            if type(buffer) is not bytes:
+                payload = bytes(payload)  # the bytearray is reused by the next feed()
             self._offset = offset + end
             return _make_frame(Frame, (FrameType.DATA, _FLAGS_BY_VALUE[flags_value], stream_id, length, payload))
         if type_value == 1:  # WINDOW_UPDATE
