@@ -122,10 +122,6 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
         """Everything that has arrived, or b"" at end of stream; raises ConduitReset on abort."""
         if not await self._wait_readable("the connection"):
             return b""
-        if len(self._chunks) > 1:
-            data = self._chunks.popleft()  # one chunk at a time: joining them would copy every byte again
-            self._buffered -= len(data)
-            return data
         return self.take_buffered()
 
     def take_buffered(self) -> bytes:
