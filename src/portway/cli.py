@@ -24,6 +24,12 @@ from .proto.names import InvalidName, validate_name
 
 stderr = Console(stderr=True, highlight=False)
 
+
+def fail(message: str, status: int) -> int:
+    """Print an error for the user (never read as rich markup) and return the exit status."""
+    stderr.print(f"[red]error:[/] {escape(message)}")
+    return status
+
 EMBEDDED_PORT_ATTEMPTS = 50
 
 
@@ -97,14 +103,12 @@ def main(argv: list[str] | None = None) -> None:
         try:
             config = relay_config(args)
         except (TokenFileError, ValueError) as error:
-            stderr.print(f"[red]error:[/] {escape(str(error))}")
-            sys.exit(2)
+            sys.exit(fail(str(error), 2))
         sys.exit(_run(lambda: run_server(config)))
     try:
         config = agent_config(args)
     except ValueError as error:
-        stderr.print(f"[red]error:[/] {escape(str(error))}")
-        sys.exit(2)
+        sys.exit(fail(str(error), 2))
     sys.exit(_run(lambda: run_http(config)))
 
 
@@ -169,11 +173,9 @@ async def run_server(config: RelayConfig) -> int:
     try:
         await relay.start()
     except InsecureConfiguration as error:
-        stderr.print(f"[red]error:[/] {escape(str(error))}")
-        return 2
+        return fail(str(error), 2)
     except OSError as error:
-        stderr.print(f"[red]error:[/] cannot listen on {config.bind}:{config.port}: {escape(str(error.strerror or error))}")
-        return 1
+        return fail(f"cannot listen on {config.bind}:{config.port}: {error.strerror or error}", 1)
     stderr.print(f"Portway relay on {config.bind}:{relay.port}; tunnels at {relay.public_url('NAME')}")
     print(f"listening on {config.bind}:{relay.port}", flush=True)
     try:
@@ -216,11 +218,9 @@ async def run_http(config: AgentConfig) -> int:
         agent = Agent(config, relay_url, on_url=show_url, on_status=lambda text: stderr.print(escape(text)))
         await agent.run()
     except ValueError as error:
-        stderr.print(f"[red]error:[/] {escape(str(error))}")
-        return 2
+        return fail(str(error), 2)
     except RegistrationError as error:
-        stderr.print(f"[red]error:[/] {escape(error.message)}")
-        return 1
+        return fail(error.message, 1)
     finally:
         if relay is not None:
             await relay.close()

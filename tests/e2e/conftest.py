@@ -208,3 +208,26 @@ def assert_cut_short_when_killed(relay: Relay, name: str, proc: Proc) -> None:
             response.read()
     finally:
         conn.close()
+
+
+def ws_open(relay: Relay, name: str):
+    """A WebSocket to NAME through the relay (connecting to 127.0.0.1, whatever the URL's host)."""
+    import socket as socket_module
+
+    from websockets.sync.client import connect
+
+    sock = socket_module.create_connection(("127.0.0.1", relay.port))
+    return connect(f"ws://{relay.host(name)}/", sock=sock, max_size=None, open_timeout=10)
+
+
+def assert_websocket_echo(relay: Relay, name: str) -> None:
+    """The seed's echo server answers text with `Echo: …` and returns a 1 MiB binary message intact."""
+    import hashlib
+
+    with ws_open(relay, name) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=10) == "Echo: hello"
+        blob = os.urandom(1024 * 1024)
+        ws.send(blob)
+        echoed = ws.recv(timeout=30)
+        assert hashlib.sha256(echoed).digest() == hashlib.sha256(blob).digest()

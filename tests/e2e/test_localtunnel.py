@@ -16,9 +16,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from websockets.sync.client import connect as ws_connect
 
 from .conftest import (
+    ws_open,
+    assert_websocket_echo,
     assert_cut_short_when_killed,
     NODE_MODULES, PORTWAY, require_node_tools, start_agent, start_origin, start_relay, wait_until,
 )
@@ -87,11 +88,6 @@ def request(relay, name, method="GET", path="/", body=None, headers=None, timeou
         conn.close()
 
 
-def ws_open(relay, name):
-    sock = socket.create_connection(("127.0.0.1", relay.port))
-    return ws_connect(f"ws://{relay.host(name)}/", sock=sock, max_size=None, open_timeout=10)
-
-
 def pool_ports(proc, relay, origin: int) -> set[int]:
     """The relay ports `lt`'s sockets go to, other than the relay's own port: the tunnel's pool port."""
     inodes = set()
@@ -157,13 +153,7 @@ def test_status_endpoints(forwstest):
 
 def test_websocket_text_and_binary(forwstest):
     relay, name, _ = forwstest
-    with ws_open(relay, name) as ws:
-        ws.send("hello")
-        assert ws.recv(timeout=10) == "Echo: hello"
-        blob = os.urandom(1024 * 1024)
-        ws.send(blob)
-        echoed = ws.recv(timeout=30)
-        assert hashlib.sha256(echoed).digest() == hashlib.sha256(blob).digest()
+    assert_websocket_echo(relay, name)
     # the socket the WebSocket held is closed and lt replaces it
     wait_for_sockets(relay, name, POOL)
     assert request(relay, name)[0] == 200

@@ -7,14 +7,13 @@ import http.client
 import json
 import os
 import signal
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from websockets.sync.client import connect as ws_connect
 
 from .conftest import (
+    assert_websocket_echo,
     PORTWAY,
     assert_cut_short_when_killed,
     free_port,
@@ -35,15 +34,6 @@ def request(relay, name, method="GET", path="/", body=None, headers=None, timeou
         return response.status, dict(response.getheaders()), response.read()
     finally:
         conn.close()
-
-
-def ws_url(relay, name, path="/"):
-    return f"ws://{relay.host(name)}{path}"
-
-
-def ws_open(relay, name):
-    sock = socket.create_connection(("127.0.0.1", relay.port))
-    return ws_connect(ws_url(relay, name), sock=sock, max_size=None, open_timeout=10)
 
 
 @pytest.fixture
@@ -114,13 +104,7 @@ def test_chunked_upload_intact(tunnel):
 
 def test_websocket_text_and_binary(tunnel):
     relay, name, _ = tunnel
-    with ws_open(relay, name) as ws:
-        ws.send("hello")
-        assert ws.recv(timeout=10) == "Echo: hello"
-        blob = os.urandom(1024 * 1024)
-        ws.send(blob)
-        echoed = ws.recv(timeout=30)
-        assert hashlib.sha256(echoed).digest() == hashlib.sha256(blob).digest()
+    assert_websocket_echo(relay, name)
 
 
 def test_100_concurrent_visitors_share_one_agent_link(tunnel):
