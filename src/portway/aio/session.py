@@ -79,7 +79,7 @@ class MuxStream(ReceiveBuffer):
                 sent = session.mux.send_data(self.stream_id, view)
             except (KeyError, MuxClosedError, ProtocolError) as error:
                 raise ConduitReset(f"stream {self.stream_id} is gone: {error}") from None
-            session.schedule_flush()
+            session.flush_after_send(sent)
             if sent == len(view):
                 break
             view = view[sent:]
@@ -222,6 +222,16 @@ class MuxSession(asyncio.Protocol):
             await waiter
             if self.closed.done():
                 raise ConduitReset("the agent link is closed")
+
+    SMALL_WRITE = 16 * 1024
+
+    def flush_after_send(self, size: int) -> None:
+        """A small write (a request, a WebSocket message) goes out at once: waiting a loop pass to coalesce
+        costs it latency. Bulk data still coalesces into one vectored write per pass."""
+        if size < self.SMALL_WRITE and not self._flush_scheduled:
+            self._flush_now()
+        else:
+            self.schedule_flush()
 
     def schedule_flush(self) -> None:
         if not self._flush_scheduled:
