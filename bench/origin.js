@@ -21,61 +21,7 @@ const http = require('http');
 const crypto = require('crypto');
 const { WebSocketServer } = require('ws');
 
-const BLOCK = 65536;
-const MAX_SEEDS = 4096;
-const PREFIX = Buffer.from('portway-payload\0', 'latin1');
-
-// seed -> {key, buf, valid}: buf[0:valid] is the start of base(seed)
-const bases = new Map();
-
-function baseBlock(seed, need) {
-  let e = bases.get(seed);
-  if (!e) {
-    const key = crypto.createHash('sha256').update(PREFIX).update(Buffer.from(seed, 'utf8')).digest();
-    e = { key, buf: Buffer.alloc(0), valid: 0 };
-    bases.set(seed, e);
-    if (bases.size > MAX_SEEDS) bases.delete(bases.keys().next().value);
-  }
-  if (e.valid < need) {
-    const upto = Math.min(BLOCK, Math.ceil(need / 32) * 32);
-    if (e.buf.length < upto) {
-      const bigger = Buffer.alloc(upto <= 32768 ? Math.max(upto, 4096) : BLOCK);
-      e.buf.copy(bigger, 0, 0, e.valid);
-      e.buf = bigger;
-    }
-    const ctr = Buffer.alloc(4);
-    for (let off = e.valid; off < upto; off += 32) {
-      ctr.writeUInt32BE(off / 32, 0);
-      crypto.createHash('sha256').update(e.key).update(ctr).digest().copy(e.buf, off);
-    }
-    e.valid = upto;
-  }
-  return e.buf;
-}
-
-// Bytes [offset, offset + len) of payload(infinity, seed), as a new Buffer.
-function payloadSlice(seed, offset, len) {
-  const base = baseBlock(seed, offset + len >= BLOCK ? BLOCK : offset + len);
-  const out = Buffer.allocUnsafe(len);
-  const hdr = Buffer.alloc(8);
-  let done = 0;
-  while (done < len) {
-    const pos = offset + done;
-    const j = Math.floor(pos / BLOCK);
-    const inBlock = pos - j * BLOCK;
-    const take = Math.min(BLOCK - inBlock, len - done);
-    let k = 0;
-    if (inBlock < 8) {
-      hdr.writeBigUInt64BE(BigInt(j), 0);
-      const n = Math.min(8 - inBlock, take);
-      hdr.copy(out, done, inBlock, inBlock + n);
-      k = n;
-    }
-    if (k < take) base.copy(out, done + k, inBlock + k, inBlock + take);
-    done += take;
-  }
-  return out;
-}
+const { BLOCK, payloadSlice } = require('../tests/e2e/fixtures/payload.js');
 
 function intParam(q, name, dflt) {
   const v = q.get(name);
