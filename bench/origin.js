@@ -21,7 +21,7 @@ const http = require('http');
 const crypto = require('crypto');
 const { WebSocketServer } = require('ws');
 
-const { BLOCK, payloadSlice } = require('../tests/e2e/fixtures/payload.js');
+const { BLOCK, MAX_SEEDS, baseBlock, payloadSlice } = require('../tests/e2e/fixtures/payload.js');
 
 function intParam(q, name, dflt) {
   const v = q.get(name);
