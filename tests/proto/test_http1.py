@@ -1,5 +1,7 @@
 """The relay's HTTP/1.1 edge: parsing, strictness, re-framing. No sockets."""
 
+import gc
+import weakref
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -200,3 +202,36 @@ def test_tunnel_credentials_are_not_forwarded_when_the_relay_consumed_them():
     assert b"Authorization" not in http1.encode_request_head(
         head, peer_ip="1.2.3.4", scheme="http", drop_authorization=True
     )
+
+
+@pytest.mark.parametrize("response, method", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", "GET"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", "HEAD"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", "GET"),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nraw", "GET"),
+])
+def test_finished_response_parser_is_freed_without_the_cycle_collector(response, method):
+    # one parser per proxied response: a reference cycle here is garbage the collector must chase per request
+    gc.disable()
+    try:
+        parser = http1.ResponseParser(method)
+        parser.feed(response)
+        assert parser.complete
+        alive = weakref.ref(parser)
+        del parser
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+def test_close_delimited_response_parser_is_freed_at_eof():
+    gc.disable()
+    try:
+        parser = http1.ResponseParser("GET")
+        parser.feed(b"HTTP/1.1 200 OK\r\n\r\nbody")
+        parser.feed_eof()
+        alive = weakref.ref(parser)
+        del parser
+        assert alive() is None
+    finally:
+        gc.enable()

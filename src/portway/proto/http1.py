@@ -258,8 +258,14 @@ class ResponseParser:
     def feed(self, data: bytes) -> list[object]:
         if self.complete:
             raise HttpError(502, "the origin sent bytes after its response ended")
-        if self._body_left > 0:
-            return self._feed_length_body(data)
+        events = self._feed_length_body(data) if self._body_left > 0 else self._feed_parser(data)
+        if self.complete:
+            # llhttp holds our bound callbacks and we hold llhttp: letting go of it when the response ends
+            # frees the whole response by reference counting instead of leaving a cycle for the collector
+            self._parser = None
+        return events
+
+    def _feed_parser(self, data: bytes) -> list[object]:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -267,12 +273,11 @@ class ResponseParser:
             self.complete = True
             self._events.append(Switched(data[upgrade.args[0] :]))
         except httptools.HttpParserCallbackError as error:
-            cause = error.__context__
-            if isinstance(cause, HttpError):
-                raise cause from None
-            if isinstance(cause, _HeadResponseDone):
-                return self._take_events()
-            raise HttpError(502, f"the origin sent a malformed response: {error}") from None
+            if isinstance(error.__context__, HttpError):
+                raise error.__context__ from None
+            if not isinstance(error.__context__, _HeadResponseDone):
+                raise HttpError(502, f"the origin sent a malformed response: {error}") from None
+            # (no local names the stopping exception: its traceback holds this frame, which would make a cycle)
         except httptools.HttpParserError as error:
             if self.complete:
                 raise HttpError(502, "the origin sent bytes after its response ended") from None
@@ -304,6 +309,7 @@ class ResponseParser:
             return []
         if self.head is not None and self.head.framing is BodyFraming.UNTIL_CLOSE:
             self.complete = True
+            self._parser = None
             return [MESSAGE_END]
         raise HttpError(502, "the origin closed the connection before its response was complete")
 
