@@ -18,6 +18,7 @@ from ..proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseH
 from ..proto.pages import error_response
 from ..proto.routing import NotServed, ToRelay
 from .connection import ConduitReset, Connection, splice
+from .deadlines import Deadline
 
 if TYPE_CHECKING:
     from .relay import Relay
@@ -43,6 +44,7 @@ class VisitorConnection:
         self.parser = http1.RequestParser()
         self.pending: deque[object] = deque()
         self.loop = asyncio.get_running_loop()
+        self.deadline = Deadline(self.loop)  # watched by the relay's sweeper while the connection lives
 
     async def _read_and_parse(self) -> None:
         try:
@@ -66,17 +68,17 @@ class VisitorConnection:
             assert isinstance(head, RequestHead)
             return head
         config = self.relay.config
-        timer = self.loop.call_later(config.idle_timeout, self.conn.close)
+        deadline = self.deadline
+        deadline.arm(config.idle_timeout, self.conn.close)
         started = False
         try:
             while not self.pending:
                 await self._read_and_parse()
                 if not started and not self.pending:
                     started = True
-                    timer.cancel()
-                    timer = self.loop.call_later(config.head_timeout, self._head_timed_out)
+                    deadline.arm(config.head_timeout, self._head_timed_out)
         finally:
-            timer.cancel()
+            deadline.disarm()
         head = self.pending.popleft()
         assert isinstance(head, RequestHead)
         return head
@@ -264,64 +266,68 @@ class VisitorConnection:
             timed_out = True
             conduit.abort()
 
-        deadline = self.loop.call_later(timeout, give_up)
-        while True:
-            try:
-                data = await conduit.read()
-                received_any = received_any or bool(data)
-                events = parser.feed(data) if data else parser.feed_eof()
-            except (ConduitReset, HttpError) as error:
-                deadline.cancel()
-                if not sent_head:
-                    if timed_out:
-                        self.send_error(504, f"The origin did not answer within {timeout:g} s.", close=True)
+        deadline = self.deadline
+        deadline.arm(timeout, give_up)
+        try:
+            while True:
+                try:
+                    data = await conduit.read()
+                    received_any = received_any or bool(data)
+                    events = parser.feed(data) if data else parser.feed_eof()
+                except (ConduitReset, HttpError) as error:
+                    if not sent_head:
+                        if timed_out:
+                            self.send_error(504, f"The origin did not answer within {timeout:g} s.", close=True)
+                            raise CloseAfterResponse from None
+                        if may_retry and not received_any:
+                            raise _RetryOnFreshConduit from None
+                        status = error.status if isinstance(error, HttpError) else 502
+                        message = (error.message if isinstance(error, HttpError)
+                                   else "The tunnel's agent went away before the origin answered.")
+                        self.send_error(status, message, close=True)
                         raise CloseAfterResponse from None
-                    if may_retry and not received_any:
-                        raise _RetryOnFreshConduit from None
-                    status = error.status if isinstance(error, HttpError) else 502
-                    message = (error.message if isinstance(error, HttpError)
-                               else "The tunnel's agent went away before the origin answered.")
-                    self.send_error(status, message, close=True)
+                    conn.abort()  # mid-body: the visitor must see the answer as cut short
                     raise CloseAfterResponse from None
-                conn.abort()  # mid-body: the visitor must see the answer as cut short
-                raise CloseAfterResponse from None
-            out: list[bytes] = []  # one write per read from the conduit: head and body leave together
-            try:
-                for event in events:
-                    if isinstance(event, Body):
-                        out.append(http1.encode_chunk(event.data) if chunked_out else event.data)
-                    elif event is MESSAGE_END:
-                        if chunked_out:
-                            out.append(http1.LAST_CHUNK)
-                        return keep_alive
-                    elif isinstance(event, ResponseHead):
-                        if event.informational:
-                            out.append(http1.encode_response_head(event, framing=BodyFraming.NONE, keep_alive=True))
-                            continue
-                        framing = event.framing
-                        if event.status == 101:
-                            keep_alive = False
-                        elif framing is BodyFraming.UNTIL_CLOSE and request.http_version == "1.1":
-                            framing = BodyFraming.CHUNKED
-                            keep_alive = request.keep_alive
-                        else:
-                            keep_alive = event.keep_alive and request.keep_alive
-                        chunked_out = framing is BodyFraming.CHUNKED
-                        out.append(http1.encode_response_head(event, framing=framing, keep_alive=keep_alive))
-                        sent_head = True
-                        deadline.cancel()
-                    elif isinstance(event, Switched):
-                        return event
-            finally:
-                if out:
-                    try:
-                        conn.writelines(out)
-                    except ConduitReset:
-                        raise VisitorGone from None
-            try:
-                await conn.drain()
-            except ConduitReset:
-                raise VisitorGone from None
+                out: list[bytes] = []  # one write per read from the conduit: head and body leave together
+                try:
+                    for event in events:
+                        if isinstance(event, Body):
+                            out.append(http1.encode_chunk(event.data) if chunked_out else event.data)
+                        elif event is MESSAGE_END:
+                            if chunked_out:
+                                out.append(http1.LAST_CHUNK)
+                            return keep_alive
+                        elif isinstance(event, ResponseHead):
+                            if event.informational:
+                                out.append(http1.encode_response_head(event, framing=BodyFraming.NONE,
+                                                                      keep_alive=True))
+                                continue
+                            framing = event.framing
+                            if event.status == 101:
+                                keep_alive = False
+                            elif framing is BodyFraming.UNTIL_CLOSE and request.http_version == "1.1":
+                                framing = BodyFraming.CHUNKED
+                                keep_alive = request.keep_alive
+                            else:
+                                keep_alive = event.keep_alive and request.keep_alive
+                            chunked_out = framing is BodyFraming.CHUNKED
+                            out.append(http1.encode_response_head(event, framing=framing, keep_alive=keep_alive))
+                            sent_head = True
+                            deadline.disarm()
+                        elif isinstance(event, Switched):
+                            return event
+                finally:
+                    if out:
+                        try:
+                            conn.writelines(out)
+                        except ConduitReset:
+                            raise VisitorGone from None
+                try:
+                    await conn.drain()
+                except ConduitReset:
+                    raise VisitorGone from None
+        finally:
+            deadline.disarm()  # also when cancelled: a stale deadline must not abort a pooled conduit
 
     async def switch_protocols(self, conduit, response_switch: Switched) -> None:
         """After a 101: raw bytes both ways, including any that arrived with either head."""

@@ -22,6 +22,7 @@ from ..proto.names import SYSTEM_NAMES, InvalidName, random_name, validate_name
 from ..proto.pages import error_response, landing_page, reason
 from ..proto.routing import Router
 from .connection import Connection
+from .deadlines import DeadlineSweeper, resolution_for
 from .ltcompat import LocalTunnelService
 from .proxy import VisitorConnection
 from .session import MuxSession
@@ -59,6 +60,7 @@ class Relay:
         self.tokens = TokenBook(list(config.grants))
         self.throttle = FailureThrottle()
         self.connections_per_ip: dict[str, int] = {}
+        self.deadlines: DeadlineSweeper | None = None
 
     # lifecycle
     async def start(self) -> None:
@@ -67,6 +69,9 @@ class Relay:
             self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self.ssl_context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
         loop = asyncio.get_running_loop()
+        config = self.config
+        self.deadlines = DeadlineSweeper(loop, resolution_for(config.idle_timeout, config.head_timeout,
+                                                              config.response_timeout))
         # a handshake that never completes is a slowloris the per-address limit can't count yet: bound it like a head
         handshake = {"ssl_handshake_timeout": self.config.head_timeout} if self.ssl_context is not None else {}
         self.server = await loop.create_server(
@@ -78,6 +83,8 @@ class Relay:
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.deadlines is not None:
+            self.deadlines.close()
         for tunnel in list(self.registry.tunnels.values()):
             if isinstance(tunnel, AgentTunnel) and tunnel.session is not None:
                 tunnel.session.close()
@@ -108,9 +115,12 @@ class Relay:
             conn.close()
             return
         self.connections_per_ip[address] = count + 1
+        visitor = VisitorConnection(self, conn, self.scheme)
+        self.deadlines.watch(visitor.deadline)
         try:
-            await VisitorConnection(self, conn, self.scheme).serve()
+            await visitor.serve()
         finally:
+            self.deadlines.unwatch(visitor.deadline)
             remaining = self.connections_per_ip[address] - 1
             if remaining:
                 self.connections_per_ip[address] = remaining
