@@ -130,7 +130,7 @@ class VisitorConnection:
             hostname = f"{route.name}.{relay.router.domain}"
             return await self.refuse(head, 404, f"There is no tunnel at {hostname}.")
         try:
-            tunnel.access.check(self.conn.peer_ip, head.header(b"authorization"))
+            tunnel.access.check(self.conn.peer_ip, head)
         except HttpError as error:
             extra = [("WWW-Authenticate", f'Basic realm="{tunnel.name}"')] if error.status == 401 else None
             return await self.refuse(head, error.status, error.message, extra_headers=extra)

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import HttpError, MuxClosedError
+from ..proto.http1 import RequestHead
 from .session import MuxSession
 
 IDLE_CONDUITS_PER_TUNNEL = 256
@@ -26,7 +27,7 @@ class AccessPolicy:
     basic_auth: bytes | None = None  # the expected `Authorization` header value
     allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
-    def check(self, peer_ip: str, authorization: bytes | None) -> None:
+    def check(self, peer_ip: str, head: RequestHead) -> None:
         if self.allow_networks:
             try:
                 address = ipaddress.ip_address(peer_ip)
@@ -35,6 +36,7 @@ class AccessPolicy:
             if not any(address in network for network in self.allow_networks):
                 raise HttpError(403, "this tunnel does not accept visitors from your address", close=False)
         if self.basic_auth is not None:
+            authorization = head.header(b"authorization")
             if authorization is None or not secrets.compare_digest(authorization, self.basic_auth):
                 raise HttpError(401, "this tunnel requires a user name and password", close=False)
 

@@ -35,6 +35,11 @@ FORWARDED_HEADERS = frozenset(
 )
 
 
+_NOTHING: frozenset[bytes] = frozenset()
+# What the relay never forwards to the origin: it writes its own framing and X-Forwarded-* instead.
+_NOT_FORWARDED = HOP_BY_HOP | FORWARDED_HEADERS
+
+
 class BodyFraming(Enum):
     NONE = "none"
     LENGTH = "length"
@@ -53,6 +58,8 @@ class RequestHead:
     content_length: int
     keep_alive: bool
     upgrade: bytes | None  # the Upgrade header's value when the visitor asks to switch protocols
+    # headers the visitor declared hop-by-hop by listing them in `Connection` (RFC 9110 §7.6.1)
+    connection_named: frozenset[bytes] = frozenset()
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -107,12 +114,6 @@ def _framing_of(headers: list[tuple[bytes, bytes]]) -> tuple[BodyFraming, int]:
     if length >= 0:
         return BodyFraming.LENGTH, length
     return BodyFraming.UNTIL_CLOSE, -1
-
-
-def _reject_control_characters(value: bytes) -> None:
-    # llhttp refuses CR/LF inside values but tolerates other controls; a proxy must not pass NUL on.
-    if b"\x00" in value:
-        raise HttpError(400, "a header value contains a NUL byte")
 
 
 class RequestParser:
@@ -170,7 +171,9 @@ class RequestParser:
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._max_head_bytes:
             raise HttpError(431, "request head too large")
-        _reject_control_characters(value)
+        if b"\x00" in value:
+            # llhttp refuses CR/LF inside values but tolerates other controls; a proxy must not pass NUL on
+            raise HttpError(400, "a header value contains a NUL byte")
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -179,38 +182,58 @@ class RequestParser:
         method = parser.get_method().decode("ascii")
         if method == "CONNECT":
             raise HttpError(405, "CONNECT is not supported by this relay")
-        if parser.get_http_version() not in ("1.0", "1.1"):
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
             raise HttpError(400, "only HTTP/1.0 and HTTP/1.1 requests are served")
-        if sum(1 for key, _ in self._headers if key.lower() == b"transfer-encoding") > 1:
-            raise HttpError(400, "the request has more than one Transfer-Encoding header")
-        hosts = [value for key, value in self._headers if key.lower() == b"host"]
-        if not hosts:
+        host: bytes | None = None
+        transfer_encodings = 0
+        length = -1
+        upgrade_value: bytes | None = None
+        connection_named: set[bytes] | None = None
+        for key, value in self._headers:
+            lowered = key.lower()
+            if lowered == b"host":
+                if host is not None:
+                    raise HttpError(400, "the request has more than one Host header")
+                host = value
+            elif lowered == b"content-length":
+                length = int(value)
+            elif lowered == b"transfer-encoding":
+                transfer_encodings += 1
+            elif lowered == b"connection":
+                if connection_named is None:
+                    connection_named = set()
+                connection_named.update(token.strip().lower().replace(b"_", b"-") for token in value.split(b","))
+            elif lowered == b"upgrade":
+                upgrade_value = value
+        if host is None:
             raise HttpError(400, "the request has no Host header")
-        if len(hosts) > 1:
-            raise HttpError(400, "the request has more than one Host header")
-        host = hosts[0].decode("latin-1").strip()
+        if transfer_encodings > 1:
+            raise HttpError(400, "the request has more than one Transfer-Encoding header")
+        host_text = host.decode("latin-1").strip()
         target = self._url
         if not target.startswith(b"/") and target != b"*":
-            target = self._origin_form(target, host)
-        framing, length = _framing_of(self._headers)
-        if framing is BodyFraming.UNTIL_CLOSE:
+            target = self._origin_form(target, host_text)
+        if transfer_encodings:
+            framing = BodyFraming.CHUNKED
+        elif length >= 0:
+            framing = BodyFraming.LENGTH
+        else:
             framing, length = BodyFraming.NONE, 0  # a request without length has no body (RFC 9112 §6.3)
-        upgrade = None
-        if parser.should_upgrade():
-            for key, value in self._headers:
-                if key.lower() == b"upgrade":
-                    upgrade = value
+        if connection_named is not None:
+            connection_named.discard(b"")
         self._events.append(
             RequestHead(
                 method=method,
                 target=target,
-                http_version=parser.get_http_version(),
+                http_version=version,
                 headers=self._headers,
-                host=host,
+                host=host_text,
                 framing=framing,
                 content_length=length,
                 keep_alive=parser.should_keep_alive(),
-                upgrade=upgrade,
+                upgrade=upgrade_value if parser.should_upgrade() else None,
+                connection_named=frozenset(connection_named) if connection_named else _NOTHING,
             )
         )
 
@@ -367,16 +390,6 @@ class _HeadResponseDone(Exception):
     """Stops llhttp after the head of a response to HEAD; never escapes this module."""
 
 
-def _named_in_connection(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Headers the visitor declared hop-by-hop by listing them in `Connection` (RFC 9110 §7.6.1)."""
-    named: set[bytes] = set()
-    for key, value in headers:
-        if key.lower() == b"connection":
-            named.update(token.strip().lower().replace(b"_", b"-") for token in value.split(b","))
-    named.discard(b"")
-    return frozenset(named)
-
-
 def encode_request_head(
     head: RequestHead, *, peer_ip: str, scheme: str, connection: bytes = b"keep-alive",
     drop_authorization: bool = False,
@@ -385,14 +398,14 @@ def encode_request_head(
 
     `drop_authorization` keeps the relay's own visitor credentials (tunnel basic auth) from the origin.
     """
-    lines = [f"{head.method} ".encode("ascii") + head.target + b" HTTP/1.1"]
-    also_drop = _named_in_connection(head.headers)
+    lines = [head.method.encode("ascii") + b" " + head.target + b" HTTP/1.1"]
+    also_drop = head.connection_named
     if drop_authorization:
-        also_drop |= {b"authorization"}
+        also_drop = also_drop | {b"authorization"}
     for key, value in head.headers:
         # CGI/WSGI servers fold `_` into `-`: `X_Forwarded_For` or `Transfer_Encoding` must not get through either
         lowered = key.lower().replace(b"_", b"-")
-        if lowered in HOP_BY_HOP or lowered in FORWARDED_HEADERS or lowered in also_drop:
+        if lowered in _NOT_FORWARDED or lowered in also_drop:
             continue
         lines.append(key + b": " + value)
     if head.framing is BodyFraming.LENGTH:
