@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import gc
 import ipaddress
 import logging
 import os
@@ -21,6 +20,7 @@ from .auth import Grant, TokenFileError, hash_token, load_tokens_file
 from .config import DEFAULT_RELAY_PORT, AgentConfig, RelayConfig
 from .errors import RegistrationError
 from .proto.names import InvalidName, validate_name
+from .runtime import tune_for_serving
 
 stderr = Console(stderr=True, highlight=False)
 
@@ -142,10 +142,8 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
 
 
 def _run(make: Callable[[], Awaitable[int]]) -> int:
-    # Everything imported so far lives for the whole run: keep it out of the cyclic collector's way, and
-    # collect less often, since the data path makes many short-lived but acyclic objects.
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
+    tune_for_serving()
+
     async def guarded() -> int:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
