@@ -207,11 +207,13 @@ class MuxSession(asyncio.Protocol):
         return stream
 
     def consumed(self, stream_id: int, count: int) -> None:
+        mux = self.mux
         try:
-            self.mux.acknowledge_received(stream_id, count, self.loop.time())
+            mux.acknowledge_received(stream_id, count, self.loop.time())
         except (KeyError, MuxClosedError):
             return
-        self.schedule_flush()
+        if mux.has_data_to_send:  # credit is returned in batches: most reads owe the peer nothing yet
+            self.schedule_flush()
 
     async def drain(self) -> None:
         if self.closed.done():
@@ -303,7 +305,9 @@ class MuxSession(asyncio.Protocol):
 
     def _rearm_timer(self) -> None:
         when = self.mux.get_timer()
-        if when == self._timer_at:
+        if when is not None and self._timer_at is not None and when >= self._timer_at:
+            # Every read moves the keepalive deadline later; firing early is harmless (the handler re-arms
+            # for the deadline then due), while moving a uvloop timer on every read costs a libuv handle.
             return
         if self._timer is not None:
             self._timer.cancel()

@@ -551,6 +551,10 @@ class Mux:
         self._go_away_sent = True
         self._queue_header(FrameType.GO_AWAY, 0, 0, code)
 
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._outbound)
+
     def buffers_to_send(self) -> list[bytes | memoryview]:
         """Everything queued for the peer since the last call, as separate buffers for a vectored write
         (no copy of the payloads); the caller must write them before the payloads' owners change them."""
