@@ -16,7 +16,8 @@ from ..errors import HttpError, RegistrationError
 from ..proto import http1
 from ..proto.mux import Role
 from ..proto.pages import error_response
-from .connection import Connection, splice
+from .bridge import StreamBridge
+from .connection import Connection
 from .relay import AGENT_PATH
 from .session import MuxSession, MuxStream
 
@@ -145,7 +146,7 @@ class Agent:
     async def serve_stream(self, stream: MuxStream) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, local = await loop.create_connection(Connection, self.config.local_host, self.config.port)
+            await loop.create_connection(lambda: StreamBridge(stream), self.config.local_host, self.config.port)
         except OSError as error:
             if isinstance(error, ConnectionRefusedError) or "refused" in str(error).lower():
                 message = f"{self.local_target} refused the connection (is the service running?)"
@@ -156,8 +157,6 @@ class Agent:
                 stream.write_eof()
             finally:
                 stream.close()
-            return
-        await splice(stream, local)
 
 
 def _message_of(body: bytes, status: int) -> str:

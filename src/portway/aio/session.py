@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 from ..errors import MuxClosedError, ProtocolError
 from ..proto import events as ev
@@ -19,12 +19,24 @@ from .connection import ConduitReset, ReceiveBuffer
 log = logging.getLogger(__name__)
 
 
+class StreamSink(Protocol):
+    """Receives a stream's events as callbacks (see aio.bridge), for a data path without tasks."""
+
+    def stream_data(self, data: bytes) -> None: ...
+
+    def stream_ended(self) -> None: ...
+
+    def stream_reset(self) -> None: ...
+
+    def window_opened(self) -> None: ...
+
+
 class MuxStream(ReceiveBuffer):
     """One multiplexed stream, read and written like a connection."""
 
     __slots__ = (
         "session", "_loop", "stream_id", "_chunks", "_eof", "_reset", "_read_waiter", "_window_waiter",
-        "_local_ended", "_closed",
+        "_local_ended", "_closed", "_sink",
     )
 
     def __init__(self, session: "MuxSession", stream_id: int) -> None:
@@ -38,24 +50,50 @@ class MuxStream(ReceiveBuffer):
         self._closed = False
         self._read_waiter: asyncio.Future[None] | None = None
         self._window_waiter: asyncio.Future[None] | None = None
+        self._sink: StreamSink | None = None
+
+    def attach(self, sink: "StreamSink") -> None:
+        """Hand every event of this stream to `sink` from now on, instead of to `read()`; what arrived
+        before is delivered at once."""
+        self._sink = sink
+        chunks, self._chunks = self._chunks, deque()
+        for data in chunks:
+            sink.stream_data(data)
+        if self._reset:
+            sink.stream_reset()
+        elif self._eof:
+            sink.stream_ended()
 
     # fed by the session
     def _on_data(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink.stream_data(data)
+            return
         self._chunks.append(data)
         self._wake_reader()
 
     def _on_end(self) -> None:
         self._eof = True
+        if self._sink is not None:
+            self._sink.stream_ended()
+            return
         self._wake_reader()
 
     def _on_reset(self) -> None:
         self._reset = True
         self._eof = True
         self._closed = True
+        if self._sink is not None:
+            self._sink.stream_reset()
+            return
         self._wake_reader()
         self._on_window()
 
     def _on_window(self) -> None:
+        if self._sink is not None:
+            self._sink.window_opened()
+            return
         waiter = self._window_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -159,6 +197,7 @@ class MuxSession(asyncio.Protocol):
         self._timer_at: float | None = None
         self._writing_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._writable_callbacks: list[Callable[[], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed: asyncio.Future[str] = self.loop.create_future()
         self.go_away_received = False
@@ -195,6 +234,17 @@ class MuxSession(asyncio.Protocol):
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+        callbacks, self._writable_callbacks = self._writable_callbacks, []
+        for callback in callbacks:
+            callback()
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._writing_paused
+
+    def call_when_writable(self, callback: Callable[[], None]) -> None:
+        """Call back once the link's write buffer has drained (or the link closed)."""
+        self._writable_callbacks.append(callback)
 
     # for streams
     def open_stream(self) -> MuxStream:

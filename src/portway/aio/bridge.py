@@ -1,0 +1,172 @@
+"""The agent's data path: one multiplexed stream joined to one connection to the local service, driven
+by callbacks alone.
+
+Every request and every WebSocket message crosses the agent twice; a task per direction would cost a
+future, a wake-up and a task step each time. Here bytes move inside the read callbacks, and flow
+control is the two sides' own signals:
+- service -> stream: what the stream window can't take yet waits here, and the service connection
+  stops being read until the window opens (and while the agent link's write buffer is full);
+- stream -> service: credit goes back to the relay as bytes are handed to the service connection,
+  and is held back while that connection's write buffer is full, so the relay stops sending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from ..errors import MuxClosedError, ProtocolError
+from .session import MuxStream
+
+
+class StreamBridge(asyncio.Protocol):
+    def __init__(self, stream: MuxStream) -> None:
+        self.stream = stream
+        self.session = stream.session
+        self.transport: asyncio.Transport | None = None
+        self._unsent: memoryview | None = None  # service bytes the stream window could not take yet
+        self._service_ended = False  # the service finished sending (FIN to forward after _unsent)
+        self._stream_ended = False  # the relay finished sending
+        self._service_writing_paused = False
+        self._credit_held = 0  # stream bytes handed over while the service's write buffer was full
+        self._reading_paused = False
+        self._waiting_for_link = False
+        self._closed = False
+
+    # the service connection (asyncio.Protocol)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self.stream.attach(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._send(memoryview(data))
+
+    def eof_received(self) -> bool:
+        self._service_ended = True
+        if self._unsent is None:
+            self._end_stream()
+        return True  # keep our sending half open: the relay may still be sending
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        stream = self.stream
+        if exc is None and self._service_ended and self._unsent is None and self._stream_ended:
+            stream.close()  # both directions finished: a clean close
+        else:
+            stream.abort()  # the service went away with something unfinished: the visitor must see a reset
+
+    def pause_writing(self) -> None:
+        self._service_writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._service_writing_paused = False
+        held, self._credit_held = self._credit_held, 0
+        if held and not self._closed:
+            self.session.consumed(self.stream.stream_id, held)
+
+    # service -> stream
+    def _send(self, view: memoryview) -> None:
+        session = self.session
+        try:
+            sent = session.mux.send_data(self.stream.stream_id, view)
+        except (KeyError, ValueError, MuxClosedError, ProtocolError):
+            self._abort()
+            return
+        session.flush_after_send(sent)
+        if sent < len(view):
+            self._unsent = view[sent:]
+            self._pause_reading()
+        elif session.writing_paused and not self._waiting_for_link:
+            self._waiting_for_link = True
+            self._pause_reading()
+            session.call_when_writable(self._link_writable)
+
+    def window_opened(self) -> None:
+        view = self._unsent
+        if view is None or self._closed:
+            return
+        self._unsent = None
+        self._send(view)
+        if self._unsent is None:
+            if self._service_ended:
+                self._end_stream()
+            elif not self._waiting_for_link:
+                self._resume_reading()
+
+    def _link_writable(self) -> None:
+        self._waiting_for_link = False
+        if self._unsent is None and not self._closed:
+            self._resume_reading()
+
+    def _end_stream(self) -> None:
+        self.stream.write_eof()
+        self._maybe_finished()
+
+    # stream -> service
+    def stream_data(self, data: bytes) -> None:
+        transport = self.transport
+        if self._closed or transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        if self._service_writing_paused:
+            self._credit_held += len(data)
+        else:
+            self.session.consumed(self.stream.stream_id, len(data))
+
+    def stream_ended(self) -> None:
+        self._stream_ended = True
+        transport = self.transport
+        if transport is not None and not self._closed and transport.can_write_eof():
+            try:
+                transport.write_eof()
+            except OSError:
+                pass
+        self._maybe_finished()
+
+    def stream_reset(self) -> None:
+        self._abort()
+
+    # helpers
+    def _maybe_finished(self) -> None:
+        if self._stream_ended and self._service_ended and self._unsent is None and not self._closed:
+            self._closed = True
+            self.stream.close()
+            if self.transport is not None:
+                self.transport.close()
+
+    def _abort(self) -> None:
+        """Reset both sides: the service connection with a TCP reset, the stream with RST."""
+        if self._closed:
+            return
+        self._closed = True
+        self.stream.abort()
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            except OSError:
+                pass
+        transport.abort()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self._closed:
+            self._reading_paused = False
+            self.transport.resume_reading()

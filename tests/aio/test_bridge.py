@@ -1,0 +1,171 @@
+"""The agent's callback bridge between a multiplexed stream and a service connection, over real
+loopback sockets in one process: flow control in both directions, integrity, end and reset."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import struct
+
+import pytest
+
+from portway.aio.bridge import StreamBridge
+from portway.aio.connection import ConduitReset
+from portway.aio.session import MuxSession
+from portway.proto.mux import MuxConfig, Role
+
+TOTAL = 24 * 1024 * 1024
+PIECE = 256 * 1024
+
+
+def payload() -> bytes:
+    return os.urandom(TOTAL)
+
+
+async def until(condition, what: str, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not condition():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+class Service:
+    """A TCP server standing in for the local app; reading starts only when `reading` is set."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.reading = asyncio.Event()
+        self.writer: asyncio.StreamWriter | None = None
+        self.connected = asyncio.Event()
+        self.ended = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.connected.set()
+        await self.reading.wait()
+        try:
+            while data := await reader.read(1 << 20):
+                self.received += data
+        except ConnectionError:
+            pass
+        finally:
+            self.ended.set()
+            writer.close()
+
+
+async def link(service_port: int, bridges: list[StreamBridge]) -> tuple[MuxSession, MuxSession, asyncio.AbstractServer]:
+    """A relay-side and an agent-side session over one loopback TCP connection; the agent side bridges
+    every stream the relay opens to the service."""
+    loop = asyncio.get_running_loop()
+    config = MuxConfig()
+
+    async def serve_stream(stream) -> None:
+        _, bridge = await loop.create_connection(lambda: StreamBridge(stream), "127.0.0.1", service_port)
+        bridges.append(bridge)
+
+    agent_side: list[MuxSession] = []
+    server = await loop.create_server(
+        lambda: agent_side.append(MuxSession(Role.CLIENT, config, on_stream=serve_stream)) or agent_side[-1],
+        "127.0.0.1", 0,
+    )
+    port = server.sockets[0].getsockname()[1]
+    _, relay_side = await loop.create_connection(lambda: MuxSession(Role.SERVER, config), "127.0.0.1", port)
+    await until(lambda: agent_side, "the agent side of the link")
+    return relay_side, agent_side[0], server
+
+
+async def teardown(service: Service, service_server, relay_side, agent_side, server) -> None:
+    service.reading.set()
+    relay_side.close()
+    agent_side.close()
+    server.close()
+    service_server.close()
+    await until(lambda: service.ended.is_set() or service.writer is None, "the service handler to end")
+
+
+def test_stream_to_service_stalls_at_the_window_while_the_service_does_not_read():
+    async def main():
+        service = Service()
+        service_server = await asyncio.start_server(service.handle, "127.0.0.1", 0)
+        bridges: list[StreamBridge] = []
+        relay_side, agent_side, server = await link(service_server.sockets[0].getsockname()[1], bridges)
+        data = payload()
+        stream = relay_side.open_stream()
+        sent = 0
+
+        async def send_all() -> None:
+            nonlocal sent
+            for start in range(0, TOTAL, PIECE):
+                await stream.send(data[start:start + PIECE])
+                sent = start + PIECE
+            stream.write_eof()
+
+        sender = asyncio.ensure_future(send_all())
+        await until(lambda: bridges and bridges[0]._credit_held > 0, "credit held back by the bridge")
+        await until(lambda: stream._window_waiter is not None, "the sender to wait for window")
+        # what left the sender is bounded by the window and the socket buffers, not by the upload's size
+        assert sent < TOTAL // 2
+        service.reading.set()
+        await asyncio.wait_for(sender, 30)
+        await asyncio.wait_for(service.ended.wait(), 30)
+        assert hashlib.sha256(service.received).digest() == hashlib.sha256(data).digest()
+        await teardown(service, service_server, relay_side, agent_side, server)
+
+    asyncio.run(main())
+
+
+def test_service_to_stream_pauses_reading_the_service_while_the_window_is_closed():
+    async def main():
+        service = Service()
+        service_server = await asyncio.start_server(service.handle, "127.0.0.1", 0)
+        bridges: list[StreamBridge] = []
+        relay_side, agent_side, server = await link(service_server.sockets[0].getsockname()[1], bridges)
+        data = payload()
+        stream = relay_side.open_stream()
+        stream.write(b"go")  # the agent connects to the service when the stream opens
+        await asyncio.wait_for(service.connected.wait(), 10)
+        service.writer.write(data)
+        service.writer.write_eof()
+        await until(lambda: bridges and bridges[0]._unsent is not None and bridges[0]._reading_paused,
+                    "the bridge to stop reading the service")
+        buffered = sum(len(chunk) for chunk in stream._chunks)
+        assert buffered <= MuxConfig().initial_window
+        received = bytearray()
+        while chunk := await stream.read():
+            received += chunk
+        assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+        await teardown(service, service_server, relay_side, agent_side, server)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("how", ["service resets", "stream resets"])
+def test_a_reset_on_either_side_resets_the_other(how):
+    async def main():
+        service = Service()
+        service_server = await asyncio.start_server(service.handle, "127.0.0.1", 0)
+        bridges: list[StreamBridge] = []
+        relay_side, agent_side, server = await link(service_server.sockets[0].getsockname()[1], bridges)
+        stream = relay_side.open_stream()
+        stream.write(b"hello")
+        await asyncio.wait_for(service.connected.wait(), 10)
+        await until(lambda: bridges, "the bridge")
+        if how == "service resets":
+            sock = service.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            service.writer.transport.abort()  # with linger 0: a TCP reset, not a clean end
+            with pytest.raises(ConduitReset):
+                while await stream.read():
+                    pass
+        else:
+            stream.abort()
+            await until(lambda: bridges[0]._closed, "the bridge to close")
+            assert bridges[0].transport.is_closing()
+        assert bridges[0].stream.stream_id not in agent_side.streams
+        await teardown(service, service_server, relay_side, agent_side, server)
+
+    asyncio.run(main())
