@@ -107,6 +107,34 @@ def test_websocket_text_and_binary(tunnel):
     assert_websocket_echo(relay, name)
 
 
+def _masked_text_frame(text: bytes) -> bytes:
+    mask = os.urandom(4)
+    return bytes([0x81, 0x80 | len(text)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(text))
+
+
+def test_websocket_frame_glued_to_the_upgrade_request_is_echoed(tunnel):
+    """A client may send its first frame in the same packet as the handshake: those bytes follow the
+    request head through the relay's switch to raw bytes and must reach the origin, in order."""
+    import base64
+    import socket
+
+    relay, name, _ = tunnel
+    key = base64.b64encode(os.urandom(16)).decode()
+    head = (f"GET / HTTP/1.1\r\nHost: {relay.host(name)}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        sock.sendall(head + _masked_text_frame(b"early") + _masked_text_frame(b"second"))
+        received = b""
+        expected = [b"Echo: early", b"Echo: second"]
+        want = b"".join(bytes([0x81, len(text)]) + text for text in expected)
+        while not received.endswith(want):
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed; got {received!r}"
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 101 ")
+        assert received.split(b"\r\n\r\n", 1)[1] == want
+
+
 def test_100_concurrent_visitors_share_one_agent_link(tunnel):
     relay, name, _ = tunnel
 

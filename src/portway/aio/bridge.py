@@ -1,13 +1,14 @@
-"""The agent's data path: one multiplexed stream joined to one connection to the local service, driven
-by callbacks alone.
+"""One multiplexed stream joined to one TCP connection, driven by callbacks alone: the agent's data path
+(stream <-> local service) and the relay's once a visitor's connection switched protocols
+(visitor <-> stream).
 
 Every request and every WebSocket message crosses the agent twice; a task per direction would cost a
 future, a wake-up and a task step each time. Here bytes move inside the read callbacks, and flow
-control is the two sides' own signals:
+control is the two sides' own signals ("service" below is whatever the TCP connection leads to):
 - service -> stream: what the stream window can't take yet waits here, and the service connection
   stops being read until the window opens (and while the agent link's write buffer is full);
-- stream -> service: credit goes back to the relay as bytes are handed to the service connection,
-  and is held back while that connection's write buffer is full, so the relay stops sending.
+- stream -> service: credit goes back to the peer as bytes are handed to the service connection,
+  and is held back while that connection's write buffer is full, so the peer stops sending.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import socket
 
 from ..errors import MuxClosedError, ProtocolError
+from .connection import Connection
 from .session import MuxStream
 
 
@@ -23,6 +25,7 @@ class StreamBridge(asyncio.Protocol):
     def __init__(self, stream: MuxStream) -> None:
         self.stream = stream
         self.session = stream.session
+        self.closed: asyncio.Future[None] = stream.session.loop.create_future()  # the connection is gone
         self.transport: asyncio.Transport | None = None
         self._unsent: memoryview | None = None  # service bytes the stream window could not take yet
         self._service_ended = False  # the service finished sending (FIN to forward after _unsent)
@@ -55,7 +58,26 @@ class StreamBridge(asyncio.Protocol):
             self._end_stream()
         return True  # keep our sending half open: the relay may still be sending
 
+    @classmethod
+    def take_over(cls, conn: Connection, stream: MuxStream, unread: bytes = b"") -> "StreamBridge":
+        """Go on with an established connection as a bridge: `unread` came from it before the switch,
+        ahead of anything it still has buffered."""
+        bridge = cls(stream)
+        buffered, ended, lost = conn.hand_over(bridge)
+        bridge.transport = conn.transport
+        stream.attach(bridge)
+        for data in (unread, buffered):
+            if data:
+                bridge.data_received(data)
+        if lost:
+            bridge.connection_lost(None)
+        elif ended:
+            bridge.eof_received()
+        return bridge
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
         if self._closed:
             return
         self._closed = True

@@ -134,6 +134,14 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
+    def hand_over(self, protocol: asyncio.Protocol) -> tuple[bytes, bool, bool]:
+        """Give the transport to another protocol; returns what arrived unread, whether the peer ended
+        its side, and whether the connection is already gone."""
+        data = self.take_buffered() if self._chunks else b""
+        if self.transport is not None and not self._lost:
+            self.transport.set_protocol(protocol)
+        return data, self._eof, self._lost
+
     def write(self, data: bytes) -> None:
         if self._lost or self.transport is None:
             raise ConduitReset("connection already closed")

@@ -17,8 +17,10 @@ from ..proto import http1
 from ..proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseHead, Switched
 from ..proto.pages import error_response
 from ..proto.routing import NotServed, ToRelay
+from .bridge import StreamBridge
 from .connection import ConduitReset, Connection, splice
 from .deadlines import Deadline
+from .session import MuxStream
 
 if TYPE_CHECKING:
     from .relay import Relay
@@ -335,9 +337,13 @@ class VisitorConnection:
         if response_switch.trailing:
             conn.write(response_switch.trailing)
         leftover = [event for event in self.pending if isinstance(event, Switched)]
-        if leftover and leftover[0].trailing:
-            await conduit.send(leftover[0].trailing)
+        unread = leftover[0].trailing if leftover else b""
         self.pending.clear()
+        if isinstance(conduit, MuxStream):
+            await StreamBridge.take_over(conn, conduit, unread).closed
+            return
+        if unread:
+            await conduit.send(unread)
         await splice(conn, conduit)
 
 
