@@ -39,19 +39,21 @@ class ReceiveBuffer:
     def has_unread(self) -> bool:
         return bool(self._chunks) or self._eof
 
-    async def _wait_readable(self, what: str) -> bool:
-        """True once a chunk is buffered, False at a clean end; raises ConduitReset after an abort."""
-        while not self._chunks:
-            if self._reset:
-                raise ConduitReset(f"{what} was reset")
-            if self._eof:
-                return False
-            self._read_waiter = self._loop.create_future()
-            try:
-                await self._read_waiter
-            finally:
-                self._read_waiter = None
-        return True
+    def poll_readable(self) -> "bool | asyncio.Future[None]":
+        """True once a chunk is buffered, False at a clean end, else a future to await for the next change;
+        raises ConduitReset after an abort. Readers loop on it inline: a helper coroutine per read would cost
+        a coroutine object on every request."""
+        if self._chunks:
+            return True
+        if self._reset:
+            raise ConduitReset(f"{self._describe()} was reset")
+        if self._eof:
+            return False
+        waiter = self._read_waiter = self._loop.create_future()
+        return waiter
+
+    def _describe(self) -> str:
+        return "the connection"
 
 
 class Connection(ReceiveBuffer, asyncio.Protocol):
@@ -120,9 +122,16 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
     # the conduit interface
     async def read(self) -> bytes:
         """Everything that has arrived, or b"" at end of stream; raises ConduitReset on abort."""
-        if not await self._wait_readable("the connection"):
-            return b""
+        while (readable := self.poll_readable()) is not True:
+            if readable is False:
+                return b""
+            await readable
         return self.take_buffered()
+
+    @property
+    def must_drain(self) -> bool:
+        """Whether a writer has to await drain(): the write buffer is full, or the connection is gone."""
+        return self._writing_paused or self._lost
 
     def take_buffered(self) -> bytes:
         chunks = self._chunks
@@ -166,7 +175,8 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
 
     async def send(self, data: bytes) -> None:
         self.write(data)
-        await self.drain()
+        if self._writing_paused or self._lost:
+            await self.drain()
 
     def write_eof(self) -> None:
         if self.transport is not None and not self._lost and self.transport.can_write_eof():

@@ -49,13 +49,15 @@ class VisitorConnection:
         self.deadline = Deadline(self.loop)  # watched by the relay's sweeper while the connection lives
 
     async def _read_and_parse(self) -> None:
+        conn = self.conn
         try:
-            data = await self.conn.read()
+            while (readable := conn.poll_readable()) is not True:
+                if readable is False:
+                    raise VisitorGone
+                await readable
         except ConduitReset:
             raise VisitorGone from None
-        if not data:
-            raise VisitorGone
-        self.pending.extend(self.parser.feed(data))
+        self.pending.extend(self.parser.feed(conn.take_buffered()))
 
     async def next_event(self) -> object:
         while not self.pending:
@@ -324,10 +326,11 @@ class VisitorConnection:
                             conn.writelines(out)
                         except ConduitReset:
                             raise VisitorGone from None
-                try:
-                    await conn.drain()
-                except ConduitReset:
-                    raise VisitorGone from None
+                if conn.must_drain:
+                    try:
+                        await conn.drain()
+                    except ConduitReset:
+                        raise VisitorGone from None
         finally:
             deadline.disarm()  # also when cancelled: a stale deadline must not abort a pooled conduit
 

@@ -99,9 +99,14 @@ class MuxStream(ReceiveBuffer):
             waiter.set_result(None)
 
     # the conduit interface
+    def _describe(self) -> str:
+        return f"stream {self.stream_id}"
+
     async def read(self) -> bytes:
-        if not await self._wait_readable(f"stream {self.stream_id}"):
-            return b""
+        while (readable := self.poll_readable()) is not True:
+            if readable is False:
+                return b""
+            await readable
         data = self._chunks.popleft()  # one frame's payload: joining them would copy every byte again
         if not self._closed:
             self.session.consumed(self.stream_id, len(data))
@@ -126,7 +131,8 @@ class MuxStream(ReceiveBuffer):
                 await self._window_waiter
             finally:
                 self._window_waiter = None
-        await session.drain()
+        if session._writing_paused or session.closed.done():
+            await session.drain()
 
     def write(self, data: bytes) -> None:
         """Queue without waiting; only for small control writes (error pages) that fit the window."""
