@@ -57,42 +57,55 @@ class Service:
             writer.close()
 
 
-async def link(service_port: int, bridges: list[StreamBridge]) -> tuple[MuxSession, MuxSession, asyncio.AbstractServer]:
-    """A relay-side and an agent-side session over one loopback TCP connection; the agent side bridges
-    every stream the relay opens to the service."""
-    loop = asyncio.get_running_loop()
-    config = MuxConfig()
+class World:
+    """A service, and a relay-side and an agent-side session over one loopback TCP connection; the agent
+    side bridges every stream the relay opens to the service."""
 
-    async def serve_stream(stream) -> None:
-        _, bridge = await loop.create_connection(lambda: StreamBridge(stream), "127.0.0.1", service_port)
-        bridges.append(bridge)
+    def __init__(self) -> None:
+        self.service = Service()
+        self.bridges: list[StreamBridge] = []
+        self.servers: list[asyncio.AbstractServer] = []
 
-    agent_side: list[MuxSession] = []
-    server = await loop.create_server(
-        lambda: agent_side.append(MuxSession(Role.CLIENT, config, on_stream=serve_stream)) or agent_side[-1],
-        "127.0.0.1", 0,
-    )
-    port = server.sockets[0].getsockname()[1]
-    _, relay_side = await loop.create_connection(lambda: MuxSession(Role.SERVER, config), "127.0.0.1", port)
-    await until(lambda: agent_side, "the agent side of the link")
-    return relay_side, agent_side[0], server
+    @classmethod
+    async def start(cls) -> "World":
+        world = cls()
+        loop = asyncio.get_running_loop()
+        service_server = await asyncio.start_server(world.service.handle, "127.0.0.1", 0)
+        service_port = service_server.sockets[0].getsockname()[1]
 
+        async def serve_stream(stream) -> None:
+            _, bridge = await loop.create_connection(lambda: StreamBridge(stream), "127.0.0.1", service_port)
+            world.bridges.append(bridge)
 
-async def teardown(service: Service, service_server, relay_side, agent_side, server) -> None:
-    service.reading.set()
-    relay_side.close()
-    agent_side.close()
-    server.close()
-    service_server.close()
-    await until(lambda: service.ended.is_set() or service.writer is None, "the service handler to end")
+        agent_sides: list[MuxSession] = []
+
+        def agent_side() -> MuxSession:
+            agent_sides.append(MuxSession(Role.CLIENT, MuxConfig(), on_stream=serve_stream))
+            return agent_sides[-1]
+
+        link_server = await loop.create_server(agent_side, "127.0.0.1", 0)
+        world.servers = [service_server, link_server]
+        _, world.relay_side = await loop.create_connection(
+            lambda: MuxSession(Role.SERVER, MuxConfig()), "127.0.0.1", link_server.sockets[0].getsockname()[1]
+        )
+        await until(lambda: agent_sides, "the agent side of the link")
+        world.agent_side = agent_sides[0]
+        return world
+
+    async def stop(self) -> None:
+        self.service.reading.set()
+        self.relay_side.close()
+        self.agent_side.close()
+        for server in self.servers:
+            server.close()
+        await until(lambda: self.service.ended.is_set() or self.service.writer is None,
+                    "the service handler to end")
 
 
 def test_stream_to_service_stalls_at_the_window_while_the_service_does_not_read():
     async def main():
-        service = Service()
-        service_server = await asyncio.start_server(service.handle, "127.0.0.1", 0)
-        bridges: list[StreamBridge] = []
-        relay_side, agent_side, server = await link(service_server.sockets[0].getsockname()[1], bridges)
+        world = await World.start()
+        service, bridges, relay_side, agent_side = world.service, world.bridges, world.relay_side, world.agent_side
         data = payload()
         stream = relay_side.open_stream()
         sent = 0
@@ -113,17 +126,15 @@ def test_stream_to_service_stalls_at_the_window_while_the_service_does_not_read(
         await asyncio.wait_for(sender, 30)
         await asyncio.wait_for(service.ended.wait(), 30)
         assert hashlib.sha256(service.received).digest() == hashlib.sha256(data).digest()
-        await teardown(service, service_server, relay_side, agent_side, server)
+        await world.stop()
 
     asyncio.run(main())
 
 
 def test_service_to_stream_pauses_reading_the_service_while_the_window_is_closed():
     async def main():
-        service = Service()
-        service_server = await asyncio.start_server(service.handle, "127.0.0.1", 0)
-        bridges: list[StreamBridge] = []
-        relay_side, agent_side, server = await link(service_server.sockets[0].getsockname()[1], bridges)
+        world = await World.start()
+        service, bridges, relay_side, agent_side = world.service, world.bridges, world.relay_side, world.agent_side
         data = payload()
         stream = relay_side.open_stream()
         stream.write(b"go")  # the agent connects to the service when the stream opens
@@ -138,7 +149,7 @@ def test_service_to_stream_pauses_reading_the_service_while_the_window_is_closed
         while chunk := await stream.read():
             received += chunk
         assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
-        await teardown(service, service_server, relay_side, agent_side, server)
+        await world.stop()
 
     asyncio.run(main())
 
@@ -146,10 +157,8 @@ def test_service_to_stream_pauses_reading_the_service_while_the_window_is_closed
 @pytest.mark.parametrize("how", ["service resets", "stream resets"])
 def test_a_reset_on_either_side_resets_the_other(how):
     async def main():
-        service = Service()
-        service_server = await asyncio.start_server(service.handle, "127.0.0.1", 0)
-        bridges: list[StreamBridge] = []
-        relay_side, agent_side, server = await link(service_server.sockets[0].getsockname()[1], bridges)
+        world = await World.start()
+        service, bridges, relay_side, agent_side = world.service, world.bridges, world.relay_side, world.agent_side
         stream = relay_side.open_stream()
         stream.write(b"hello")
         await asyncio.wait_for(service.connected.wait(), 10)
@@ -166,6 +175,6 @@ def test_a_reset_on_either_side_resets_the_other(how):
             await until(lambda: bridges[0]._closed, "the bridge to close")
             assert bridges[0].transport.is_closing()
         assert bridges[0].stream.stream_id not in agent_side.streams
-        await teardown(service, service_server, relay_side, agent_side, server)
+        await world.stop()
 
     asyncio.run(main())

@@ -14,10 +14,9 @@ control is the two sides' own signals ("service" below is whatever the TCP conne
 from __future__ import annotations
 
 import asyncio
-import socket
 
 from ..errors import MuxClosedError, ProtocolError
-from .connection import Connection
+from .connection import Connection, abort_with_reset, set_nodelay
 from .session import MuxStream
 
 
@@ -39,12 +38,7 @@ class StreamBridge(asyncio.Protocol):
     # the service connection (asyncio.Protocol)
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        set_nodelay(transport)
         self.stream.attach(self)
 
     def data_received(self, data: bytes) -> None:
@@ -172,16 +166,8 @@ class StreamBridge(asyncio.Protocol):
             return
         self._closed = True
         self.stream.abort()
-        transport = self.transport
-        if transport is None:
-            return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            except OSError:
-                pass
-        transport.abort()
+        if self.transport is not None:
+            abort_with_reset(self.transport)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:

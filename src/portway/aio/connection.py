@@ -12,6 +12,27 @@ import socket
 from collections import deque
 
 
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """Small writes (a request, a WebSocket message) must leave at once, not wait for Nagle."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def abort_with_reset(transport: asyncio.BaseTransport) -> None:
+    """Close with a TCP reset, so the other side sees an error rather than a clean end."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        except OSError:
+            pass
+    transport.abort()
+
+
 class ConduitReset(ConnectionError):
     """The other end aborted: whatever was in flight is lost and must be shown as lost."""
 
@@ -77,12 +98,7 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer_ip = peer[0]
@@ -191,15 +207,8 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
 
     def abort(self) -> None:
         """Close with a TCP reset, so the other side sees an error rather than a clean end."""
-        if self.transport is None:
-            return
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            except OSError:
-                pass
-        self.transport.abort()
+        if self.transport is not None:
+            abort_with_reset(self.transport)
 
 
 async def splice(a, b) -> None:
