@@ -322,6 +322,24 @@ def test_acknowledge_received_validates_its_count() -> None:
     assert pair.server.data_to_send() == b""
 
 
+def test_has_data_to_send_tells_whether_a_flush_would_write_anything() -> None:
+    pair = MuxPair()
+    stream_id = pair.open_stream()
+    pair.transfer()
+    assert not pair.client.has_data_to_send
+    pair.client.send_data(stream_id, b"x" * 1000)
+    assert pair.client.has_data_to_send
+    pair.transfer()
+    assert not pair.client.has_data_to_send
+    pair.server.acknowledge_received(stream_id, 1000, 0.0)  # far below half the window: credit waits
+    assert not pair.server.has_data_to_send
+    half = MuxConfig().initial_window // 2
+    pair.client.send_data(stream_id, b"y" * half)
+    pair.transfer()
+    pair.server.acknowledge_received(stream_id, half, 0.0)
+    assert pair.server.has_data_to_send
+
+
 def test_no_credit_is_returned_after_the_peer_finished_sending() -> None:
     pair = MuxPair()
     stream_id = pair.open_stream()
