@@ -286,18 +286,21 @@ class Monitor:
         self._thread.join(2)
 
 
-def summarize(role: Role, streams_phase: str = "streams") -> dict:
-    """JSON-ready numbers for one role: per phase, overall, streams phase vs the rest."""
+def summarize(role: Role, phase_prefix: str) -> dict:
+    """JSON-ready numbers for one role over one path's phases (named "PATH/CASE"; `phase_prefix` is
+    "PATH/"): per phase, overall, and the streams phase vs the rest. Every path's processes are up for the
+    whole run, so a role idles through the other paths' phases; the shared origin counts per path."""
+    own = {name[len(phase_prefix):]: st for name, st in role.phases.items() if name.startswith(phase_prefix)}
     phases = {
         name: {"peak_rss_mib": round(st.peak_rss_kib / 1024, 1), "cpu_s": round(st.cpu_ticks / CLK_TCK, 2)}
-        for name, st in role.phases.items()
+        for name, st in own.items()
     }
-    rest = [st.peak_rss_kib for name, st in role.phases.items() if name != streams_phase]
-    streams = role.phases.get(streams_phase)
+    rest = [st.peak_rss_kib for name, st in own.items() if name != "streams"]
+    streams = own.get("streams")
     return {
-        "peak_rss_mib": round(max((st.peak_rss_kib for st in role.phases.values()), default=0) / 1024, 1),
+        "peak_rss_mib": round(max((st.peak_rss_kib for st in own.values()), default=0) / 1024, 1),
         "peak_rss_mib_rest": round(max(rest, default=0) / 1024, 1),
         "peak_rss_mib_streams": round(streams.peak_rss_kib / 1024, 1) if streams else None,
-        "cpu_s": round(role.total_ticks() / CLK_TCK, 2),
+        "cpu_s": round(sum(st.cpu_ticks for st in own.values()) / CLK_TCK, 2),
         "phases": phases,
     }

@@ -145,11 +145,12 @@ def _short_error(exc: BaseException) -> str:
     return text.strip()[:600]
 
 
-def run_path(key: str, reg: Registry, mon: Monitor, origin, origin_port: int, cfg: dict, expected: dict,
-             args, out: dict) -> dict:
-    """Run every case over one path, filling `out` as it goes (so an interrupted run keeps what it got)."""
+def setup_path(key: str, reg: Registry, mon: Monitor, origin_port: int, args, out: dict):
+    """Start what one path needs and watch its processes; returns the Path, or None when it can't run
+    (the reason is in `out`)."""
     out.update({"title": PATH_TITLES[key], "cases": {}, "resources": {}, "notes": []})
     t_start = time.monotonic()
+    mon.set_phase(f"{key}/setup")
     try:
         if key == "direct":
             path = paths.setup_direct(reg, origin_port)
@@ -165,73 +166,103 @@ def run_path(key: str, reg: Registry, mon: Monitor, origin, origin_port: int, cf
             raise ValueError(key)
     except paths.Skip as exc:
         out["skipped"] = str(exc)
-        print(f"  skipped: {exc}", flush=True)
-        return out
+        print(f"  {PATH_TITLES[key]}: skipped: {exc}", flush=True)
+        return None
     except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
         out["error"] = _short_error(exc)
-        print(f"  setup failed: {out['error']}", flush=True)
-        return out
-
+        print(f"  {PATH_TITLES[key]}: setup failed: {out['error']}", flush=True)
+        return None
     out["setup_s"] = round(time.monotonic() - t_start, 2)
     out["target"] = {"connect": f"{path.target.ip}:{path.target.port}", "host": path.target.host}
     out["roles"] = {role: path.role_labels[role] for role in path.roles}
+    for role, proc in path.roles.items():
+        mon.watch(f"{key}:{role}", proc.pid)
+    if key not in STREAM_PATHS:
+        out["notes"].append("many-streams case not run: lt multiplexes nothing (a pool of 10 sockets)")
+    print(f"  {PATH_TITLES[key]}: ready in {out['setup_s']} s", flush=True)
+    return path
+
+
+def case_plan(cfg: dict, expected: dict) -> list[tuple[str, object, set[str] | None]]:
+    """(case name, load(target), paths it runs on or None for all), in the order they run."""
+    plan: list[tuple[str, object, set[str] | None]] = []
+    for c in CONCURRENCY:
+        plan.append((f"get_c{c}", lambda target, reg, c=c: loads.run_wrk(target, c, cfg["wrk_seconds"], reg), None))
+    plan += [
+        ("download", lambda target, reg: loads.bulk_download(target, cfg["bulk_bytes"], "bench-down",
+                                                             expected["download"], cfg["bulk_deadline_s"]), None),
+        ("upload", lambda target, reg: loads.bulk_upload(target, cfg["bulk_bytes"], "bench-up",
+                                                         expected["upload"], cfg["bulk_deadline_s"]), None),
+        ("ws_rtt", lambda target, reg: loads.ws_round_trips(target, cfg["ws_rtt_seconds"]), None),
+        ("ws_1mib", lambda target, reg: loads.ws_bulk(target, cfg["ws_bulk_messages"], 1 << 20,
+                                                      cfg["ws_bulk_window"], cfg["bulk_deadline_s"]), None),
+        ("streams", lambda target, reg: loads.many_streams(target, cfg["streams"], cfg["stream_ms"],
+                                                           cfg["stream_bytes"], expected["streams"]), STREAM_PATHS),
+    ]
+    return plan
+
+
+def run_case(key: str, path, name: str, load, reg: Registry, mon: Monitor, args, out: dict) -> None:
+    mon.set_phase(f"{key}/{name}")
+    t0 = time.monotonic()
     try:
-        mon.set_phase("setup")
-        for role, proc in path.roles.items():
-            mon.watch(role, proc.pid)
-        mon.watch("origin", origin.pid)
+        result = load(path.target, reg)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - one failing case must not stop the run
+        result = {"error": _short_error(exc)}
+        if args.verbose:
+            traceback.print_exc()
+    dead = [p.name for p in path.procs if not p.alive()]
+    if dead:
+        result.setdefault("error", "")
+        result["error"] = (result["error"] + f" (process exited: {', '.join(dead)})").strip()
+        for p in path.procs:
+            if not p.alive():
+                result.setdefault("process_output", {})[p.name] = p.tail(20)
+    result["wall_s"] = round(time.monotonic() - t0, 2)
+    out["cases"][name] = result
+    print(f"  {name:<9} {PATH_TITLES[key]:<19} {_brief(result)}", flush=True)
 
-        def case(name: str, fn) -> None:
-            mon.set_phase(name)
-            t0 = time.monotonic()
+
+def run_paths(selected: list[str], reg: Registry, mon: Monitor, origin, origin_port: int, cfg: dict,
+              expected: dict, args, results: dict) -> None:
+    """Set every path up, then run each case over all of them in turn, so that the ratios of one case
+    compare measurements minutes apart at most, not a whole run apart (this shared VM drifts)."""
+    mon.watch("origin", origin.pid)
+    ready: dict[str, object] = {}
+    t_start = time.monotonic()
+    try:
+        print("\n== setting up", flush=True)
+        for key in PATH_ORDER:
+            if key in selected:
+                results["paths"][key] = {}
+                path = setup_path(key, reg, mon, origin_port, args, results["paths"][key])
+                if path is not None:
+                    ready[key] = path
+        for key, path in ready.items():
+            mon.set_phase(f"{key}/warmup")
             try:
-                result = fn()
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:  # noqa: BLE001 - one failing case must not stop the run
-                result = {"error": _short_error(exc)}
-                if args.verbose:
-                    traceback.print_exc()
-            dead = [p.name for p in path.procs if not p.alive()]
-            if dead:
-                result.setdefault("error", "")
-                result["error"] = (result["error"] + f" (process exited: {', '.join(dead)})").strip()
-                for p in path.procs:
-                    if not p.alive():
-                        result.setdefault("process_output", {})[p.name] = p.tail(20)
-            result["wall_s"] = round(time.monotonic() - t0, 2)
-            out["cases"][name] = result
-            print(f"  {name:<12} {_brief(result)}", flush=True)
-
-        target = path.target
-        mon.set_phase("warmup")
-        try:
-            loads.run_wrk(target, 10, cfg["wrk_warmup_seconds"], reg)
-        except loads.LoadError:
-            pass
-        for c in CONCURRENCY:
-            case(f"get_c{c}", lambda c=c: loads.run_wrk(target, c, cfg["wrk_seconds"], reg))
-        case("download", lambda: loads.bulk_download(target, cfg["bulk_bytes"], "bench-down",
-                                                     expected["download"], cfg["bulk_deadline_s"]))
-        case("upload", lambda: loads.bulk_upload(target, cfg["bulk_bytes"], "bench-up", expected["upload"],
-                                                 cfg["bulk_deadline_s"]))
-        case("ws_rtt", lambda: loads.ws_round_trips(target, cfg["ws_rtt_seconds"]))
-        case("ws_1mib", lambda: loads.ws_bulk(target, cfg["ws_bulk_messages"], 1 << 20, cfg["ws_bulk_window"],
-                                              cfg["bulk_deadline_s"]))
-        if key in STREAM_PATHS:
-            case("streams", lambda: loads.many_streams(target, cfg["streams"], cfg["stream_ms"],
-                                                       cfg["stream_bytes"], expected["streams"]))
-        else:
-            out["notes"].append("many-streams case not run: lt multiplexes nothing (a pool of 10 sockets)")
+                loads.run_wrk(path.target, 10, cfg["wrk_warmup_seconds"], reg)
+            except loads.LoadError:
+                pass
+        for name, load, only in case_plan(cfg, expected):
+            print(f"\n== {name}", flush=True)
+            for key, path in ready.items():
+                if only is None or key in only:
+                    run_case(key, path, name, load, reg, mon, args, results["paths"][key])
     finally:
         roles = mon.unwatch_all()
-        for role, info in roles.items():
-            out["resources"][role] = summarize(info)
-        reg.kill(path.procs)
-        for fn in path.cleanup:
-            fn()
-    out["wall_s"] = round(time.monotonic() - t_start, 2)
-    return out
+        for key in ready:
+            out = results["paths"][key]
+            for role_key, info in roles.items():
+                if role_key.startswith(f"{key}:") or role_key == "origin":
+                    out["resources"][role_key.split(":", 1)[-1]] = summarize(info, f"{key}/")
+            out["wall_s"] = round(time.monotonic() - t_start, 2)
+        for path in ready.values():
+            reg.kill(path.procs)
+            for fn in path.cleanup:
+                fn()
 
 
 def _brief(result: dict) -> str:
@@ -450,12 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   f"&bytes={cfg['stream_bytes']}", timeout=60)
         if status != 200:
             raise RuntimeError(f"origin /warm answered {status}")
-        for key in PATH_ORDER:
-            if key not in selected:
-                continue
-            print(f"\n== {PATH_TITLES[key]}", flush=True)
-            results["paths"][key] = {}
-            run_path(key, reg, mon, origin, origin_port, cfg, expected, args, results["paths"][key])
+        run_paths(selected, reg, mon, origin, origin_port, cfg, expected, args, results)
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: stopping every process", file=sys.stderr, flush=True)
