@@ -295,12 +295,13 @@ def summarize(role: Role, phase_prefix: str) -> dict:
         name: {"peak_rss_mib": round(st.peak_rss_kib / 1024, 1), "cpu_s": round(st.cpu_ticks / CLK_TCK, 2)}
         for name, st in own.items()
     }
-    rest = [st.peak_rss_kib for name, st in own.items() if name != "streams"]
-    streams = own.get("streams")
+    # with --repeat, a case's later runs are phases "CASE#2", "CASE#3", ...
+    streams = [st.peak_rss_kib for name, st in own.items() if name.split("#")[0] == "streams"]
+    rest = [st.peak_rss_kib for name, st in own.items() if name.split("#")[0] != "streams"]
     return {
         "peak_rss_mib": round(max((st.peak_rss_kib for st in own.values()), default=0) / 1024, 1),
         "peak_rss_mib_rest": round(max(rest, default=0) / 1024, 1),
-        "peak_rss_mib_streams": round(streams.peak_rss_kib / 1024, 1) if streams else None,
+        "peak_rss_mib_streams": round(max(streams) / 1024, 1) if streams else None,
         "cpu_s": round(sum(st.cpu_ticks for st in own.values()) / CLK_TCK, 2),
         "phases": phases,
     }
