@@ -57,8 +57,10 @@ class StreamBridge(asyncio.Protocol):
         """Go on with an established connection as a bridge: `unread` came from it before the switch,
         ahead of anything it still has buffered."""
         bridge = cls(stream)
+        writing_paused = conn.must_drain  # the transport tells only its current protocol when it drains
         buffered, ended, lost = conn.hand_over(bridge)
         bridge.transport = conn.transport
+        bridge._service_writing_paused = writing_paused and not lost
         stream.attach(bridge)
         for data in (unread, buffered):
             if data:
