@@ -109,9 +109,8 @@ class World:
 def test_stream_to_service_stalls_at_the_window_while_the_service_does_not_read():
     async def main():
         world = await World.start()
-        service, bridges, relay_side, agent_side = world.service, world.bridges, world.relay_side, world.agent_side
         data = payload()
-        stream = relay_side.open_stream()
+        stream = world.relay_side.open_stream()
         sent = 0
 
         async def send_all() -> None:
@@ -122,15 +121,15 @@ def test_stream_to_service_stalls_at_the_window_while_the_service_does_not_read(
             stream.write_eof()
 
         sender = asyncio.ensure_future(send_all())
-        await until(lambda: bridges and bridges[0]._credit_held > 0, "credit held back by the bridge")
+        await until(lambda: world.bridges and world.bridges[0]._credit_held > 0, "credit held back by the bridge")
         await until(lambda: stream._window_waiter is not None, "the sender to wait for window")
         # what left the sender is bounded by the window (at most 4 MiB) and the socket buffers, not by the
         # upload's size
         assert sent < 16 * 1024 * 1024
-        service.reading.set()
+        world.service.reading.set()
         await asyncio.wait_for(sender, 30)
-        await asyncio.wait_for(service.ended.wait(), 30)
-        assert hashlib.sha256(service.received).digest() == hashlib.sha256(data).digest()
+        await asyncio.wait_for(world.service.ended.wait(), 30)
+        assert hashlib.sha256(world.service.received).digest() == hashlib.sha256(data).digest()
         await world.stop()
 
     asyncio.run(main())
@@ -139,13 +138,13 @@ def test_stream_to_service_stalls_at_the_window_while_the_service_does_not_read(
 def test_service_to_stream_pauses_reading_the_service_while_the_window_is_closed():
     async def main():
         world = await World.start()
-        service, bridges, relay_side, agent_side = world.service, world.bridges, world.relay_side, world.agent_side
         data = payload()
-        stream = relay_side.open_stream()
+        stream = world.relay_side.open_stream()
         stream.write(b"go")  # the agent connects to the service when the stream opens
-        await asyncio.wait_for(service.connected.wait(), 10)
-        service.writer.write(data)
-        service.writer.write_eof()
+        await asyncio.wait_for(world.service.connected.wait(), 10)
+        world.service.writer.write(data)
+        world.service.writer.write_eof()
+        bridges = world.bridges
         await until(lambda: bridges and bridges[0]._unsent is not None and bridges[0]._reading_paused,
                     "the bridge to stop reading the service")
         buffered = sum(len(chunk) for chunk in stream._chunks)
@@ -163,23 +162,22 @@ def test_service_to_stream_pauses_reading_the_service_while_the_window_is_closed
 def test_a_reset_on_either_side_resets_the_other(how):
     async def main():
         world = await World.start()
-        service, bridges, relay_side, agent_side = world.service, world.bridges, world.relay_side, world.agent_side
-        stream = relay_side.open_stream()
+        stream = world.relay_side.open_stream()
         stream.write(b"hello")
-        await asyncio.wait_for(service.connected.wait(), 10)
-        await until(lambda: bridges, "the bridge")
+        await asyncio.wait_for(world.service.connected.wait(), 10)
+        await until(lambda: world.bridges, "the bridge")
         if how == "service resets":
-            sock = service.writer.get_extra_info("socket")
+            sock = world.service.writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            service.writer.transport.abort()  # with linger 0: a TCP reset, not a clean end
+            world.service.writer.transport.abort()  # with linger 0: a TCP reset, not a clean end
             with pytest.raises(ConduitReset):
                 while await stream.read():
                     pass
         else:
             stream.abort()
-            await until(lambda: bridges[0]._closed, "the bridge to close")
-            assert bridges[0].transport.is_closing()
-        assert bridges[0].stream.stream_id not in agent_side.streams
+            await until(lambda: world.bridges[0]._closed, "the bridge to close")
+            assert world.bridges[0].transport.is_closing()
+        assert world.bridges[0].stream.stream_id not in world.agent_side.streams
         await world.stop()
 
     asyncio.run(main())
