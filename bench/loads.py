@@ -54,13 +54,8 @@ class Target:
 def http_get(target: Target, path: str = "/", timeout: float = 5.0) -> tuple[int, bytes]:
     with socket.create_connection((target.ip, target.port), timeout=timeout) as sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {target.host}\r\nConnection: close\r\n\r\n".encode())
-        head, body, length = _read_head(sock)
-        body = bytearray(body)
-        while length is None or len(body) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            body += chunk
+        head, rest, length = _read_head(sock)
+        body = _read_body(sock, rest, length)
         status = int(head.split(b" ", 2)[1])
         return status, bytes(body)
 
@@ -78,6 +73,17 @@ def _read_head(sock: socket.socket, limit: int = 65536) -> tuple[bytes, bytes, i
     head, rest = buf.split(b"\r\n\r\n", 1)
     match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.I)
     return head, rest, int(match.group(1)) if match else None
+
+
+def _read_body(sock: socket.socket, rest: bytes, length: int | None) -> bytearray:
+    """The body after the head: `length` bytes, or up to the close when the answer gave none."""
+    body = bytearray(rest)
+    while length is None or len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return body
 
 
 def wait_ready(target: Target, timeout: float = 20.0, expect: bytes = b"hello from origin") -> None:
@@ -199,12 +205,7 @@ def bulk_upload(target: Target, nbytes: int, seed: str, expected_sha: str, deadl
             if time.perf_counter() > limit:
                 raise LoadError(f"upload: over the {deadline_s:.0f} s limit")
         head, rest, length = _read_head(sock)
-        body = bytearray(rest)
-        while length is None or len(body) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            body += chunk
+        body = _read_body(sock, rest, length)
     elapsed = time.perf_counter() - t0
     status = int(head.split(b" ", 2)[1])
     if status != 200:

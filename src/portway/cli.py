@@ -40,16 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     server = commands.add_parser("server", help="run a relay on a public host")
-    server.add_argument("--bind", default=os.environ.get("PORTWAY_BIND", "127.0.0.1"),
+    server.add_argument("--bind", default=os.environ.get("PORTWAY_BIND", RelayConfig.bind),
                         help="address to listen on (default 127.0.0.1)")
     server.add_argument("--port", type=int, default=int(os.environ.get("PORTWAY_PORT", DEFAULT_RELAY_PORT)),
                         help=f"port for visitors and agents alike (default {DEFAULT_RELAY_PORT})")
-    server.add_argument("--domain", default=os.environ.get("PORTWAY_DOMAIN", "localhost"),
+    server.add_argument("--domain", default=os.environ.get("PORTWAY_DOMAIN", RelayConfig.domain),
                         help="base domain: tunnels are NAME.DOMAIN (default localhost)")
     server.add_argument("--public-port", type=int, default=None,
                         help="port shown in tunnel URLs when a proxy or NAT maps it (default: --port)")
-    server.add_argument("--grace-period", type=float, default=10.0,
-                        help="seconds a disconnected agent keeps its name (default 10)")
+    server.add_argument("--grace-period", type=float, default=RelayConfig.grace_period,
+                        help="seconds a disconnected agent keeps its name (default %(default)g)")
     server.add_argument("--token", action="append", default=[], metavar="SECRET",
                         help="accept agents presenting this token (repeatable; also $PORTWAY_TOKENS, comma-separated)")
     server.add_argument("--tokens", metavar="FILE",
@@ -59,18 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--tls-cert", metavar="FILE", help="certificate chain (PEM): serve HTTPS/WSS and TLS to agents")
     server.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for --tls-cert")
 
-    server.add_argument("--head-timeout", type=float, default=15.0,
-                        help="seconds a request head may take to arrive once started (default 15)")
-    server.add_argument("--idle-timeout", type=float, default=75.0,
-                        help="seconds an idle keep-alive visitor connection is kept (default 75)")
-    server.add_argument("--max-connections-per-ip", type=int, default=256,
-                        help="concurrent visitor connections allowed from one address (default 256)")
-    server.add_argument("--response-timeout", type=float, default=120.0,
-                        help="seconds the origin may take to start its answer before a 504 (default 120)")
-    server.add_argument("--pool-wait-timeout", type=float, default=10.0,
-                        help="seconds a visitor waits for a free lt pool socket before a 503 (default 10)")
-    server.add_argument("--lt-grace-period", type=float, default=5.0,
-                        help="seconds an lt tunnel whose sockets all closed keeps its name (default 5)")
+    server.add_argument("--head-timeout", type=float, default=RelayConfig.head_timeout,
+                        help="seconds a request head may take to arrive once started (default %(default)g)")
+    server.add_argument("--idle-timeout", type=float, default=RelayConfig.idle_timeout,
+                        help="seconds an idle keep-alive visitor connection is kept (default %(default)g)")
+    server.add_argument("--max-connections-per-ip", type=int, default=RelayConfig.max_connections_per_ip,
+                        help="concurrent visitor connections allowed from one address (default %(default)d)")
+    server.add_argument("--response-timeout", type=float, default=RelayConfig.response_timeout,
+                        help="seconds the origin may take to start its answer before a 504 (default %(default)g)")
+    server.add_argument("--pool-wait-timeout", type=float, default=RelayConfig.pool_wait_timeout,
+                        help="seconds a visitor waits for a free lt pool socket before a 503 (default %(default)g)")
+    server.add_argument("--lt-grace-period", type=float, default=RelayConfig.lt_grace_period,
+                        help="seconds an lt tunnel whose sockets all closed keeps its name (default %(default)g)")
 
     hash_token = commands.add_parser("hash-token", help="print the sha256 line for a token, for a --tokens file")
     hash_token.add_argument("secret")

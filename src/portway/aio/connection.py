@@ -191,7 +191,7 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
 
     async def send(self, data: bytes) -> None:
         self.write(data)
-        if self._writing_paused or self._lost:
+        if self.must_drain:
             await self.drain()
 
     def write_eof(self) -> None:

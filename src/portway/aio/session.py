@@ -131,7 +131,7 @@ class MuxStream(ReceiveBuffer):
                 await self._window_waiter
             finally:
                 self._window_waiter = None
-        if session._writing_paused or session.closed.done():
+        if session.writing_paused or session.closed.done():
             await session.drain()
 
     def write(self, data: bytes) -> None:
