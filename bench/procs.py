@@ -176,6 +176,27 @@ def read_cpu_ticks(pid: int) -> int | None:
         return None
 
 
+def read_machine_ticks() -> list[int]:
+    """The first line of /proc/stat: CPU ticks of all cores by kind (user nice system idle iowait irq
+    softirq steal ...)."""
+    with open("/proc/stat") as fh:
+        return [int(x) for x in fh.readline().split()[1:]]
+
+
+def machine_cpu_share(before: list[int], after: list[int]) -> dict:
+    """How the whole machine's CPU time went between two `read_machine_ticks()`, in percent: whether a
+    case kept every core busy or left some idle (waiting on wake-ups rather than on the CPU)."""
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta[:8]) or 1
+    idle = delta[3] + delta[4]
+
+    def pct(ticks: int) -> float:
+        return round(100 * ticks / total, 1)
+
+    return {"idle_pct": pct(idle), "softirq_pct": pct(delta[6]), "steal_pct": pct(delta[7]),
+            "busy_pct": pct(total - idle)}
+
+
 def reset_hwm(pid: int) -> bool:
     """Reset a process's VmHWM (peak RSS) to its current RSS (Linux >= 4.0, same user or root)."""
     try:

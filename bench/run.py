@@ -27,7 +27,7 @@ sys.path.insert(0, str(FsPath(__file__).resolve().parent))
 
 import loads  # noqa: E402
 import paths  # noqa: E402
-from procs import Monitor, Registry, StartError, summarize  # noqa: E402
+from procs import Monitor, Registry, StartError, machine_cpu_share, read_machine_ticks, summarize  # noqa: E402
 
 ROOT = FsPath(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
@@ -220,6 +220,7 @@ def run_case(key: str, path, name: str, load, reg: Registry, mon: Monitor, args,
     phase = f"{key}/{name}" if repeat == 1 else f"{key}/{name}#{repeat}"
     mon.set_phase(phase)
     t0 = time.monotonic()
+    ticks_before = read_machine_ticks()
     try:
         result = load(path.target, reg)
     except (KeyboardInterrupt, SystemExit):
@@ -236,6 +237,7 @@ def run_case(key: str, path, name: str, load, reg: Registry, mon: Monitor, args,
             if not p.alive():
                 result.setdefault("process_output", {})[p.name] = p.tail(20)
     result["wall_s"] = round(time.monotonic() - t0, 2)
+    result["machine_cpu"] = machine_cpu_share(ticks_before, read_machine_ticks())
     result["phase"] = phase.split("/", 1)[1]
     print(f"  {name:<9} {PATH_TITLES[key]:<19} {_brief(result)}", flush=True)
     return result
