@@ -1,0 +1,47 @@
+"""`bench/run.py --quick` runs every case end to end through a real relay and agent: the benchmark only
+runs by hand, so without this a broken load, origin or table would show up on the day someone needs the
+numbers. Nothing here looks at how fast anything was, only that every case ran and checked its bytes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from .conftest import ROOT, Processes, require_node_tools
+
+CASES = {"get_c1", "get_c10", "get_c50", "get_c200", "download", "upload", "ws_rtt", "ws_1mib", "streams"}
+
+
+def test_quick_benchmark_runs_every_case_on_direct_and_portway(procs: Processes, tmp_path):
+    require_node_tools()
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (scripts/test.sh installs it)")
+    results_file = tmp_path / "bench.json"
+    bench = procs.start([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--paths", "direct,portway",
+                         "--json", str(results_file)], "bench")
+    assert bench.wait_exit(timeout=240) == 0, bench.output()
+
+    results = json.loads(results_file.read_text())
+    assert not results["interrupted"]
+    for key in ("direct", "portway"):
+        cases = results["paths"][key]["cases"]
+        assert set(cases) == CASES, key
+        failed = {name: case["error"] for name, case in cases.items() if case.get("error")}
+        assert not failed, f"{key}: {failed}"
+        for concurrency in (1, 10, 50, 200):
+            get = cases[f"get_c{concurrency}"]
+            assert get["requests"] > 0 and get["errors"] == 0, (key, get)
+        # bulk loads raise on a SHA-256 mismatch, so getting here with a rate means the bytes were right
+        assert cases["download"]["mb_s"] > 0 and cases["upload"]["mb_s"] > 0
+        assert cases["ws_rtt"]["messages"] > 0 and cases["ws_1mib"]["mb_s"] > 0
+        streams = cases["streams"]
+        assert streams["ok"] == streams["streams"] == results["config"]["streams"], streams
+        assert all("busy_pct" in case["machine_cpu"] for case in cases.values())
+    resources = results["paths"]["portway"]["resources"]
+    for role in ("server", "client"):
+        assert resources[role]["peak_rss_mib"] > 0 and resources[role]["cpu_s"] > 0, resources[role]
+    table = results["table_markdown"]
+    assert "| GET req/s, 50 conn" in table and "Portway" in table
