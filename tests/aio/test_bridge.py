@@ -150,8 +150,8 @@ def test_service_to_stream_pauses_reading_the_service_while_the_window_is_closed
         buffered = sum(len(chunk) for chunk in stream._chunks)
         assert buffered <= MuxConfig().initial_window
         received = bytearray()
-        while chunk := await stream.read():
-            received += chunk
+        while chunks := await stream.read_chunks():
+            received += b"".join(chunks)
         assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
         await world.stop()
 
@@ -171,7 +171,7 @@ def test_a_reset_on_either_side_resets_the_other(how):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             world.service.writer.transport.abort()  # with linger 0: a TCP reset, not a clean end
             with pytest.raises(ConduitReset):
-                while await stream.read():
+                while await stream.read_chunks():
                     pass
         else:
             stream.abort()

@@ -131,15 +131,20 @@ class StreamBridge(asyncio.Protocol):
         self._maybe_finished()
 
     # stream -> service
-    def stream_data(self, data: bytes) -> None:
+    def stream_data(self, chunks: list[bytes]) -> None:
         transport = self.transport
         if self._closed or transport is None or transport.is_closing():
             return
-        transport.write(data)
-        if self._service_writing_paused:
-            self._credit_held += len(data)
+        if len(chunks) == 1:
+            size = len(chunks[0])
+            transport.write(chunks[0])
         else:
-            self.session.consumed(self.stream.stream_id, len(data))
+            size = sum(map(len, chunks))
+            transport.writelines(chunks)
+        if self._service_writing_paused:
+            self._credit_held += size
+        else:
+            self.session.consumed(self.stream.stream_id, size)
 
     def stream_ended(self) -> None:
         self._stream_ended = True

@@ -73,6 +73,22 @@ class ReceiveBuffer:
         waiter = self._read_waiter = self._loop.create_future()
         return waiter
 
+    async def read_chunks(self) -> list[bytes]:
+        """Every chunk that has arrived (at least one), or [] at a clean end; raises ConduitReset after an
+        abort. The chunks stay apart, so they can leave in one vectored write without being joined."""
+        while (readable := self.poll_readable()) is not True:
+            if readable is False:
+                return []
+            await readable
+        return self._take_chunks()
+
+    def _take_chunks(self) -> list[bytes]:
+        raise NotImplementedError
+
+    def put_back(self, chunks: list[bytes]) -> None:
+        """Return chunks `read_chunks()` gave but the reader did not use; they are read again first."""
+        self._chunks.extendleft(reversed(chunks))
+
     def _describe(self) -> str:
         return "the connection"
 
@@ -150,14 +166,17 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
         return self._writing_paused or self._lost
 
     def take_buffered(self) -> bytes:
-        chunks = self._chunks
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
+        chunks = self._take_chunks()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _take_chunks(self) -> list[bytes]:
+        chunks = list(self._chunks)
+        self._chunks.clear()
         self._buffered = 0
         if self._reading_paused and self.transport is not None and not self._lost:
             self._reading_paused = False
             self.transport.resume_reading()
-        return data
+        return chunks
 
     def hand_over(self, protocol: asyncio.Protocol) -> tuple[bytes, bool, bool]:
         """Give the transport to another protocol; returns what arrived unread, whether the peer ended

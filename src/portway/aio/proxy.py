@@ -275,9 +275,19 @@ class VisitorConnection:
         try:
             while True:
                 try:
-                    data = await conduit.read()
-                    received_any = received_any or bool(data)
-                    events = parser.feed(data) if data else parser.feed_eof()
+                    chunks = await conduit.read_chunks()
+                    if chunks:
+                        received_any = True
+                        events = parser.feed(chunks[0])
+                        for index in range(1, len(chunks)):
+                            if parser.complete:
+                                # after a 101 these are the origin's first raw bytes; otherwise they are stray
+                                # bytes, and leaving them unread keeps the conduit from being reused
+                                conduit.put_back(chunks[index:])
+                                break
+                            events += parser.feed(chunks[index])
+                    else:
+                        events = parser.feed_eof()
                 except (ConduitReset, HttpError) as error:
                     if not sent_head:
                         if timed_out:

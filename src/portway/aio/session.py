@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class StreamSink(Protocol):
     """Receives a stream's events as callbacks (see aio.bridge), for a data path without tasks."""
 
-    def stream_data(self, data: bytes) -> None: ...
+    def stream_data(self, chunks: list[bytes]) -> None: ...
 
     def stream_ended(self) -> None: ...
 
@@ -36,7 +36,7 @@ class MuxStream(ReceiveBuffer):
 
     __slots__ = (
         "session", "_loop", "stream_id", "_chunks", "_eof", "_reset", "_read_waiter", "_window_waiter",
-        "_local_ended", "_closed", "_sink",
+        "_local_ended", "_closed", "_sink", "_undelivered",
     )
 
     def __init__(self, session: "MuxSession", stream_id: int) -> None:
@@ -51,14 +51,16 @@ class MuxStream(ReceiveBuffer):
         self._read_waiter: asyncio.Future[None] | None = None
         self._window_waiter: asyncio.Future[None] | None = None
         self._sink: StreamSink | None = None
+        self._undelivered: list[bytes] | None = None  # for the sink, from the link read being dispatched
 
     def attach(self, sink: "StreamSink") -> None:
-        """Hand every event of this stream to `sink` from now on, instead of to `read()`; what arrived
+        """Hand every event of this stream to `sink` from now on, instead of to `read_chunks()`; what arrived
         before is delivered at once."""
         self._sink = sink
-        chunks, self._chunks = self._chunks, deque()
-        for data in chunks:
-            sink.stream_data(data)
+        if self._chunks:
+            chunks = list(self._chunks)
+            self._chunks.clear()
+            sink.stream_data(chunks)
         if self._reset:
             sink.stream_reset()
         elif self._eof:
@@ -66,16 +68,29 @@ class MuxStream(ReceiveBuffer):
 
     # fed by the session
     def _on_data(self, data: bytes) -> None:
-        sink = self._sink
-        if sink is not None:
-            sink.stream_data(data)
+        if self._sink is not None:
+            # held until the session has dispatched the whole link read: the frames one read brought for
+            # this stream then leave in one vectored write
+            undelivered = self._undelivered
+            if undelivered is None:
+                self._undelivered = [data]
+                self.session.undelivered.append(self)
+            else:
+                undelivered.append(data)
             return
         self._chunks.append(data)
         self._wake_reader()
 
+    def _deliver(self) -> None:
+        chunks = self._undelivered
+        if chunks is not None and self._sink is not None:
+            self._undelivered = None
+            self._sink.stream_data(chunks)
+
     def _on_end(self) -> None:
         self._eof = True
         if self._sink is not None:
+            self._deliver()
             self._sink.stream_ended()
             return
         self._wake_reader()
@@ -85,6 +100,7 @@ class MuxStream(ReceiveBuffer):
         self._eof = True
         self._closed = True
         if self._sink is not None:
+            self._deliver()
             self._sink.stream_reset()
             return
         self._wake_reader()
@@ -92,6 +108,7 @@ class MuxStream(ReceiveBuffer):
 
     def _on_window(self) -> None:
         if self._sink is not None:
+            self._deliver()
             self._sink.window_opened()
             return
         waiter = self._window_waiter
@@ -102,15 +119,12 @@ class MuxStream(ReceiveBuffer):
     def _describe(self) -> str:
         return f"stream {self.stream_id}"
 
-    async def read(self) -> bytes:
-        while (readable := self.poll_readable()) is not True:
-            if readable is False:
-                return b""
-            await readable
-        data = self._chunks.popleft()  # one frame's payload: joining them would copy every byte again
+    def _take_chunks(self) -> list[bytes]:
+        chunks = list(self._chunks)  # frames' payloads: joining them would copy every byte again
+        self._chunks.clear()
         if not self._closed:
-            self.session.consumed(self.stream_id, len(data))
-        return data
+            self.session.consumed(self.stream_id, sum(map(len, chunks)))
+        return chunks
 
     async def send(self, data: bytes) -> None:
         session = self.session
@@ -205,6 +219,7 @@ class MuxSession(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._writable_callbacks: list[Callable[[], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self.undelivered: list[MuxStream] = []  # streams with data for their sink from the read being dispatched
         self.closed: asyncio.Future[str] = self.loop.create_future()
         self.go_away_received = False
 
@@ -344,6 +359,11 @@ class MuxSession(asyncio.Protocol):
             elif kind is ev.ConnectionTerminated:
                 self._terminate(event.reason)
             # StreamAccepted and PingAcked need no action here; the mux keeps the RTT.
+        undelivered = self.undelivered
+        if undelivered:
+            self.undelivered = []
+            for stream in undelivered:
+                stream._deliver()
 
     def _accept(self, stream_id: int) -> None:
         if self._on_stream is None:

@@ -1,0 +1,101 @@
+"""How the relay copies one origin response to the visitor when a single read from the conduit brings
+several chunks (several frames of one link read): they leave in one write, and whatever follows the
+response's end is left unread on the conduit, never sent to the visitor and never lost after a 101."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from types import SimpleNamespace
+
+from portway.aio.connection import ReceiveBuffer
+from portway.aio.proxy import VisitorConnection
+from portway.config import RelayConfig
+from portway.proto.http1 import Switched
+
+
+class ScriptedConduit(ReceiveBuffer):
+    """A conduit whose reads return the scripted lists of chunks, one list per read."""
+
+    __slots__ = ("_loop", "_chunks", "_eof", "_reset", "_read_waiter", "_reads")
+
+    def __init__(self, reads: list[list[bytes]]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._reset = False
+        self._read_waiter = None
+        self._reads = reads
+
+    def poll_readable(self):
+        if not self._chunks and self._reads:
+            self._chunks.extend(self._reads.pop(0))
+        return super().poll_readable()
+
+    def _take_chunks(self) -> list[bytes]:
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        return chunks
+
+    def abort(self) -> None:
+        raise AssertionError("the conduit must not be aborted")
+
+
+class RecordingVisitor:
+    """The visitor's side of a VisitorConnection: records every write."""
+
+    peer_ip = "127.0.0.1"
+    must_drain = False
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def writelines(self, buffers: list[bytes]) -> None:
+        self.writes.append(b"".join(buffers))
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def abort(self) -> None:
+        raise AssertionError("the visitor must not be reset")
+
+
+def forward(reads: list[list[bytes]], method: str = "GET"):
+    async def main():
+        visitor = RecordingVisitor()
+        proxy = VisitorConnection(SimpleNamespace(config=RelayConfig()), visitor, "http")
+        request = SimpleNamespace(method=method, http_version="1.1", keep_alive=True)
+        conduit = ScriptedConduit(reads)
+        outcome = await proxy.forward_response(request, conduit, may_retry=False)
+        return outcome, visitor.writes, list(conduit._chunks)
+
+    return asyncio.run(main())
+
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n"
+
+
+def test_the_chunks_of_one_read_leave_in_one_write():
+    outcome, writes, unread = forward([[HEAD + b"hell", b"o wo", b"rld!"]])
+    assert outcome is True
+    assert len(writes) == 1
+    assert writes[0].endswith(b"\r\n\r\nhello world!")
+    assert unread == []
+
+
+def test_bytes_after_the_response_stay_unread_on_the_conduit():
+    stray = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra"
+    outcome, writes, unread = forward([[HEAD + b"hello ", b"world!", stray, b"more"]])
+    assert outcome is True
+    assert b"".join(writes).endswith(b"hello world!")
+    assert b"extra" not in b"".join(writes)
+    assert unread == [stray, b"more"]  # so the conduit is not reused for the next request
+
+
+def test_the_origins_first_bytes_after_a_101_stay_on_the_conduit_for_the_bridge():
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    outcome, writes, unread = forward([[switch + b"\x81\x02hi", b"\x81\x03bye"]])
+    assert isinstance(outcome, Switched)
+    assert outcome.trailing == b"\x81\x02hi"
+    assert unread == [b"\x81\x03bye"]
+    assert writes == [writes[0]] and writes[0].startswith(b"HTTP/1.1 101 ")

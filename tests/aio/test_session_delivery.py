@@ -1,0 +1,95 @@
+"""What a stream's sink (aio.bridge) gets from MuxSession: the frames one link read brought for a stream
+arrive as one list, so they leave in one vectored write, and in order with the stream's end and reset."""
+
+from __future__ import annotations
+
+import asyncio
+
+from portway.aio.session import MuxSession
+from portway.proto import events as ev
+from portway.proto.mux import Mux, MuxConfig, Role
+
+
+class LinkTransport:
+    """Collects what the session writes to the link."""
+
+    def __init__(self) -> None:
+        self.sent = bytearray()
+
+    def write(self, data) -> None:
+        self.sent += data
+
+    def writelines(self, buffers) -> None:
+        for buffer in buffers:
+            self.sent += buffer
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.calls: list[object] = []
+
+    def stream_data(self, chunks: list[bytes]) -> None:
+        self.calls.append([bytes(chunk) for chunk in chunks])
+
+    def stream_ended(self) -> None:
+        self.calls.append("ended")
+
+    def stream_reset(self) -> None:
+        self.calls.append("reset")
+
+    def window_opened(self) -> None:
+        pass
+
+
+def run_with_peer(script):
+    """A relay-side session with two streams, each with a recording sink, and the agent's mux (sans-I/O) as
+    the peer; `script(peer, ids)` queues the peer's frames, which then reach the session in one read."""
+
+    async def main():
+        session = MuxSession(Role.SERVER, MuxConfig())
+        link = LinkTransport()
+        session.connection_made(link)
+        streams = [session.open_stream(), session.open_stream()]
+        sinks = [RecordingSink(), RecordingSink()]
+        for stream, sink in zip(streams, sinks):
+            stream.attach(sink)
+        session._flush_now()
+        peer = Mux(Role.CLIENT, MuxConfig(), now=0.0)
+        for event in peer.receive_data(bytes(link.sent), 0.0):
+            if isinstance(event, ev.StreamOpened):
+                peer.accept_stream(event.stream_id)
+        script(peer, [stream.stream_id for stream in streams])
+        session.data_received(peer.data_to_send())
+        session.close()
+        return sinks
+
+    return asyncio.run(main())
+
+
+def test_the_frames_of_one_read_reach_the_sink_as_one_list():
+    def script(peer, ids):
+        for piece in (b"one", b"two", b"three"):
+            peer.send_data(ids[0], piece)
+
+    first, second = run_with_peer(script)
+    assert first.calls[0] == [b"one", b"two", b"three"]
+    assert second.calls == ["reset"]  # closing the session resets what is still open
+
+
+def test_data_reaches_the_sink_before_the_end_and_streams_stay_apart():
+    def script(peer, ids):
+        peer.send_data(ids[0], b"a1")
+        peer.send_data(ids[1], b"b1")
+        peer.send_data(ids[0], b"a2", end_stream=True)
+        peer.send_data(ids[1], b"b2")
+        peer.reset_stream(ids[1])
+
+    first, second = run_with_peer(script)
+    assert first.calls == [[b"a1", b"a2"], "ended", "reset"]  # our half was still open when the session closed
+    assert second.calls == [[b"b1", b"b2"], "reset"]
