@@ -93,3 +93,41 @@ def test_data_reaches_the_sink_before_the_end_and_streams_stay_apart():
     first, second = run_with_peer(script)
     assert first.calls == [[b"a1", b"a2"], "ended", "reset"]  # our half was still open when the session closed
     assert second.calls == [[b"b1", b"b2"], "reset"]
+
+
+def test_a_reader_takes_at_most_its_budget_and_returns_credit_only_for_that():
+    """A window grown large (1 MiB here) that arrived at once must not all leave the stream in one read: credit
+    goes back for what is taken, and the relay's HTTP path hands what it takes to a visitor that may be slow."""
+
+    async def main():
+        config = MuxConfig(initial_window=1 << 20, max_window=1 << 20)
+        session = MuxSession(Role.SERVER, config)
+        link = LinkTransport()
+        session.connection_made(link)
+        stream = session.open_stream()
+        session._flush_now()
+        peer = Mux(Role.CLIENT, config, now=0.0)
+        for event in peer.receive_data(bytes(link.sent), 0.0):
+            if isinstance(event, ev.StreamOpened):
+                peer.accept_stream(event.stream_id)
+        window = peer.send_window(stream.stream_id)
+        assert window > stream.READ_BUDGET
+        pieces = [bytes([i]) * (64 * 1024) for i in range(window // (64 * 1024))]
+        for piece in pieces:
+            peer.send_data(stream.stream_id, piece)
+        session.data_received(peer.data_to_send())  # a whole window at once, as if the visitor had stalled
+
+        taken = await stream.read_chunks()
+        assert 0 < sum(map(len, taken)) <= stream.READ_BUDGET
+        link.sent.clear()
+        session._flush_now()
+        peer.receive_data(bytes(link.sent), 0.0)
+        assert peer.send_window(stream.stream_id) <= sum(map(len, taken))  # no credit for what is still here
+
+        received = b"".join(taken)
+        while len(received) < window:
+            received += b"".join(await stream.read_chunks())
+        assert received == b"".join(pieces)
+        session.close()
+
+    asyncio.run(main())

@@ -74,8 +74,9 @@ class ReceiveBuffer:
         return waiter
 
     async def read_chunks(self) -> list[bytes]:
-        """Every chunk that has arrived (at least one), or [] at a clean end; raises ConduitReset after an
-        abort. The chunks stay apart, so they can leave in one vectored write without being joined."""
+        """The chunks that have arrived (at least one; a stream hands out at most its READ_BUDGET bytes at a
+        time), or [] at a clean end; raises ConduitReset after an abort. The chunks stay apart, so they can
+        leave in one vectored write without being joined."""
         while (readable := self.poll_readable()) is not True:
             if readable is False:
                 return []

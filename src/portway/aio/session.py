@@ -119,11 +119,20 @@ class MuxStream(ReceiveBuffer):
     def _describe(self) -> str:
         return f"stream {self.stream_id}"
 
+    # What one read_chunks() takes at most: credit goes back for every byte taken, so a reader that took a
+    # whole window at once (into a slow visitor's write buffer) would let the peer send a second one.
+    READ_BUDGET = 256 * 1024
+
     def _take_chunks(self) -> list[bytes]:
-        chunks = list(self._chunks)  # frames' payloads: joining them would copy every byte again
-        self._chunks.clear()
+        pending = self._chunks
+        chunks = [pending.popleft()]  # frames' payloads: joining them would copy every byte again
+        taken = len(chunks[0])
+        while pending and taken + len(pending[0]) <= self.READ_BUDGET:
+            data = pending.popleft()
+            chunks.append(data)
+            taken += len(data)
         if not self._closed:
-            self.session.consumed(self.stream_id, sum(map(len, chunks)))
+            self.session.consumed(self.stream_id, taken)
         return chunks
 
     async def send(self, data: bytes) -> None:
