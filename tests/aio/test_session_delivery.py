@@ -47,23 +47,31 @@ class RecordingSink:
         pass
 
 
+def linked(config: MuxConfig, streams: int):
+    """A relay-side session that opened `streams` streams, and the agent's mux (sans-I/O) as its peer, which
+    accepted them; the session runs inside the calling coroutine's loop."""
+    session = MuxSession(Role.SERVER, config)
+    link = LinkTransport()
+    session.connection_made(link)
+    opened = [session.open_stream() for _ in range(streams)]
+    session._flush_now()
+    peer = Mux(Role.CLIENT, config, now=0.0)
+    for event in peer.receive_data(bytes(link.sent), 0.0):
+        if isinstance(event, ev.StreamOpened):
+            peer.accept_stream(event.stream_id)
+    link.sent.clear()
+    return session, link, peer, opened
+
+
 def run_with_peer(script):
-    """A relay-side session with two streams, each with a recording sink, and the agent's mux (sans-I/O) as
-    the peer; `script(peer, ids)` queues the peer's frames, which then reach the session in one read."""
+    """Two streams with a recording sink each; `script(peer, ids)` queues the peer's frames, which then reach
+    the session in one read."""
 
     async def main():
-        session = MuxSession(Role.SERVER, MuxConfig())
-        link = LinkTransport()
-        session.connection_made(link)
-        streams = [session.open_stream(), session.open_stream()]
+        session, _, peer, streams = linked(MuxConfig(), 2)
         sinks = [RecordingSink(), RecordingSink()]
         for stream, sink in zip(streams, sinks):
             stream.attach(sink)
-        session._flush_now()
-        peer = Mux(Role.CLIENT, MuxConfig(), now=0.0)
-        for event in peer.receive_data(bytes(link.sent), 0.0):
-            if isinstance(event, ev.StreamOpened):
-                peer.accept_stream(event.stream_id)
         script(peer, [stream.stream_id for stream in streams])
         session.data_received(peer.data_to_send())
         session.close()
@@ -100,16 +108,7 @@ def test_a_reader_takes_at_most_its_budget_and_returns_credit_only_for_that():
     goes back for what is taken, and the relay's HTTP path hands what it takes to a visitor that may be slow."""
 
     async def main():
-        config = MuxConfig(initial_window=1 << 20, max_window=1 << 20)
-        session = MuxSession(Role.SERVER, config)
-        link = LinkTransport()
-        session.connection_made(link)
-        stream = session.open_stream()
-        session._flush_now()
-        peer = Mux(Role.CLIENT, config, now=0.0)
-        for event in peer.receive_data(bytes(link.sent), 0.0):
-            if isinstance(event, ev.StreamOpened):
-                peer.accept_stream(event.stream_id)
+        session, link, peer, (stream,) = linked(MuxConfig(initial_window=1 << 20, max_window=1 << 20), 1)
         window = peer.send_window(stream.stream_id)
         assert window > stream.READ_BUDGET
         pieces = [bytes([i]) * (64 * 1024) for i in range(window // (64 * 1024))]
@@ -119,7 +118,6 @@ def test_a_reader_takes_at_most_its_budget_and_returns_credit_only_for_that():
 
         taken = await stream.read_chunks()
         assert 0 < sum(map(len, taken)) <= stream.READ_BUDGET
-        link.sent.clear()
         session._flush_now()
         peer.receive_data(bytes(link.sent), 0.0)
         assert peer.send_window(stream.stream_id) <= sum(map(len, taken))  # no credit for what is still here

@@ -87,7 +87,8 @@ class ReceiveBuffer:
         raise NotImplementedError
 
     def put_back(self, chunks: list[bytes]) -> None:
-        """Return chunks `read_chunks()` gave but the reader did not use; they are read again first."""
+        """Return chunks `read_chunks()` gave but the reader will not use, so that the conduit shows unread
+        bytes and is not reused. (A stream has returned credit for them already: they are not to be read.)"""
         self._chunks.extendleft(reversed(chunks))
 
     def _describe(self) -> str:

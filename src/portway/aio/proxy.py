@@ -281,9 +281,13 @@ class VisitorConnection:
                         events = parser.feed(chunks[0])
                         for index in range(1, len(chunks)):
                             if parser.complete:
-                                # after a 101 these are the origin's first raw bytes; otherwise they are stray
-                                # bytes, and leaving them unread keeps the conduit from being reused
-                                conduit.put_back(chunks[index:])
+                                rest = chunks[index:]
+                                if parser.switched:
+                                    # the origin's first raw bytes after its 101 reach the visitor first
+                                    events[-1] = Switched(events[-1].trailing + b"".join(rest))
+                                else:
+                                    # stray bytes after the response: left unread, the conduit is not reused
+                                    conduit.put_back(rest)
                                 break
                             events += parser.feed(chunks[index])
                     else:
