@@ -18,7 +18,8 @@ class RelayConfig:
     public_port: int | None = None  # the port visitors use, when a proxy or NAT maps it (URLs only)
     idle_timeout: float = 75.0  # a keep-alive visitor connection with no request is closed after this
     head_timeout: float = 15.0  # a request head must arrive completely within this (slowloris)
-    response_timeout: float = 120.0  # the origin must start answering within this, else 504
+    response_timeout: float = 120.0  # the origin must start answering within this, else 504; nor fall silent
+    linger_timeout: float = 2.0  # after answering a request not yet fully received, discard its rest this long
     pool_wait_timeout: float = 10.0  # how long a visitor waits for a free conduit before a 503
     grace_period: float = 10.0  # an agent that drops keeps its name this long to reconnect
     lt_grace_period: float = 5.0  # an lt tunnel whose last pool socket went keeps its name this long

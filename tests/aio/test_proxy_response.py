@@ -60,11 +60,11 @@ class RecordingVisitor:
         raise AssertionError("the visitor must not be reset")
 
 
-def forward(reads: list[list[bytes]], method: str = "GET"):
+def forward(reads: list[list[bytes]], method: str = "GET", upgrade: bytes | None = None):
     async def main():
         visitor = RecordingVisitor()
         proxy = VisitorConnection(SimpleNamespace(config=RelayConfig()), visitor, "http")
-        request = SimpleNamespace(method=method, http_version="1.1", keep_alive=True)
+        request = SimpleNamespace(method=method, http_version="1.1", keep_alive=True, upgrade=upgrade)
         conduit = ScriptedConduit(reads)
         outcome = await proxy.forward_response(request, conduit, may_retry=False)
         return outcome, visitor.writes, list(conduit._chunks)
@@ -94,7 +94,7 @@ def test_bytes_after_the_response_stay_unread_on_the_conduit():
 
 def test_the_origins_first_bytes_after_a_101_go_to_the_visitor_first():
     switch = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-    outcome, writes, unread = forward([[switch + b"\x81\x02hi", b"\x81\x03bye"]])
+    outcome, writes, unread = forward([[switch + b"\x81\x02hi", b"\x81\x03bye"]], upgrade=b"websocket")
     assert isinstance(outcome, Switched)
     assert outcome.trailing == b"\x81\x02hi\x81\x03bye"  # written to the visitor before the bridge starts
     assert unread == []  # the stream already returned credit for them: the bridge must not see them again

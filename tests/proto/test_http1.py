@@ -118,8 +118,8 @@ def test_request_head_encoding_replaces_forwarding_headers():
     assert wire.endswith(b"\r\n\r\n") and wire.count(b"Connection:") == 1
 
 
-def response_events(raw: bytes, method: str = "GET", eof: bool = False):
-    parser = http1.ResponseParser(method)
+def response_events(raw: bytes, method: str = "GET", eof: bool = False, upgrade: bytes | None = None):
+    parser = http1.ResponseParser(method, upgrade)
     events = parser.feed(raw)
     if eof:
         events += parser.feed_eof()
@@ -157,7 +157,8 @@ def test_informational_then_final():
 
 
 def test_switching_protocols():
-    parser, events = response_events(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nXY")
+    parser, events = response_events(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nXY",
+                                     upgrade=b"websocket")
     assert events[0].status == 101 and events[-1] == Switched(b"XY")
     wire = http1.encode_response_head(events[0], framing=BodyFraming.NONE, keep_alive=False)
     assert b"Upgrade: websocket" in wire and b"Connection: Upgrade" in wire
@@ -214,7 +215,7 @@ def test_finished_response_parser_is_freed_without_the_cycle_collector(response,
     # one parser per proxied response: a reference cycle here is garbage the collector must chase per request
     gc.disable()
     try:
-        parser = http1.ResponseParser(method)
+        parser = http1.ResponseParser(method, b"websocket")
         parser.feed(response)
         assert parser.complete
         alive = weakref.ref(parser)
@@ -235,3 +236,134 @@ def test_close_delimited_response_parser_is_freed_at_eof():
         assert alive() is None
     finally:
         gc.enable()
+
+
+# ----------------------------------------------------------------------------------------------- hardening
+
+CHUNKED_WITH_TRAILER = (b"POST / HTTP/1.1\r\nHost: a.x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"3\r\nabc\r\n0\r\nHost: evil.x\r\nAuthorization: Basic dTpw\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+
+
+@pytest.mark.parametrize("cut", [None, 10, 60, 70, 80, 100])
+def test_trailer_fields_never_join_the_head(cut):
+    """However TCP splits head, body and trailer, the head the relay routes and forwards is the head alone."""
+    pieces = [CHUNKED_WITH_TRAILER] if cut is None else [CHUNKED_WITH_TRAILER[:cut], CHUNKED_WITH_TRAILER[cut:]]
+    parser = RequestParser()
+    events = [event for piece in pieces for event in parser.feed(piece)]
+    (head,) = [event for event in events if isinstance(event, RequestHead)]
+    assert [key for key, _ in head.headers] == [b"Host", b"Transfer-Encoding"]
+    assert head.header(b"authorization") is None and events[-1] is MESSAGE_END
+    wire = http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="http")
+    assert wire.count(b"\r\nHost:") == 1 and b"evil" not in wire and b"6.6.6.6" not in wire
+
+
+def test_an_endless_trailer_section_is_refused():
+    parser = RequestParser()
+    parser.feed(b"POST / HTTP/1.1\r\nHost: a.x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n")
+    with pytest.raises(HttpError) as refused:
+        for _ in range(100):
+            parser.feed(b"X-T: " + b"t" * 1000 + b"\r\n")
+    assert refused.value.status == 431
+
+
+@pytest.mark.parametrize("connection", [b"close, Host", b"Host", b"keep-alive, HOST", b"host, x-forwarded-for"])
+def test_connection_options_cannot_remove_host(connection):
+    (head, _) = feed_all_ways(b"GET / HTTP/1.1\r\nHost: a.x\r\nConnection: " + connection + b"\r\n\r\n")
+    wire = http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="http")
+    assert wire.split(b"\r\n")[1] == b"Host: a.x" and wire.count(b"\r\nHost:") == 1
+
+
+def test_the_forwarded_host_is_the_one_the_request_was_routed_by():
+    (head, _) = feed_all_ways(b"GET http://A.x:80/p HTTP/1.1\r\nHost:   A.x:80  \r\n\r\n")
+    wire = http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="http")
+    assert wire.startswith(b"GET /p HTTP/1.1\r\nHost: A.x:80\r\n") and wire.count(b"\r\nHost:") == 1
+
+
+@pytest.mark.parametrize("name", [b"X-Forwarded-Prefix", b"X-Forwarded-Server", b"X-Forwarded-Ssl",
+                                  b"X-Forwarded-Scheme", b"X-Forwarded-Port", b"X-Real-IP", b"True-Client-IP",
+                                  b"CF-Connecting-IP", b"X-Client-IP", b"X-Cluster-Client-IP", b"Fastly-Client-IP",
+                                  b"Forwarded", b"x_real_ip", b"X-Forwarded-Anything-New"])
+def test_every_client_identity_header_from_a_visitor_is_dropped(name):
+    (head, _) = feed_all_ways(b"GET / HTTP/1.1\r\nHost: a.x\r\n" + name + b": 6.6.6.6\r\n\r\n")
+    wire = http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="http")
+    assert b"6.6.6.6" not in wire and b"X-Forwarded-For: 10.0.0.1\r\n" in wire
+
+
+SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nraw"
+
+
+@pytest.mark.parametrize("asked", [None, b"h2c", b"websocketx", b""])
+def test_a_switch_the_request_did_not_ask_for_is_a_bad_gateway(asked):
+    """RFC 9110 §7.8: an origin may only switch to a protocol the client asked for; otherwise the visitor's
+    connection would become a raw pipe to that origin."""
+    for pieces in ([SWITCH], [SWITCH[:20], SWITCH[20:]], [SWITCH[i:i + 1] for i in range(len(SWITCH))]):
+        parser = http1.ResponseParser("GET", asked)
+        with pytest.raises(HttpError) as refused:
+            for piece in pieces:
+                assert not any(isinstance(event, Switched) for event in parser.feed(piece))
+        assert refused.value.status == 502 and not parser.switched
+
+
+@pytest.mark.parametrize("asked, answered", [(b"websocket", b"websocket"), (b"WebSocket", b"websocket"),
+                                             (b"h2c, websocket", b"websocket"), (b"foo/2", b"foo")])
+def test_a_switch_to_an_asked_protocol_is_followed(asked, answered):
+    raw = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: " + answered + b"\r\n\r\nXY"
+    parser, events = response_events(raw, upgrade=asked)
+    assert events[-1] == Switched(b"XY") and parser.switched
+
+
+@pytest.mark.parametrize("upgrade_headers", [b"", b"Upgrade: websocket\r\nUpgrade: websocket\r\n", b"Upgrade: \r\n"])
+def test_a_switch_that_names_no_single_protocol_is_a_bad_gateway(upgrade_headers):
+    raw = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n" + upgrade_headers + b"\r\n"
+    with pytest.raises(HttpError) as refused:
+        http1.ResponseParser("GET", b"websocket").feed(raw)
+    assert refused.value.status == 502
+
+
+def test_response_trailers_never_join_the_head_sent_to_the_visitor():
+    raw = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+           b"Set-Cookie: session=stolen\r\nX-Auth: yes\r\n\r\n")
+    parser, events = response_events(raw)
+    assert [key for key, _ in events[0].headers] == [b"Transfer-Encoding"]
+    wire = http1.encode_response_head(events[0], framing=BodyFraming.CHUNKED, keep_alive=True)
+    assert b"stolen" not in wire and events[-1] is MESSAGE_END
+
+
+@pytest.mark.parametrize("start", [b"HTTP/1.1 200 OK\r\nX-Long: ", b"HTTP/1.1 200 ", b"HTTP/1.1 100 Continue\r\nX: "])
+@pytest.mark.parametrize("piece_size", [1, 1000, 65536])
+def test_an_endless_response_head_is_cut_as_bytes_arrive(start, piece_size):
+    """A response head (status line, a header value, an interim 1xx) is bounded by the bytes fed, not by what
+    llhttp has finished parsing: it buffers a header value whole before calling back."""
+    parser = http1.ResponseParser("GET")
+    fed = 0
+    with pytest.raises(HttpError) as refused:
+        parser.feed(start)
+        fed += len(start)
+        while fed < 8 * http1.MAX_HEAD_BYTES:
+            parser.feed(b"a" * piece_size)
+            fed += piece_size
+    assert refused.value.status == 502
+    assert fed <= http1.MAX_HEAD_BYTES + piece_size + len(start)
+
+
+def test_a_flood_of_interim_responses_is_bounded_like_one_head():
+    parser = http1.ResponseParser("GET")
+    with pytest.raises(HttpError) as refused:
+        for _ in range(http1.MAX_HEAD_BYTES):
+            parser.feed(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert refused.value.status == 502
+
+
+def test_a_response_head_just_under_the_limit_passes_in_pieces():
+    head = b"HTTP/1.1 200 OK\r\nX: " + b"v" * (http1.MAX_HEAD_BYTES - 200) + b"\r\nContent-Length: 2\r\n\r\nok"
+    parser = http1.ResponseParser("GET")
+    events = [event for i in range(0, len(head), 4096) for event in parser.feed(head[i:i + 4096])]
+    assert events[0].status == 200 and events[-1] is MESSAGE_END
+
+
+def test_refused_request_body_state_is_known():
+    parser = RequestParser()
+    parser.feed(b"POST / HTTP/1.1\r\nHost: a.x\r\nContent-Length: 5\r\n\r\nab")
+    assert parser.mid_message
+    parser.feed(b"cde")
+    assert not parser.mid_message

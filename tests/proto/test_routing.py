@@ -28,10 +28,29 @@ def test_routes(host, route):
     assert router.route(host) == route
 
 
-@pytest.mark.parametrize("host", ["", ":80", "a.example.com:x", "[::1"])
+@pytest.mark.parametrize("host", [
+    "", ":80", "a.example.com:x", "[::1",
+    # a bracket must hold an IPv6 address and be followed by nothing but a port
+    "[alpha.example.com]beta.example.com:80", "[alpha.example.com]", "[::1]x.example.com", "[::1]:80:80", "[]",
+    "[v1.fe80::a]", "[::1%25eth0]",
+    # ports: ASCII digits only, at most five, at most 65535
+    "a.example.com:\u0663\u0660", "a.example.com:\uff18\uff10", "a.example.com:" + "8" * 20, "a.example.com:65536",
+    "a.example.com:000080", "a.example.com:-1", "a.example.com:+80", "a.example.com: 80",
+    # one trailing dot at most
+    "a.example.com..", "a.example.com...:80", "..",
+])
 def test_bad_hosts(host):
-    with pytest.raises(HttpError):
+    with pytest.raises(HttpError) as refused:
         hostname_of(host) if host else router.route(host)
+    assert refused.value.status == 400
+
+
+@pytest.mark.parametrize("host, hostname", [
+    ("a.example.com:", "a.example.com"), ("a.example.com:00080", "a.example.com"), ("a.example.com.:0", "a.example.com"),
+    ("[::1]", "::1"), ("[2001:DB8::1]:65535", "2001:db8::1"), ("a.example.com.", "a.example.com"),
+])
+def test_host_spellings_rfc_3986_allows(host, hostname):
+    assert hostname_of(host) == hostname
 
 
 @pytest.mark.parametrize("raw, name", [("Quiet-River", "quiet-river"), ("a", "a"), ("a" * 63, "a" * 63), ("x1-2", "x1-2")])

@@ -18,7 +18,7 @@ from ..proto.mux import Role
 from ..proto.pages import error_response
 from .bridge import StreamBridge
 from .connection import Connection
-from .relay import AGENT_PATH
+from .relay import AGENT_PATH, AGENT_UPGRADE
 from .session import MuxSession, MuxStream
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class Agent:
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
     async def _read_answer(self, conn: Connection) -> tuple[http1.ResponseHead, bytes]:
-        parser = http1.ResponseParser("GET")
+        parser = http1.ResponseParser("GET", AGENT_UPGRADE)
         body = b""
         while True:
             data = await asyncio.wait_for(conn.read(), 15)

@@ -94,18 +94,36 @@ class VisitorConnection:
     async def serve(self) -> None:
         conn = self.conn
         try:
-            while True:
-                head = await self.next_head()
-                if not await self.handle(head):
-                    break
+            try:
+                while True:
+                    head = await self.next_head()
+                    if not await self.handle(head):
+                        break
+            except HttpError as error:
+                self.send_error(error.status, error.message, close=True)
+            except CloseAfterResponse:
+                pass
+            if self.parser.mid_message:
+                await self.linger()
         except VisitorGone:
-            pass
-        except HttpError as error:
-            self.send_error(error.status, error.message, close=True)
-        except CloseAfterResponse:
             pass
         finally:
             conn.close()
+
+    async def linger(self) -> None:
+        """The relay answered before the visitor finished sending its request: end our side after the answer
+        and drop what still arrives for at most linger_timeout, so the visitor reads the answer instead of a
+        reset (closing with unread bytes sends RST, which may destroy the answer in flight). Then close."""
+        conn = self.conn
+        conn.write_eof()
+        self.deadline.arm(self.relay.config.linger_timeout, conn.abort)
+        try:
+            while await conn.read():
+                pass
+        except ConduitReset:
+            pass
+        finally:
+            self.deadline.disarm()
 
     def send_error(self, status: int, message: str, *, close: bool,
                    extra_headers: list[tuple[str, str]] | None = None, head_only: bool = False) -> None:
@@ -144,26 +162,36 @@ class VisitorConnection:
         return await self.exchange(head, tunnel)
 
     async def skip_body(self, head: RequestHead) -> bool:
-        """Read and drop a request body we answer ourselves; False if it can't be skipped cheaply."""
+        """Read and drop a request body we answer ourselves; False if it can't be skipped cheaply. The rest of
+        the request must arrive within head_timeout: a body declared and never sent can't hold the connection."""
         if head.upgrade is not None:
             return False
-        while True:
-            event = await self.next_event()
-            if event is MESSAGE_END:
-                return True
-            if isinstance(event, Switched):
-                return False
+        if self.pending and self.pending[0] is MESSAGE_END:
+            self.pending.popleft()
+            return True
+        self.deadline.arm(self.relay.config.head_timeout, self.conn.close)
+        try:
+            while True:
+                event = await self.next_event()
+                if event is MESSAGE_END:
+                    return True
+                if isinstance(event, Switched):
+                    return False
+        finally:
+            self.deadline.disarm()
 
     async def refuse(self, head: RequestHead, status: int, message: str,
                      extra_headers: list[tuple[str, str]] | None = None) -> bool:
+        """Answer a request the relay won't forward. The answer goes out at once; a small body is then skipped
+        to keep the connection (a visitor waiting on `Expect: 100-continue` gets the answer and a close)."""
         small_body = head.framing is BodyFraming.NONE or (
             head.framing is BodyFraming.LENGTH and head.content_length <= 64 * 1024
         )
         keep = head.keep_alive and small_body and head.upgrade is None
-        if keep:
-            keep = await self.skip_body(head)
+        if keep and head.framing is not BodyFraming.NONE and head.header(b"expect") is not None:
+            keep = False
         self.send_error(status, message, close=not keep, extra_headers=extra_headers, head_only=head.method == "HEAD")
-        return keep
+        return keep and await self.skip_body(head)
 
     async def exchange(self, head: RequestHead, tunnel) -> bool:
         relay = self.relay
@@ -209,14 +237,23 @@ class VisitorConnection:
                     raise
             else:
                 response = asyncio.ensure_future(self.forward_response(head, conduit, may_retry))
+                upload = asyncio.ensure_future(self.forward_request_body(head, conduit))
                 try:
-                    request_complete = await self.forward_request_body(head, conduit)
+                    await asyncio.wait((response, upload), return_when=asyncio.FIRST_COMPLETED)
+                    if upload.done():
+                        request_complete = upload.result()
+                    else:
+                        # answered (or gave up: 504, 502) before the whole request came: the rest of it is not
+                        # read any more, and the connection closes after the answer
+                        upload.cancel()
+                        request_complete = False
                     outcome = await response
                 except _RetryOnFreshConduit:
                     conduit.close()
                     continue
                 except BaseException:
                     response.cancel()
+                    upload.cancel()
                     conduit.abort()
                     raise
             if isinstance(outcome, Switched):
@@ -229,35 +266,29 @@ class VisitorConnection:
     async def forward_request_body(self, head: RequestHead, conduit) -> bool:
         """Send the rest of the request; returns whether it ended as an HTTP message."""
         chunked = head.framing is BodyFraming.CHUNKED
-        while True:
-            event = await self.next_event()
-            if event is MESSAGE_END:
-                if chunked:
-                    await conduit.send(http1.LAST_CHUNK)
-                if head.upgrade is None:
-                    return True
-                continue
-            if isinstance(event, Body):
-                try:
+        try:
+            while True:
+                event = await self.next_event()
+                if event is MESSAGE_END:
+                    if chunked:
+                        await conduit.send(http1.LAST_CHUNK)
+                    if head.upgrade is None:
+                        return True
+                    continue
+                if isinstance(event, Body):
                     await conduit.send(http1.encode_chunk(event.data) if chunked else event.data)
-                except ConduitReset:
-                    # the origin gave up on the upload; its answer (or the reset) reaches the visitor
-                    await self._drain_until_end()
+                elif isinstance(event, Switched):
+                    self.pending.appendleft(event)
                     return False
-            elif isinstance(event, Switched):
-                self.pending.appendleft(event)
-                return False
-
-    async def _drain_until_end(self) -> None:
-        while True:
-            event = await self.next_event()
-            if event is MESSAGE_END or isinstance(event, Switched):
-                return
+        except ConduitReset:
+            # the origin gave up on the upload; its answer (or the reset) reaches the visitor, and the rest of
+            # the body is not read (the connection closes after the answer)
+            return False
 
     async def forward_response(self, request: RequestHead, conduit, may_retry: bool):
         """Copy the response to the visitor; returns keep-alive (bool) or the Switched event."""
         conn = self.conn
-        parser = http1.ResponseParser(request.method)
+        parser = http1.ResponseParser(request.method, request.upgrade)
         sent_head = False
         chunked_out = False
         keep_alive = False
@@ -269,7 +300,11 @@ class VisitorConnection:
             nonlocal timed_out
             timed_out = True
             conduit.abort()
+            if sent_head:
+                conn.abort()  # also wakes a write to a visitor that stopped reading
 
+        # The origin must start answering within response_timeout, and once it has, it may not fall silent
+        # (nor the visitor stop reading) for that long either: every state of the exchange has a deadline.
         deadline = self.deadline
         deadline.arm(timeout, give_up)
         try:
@@ -331,7 +366,6 @@ class VisitorConnection:
                             chunked_out = framing is BodyFraming.CHUNKED
                             out.append(http1.encode_response_head(event, framing=framing, keep_alive=keep_alive))
                             sent_head = True
-                            deadline.disarm()
                         elif isinstance(event, Switched):
                             return event
                 finally:
@@ -340,6 +374,8 @@ class VisitorConnection:
                             conn.writelines(out)
                         except ConduitReset:
                             raise VisitorGone from None
+                if sent_head:
+                    deadline.arm(timeout, give_up)
                 if conn.must_drain:
                     try:
                         await conn.drain()

@@ -71,7 +71,7 @@ class Relay:
         loop = asyncio.get_running_loop()
         config = self.config
         self.deadlines = DeadlineSweeper(loop, resolution_for(config.idle_timeout, config.head_timeout,
-                                                              config.response_timeout))
+                                                              config.response_timeout, config.linger_timeout))
         # a handshake that never completes is a slowloris the per-address limit can't count yet: bound it like a head
         handshake = {"ssl_handshake_timeout": self.config.head_timeout} if self.ssl_context is not None else {}
         self.server = await loop.create_server(

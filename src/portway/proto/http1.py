@@ -30,14 +30,36 @@ HOP_BY_HOP = frozenset(
         b"content-length",
     }
 )
-FORWARDED_HEADERS = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"forwarded"}
+# Headers that tell an origin who the client is. Origins behind proxies trust them (ProxyFix, `set_real_ip_from`),
+# so only the relay may state them: every one a visitor sends is dropped, whatever its spelling, and the relay
+# writes X-Forwarded-For/-Proto/-Host itself. Every `X-Forwarded-*` name is dropped too (FORWARDED_PREFIX).
+CLIENT_IDENTITY_HEADERS = frozenset(
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"cf-connecting-ipv6",
+        b"fastly-client-ip",
+        b"akamai-client-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"x-original-forwarded-for",
+        b"x-originating-ip",
+        b"x-remote-ip",
+        b"x-remote-addr",
+        b"x-proxyuser-ip",
+        b"x-envoy-external-address",
+        b"client-ip",
+        b"via",
+    }
 )
-
+FORWARDED_PREFIX = b"x-forwarded-"
 
 _NOTHING: frozenset[bytes] = frozenset()
-# What the relay never forwards to the origin: it writes its own framing and X-Forwarded-* instead.
-_NOT_FORWARDED = HOP_BY_HOP | FORWARDED_HEADERS
+# What the relay never passes through to the origin. It writes its own framing and X-Forwarded-*, and Host
+# itself (the value it routed by, first), so a visitor naming `Host` in `Connection` can't remove it.
+_NOT_FORWARDED = HOP_BY_HOP | CLIENT_IDENTITY_HEADERS | {b"host"}
 
 
 class BodyFraming(Enum):
@@ -127,7 +149,14 @@ class RequestParser:
         self._head_bytes = 0
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._trailer_bytes = 0
+        self._in_message = False
         self._switched = False
+
+    @property
+    def mid_message(self) -> bool:
+        """Whether a request has begun and not ended: its remaining bytes (body) are still to come."""
+        return self._in_message and not self._switched
 
     def feed(self, data: bytes) -> list[object]:
         """Parse `data`; returns RequestHead, Body, MessageEnd and Switched events in order."""
@@ -157,7 +186,9 @@ class RequestParser:
     # httptools callbacks
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._in_message = True
         self._head_bytes = 0
+        self._trailer_bytes = 0
         self._url = b""
         self._headers = []
 
@@ -168,6 +199,13 @@ class RequestParser:
             raise HttpError(431, "request head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            # A trailer field (after a chunked body). It is never merged into the head the relay routed,
+            # authorised and forwarded (RFC 9110 §6.5.1): the relay drops trailers, within the head's size limit.
+            self._trailer_bytes += len(name) + len(value) + 4
+            if self._trailer_bytes > self._max_head_bytes:
+                raise HttpError(431, "request trailer section too large")
+            return
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._max_head_bytes:
             raise HttpError(431, "request head too large")
@@ -257,20 +295,32 @@ class RequestParser:
         self._events.append(Body(body))
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         self._events.append(MESSAGE_END)
 
 
 class ResponseParser:
-    """Parser of one origin response (plus any 1xx before it) arriving on a conduit."""
+    """Parser of one origin response (plus any 1xx before it) arriving on a conduit.
 
-    def __init__(self, request_method: str, max_head_bytes: int = MAX_HEAD_BYTES) -> None:
+    `upgrade` is the Upgrade value of the request (None if it asked for none): a 101 is accepted only for a
+    protocol the client asked for (RFC 9110 §7.8), so an origin can never turn a visitor's connection into a
+    raw pipe on its own. The heads (every 1xx and the final one, status line included) are bounded by
+    `max_head_bytes` as bytes arrive: llhttp buffers a header value whole before calling back, so an unfinished
+    head is measured by the bytes fed, never by what the callbacks have seen.
+    """
+
+    def __init__(self, request_method: str, upgrade: bytes | None = None,
+                 max_head_bytes: int = MAX_HEAD_BYTES) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._head_request = request_method == "HEAD"
+        self._upgrade_asked = upgrade
         self._max_head_bytes = max_head_bytes
         self._events: list[object] = []
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._heads_fed = 0  # bytes fed while the final head was incomplete (1xx heads included)
+        self._trailer_bytes = 0
         self._in_head = False
         self.head: ResponseHead | None = None
         self._body_seen = 0
@@ -289,6 +339,8 @@ class ResponseParser:
         return events
 
     def _feed_parser(self, data: bytes) -> list[object]:
+        head = self.head
+        awaiting_head = head is None or head.informational
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -305,6 +357,11 @@ class ResponseParser:
             if self.complete:
                 raise HttpError(502, "the origin sent bytes after its response ended") from None
             raise HttpError(502, f"the origin sent a malformed response: {error}") from None
+        if awaiting_head:
+            self._heads_fed += len(data)
+            head = self.head
+            if (head is None or head.informational) and self._heads_fed > self._max_head_bytes:
+                raise HttpError(502, "the origin's response head is too large")
         return self._take_events()
 
     def _take_events(self) -> list[object]:
@@ -339,13 +396,23 @@ class ResponseParser:
     def on_message_begin(self) -> None:
         self._in_head = True
         self._head_bytes = 0
+        self._trailer_bytes = 0
         self._reason = b""
         self._headers = []
 
     def on_status(self, reason: bytes) -> None:
+        self._head_bytes += len(reason)
+        if self._head_bytes > self._max_head_bytes:
+            raise HttpError(502, "the origin's response head is too large")
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            # a trailer field: dropped, never merged into the head the visitor already has (RFC 9110 §6.5.1)
+            self._trailer_bytes += len(name) + len(value) + 4
+            if self._trailer_bytes > self._max_head_bytes:
+                raise HttpError(502, "the origin's trailer section is too large")
+            return
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._max_head_bytes:
             raise HttpError(502, "the origin's response head is too large")
@@ -355,6 +422,8 @@ class ResponseParser:
         self._in_head = False
         parser = self._parser
         status = parser.get_status_code()
+        if status == 101:
+            self._check_switch()
         framing, length = _framing_of(self._headers)
         if status in (204, 304) or 100 <= status < 200 or self._head_request:
             framing, length = BodyFraming.NONE, 0
@@ -373,6 +442,18 @@ class ResponseParser:
             self.complete = True
             self._events.append(MESSAGE_END)
             raise _HeadResponseDone
+
+    def _check_switch(self) -> None:
+        asked = self._upgrade_asked
+        if asked is None:
+            raise HttpError(502, "the origin switched protocols although the request asked for no upgrade")
+        offered = {token.strip().split(b"/")[0].lower() for token in asked.split(b",")}
+        switched_to = [value for key, value in self._headers if key.lower() == b"upgrade"]
+        if len(switched_to) != 1 or not switched_to[0].strip():
+            raise HttpError(502, "the origin's 101 response does not name one protocol in Upgrade")
+        chosen = {token.strip().split(b"/")[0].lower() for token in switched_to[0].split(b",")}
+        if not chosen <= offered:
+            raise HttpError(502, "the origin switched to a protocol the request did not ask for")
 
     def on_body(self, body: bytes) -> None:
         self._body_seen += len(body)
@@ -394,18 +475,19 @@ def encode_request_head(
     head: RequestHead, *, peer_ip: str, scheme: str, connection: bytes = b"keep-alive",
     drop_authorization: bool = False,
 ) -> bytes:
-    """The request head as the origin receives it: hop-by-hop headers replaced, X-Forwarded-* set.
+    """The request head as the origin receives it: the one Host the request was routed by, hop-by-hop and
+    client-identity headers replaced by the relay's own framing and X-Forwarded-*.
 
     `drop_authorization` keeps the relay's own visitor credentials (tunnel basic auth) from the origin.
     """
-    lines = [head.method.encode("ascii") + b" " + head.target + b" HTTP/1.1"]
+    lines = [head.method.encode("ascii") + b" " + head.target + b" HTTP/1.1", b"Host: " + head.host.encode("latin-1")]
     also_drop = head.connection_named
     if drop_authorization:
         also_drop = also_drop | {b"authorization"}
     for key, value in head.headers:
         # CGI/WSGI servers fold `_` into `-`: `X_Forwarded_For` or `Transfer_Encoding` must not get through either
         lowered = key.lower().replace(b"_", b"-")
-        if lowered in _NOT_FORWARDED or lowered in also_drop:
+        if lowered in _NOT_FORWARDED or lowered in also_drop or lowered.startswith(FORWARDED_PREFIX):
             continue
         lines.append(key + b": " + value)
     if head.framing is BodyFraming.LENGTH:

@@ -28,20 +28,45 @@ TO_RELAY = ToRelay()
 
 
 def hostname_of(host_header: str) -> str:
-    """`Quiet-River.Example.COM.:8080` → `quiet-river.example.com`; IPv6 brackets kept off."""
+    """`Quiet-River.Example.COM.:8080` → `quiet-river.example.com`; IPv6 brackets kept off.
+
+    Only the spellings RFC 3986 allows for a host and port are routed: an IPv6 literal in brackets followed by
+    nothing but a port, a port of at most five ASCII digits (≤ 65535), at most one trailing dot. Anything else is
+    a 400, so no two parts of the relay (router, 404 page, origin) can read one Host differently.
+    """
     host = host_header.strip()
     if host.startswith("["):
         end = host.find("]")
         if end < 0:
             raise HttpError(400, "the Host header has an unclosed IPv6 bracket")
-        return host[1:end].lower()
+        literal, rest = host[1:end], host[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise HttpError(400, "the Host header has bytes after its IPv6 address")
+        try:
+            if "%" in literal:  # a zone id names an interface of the client's machine, meaningless here
+                raise ValueError(literal)
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            raise HttpError(400, "the Host header's brackets hold no IPv6 address") from None
+        _check_port(rest[1:])
+        return literal.lower()
     name, _, port = host.partition(":")
-    if port and not port.isdigit():
-        raise HttpError(400, "the Host header has an invalid port")
-    name = name.rstrip(".").lower()
+    _check_port(port)
+    if name.endswith(".."):
+        raise HttpError(400, "the Host header ends with more than one dot")
+    name = name.removesuffix(".").lower()
     if not name:
         raise HttpError(400, "the Host header is empty")
     return name
+
+
+_DIGITS = frozenset("0123456789")
+
+
+def _check_port(port: str) -> None:
+    """An empty port is allowed (`host:`, RFC 3986); otherwise 1–5 ASCII digits, at most 65535."""
+    if port and (len(port) > 5 or not _DIGITS.issuperset(port) or int(port) > 65535):
+        raise HttpError(400, "the Host header has an invalid port")
 
 
 def _is_ip(hostname: str) -> bool:
