@@ -163,9 +163,9 @@ def _run(make: Callable[[], Awaitable[int]]) -> int:
 
 
 async def run_server(config: RelayConfig) -> int:
-    from .aio.relay import Relay
+    from .relay.server import Relay
 
-    from .aio.relay import InsecureConfiguration
+    from .relay.server import InsecureConfiguration
 
     relay = Relay(config)
     try:
@@ -185,7 +185,7 @@ async def run_server(config: RelayConfig) -> int:
 
 async def start_embedded_relay():
     """A relay in this process on 127.0.0.1:8000, or the next free port, with *.localhost names."""
-    from .aio.relay import Relay
+    from .relay.server import Relay
 
     for offset in range(EMBEDDED_PORT_ATTEMPTS):
         relay = Relay(RelayConfig(port=DEFAULT_RELAY_PORT + offset))
@@ -200,7 +200,7 @@ async def start_embedded_relay():
 
 
 async def run_http(config: AgentConfig) -> int:
-    from .aio.agent import Agent
+    from .agent.client import Agent
 
     relay = None
     relay_url = config.relay

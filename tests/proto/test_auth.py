@@ -149,7 +149,7 @@ def test_throttle_matches_a_sliding_window_model(events, max_failures, window):
 # ----------------------------------------------------------------------------------------------- relay rules
 
 def relay_with(*grants: Grant, **config):
-    from portway.aio.relay import Relay
+    from portway.relay.server import Relay
 
     return Relay(RelayConfig(grants=tuple(grants), **config))
 
@@ -205,7 +205,7 @@ def test_random_names_skip_reserved_ones():
 
 
 def test_max_tunnels_per_token():
-    from portway.aio.tunnels import Tunnel
+    from portway.relay.tunnels import Tunnel
 
     relay = relay_with(GRANT_A, GRANT_B)
     for name in ("one", "two"):
@@ -216,7 +216,7 @@ def test_max_tunnels_per_token():
 
 
 def test_live_name_is_not_replaced_without_proof():
-    from portway.aio.tunnels import Tunnel
+    from portway.relay.tunnels import Tunnel
 
     relay = relay_with(GRANT_B)
     relay.registry.tunnels["taken"] = Tunnel("taken", owner=DIGEST_B)
@@ -225,14 +225,14 @@ def test_live_name_is_not_replaced_without_proof():
 
 @pytest.mark.parametrize("bind", ["127.0.0.1", "127.9.8.7", "::1", "localhost"])
 def test_loopback_relay_may_run_without_tokens(bind):
-    from portway.aio.relay import check_secure_default
+    from portway.relay.server import check_secure_default
 
     check_secure_default(RelayConfig(bind=bind))
 
 
 @pytest.mark.parametrize("bind", ["0.0.0.0", "::", "192.0.2.1", "2001:db8::1", "relay.example.com", ""])
 def test_reachable_relay_without_tokens_refuses_unless_told(bind):
-    from portway.aio.relay import InsecureConfiguration, check_secure_default
+    from portway.relay.server import InsecureConfiguration, check_secure_default
 
     with pytest.raises(InsecureConfiguration, match="--open"):
         check_secure_default(RelayConfig(bind=bind))
@@ -253,6 +253,6 @@ def head_with(*headers: bytes):
     (b"Proxy-Authorization: Bearer abc", None),
 ])
 def test_agent_token_comes_from_the_bearer_authorization_only(header, token):
-    from portway.aio.relay import bearer_token
+    from portway.relay.server import bearer_token
 
     assert bearer_token(head_with(header)) == token

@@ -17,13 +17,13 @@ from ..proto import http1
 from ..proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseHead, Switched
 from ..proto.pages import error_response
 from ..proto.routing import NotServed, ToRelay
-from .bridge import StreamBridge
-from .connection import ConduitReset, Connection, splice
-from .deadlines import Deadline
-from .session import MuxStream
+from ..link.bridge import StreamBridge
+from ..link.connection import ConduitReset, Connection, splice
+from ..link.deadlines import Deadline
+from ..link.session import MuxStream
 
 if TYPE_CHECKING:
-    from .relay import Relay
+    from .server import Relay
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
-"""What a stream's sink (aio.bridge) gets from MuxSession: the frames one link read brought for a stream
+"""What a stream's sink (link.bridge) gets from MuxSession: the frames one link read brought for a stream
 arrive as one list, so they leave in one vectored write, and in order with the stream's end and reset."""
 
 from __future__ import annotations
 
 import asyncio
 
-from portway.aio.session import MuxSession
+from portway.link.session import MuxSession
 from portway.proto import events as ev
 from portway.proto.mux import Mux, MuxConfig, Role
 

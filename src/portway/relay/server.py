@@ -21,11 +21,11 @@ from ..proto.mux import Role
 from ..proto.names import SYSTEM_NAMES, InvalidName, random_name, validate_name
 from ..proto.pages import error_response, landing_page, reason
 from ..proto.routing import Router
-from .connection import Connection
-from .deadlines import DeadlineSweeper, resolution_for
-from .ltcompat import LocalTunnelService
-from .proxy import VisitorConnection
-from .session import MuxSession
+from ..link.connection import Connection
+from ..link.deadlines import DeadlineSweeper, resolution_for
+from .localtunnel import LocalTunnelService
+from .front import VisitorConnection
+from ..link.session import MuxSession
 from .tunnels import AccessPolicy, AgentTunnel, Registry, Tunnel
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@ ticking when nothing is watched."""
 
 import asyncio
 
-from portway.aio.deadlines import NEVER, Deadline, DeadlineSweeper, resolution_for
+from portway.link.deadlines import NEVER, Deadline, DeadlineSweeper, resolution_for
 
 
 def test_resolution_is_a_quarter_of_the_shortest_timeout_within_bounds():

@@ -5,7 +5,7 @@ that many plain sockets to the port; each one is spliced to its local app, so th
 over it as a client. Here each lt tunnel gets its own listener on the relay's bind address that only
 takes sockets from the registering address, up to the advertised count, and an `LtTunnel` lends those
 sockets to proxy.VisitorConnection as conduits — the same path visitors of agent tunnels take.
-Decisions (what is a registration, who may connect, the answers) live in proto/ltcompat.py.
+Decisions (what is a registration, who may connect, the answers) live in proto/lt_protocol.py.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ..errors import HttpError
-from ..proto import ltcompat as lt
+from ..proto import lt_protocol as lt
 from ..proto.http1 import RequestHead
 from ..proto.names import InvalidName, validate_name
-from .connection import Connection
+from ..link.connection import Connection
 from .tunnels import Tunnel
 
 if TYPE_CHECKING:
-    from .proxy import VisitorConnection
-    from .relay import Relay
+    from .front import VisitorConnection
+    from .server import Relay
     from .tunnels import Registry
 
 log = logging.getLogger(__name__)

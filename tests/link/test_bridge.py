@@ -11,9 +11,9 @@ import struct
 
 import pytest
 
-from portway.aio.bridge import StreamBridge
-from portway.aio.connection import ConduitReset
-from portway.aio.session import MuxSession
+from portway.link.bridge import StreamBridge
+from portway.link.connection import ConduitReset
+from portway.link.session import MuxSession
 from portway.proto.mux import MuxConfig, Role
 
 TOTAL = 48 * 1024 * 1024

@@ -8,8 +8,8 @@ import asyncio
 from collections import deque
 from types import SimpleNamespace
 
-from portway.aio.connection import ReceiveBuffer
-from portway.aio.proxy import VisitorConnection
+from portway.link.connection import ReceiveBuffer
+from portway.relay.front import VisitorConnection
 from portway.config import RelayConfig
 from portway.proto.http1 import Switched
 

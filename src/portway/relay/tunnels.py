@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ..errors import HttpError, MuxClosedError
 from ..proto.http1 import RequestHead
-from .session import MuxSession
+from ..link.session import MuxSession
 
 IDLE_CONDUITS_PER_TUNNEL = 256
 

@@ -1,7 +1,7 @@
 """Runs a sans-I/O Mux over one transport: the glue between asyncio and proto.mux.
 
 One read callback feeds the mux, one coalesced flush per loop iteration writes what it produced, one
-timer drives keepalive. Streams are conduits with the same interface as aio.connection.Connection.
+timer drives keepalive. Streams are conduits with the same interface as link.connection.Connection.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class StreamSink(Protocol):
-    """Receives a stream's events as callbacks (see aio.bridge), for a data path without tasks."""
+    """Receives a stream's events as callbacks (see link.bridge), for a data path without tasks."""
 
     def stream_data(self, chunks: list[bytes]) -> None: ...
 

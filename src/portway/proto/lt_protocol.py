@@ -3,7 +3,7 @@
 Which requests to the relay's own host are `lt` registrations (`/?new`, `/NAME`) or status queries,
 the answers `lt` understands, and the rules for the per-tunnel pool sockets: who may connect, how
 many, and when a returning client may take its name back. docs/localtunnel.md describes the client
-this has to satisfy; the aio side (aio/ltcompat.py) only moves bytes and keeps time.
+this has to satisfy; the asyncio side (relay/localtunnel.py) only moves bytes and keeps time.
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ from ..errors import HttpError, RegistrationError
 from ..proto import http1
 from ..proto.mux import Role
 from ..proto.pages import error_response
-from .bridge import StreamBridge
-from .connection import Connection
-from .relay import AGENT_PATH, AGENT_UPGRADE
-from .session import MuxSession, MuxStream
+from ..link.bridge import StreamBridge
+from ..link.connection import Connection
+from ..relay.server import AGENT_PATH, AGENT_UPGRADE
+from ..link.session import MuxSession, MuxStream
 
 log = logging.getLogger(__name__)
 

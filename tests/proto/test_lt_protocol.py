@@ -8,8 +8,8 @@ import json
 import httptools
 import pytest
 
-from portway.proto import ltcompat as lt
-from portway.proto.ltcompat import Admission, RegistrationRequest
+from portway.proto import lt_protocol as lt
+from portway.proto.lt_protocol import Admission, RegistrationRequest
 
 
 @pytest.mark.parametrize(
