@@ -14,7 +14,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .proto.names import InvalidName, validate_name
+from .errors import InvalidName, TokenFileError
+from .proto.names import validate_name
 
 UNLIMITED = 0
 
@@ -34,10 +35,6 @@ class Grant:
 
 
 OPEN_GRANT = Grant(label="anonymous", digest="")
-
-
-class TokenFileError(ValueError):
-    """The tokens file is unreadable or malformed; the message names the entry."""
 
 
 def load_tokens_file(path: str | Path) -> list[Grant]:

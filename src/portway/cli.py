@@ -16,10 +16,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .auth import Grant, TokenFileError, hash_token, load_tokens_file
+from .auth import Grant, hash_token, load_tokens_file
 from .config import DEFAULT_RELAY_PORT, AgentConfig, RelayConfig
-from .errors import RegistrationError
-from .proto.names import InvalidName, validate_name
+from .errors import InsecureConfiguration, InvalidName, RegistrationError, TokenFileError
+from .proto.names import validate_name
 from .runtime import tune_for_serving
 
 stderr = Console(stderr=True, highlight=False)
@@ -164,8 +164,6 @@ def _run(make: Callable[[], Awaitable[int]]) -> int:
 
 async def run_server(config: RelayConfig) -> int:
     from .relay.server import Relay
-
-    from .relay.server import InsecureConfiguration
 
     relay = Relay(config)
     try:

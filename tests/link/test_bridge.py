@@ -12,7 +12,7 @@ import struct
 import pytest
 
 from portway.link.bridge import StreamBridge
-from portway.link.connection import ConduitReset
+from portway.errors import ConduitReset
 from portway.link.session import MuxSession
 from portway.proto.mux import MuxConfig, Role
 

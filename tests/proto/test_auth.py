@@ -1,9 +1,8 @@
 """Agent authentication without sockets: token digests, the tokens file, constant-time lookup, the failure
-throttle, the relay's claim rules (order of checks, reserved names, quotas) and the secure default."""
+throttle and the secure default. The claim rules that use them are in tests/policy/test_claims.py."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 
@@ -11,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portway.auth import OPEN_GRANT, FailureThrottle, Grant, TokenBook, TokenFileError, hash_token, load_tokens_file
+from portway.auth import OPEN_GRANT, FailureThrottle, Grant, TokenBook, hash_token, load_tokens_file
+from portway.errors import TokenFileError
 from portway.config import RelayConfig
-from portway.errors import HttpError
 from portway.proto.http1 import RequestParser
 
 DIGEST_A = hash_token("alpha-secret")
@@ -146,82 +145,7 @@ def test_throttle_matches_a_sliding_window_model(events, max_failures, window):
         history.setdefault(address, []).append(now)
 
 
-# ----------------------------------------------------------------------------------------------- relay rules
-
-def relay_with(*grants: Grant, **config):
-    from portway.relay.server import Relay
-
-    return Relay(RelayConfig(grants=tuple(grants), **config))
-
-
-def claim(relay, token, requested, peer="198.51.100.7", may_replace=lambda tunnel: False):
-    async def run():
-        return relay.claim(token=token, peer_ip=peer, requested=requested, may_replace=may_replace)
-
-    return asyncio.run(run())
-
-
-def refusal(relay, token, requested, peer="198.51.100.7") -> tuple[int, str]:
-    with pytest.raises(HttpError) as refused:
-        claim(relay, token, requested, peer)
-    return refused.value.status, refused.value.message
-
-
-def test_token_is_checked_before_the_name():
-    relay = relay_with(GRANT_A, GRANT_B)
-    for name in ("reserved-a", "../etc", "www", "free"):
-        assert refusal(relay, "wrong", name, peer=f"203.0.113.{len(name)}") == (
-            401, "the token was not accepted by this relay")
-    assert refusal(relay, None, "free", peer="203.0.113.99")[0] == 401
-
-
-def test_guessing_address_is_throttled_even_with_the_right_token():
-    relay = relay_with(GRANT_A)
-    for _ in range(10):
-        assert refusal(relay, "guess", "x", peer="192.0.2.1")[0] == 401
-    assert refusal(relay, "alpha-secret", "x", peer="192.0.2.1")[0] == 429
-    assert claim(relay, "alpha-secret", "x", peer="192.0.2.2")[0] == "x"
-
-
-@pytest.mark.parametrize("requested, status, message", [
-    ("reserved-a", 403, "reserved for another token"),
-    ("admin", 400, "reserved for the relay itself"),
-    ("_portway", 400, "not a DNS label"),
-    ("../etc", 400, "not a DNS label"),
-    ("a" * 64, 400, "the limit is 63"),
-])
-def test_names_a_token_may_not_take(requested, status, message):
-    code, text = refusal(relay_with(GRANT_A, GRANT_B), "beta-secret", requested)
-    assert code == status and message in text
-
-
-def test_reserved_name_for_its_owner_and_case_folding():
-    assert claim(relay_with(GRANT_A, GRANT_B), "alpha-secret", "Reserved-A") == ("reserved-a", GRANT_A)
-
-
-def test_random_names_skip_reserved_ones():
-    relay = relay_with(GRANT_A, GRANT_B)
-    assert "reserved-a" in relay.reserved_or_taken()
-
-
-def test_max_tunnels_per_token():
-    from portway.relay.tunnels import Tunnel
-
-    relay = relay_with(GRANT_A, GRANT_B)
-    for name in ("one", "two"):
-        relay.registry.tunnels[name] = Tunnel(name, owner=DIGEST_A)
-    code, text = refusal(relay, "alpha-secret", "three")
-    assert code == 403 and "may hold 2 tunnel(s)" in text
-    assert claim(relay, "beta-secret", "three")[0] == "three"  # quotas are per token
-
-
-def test_live_name_is_not_replaced_without_proof():
-    from portway.relay.tunnels import Tunnel
-
-    relay = relay_with(GRANT_B)
-    relay.registry.tunnels["taken"] = Tunnel("taken", owner=DIGEST_B)
-    assert refusal(relay, "beta-secret", "taken")[0] == 409
-
+# ----------------------------------------------------------------------------------------------- secure default
 
 @pytest.mark.parametrize("bind", ["127.0.0.1", "127.9.8.7", "::1", "localhost"])
 def test_loopback_relay_may_run_without_tokens(bind):
@@ -232,7 +156,8 @@ def test_loopback_relay_may_run_without_tokens(bind):
 
 @pytest.mark.parametrize("bind", ["0.0.0.0", "::", "192.0.2.1", "2001:db8::1", "relay.example.com", ""])
 def test_reachable_relay_without_tokens_refuses_unless_told(bind):
-    from portway.relay.server import InsecureConfiguration, check_secure_default
+    from portway.errors import InsecureConfiguration
+    from portway.relay.server import check_secure_default
 
     with pytest.raises(InsecureConfiguration, match="--open"):
         check_secure_default(RelayConfig(bind=bind))
@@ -253,6 +178,6 @@ def head_with(*headers: bytes):
     (b"Proxy-Authorization: Bearer abc", None),
 ])
 def test_agent_token_comes_from_the_bearer_authorization_only(header, token):
-    from portway.relay.server import bearer_token
+    from portway.proto.control import bearer_token
 
     assert bearer_token(head_with(header)) == token

@@ -1,7 +1,10 @@
+import random
+
 import pytest
 
 from portway.errors import HttpError
-from portway.proto.names import SYSTEM_NAMES, InvalidName, random_name, validate_name
+from portway.errors import InvalidName
+from portway.proto.names import SYSTEM_NAMES, random_name, validate_name
 from portway.proto.routing import NotServed, Router, ToRelay, ToTunnel, hostname_of
 
 router = Router("example.com", SYSTEM_NAMES)
@@ -66,7 +69,8 @@ def test_invalid_names(raw):
 
 def test_random_names_are_valid_and_free():
     taken = set()
+    rng = random.Random(3)
     for _ in range(200):
-        name = random_name(taken)
+        name = random_name(taken, rng)
         assert validate_name(name) == name and name not in taken
         taken.add(name)

@@ -63,7 +63,7 @@ class RecordingVisitor:
 def forward(reads: list[list[bytes]], method: str = "GET", upgrade: bytes | None = None):
     async def main():
         visitor = RecordingVisitor()
-        proxy = VisitorConnection(SimpleNamespace(config=RelayConfig()), visitor, "http")
+        proxy = VisitorConnection(visitor, "http", RelayConfig(), None, None, None)
         request = SimpleNamespace(method=method, http_version="1.1", keep_alive=True, upgrade=upgrade)
         conduit = ScriptedConduit(reads)
         outcome = await proxy.forward_response(request, conduit, may_retry=False)

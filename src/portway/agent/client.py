@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
 import ssl
 from dataclasses import dataclass
 from typing import Callable
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from ..config import AgentConfig
-from ..errors import HttpError, RegistrationError
-from ..proto import http1
-from ..proto.mux import Role
-from ..proto.pages import error_response
+from ..errors import RegistrationError
 from ..link.bridge import StreamBridge
 from ..link.connection import Connection
-from ..relay.server import AGENT_PATH, AGENT_UPGRADE
 from ..link.session import MuxSession, MuxStream
+from ..proto.control import AgentHandshake, LinkRequest
+from ..proto.mux import Role
+from ..proto.pages import error_response
 
 log = logging.getLogger(__name__)
 
 RECONNECT_MIN_DELAY = 0.5
 RECONNECT_MAX_DELAY = 30.0
+HANDSHAKE_TIMEOUT = 15.0  # seconds the relay may take to answer a link request
 
 
 @dataclass
@@ -90,58 +88,26 @@ class Agent:
             Connection, self.relay_host, self.relay_port, ssl=self.ssl_context,
             server_hostname=self.relay_host if self.ssl_context else None,
         )
+        request = LinkRequest(name=self.name, token=self.config.token, resume_key=self.resume_key,
+                              basic_auth=self.config.basic_auth, allow_ip=tuple(self.config.allow_ip))
+        handshake = AgentHandshake()
         try:
-            conn.write(self._registration_request())
-            head, leftover = await self._read_answer(conn)
+            conn.write(request.encode(f"{self.relay_host}:{self.relay_port}"))
+            granted = None
+            while granted is None:
+                granted = handshake.receive_data(await asyncio.wait_for(conn.read(), HANDSHAKE_TIMEOUT))
         except BaseException:
             conn.close()
             raise
-        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in head.headers}
-        self.name = headers["portway-name"]
-        self.resume_key = headers["portway-resume"]
+        grant = granted.grant
+        self.name = grant.name
+        self.resume_key = grant.resume_key
         session = MuxSession(Role.CLIENT, self.config.mux, on_stream=self.serve_stream)
         transport.set_protocol(session)
         session.connection_made(transport)
-        if leftover:
-            session.data_received(leftover)
-        return Registered(self.name, headers["portway-url"], self.resume_key, session)
-
-    def _registration_request(self) -> bytes:
-        target = AGENT_PATH + (f"?name={quote(self.name)}" if self.name else "")
-        lines = [
-            f"GET {target} HTTP/1.1",
-            f"Host: {self.relay_host}:{self.relay_port}",
-            "Upgrade: portway-mux",
-            "Connection: Upgrade",
-        ]
-        if self.config.token:
-            lines.append(f"Authorization: Bearer {self.config.token}")
-        if self.resume_key:
-            lines.append(f"Portway-Resume: {self.resume_key}")
-        if self.config.basic_auth:
-            lines.append("Portway-Basic-Auth: " + base64.b64encode(self.config.basic_auth.encode()).decode())
-        if self.config.allow_ip:
-            lines.append("Portway-Allow-Ip: " + ", ".join(self.config.allow_ip))
-        return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-    async def _read_answer(self, conn: Connection) -> tuple[http1.ResponseHead, bytes]:
-        parser = http1.ResponseParser("GET", AGENT_UPGRADE)
-        body = b""
-        while True:
-            data = await asyncio.wait_for(conn.read(), 15)
-            try:
-                events = parser.feed(data) if data else parser.feed_eof()
-            except HttpError:
-                raise RegistrationError(502, "the relay answered with something that is not HTTP") from None
-            for event in events:
-                if isinstance(event, http1.Switched):
-                    assert parser.head is not None
-                    return parser.head, event.trailing
-                if isinstance(event, http1.Body):
-                    body += event.data
-                elif event is http1.MESSAGE_END:
-                    assert parser.head is not None
-                    raise RegistrationError(parser.head.status, _message_of(body, parser.head.status))
+        if granted.link_bytes:
+            session.data_received(granted.link_bytes)
+        return Registered(grant.name, grant.url, grant.resume_key, session)
 
     async def serve_stream(self, stream: MuxStream) -> None:
         loop = asyncio.get_running_loop()
@@ -158,9 +124,3 @@ class Agent:
             finally:
                 stream.close()
 
-
-def _message_of(body: bytes, status: int) -> str:
-    try:
-        return str(json.loads(body)["message"])
-    except (ValueError, KeyError, TypeError):
-        return body.decode("utf-8", "replace").strip() or f"the relay answered HTTP {status}"

@@ -11,6 +11,8 @@ import asyncio
 import socket
 from collections import deque
 
+from ..errors import ConduitReset
+
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
     """Small writes (a request, a WebSocket message) must leave at once, not wait for Nagle."""
@@ -31,10 +33,6 @@ def abort_with_reset(transport: asyncio.BaseTransport) -> None:
         except OSError:
             pass
     transport.abort()
-
-
-class ConduitReset(ConnectionError):
-    """The other end aborted: whatever was in flight is lost and must be shown as lost."""
 
 
 class ReceiveBuffer:

@@ -11,10 +11,10 @@ import logging
 from collections import deque
 from typing import Awaitable, Callable, Protocol
 
-from ..errors import MuxClosedError, ProtocolError
+from ..errors import ConduitReset, MuxClosedError, ProtocolError
 from ..proto import events as ev
 from ..proto.mux import Mux, MuxConfig, Role
-from .connection import ConduitReset, ReceiveBuffer
+from .connection import ReceiveBuffer
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-import json
 from dataclasses import dataclass
 from enum import Enum
 from urllib.parse import parse_qs, unquote
 
-from .http1 import simple_response
+from .pages import json_response
 
 # The pool size the relay advertises and enforces. `lt` opens exactly this many sockets and replaces
 # each one the relay closes; advertising more than is enforced would make it reconnect in a loop.
@@ -26,15 +25,6 @@ MAX_SOCKETS = 10
 # the only refusal it prints (and then exits 1).
 REFUSAL_STATUS = 201
 
-_REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found"}
-
-
-class Refused(Exception):
-    """A registration the relay turns down; `message` is what the `lt` user will read."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,12 +107,6 @@ def registration_answer(name: str, port: int, url: str, max_conn_count: int = MA
 
 def tunnel_status(connected_sockets: int) -> dict:
     return {"connected_sockets": connected_sockets}
-
-
-def json_response(status: int, payload: dict, *, close: bool = False) -> bytes:
-    body = json.dumps(payload).encode()
-    return simple_response(status, _REASONS.get(status, "Error"), body, content_type="application/json",
-                           close=close)
 
 
 def refusal_response(message: str, *, close: bool = False) -> bytes:

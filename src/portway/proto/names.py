@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import re
-import secrets
+from typing import TYPE_CHECKING
+
+from ..errors import InvalidName
+
+if TYPE_CHECKING:
+    import random
 
 MAX_NAME_LENGTH = 63
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
@@ -23,10 +28,6 @@ _NOUNS = (
 ).split()
 
 
-class InvalidName(ValueError):
-    """A requested tunnel name breaks the naming rules; the message says which."""
-
-
 def validate_name(raw: str) -> str:
     """Case-fold and check a requested name; returns the canonical form or raises InvalidName."""
     name = raw.strip().lower()
@@ -43,12 +44,14 @@ def validate_name(raw: str) -> str:
     return name
 
 
-def random_name(taken: "set[str] | frozenset[str] | dict[str, object]", attempts: int = 64) -> str:
-    """A readable name like `quiet-river`, with a numeric suffix once the plain pairs run short."""
+def random_name(taken: "set[str] | frozenset[str] | dict[str, object]", rng: random.Random,
+                attempts: int = 64) -> str:
+    """A readable name like `quiet-river`, with a numeric suffix once the plain pairs run short. `rng` is the
+    source of randomness (the relay passes `secrets.SystemRandom()`: names must not be predictable)."""
     for attempt in range(attempts):
-        name = f"{secrets.choice(_ADJECTIVES)}-{secrets.choice(_NOUNS)}"
+        name = f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
         if attempt >= 8:
-            name += f"-{secrets.randbelow(10_000)}"
+            name += f"-{rng.randrange(10_000)}"
         if name not in taken:
             return name
     raise RuntimeError("could not find a free random tunnel name")

@@ -1,13 +1,14 @@
-"""The relay's own pages: error pages visitors see and the landing page of the bare domain."""
+"""The relay's own answers: error pages visitors see, the landing page of the bare domain, JSON for programs."""
 
 from __future__ import annotations
 
 import html
+import json
 
 from .http1 import simple_response
 
 REASONS = {
-    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
     405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict", 413: "Content Too Large",
     429: "Too Many Requests", 431: "Request Header Fields Too Large", 502: "Bad Gateway",
     503: "Service Unavailable", 504: "Gateway Timeout",
@@ -33,6 +34,12 @@ def error_response(status: int, message: str, *, close: bool = False,
     title = f"{status} {reason(status)}"
     return simple_response(status, reason(status), page(title, message), close=close,
                            extra_headers=extra_headers)
+
+
+def json_response(status: int, payload: dict, *, close: bool = False) -> bytes:
+    """An answer for programs (the agent, `lt`, status checks) rather than people."""
+    return simple_response(status, reason(status), json.dumps(payload).encode(), content_type="application/json",
+                           close=close)
 
 
 def landing_page(domain: str, port_suffix: str, tunnel_count: int) -> bytes:

@@ -10,26 +10,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable
 
-from ..errors import HttpError
-from ..proto import http1
+from ..errors import ConduitReset, HttpError, VisitorGone
+from ..proto import exchange, http1
 from ..proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseHead, Switched
 from ..proto.pages import error_response
-from ..proto.routing import NotServed, ToRelay
+from ..proto.routing import NotServed, Router, ToRelay
 from ..link.bridge import StreamBridge
-from ..link.connection import ConduitReset, Connection, splice
+from ..link.connection import Connection, splice
 from ..link.deadlines import Deadline
 from ..link.session import MuxStream
 
 if TYPE_CHECKING:
-    from .server import Relay
+    from ..config import RelayConfig
+    from .registry import Registry
 
 log = logging.getLogger(__name__)
-
-
-class VisitorGone(Exception):
-    """The visitor closed or reset its connection; nothing more can be sent to it."""
 
 
 class CloseAfterResponse(Exception):
@@ -37,16 +34,23 @@ class CloseAfterResponse(Exception):
 
 
 class VisitorConnection:
-    """Drives one visitor connection; `pending` holds parsed events not yet acted on."""
+    """One visitor connection, request by request: parses each head, routes it by its own Host, refuses or
+    forwards it over a conduit to the tunnel's origin, and copies the answer back with the relay's framing.
+    Owns the connection's parser, its queue of parsed events not yet acted on (`pending`) and its deadline,
+    which the relay's sweep watches while the connection lives."""
 
-    def __init__(self, relay: "Relay", conn: Connection, scheme: str) -> None:
-        self.relay = relay
+    def __init__(self, conn: Connection, scheme: str, config: "RelayConfig", router: Router, registry: "Registry",
+                 serve_own: Callable[["VisitorConnection", RequestHead], Awaitable[bool]]) -> None:
         self.conn = conn
         self.scheme = scheme
+        self.config = config
+        self.router = router
+        self.registry = registry
+        self.serve_own = serve_own
         self.parser = http1.RequestParser()
         self.pending: deque[object] = deque()
         self.loop = asyncio.get_running_loop()
-        self.deadline = Deadline(self.loop)  # watched by the relay's sweeper while the connection lives
+        self.deadline = Deadline(self.loop)
 
     async def _read_and_parse(self) -> None:
         conn = self.conn
@@ -71,7 +75,7 @@ class VisitorConnection:
             head = self.pending.popleft()
             assert isinstance(head, RequestHead)
             return head
-        config = self.relay.config
+        config = self.config
         deadline = self.deadline
         deadline.arm(config.idle_timeout, self.conn.close)
         started = False
@@ -116,7 +120,7 @@ class VisitorConnection:
         reset (closing with unread bytes sends RST, which may destroy the answer in flight). Then close."""
         conn = self.conn
         conn.write_eof()
-        self.deadline.arm(self.relay.config.linger_timeout, conn.abort)
+        self.deadline.arm(self.config.linger_timeout, conn.abort)
         try:
             while await conn.read():
                 pass
@@ -141,15 +145,14 @@ class VisitorConnection:
 
     async def handle(self, head: RequestHead) -> bool:
         """Serve one request; returns whether the connection may carry another."""
-        relay = self.relay
-        route = relay.router.route(head.host)
+        route = self.router.route(head.host)
         if isinstance(route, ToRelay):
-            return await relay.serve_own(self, head)
+            return await self.serve_own(self, head)
         if isinstance(route, NotServed):
             return await self.refuse(head, 404, f"No tunnel is served at {route.hostname} by this relay.")
-        tunnel = relay.registry.get(route.name)
+        tunnel = self.registry.get(route.name)
         if tunnel is None:
-            hostname = f"{route.name}.{relay.router.domain}"
+            hostname = f"{route.name}.{self.router.domain}"
             return await self.refuse(head, 404, f"There is no tunnel at {hostname}.")
         try:
             tunnel.access.check(self.conn.peer_ip, head)
@@ -169,7 +172,7 @@ class VisitorConnection:
         if self.pending and self.pending[0] is MESSAGE_END:
             self.pending.popleft()
             return True
-        self.deadline.arm(self.relay.config.head_timeout, self.conn.close)
+        self.deadline.arm(self.config.head_timeout, self.conn.close)
         try:
             while True:
                 event = await self.next_event()
@@ -184,22 +187,16 @@ class VisitorConnection:
                      extra_headers: list[tuple[str, str]] | None = None) -> bool:
         """Answer a request the relay won't forward. The answer goes out at once; a small body is then skipped
         to keep the connection (a visitor waiting on `Expect: 100-continue` gets the answer and a close)."""
-        small_body = head.framing is BodyFraming.NONE or (
-            head.framing is BodyFraming.LENGTH and head.content_length <= 64 * 1024
-        )
-        keep = head.keep_alive and small_body and head.upgrade is None
-        if keep and head.framing is not BodyFraming.NONE and head.header(b"expect") is not None:
-            keep = False
+        keep = exchange.refusal_keeps_connection(head)
         self.send_error(status, message, close=not keep, extra_headers=extra_headers, head_only=head.method == "HEAD")
         return keep and await self.skip_body(head)
 
     async def exchange(self, head: RequestHead, tunnel) -> bool:
-        relay = self.relay
         request_bytes = http1.encode_request_head(
             head, peer_ip=self.conn.peer_ip, scheme=self.scheme,
             drop_authorization=tunnel.access.basic_auth is not None,
         )
-        retry_allowed = head.framing is BodyFraming.NONE and head.upgrade is None
+        retry_allowed = exchange.retry_allowed(head)
         request_complete: bool | None = None
         while True:
             try:
@@ -207,7 +204,7 @@ class VisitorConnection:
                 if idle is not None:
                     conduit, reused = idle, True
                 else:
-                    conduit, reused = await asyncio.wait_for(tunnel.acquire(), relay.config.pool_wait_timeout)
+                    conduit, reused = await asyncio.wait_for(tunnel.acquire(), self.config.pool_wait_timeout)
             except asyncio.TimeoutError:
                 return await self.refuse(
                     head, 503, f"Tunnel {tunnel.name!r} is busy: no connection to its origin became free in time."
@@ -259,9 +256,8 @@ class VisitorConnection:
             if isinstance(outcome, Switched):
                 await self.switch_protocols(conduit, outcome)
                 return False
-            reusable = outcome and request_complete and not conduit.has_unread
-            tunnel.release(conduit, reusable)
-            return outcome and request_complete and head.keep_alive
+            tunnel.release(conduit, exchange.conduit_reusable(outcome, request_complete, conduit.has_unread))
+            return exchange.visitor_continues(head, outcome, request_complete)
 
     async def forward_request_body(self, head: RequestHead, conduit) -> bool:
         """Send the rest of the request; returns whether it ended as an HTTP message."""
@@ -293,7 +289,7 @@ class VisitorConnection:
         chunked_out = False
         keep_alive = False
         received_any = False
-        timeout = self.relay.config.response_timeout
+        timeout = self.config.response_timeout
         timed_out = False
 
         def give_up() -> None:
@@ -355,14 +351,7 @@ class VisitorConnection:
                                 out.append(http1.encode_response_head(event, framing=BodyFraming.NONE,
                                                                       keep_alive=True))
                                 continue
-                            framing = event.framing
-                            if event.status == 101:
-                                keep_alive = False
-                            elif framing is BodyFraming.UNTIL_CLOSE and request.http_version == "1.1":
-                                framing = BodyFraming.CHUNKED
-                                keep_alive = request.keep_alive
-                            else:
-                                keep_alive = event.keep_alive and request.keep_alive
+                            framing, keep_alive = exchange.response_framing(request, event)
                             chunked_out = framing is BodyFraming.CHUNKED
                             out.append(http1.encode_response_head(event, framing=framing, keep_alive=keep_alive))
                             sent_head = True

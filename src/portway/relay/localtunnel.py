@@ -4,7 +4,7 @@
 that many plain sockets to the port; each one is spliced to its local app, so the relay talks HTTP/1.1
 over it as a client. Here each lt tunnel gets its own listener on the relay's bind address that only
 takes sockets from the registering address, up to the advertised count, and an `LtTunnel` lends those
-sockets to proxy.VisitorConnection as conduits — the same path visitors of agent tunnels take.
+sockets to front.VisitorConnection as conduits — the same path visitors of agent tunnels take.
 Decisions (what is a registration, who may connect, the answers) live in proto/lt_protocol.py.
 """
 
@@ -14,19 +14,21 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from ..errors import HttpError
+from ..config import RelayConfig
+from ..errors import HttpError, InvalidName, LtRefused
+from ..link.connection import Connection
 from ..proto import lt_protocol as lt
 from ..proto.http1 import RequestHead
-from ..proto.names import InvalidName, validate_name
-from ..link.connection import Connection
+from ..proto.names import validate_name
+from ..proto.pages import json_response
 from .tunnels import Tunnel
 
 if TYPE_CHECKING:
+    from .agents import NameClaims
     from .front import VisitorConnection
-    from .server import Relay
-    from .tunnels import Registry
+    from .registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +167,7 @@ class LtTunnel(Tunnel):
             return False
         self.sockets.add(sock)
         if self.registry.get(self.name) is self:
-            self.registry.cancel_grace(self.name)
+            self.registry.keep(self)
         self._offer(sock)
         return True
 
@@ -274,8 +276,13 @@ class LtTunnel(Tunnel):
 class LocalTunnelService:
     """The relay's `lt` endpoints: registration (`/?new`, `/NAME`) and `/api/tunnels/NAME/status`."""
 
-    def __init__(self, relay: "Relay") -> None:
-        self.relay = relay
+    def __init__(self, config: RelayConfig, registry: "Registry", claims: "NameClaims",
+                 public_url: Callable[[str], str], listen_hosts: Callable[[], list[str]]) -> None:
+        self.config = config
+        self.registry = registry
+        self.claims = claims
+        self.public_url = public_url
+        self.listen_hosts = listen_hosts
 
     def wants(self, head: RequestHead, path: str, query: str) -> bool:
         return lt.parse_registration(path, query) is not None or lt.tunnel_status_name(path) is not None
@@ -293,72 +300,60 @@ class LocalTunnelService:
         assert request is not None
         try:
             tunnel = await self.register(request, conn.peer_ip, lt.token_from_basic(head.header(b"authorization")))
-        except lt.Refused as refusal:
+        except LtRefused as refusal:
             log.info("lt registration from %s refused: %s", conn.peer_ip, refusal.message)
             conn.write(lt.refusal_response(refusal.message, close=not head.keep_alive))
             return head.keep_alive
-        answer = lt.registration_answer(tunnel.name, tunnel.port, self.relay.public_url(tunnel.name),
+        answer = lt.registration_answer(tunnel.name, tunnel.port, self.public_url(tunnel.name),
                                         tunnel.max_sockets)
-        conn.write(lt.json_response(200, answer, close=not head.keep_alive))
+        conn.write(json_response(200, answer, close=not head.keep_alive))
         return head.keep_alive
 
     def _tunnel_status(self, name: str, keep_alive: bool) -> bytes:
-        tunnel = self.relay.registry.get(name)
+        tunnel = self.registry.get(name)
         if tunnel is None:
-            return lt.json_response(404, {"message": f"no tunnel named {name}"}, close=not keep_alive)
+            return json_response(404, {"message": f"no tunnel named {name}"}, close=not keep_alive)
         connected = tunnel.connected_sockets if isinstance(tunnel, LtTunnel) else int(tunnel.online)
-        return lt.json_response(200, lt.tunnel_status(connected), close=not keep_alive)
+        return json_response(200, lt.tunnel_status(connected), close=not keep_alive)
 
     async def register(self, request: lt.RegistrationRequest, peer_ip: str, token: str | None) -> LtTunnel:
         """Claim the name (token, reserved names and limits as for agents) and open the pool port."""
-        relay = self.relay
-        registry = relay.registry
+        registry = self.registry
 
         def may_replace(existing: Tunnel) -> bool:
             return isinstance(existing, LtTunnel) and lt.may_take_over(
                 existing.owner_ip, peer_ip, existing.connected_sockets)
 
         try:
-            name, grant = relay.claim(token=token, peer_ip=peer_ip, requested=request.requested,
-                                      may_replace=may_replace)
+            claimed = self.claims.claim(token=token, peer_ip=peer_ip, requested=request.requested,
+                                        may_replace=may_replace)
+            name, grant = claimed.name, claimed.grant
         except HttpError as error:
             if error.status == 409 and request.requested is not None:
-                raise lt.Refused(lt.taken_message(_canonical(request.requested))) from None
+                raise LtRefused(lt.taken_message(_canonical(request.requested))) from None
             if error.status == 401:
-                raise lt.Refused(lt.token_message(given=token is not None)) from None
-            raise lt.Refused(error.message) from None
+                raise LtRefused(lt.token_message(given=token is not None)) from None
+            raise LtRefused(error.message) from None
         existing = registry.get(name)
         if existing is not None:
             if existing.owner != grant.digest:
-                raise lt.Refused(lt.taken_message(name))
+                raise LtRefused(lt.taken_message(name))
             log.info("lt tunnel %s: taken back by %s within its grace period", name, peer_ip)
             registry.remove(existing)
-        tunnel = LtTunnel(name, peer_ip, registry, relay.config.lt_grace_period, owner=grant.digest)
+        tunnel = LtTunnel(name, peer_ip, registry, self.config.lt_grace_period, owner=grant.digest)
         registry.add(tunnel)  # holds the name while the port opens
         try:
-            await tunnel.listen(self._hosts())
+            await tunnel.listen(self.listen_hosts())
         except OSError as error:
             registry.remove(tunnel)
-            raise lt.Refused(f"the relay could not open a port for the tunnel's sockets: {error}") from None
+            raise LtRefused(f"the relay could not open a port for the tunnel's sockets: {error}") from None
         if registry.get(name) is not tunnel:  # retired meanwhile (relay shutting down)
             tunnel.close()
-            raise lt.Refused(f"tunnel {name} was closed while it was being set up")
-        registry.free_after(tunnel, relay.config.lt_grace_period)  # freed unless a socket connects
+            raise LtRefused(f"tunnel {name} was closed while it was being set up")
+        registry.free_after(tunnel, self.config.lt_grace_period)  # freed unless a socket connects
         log.info("lt tunnel %s registered by %s: pool sockets on port %d, %s",
-                 name, peer_ip, tunnel.port, relay.public_url(name))
+                 name, peer_ip, tunnel.port, self.public_url(name))
         return tunnel
-
-    def _hosts(self) -> list[str]:
-        """The addresses the relay listens on: the pool port goes where `lt` reached the relay."""
-        server = self.relay.server
-        if server is not None and server.sockets:
-            hosts = []
-            for sock in server.sockets:
-                host = sock.getsockname()[0]
-                if host not in hosts:
-                    hosts.append(host)
-            return hosts
-        return [self.relay.config.bind]
 
 
 def _canonical(requested: str) -> str:

@@ -1,4 +1,4 @@
-"""Live tunnels on this relay and the registry that names them.
+"""Live tunnels on this relay: what a visitor request is forwarded through.
 
 A tunnel hands out conduits (byte pipes that end at the origin): multiplexed streams for Portway
 agents, pool sockets for localtunnel clients. Conduits whose origin connection is still open after a
@@ -7,11 +7,10 @@ complete exchange are kept idle for the next request, like a keep-alive pool.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import HttpError, MuxClosedError
 from ..proto.http1 import RequestHead
@@ -120,40 +119,3 @@ class AgentTunnel(Tunnel):
             return session.open_stream()
         except MuxClosedError:
             raise HttpError(502, f"the agent for tunnel {self.name!r} is going away") from None
-
-
-@dataclass
-class Registry:
-    """Name → tunnel, for this relay process. Offline tunnels keep their name for a grace period."""
-
-    tunnels: dict[str, Tunnel] = field(default_factory=dict)
-    grace_handles: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
-
-    def get(self, name: str) -> Tunnel | None:
-        return self.tunnels.get(name)
-
-    def add(self, tunnel: Tunnel) -> None:
-        self.cancel_grace(tunnel.name)
-        self.tunnels[tunnel.name] = tunnel
-
-    def remove(self, tunnel: Tunnel) -> None:
-        if self.tunnels.get(tunnel.name) is tunnel:
-            del self.tunnels[tunnel.name]
-            tunnel.close()
-        self.cancel_grace(tunnel.name)
-
-    def free_after(self, tunnel: Tunnel, delay: float) -> None:
-        """Forget the tunnel after `delay` unless it comes back online first."""
-        self.cancel_grace(tunnel.name)
-        loop = asyncio.get_running_loop()
-        self.grace_handles[tunnel.name] = loop.call_later(delay, self._expire, tunnel)
-
-    def cancel_grace(self, name: str) -> None:
-        handle = self.grace_handles.pop(name, None)
-        if handle is not None:
-            handle.cancel()
-
-    def _expire(self, tunnel: Tunnel) -> None:
-        self.grace_handles.pop(tunnel.name, None)
-        if not tunnel.online:
-            self.remove(tunnel)

@@ -1,0 +1,94 @@
+"""The agent-link handshake (proto/control.py) without sockets: the agent's request as the relay reads it, the
+relay's answers as the agent reads them, however the bytes are split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from portway.errors import HttpError, RegistrationError
+from portway.proto.control import AgentHandshake, Granted, LinkGrant, LinkRequest, refusal
+from portway.proto.http1 import RequestParser
+
+
+def parsed(request: LinkRequest) -> LinkRequest:
+    raw = request.encode("relay.example:8000")
+    head = RequestParser().feed(raw)[0]
+    path, _, query = head.target.decode().partition("?")
+    assert path == "/_portway/agent" and head.upgrade == b"portway-mux"
+    return LinkRequest.parse(head, query)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    name=st.none() | st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True),
+    token=st.none() | st.text(alphabet="abcdefXYZ0123456789-_.", min_size=1, max_size=30),
+    resume_key=st.none() | st.text(alphabet="abcXYZ019-_", min_size=1, max_size=32),
+    basic_auth=st.none() | st.tuples(st.text(min_size=1, max_size=8).filter(lambda u: ":" not in u),
+                                     st.text(max_size=8)).map(":".join),
+    allow_ip=st.lists(st.sampled_from(["10.0.0.0/8", "127.0.0.2/32", "::1/128"]), max_size=3).map(tuple),
+)
+def test_what_the_agent_asks_is_what_the_relay_reads(name, token, resume_key, basic_auth, allow_ip):
+    request = LinkRequest(name, token, resume_key, basic_auth, allow_ip)
+    assert parsed(request) == request
+
+
+@pytest.mark.parametrize("extra, status", [
+    (b"Upgrade: websocket\r\nConnection: Upgrade\r\n", 426),
+    (b"", 426),
+    (b"Upgrade: portway-mux\r\nConnection: Upgrade\r\nPortway-Basic-Auth: !!notbase64\r\n", 400),
+    (b"Upgrade: portway-mux\r\nConnection: Upgrade\r\nPortway-Basic-Auth: bm9jb2xvbg==\r\n", 400),  # "nocolon"
+])
+def test_malformed_link_requests_are_refused(extra, status):
+    head = RequestParser().feed(b"GET /_portway/agent HTTP/1.1\r\nHost: r\r\n" + extra + b"\r\n")[0]
+    with pytest.raises(HttpError) as refused:
+        LinkRequest.parse(head, "")
+    assert refused.value.status == status
+
+
+def split_feed(raw: bytes, cut: int):
+    handshake = AgentHandshake()
+    outcome = None
+    for piece in (raw[:cut], raw[cut:]):
+        if piece and outcome is None:
+            outcome = handshake.receive_data(piece)
+    return outcome
+
+
+GRANT = LinkGrant("quiet-river", "http://quiet-river.localhost:8000", "k" * 32)
+
+
+def test_a_grant_is_read_whole_or_split_with_the_link_bytes_after_it():
+    head = GRANT.encode()
+    raw = head + b"\x00\x01frames"
+    for cut in range(1, len(raw)):
+        # what came in the read that completed the head is handed over; later reads are the session's
+        link_bytes = raw[len(head):cut] if cut >= len(head) else raw[len(head):]
+        assert split_feed(raw, cut) == Granted(GRANT, link_bytes)
+
+
+@pytest.mark.parametrize("status, message", [(401, "the token was not accepted by this relay"),
+                                             (409, "tunnel name 'x' is already in use"), (429, "slow down")])
+def test_a_refusal_carries_the_relays_status_and_message(status, message):
+    raw = refusal(status, message)
+    assert json.loads(raw.split(b"\r\n\r\n", 1)[1]) == {"message": message}
+    for cut in (1, len(raw) // 2, len(raw)):
+        with pytest.raises(RegistrationError) as refused:
+            split_feed(raw, cut)
+        assert (refused.value.status, refused.value.message) == (status, message)
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "not HTTP"),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", "not HTTP"),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: portway-mux\r\nConnection: Upgrade\r\n\r\n", "Portway-"),
+])
+def test_answers_that_are_not_a_relays_are_refused_clearly(raw, fragment):
+    with pytest.raises(RegistrationError) as refused:
+        handshake = AgentHandshake()
+        handshake.receive_data(raw)
+        handshake.receive_data(b"")
+    assert refused.value.status == 502 and fragment.lower() in refused.value.message.lower()
