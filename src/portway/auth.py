@@ -73,10 +73,6 @@ class TokenBook:
 
     grants: list[Grant] = field(default_factory=list)
 
-    @property
-    def required(self) -> bool:
-        return bool(self.grants)
-
     def verify(self, token: str | None) -> Grant | None:
         """The grant for `token`, or None. Every stored digest is compared, in constant time."""
         if not self.grants:

@@ -34,6 +34,10 @@ class Registered:
 
 
 class Agent:
+    """`portway http`: owns the link to the relay (dialled out, re-dialled with backoff when it drops, keeping
+    the tunnel's name through its resume key) and serves every stream the relay opens on it by bridging the
+    stream to a new connection to the local service."""
+
     def __init__(self, config: AgentConfig, relay_url: str, on_url: Callable[[str], None],
                  on_status: Callable[[str], None]) -> None:
         self.config = config

@@ -161,7 +161,6 @@ class VisitorConnection:
             return await self.refuse(head, error.status, error.message, extra_headers=extra)
         if not tunnel.online:
             return await self.refuse(head, 502, f"The agent for tunnel {tunnel.name!r} is not connected.")
-        tunnel.requests += 1
         return await self.exchange(head, tunnel)
 
     async def skip_body(self, head: RequestHead) -> bool:

@@ -126,9 +126,6 @@ class LtTunnel(Tunnel):
     def connected_sockets(self) -> int:
         return len(self.sockets)
 
-    def status(self) -> dict:
-        return {**super().status(), "connected_sockets": len(self.sockets), "port": self.port}
-
     # the listener
     async def listen(self, hosts: list[str]) -> int:
         """Open the pool port on every relay address (one port number for all of them)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
-import time
 from dataclasses import dataclass
 
 from ..errors import HttpError, MuxClosedError
@@ -50,8 +49,6 @@ class Tunnel:
         self.owner = owner  # digest of the token that registered it ("" on an open relay)
         self.access = access or AccessPolicy()
         self.idle: list = []
-        self.created = time.time()
-        self.requests = 0
 
     @property
     def online(self) -> bool:
@@ -92,8 +89,6 @@ class Tunnel:
         """The tunnel left the registry for good: release whatever it holds (subclasses add theirs)."""
         self.drop_idle()
 
-    def status(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "online": self.online, "requests": self.requests}
 
 
 class AgentTunnel(Tunnel):
