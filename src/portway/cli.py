@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds the origin may take to start its answer before a 504 (default %(default)g)")
     server.add_argument("--pool-wait-timeout", type=float, default=RelayConfig.pool_wait_timeout,
                         help="seconds a visitor waits for a free lt pool socket before a 503 (default %(default)g)")
+    server.add_argument("--metrics", metavar="ADDR", default=os.environ.get("PORTWAY_METRICS") or None,
+                        help="serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9100 (default: off)")
     server.add_argument("--lt-grace-period", type=float, default=RelayConfig.lt_grace_period,
                         help="seconds an lt tunnel whose sockets all closed keeps its name (default %(default)g)")
 
@@ -123,7 +125,19 @@ def relay_config(args: argparse.Namespace) -> RelayConfig:
                        grace_period=args.grace_period, grants=tuple(grants), open_relay=args.open,
                        tls_cert=args.tls_cert, tls_key=args.tls_key, head_timeout=args.head_timeout,
                        idle_timeout=args.idle_timeout, max_connections_per_ip=args.max_connections_per_ip,
-                       pool_wait_timeout=args.pool_wait_timeout, response_timeout=args.response_timeout, lt_grace_period=args.lt_grace_period)
+                       pool_wait_timeout=args.pool_wait_timeout, response_timeout=args.response_timeout,
+                       lt_grace_period=args.lt_grace_period, metrics=listen_address(args.metrics, "--metrics"))
+
+
+def listen_address(value: str | None, flag: str) -> tuple[str, int] | None:
+    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (loopback) as (host, port); None stays None."""
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{flag} must be HOST:PORT, not {value!r}")
+    return host, int(port)
 
 
 def agent_config(args: argparse.Namespace) -> AgentConfig:
@@ -173,6 +187,10 @@ async def run_server(config: RelayConfig) -> int:
     except OSError as error:
         return fail(f"cannot listen on {config.bind}:{config.port}: {error.strerror or error}", 1)
     stderr.print(f"Portway relay on {config.bind}:{relay.port}; tunnels at {relay.public_url('NAME')}")
+    if relay.metrics_address is not None:
+        host, port = relay.metrics_address
+        stderr.print(f"metrics: http://{host}:{port}/metrics" if ":" not in host
+                     else f"metrics: http://[{host}]:{port}/metrics")
     print(f"listening on {config.bind}:{relay.port}", flush=True)
     try:
         await asyncio.Event().wait()

@@ -28,6 +28,7 @@ class RelayConfig:
     open_relay: bool = False  # knowingly run without tokens on a non-loopback address
     tls_cert: str | None = None
     tls_key: str | None = None
+    metrics: tuple[str, int] | None = None  # (host, port) of a Prometheus listener of its own; None: off
     mux: MuxConfig = field(default_factory=MuxConfig)
 
 

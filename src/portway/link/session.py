@@ -231,6 +231,7 @@ class MuxSession(asyncio.Protocol):
         self.undelivered: list[MuxStream] = []  # streams with data for their sink from the read being dispatched
         self.closed: asyncio.Future[str] = self.loop.create_future()
         self.go_away_received = False
+        self.protocol_error = False  # the peer broke the frame protocol (the link was closed for it)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -243,6 +244,7 @@ class MuxSession(asyncio.Protocol):
         except ProtocolError as error:
             log.warning("closing agent link: protocol error: %s", error)
             self._flush_now()
+            self.protocol_error = True
             self._terminate(f"protocol error: {error}")
             return
         self._dispatch(events)

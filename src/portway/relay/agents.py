@@ -23,6 +23,7 @@ from ..proto import http1
 from ..proto.control import LinkGrant, LinkRequest, refusal
 from ..proto.http1 import RequestHead
 from ..proto.mux import Role
+from .metrics import RelayCounters
 from .registry import Registry
 from .tunnels import AccessPolicy, AgentTunnel, Tunnel
 
@@ -35,17 +36,24 @@ log = logging.getLogger(__name__)
 class NameClaims:
     """policy.claims.claim with this relay's tokens, failure throttle, registry, clock and randomness."""
 
-    def __init__(self, tokens: TokenBook, throttle: FailureThrottle, registry: Registry) -> None:
+    def __init__(self, tokens: TokenBook, throttle: FailureThrottle, registry: Registry,
+                 counters: RelayCounters) -> None:
         self.tokens = tokens
         self.throttle = throttle
         self.registry = registry
+        self.counters = counters
         self._rng = secrets.SystemRandom()  # random names must not be predictable
 
     def claim(self, *, token: str | None, peer_ip: str, requested: str | None,
               may_replace: Callable[[Tunnel], bool], rng: random.Random | None = None) -> Claim:
-        return claim(tokens=self.tokens, throttle=self.throttle, holders=self.registry, token=token,
-                     peer_ip=peer_ip, requested=requested, may_replace=may_replace,
-                     now=asyncio.get_running_loop().time(), rng=rng or self._rng)
+        try:
+            return claim(tokens=self.tokens, throttle=self.throttle, holders=self.registry, token=token,
+                         peer_ip=peer_ip, requested=requested, may_replace=may_replace,
+                         now=asyncio.get_running_loop().time(), rng=rng or self._rng)
+        except HttpError as refused:
+            if refused.status == 401:
+                self.counters.auth_failures["token"] += 1
+            raise
 
 
 class AgentLinks:
@@ -61,6 +69,7 @@ class AgentLinks:
         self.registry = registry
         self.claims = claims
         self.public_url = public_url
+        self.counters = claims.counters
 
     async def register(self, visitor: "VisitorConnection", head: RequestHead, query: str) -> bool:
         """Serve one agent link on `visitor`'s connection until it ends; the connection never returns to HTTP."""
@@ -101,6 +110,8 @@ class AgentLinks:
         log.info("tunnel %s online at %s", name, grant.url)
         reason_closed = await session.closed
         log.info("tunnel %s offline: %s", name, reason_closed)
+        if session.protocol_error:
+            self.counters.protocol_errors["link"] += 1
         if tunnel.session is session:
             tunnel.drop_idle()
             if session.go_away_received:

@@ -16,11 +16,12 @@ from ..errors import ConduitReset, HttpError, VisitorGone
 from ..proto import exchange, http1
 from ..proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseHead, Switched
 from ..proto.pages import error_response
-from ..proto.routing import NotServed, Router, ToRelay
+from ..proto.routing import NotServed, Router, ToRelay, ToTunnel
 from ..link.bridge import StreamBridge
 from ..link.connection import Connection, splice
 from ..link.deadlines import Deadline
 from ..link.session import MuxStream
+from .metrics import RelayCounters
 
 if TYPE_CHECKING:
     from ..config import RelayConfig
@@ -40,13 +41,19 @@ class VisitorConnection:
     which the relay's sweep watches while the connection lives."""
 
     def __init__(self, conn: Connection, scheme: str, config: "RelayConfig", router: Router, registry: "Registry",
-                 serve_own: Callable[["VisitorConnection", RequestHead], Awaitable[bool]]) -> None:
+                 serve_own: Callable[["VisitorConnection", RequestHead], Awaitable[bool]],
+                 counters: RelayCounters) -> None:
         self.conn = conn
         self.scheme = scheme
         self.config = config
         self.router = router
         self.registry = registry
         self.serve_own = serve_own
+        self.counters = counters
+        # what the request being served came to: its answer's status and the bytes each way (for metrics)
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
         self.parser = http1.RequestParser()
         self.pending: deque[object] = deque()
         self.loop = asyncio.get_running_loop()
@@ -104,6 +111,7 @@ class VisitorConnection:
                     if not await self.handle(head):
                         break
             except HttpError as error:
+                self.counters.protocol_errors["visitor"] += 1
                 self.send_error(error.status, error.message, close=True)
             except CloseAfterResponse:
                 pass
@@ -131,6 +139,7 @@ class VisitorConnection:
 
     def send_error(self, status: int, message: str, *, close: bool,
                    extra_headers: list[tuple[str, str]] | None = None, head_only: bool = False) -> None:
+        self.status = status
         self.send(error_response(status, message, close=close, extra_headers=extra_headers), head_only=head_only)
 
     def send(self, response: bytes, *, head_only: bool = False) -> None:
@@ -146,22 +155,37 @@ class VisitorConnection:
     async def handle(self, head: RequestHead) -> bool:
         """Serve one request; returns whether the connection may carry another."""
         route = self.router.route(head.host)
-        if isinstance(route, ToRelay):
-            return await self.serve_own(self, head)
-        if isinstance(route, NotServed):
-            return await self.refuse(head, 404, f"No tunnel is served at {route.hostname} by this relay.")
-        tunnel = self.registry.get(route.name)
+        tunnel = self.registry.get(route.name) if isinstance(route, ToTunnel) else None
         if tunnel is None:
-            hostname = f"{route.name}.{self.router.domain}"
-            return await self.refuse(head, 404, f"There is no tunnel at {hostname}.")
+            self.counters.unrouted_requests += 1
+            if isinstance(route, ToRelay):
+                return await self.serve_own(self, head)
+            if isinstance(route, NotServed):
+                return await self.refuse(head, 404, f"No tunnel is served at {route.hostname} by this relay.")
+            return await self.refuse(head, 404, f"There is no tunnel at {route.name}.{self.router.domain}.")
+        started = self.loop.time()
+        self.status = self.bytes_out = 0
+        self.bytes_in = 0
         try:
-            tunnel.access.check(self.conn.peer_ip, head)
-        except HttpError as error:
-            extra = [("WWW-Authenticate", f'Basic realm="{tunnel.name}"')] if error.status == 401 else None
-            return await self.refuse(head, error.status, error.message, extra_headers=extra)
-        if not tunnel.online:
-            return await self.refuse(head, 502, f"The agent for tunnel {tunnel.name!r} is not connected.")
-        return await self.exchange(head, tunnel)
+            try:
+                tunnel.access.check(self.conn.peer_ip, head)
+            except HttpError as error:
+                extra = None
+                if error.status == 401:
+                    extra = [("WWW-Authenticate", f'Basic realm="{tunnel.name}"')]
+                    if head.header(b"authorization") is not None:
+                        self.counters.auth_failures["basic"] += 1
+                return await self.refuse(head, error.status, error.message, extra_headers=extra)
+            if not tunnel.online:
+                return await self.refuse(head, 502, f"The agent for tunnel {tunnel.name!r} is not connected.")
+            return await self.exchange(head, tunnel)
+        finally:
+            counters = tunnel.counters
+            if self.status:
+                counters.answers[RelayCounters.status_index(self.status)] += 1
+            counters.bytes_from_visitors += self.bytes_in
+            counters.bytes_to_visitors += self.bytes_out
+            self.counters.request_duration.observe(self.loop.time() - started)
 
     async def skip_body(self, head: RequestHead) -> bool:
         """Read and drop a request body we answer ourselves; False if it can't be skipped cheaply. The rest of
@@ -253,7 +277,7 @@ class VisitorConnection:
                     conduit.abort()
                     raise
             if isinstance(outcome, Switched):
-                await self.switch_protocols(conduit, outcome)
+                await self.switch_protocols(tunnel, conduit, outcome)
                 return False
             tunnel.release(conduit, exchange.conduit_reusable(outcome, request_complete, conduit.has_unread))
             return exchange.visitor_continues(head, outcome, request_complete)
@@ -271,6 +295,7 @@ class VisitorConnection:
                         return True
                     continue
                 if isinstance(event, Body):
+                    self.bytes_in += len(event.data)
                     await conduit.send(http1.encode_chunk(event.data) if chunked else event.data)
                 elif isinstance(event, Switched):
                     self.pending.appendleft(event)
@@ -330,6 +355,8 @@ class VisitorConnection:
                         if may_retry and not received_any:
                             raise _RetryOnFreshConduit from None
                         status = error.status if isinstance(error, HttpError) else 502
+                        if isinstance(error, HttpError):
+                            self.counters.protocol_errors["origin"] += 1
                         message = (error.message if isinstance(error, HttpError)
                                    else "The tunnel's agent went away before the origin answered.")
                         self.send_error(status, message, close=True)
@@ -351,6 +378,7 @@ class VisitorConnection:
                                                                       keep_alive=True))
                                 continue
                             framing, keep_alive = exchange.response_framing(request, event)
+                            self.status = event.status
                             chunked_out = framing is BodyFraming.CHUNKED
                             out.append(http1.encode_response_head(event, framing=framing, keep_alive=keep_alive))
                             sent_head = True
@@ -358,6 +386,8 @@ class VisitorConnection:
                             return event
                 finally:
                     if out:
+                        for piece in out:
+                            self.bytes_out += len(piece)
                         try:
                             conn.writelines(out)
                         except ConduitReset:
@@ -372,7 +402,7 @@ class VisitorConnection:
         finally:
             deadline.disarm()  # also when cancelled: a stale deadline must not abort a pooled conduit
 
-    async def switch_protocols(self, conduit, response_switch: Switched) -> None:
+    async def switch_protocols(self, tunnel, conduit, response_switch: Switched) -> None:
         """After a 101: raw bytes both ways, including any that arrived with either head."""
         conn = self.conn
         if response_switch.trailing:
@@ -380,12 +410,18 @@ class VisitorConnection:
         leftover = [event for event in self.pending if isinstance(event, Switched)]
         unread = leftover[0].trailing if leftover else b""
         self.pending.clear()
-        if isinstance(conduit, MuxStream):
-            await StreamBridge.take_over(conn, conduit, unread).closed
-            return
-        if unread:
-            await conduit.send(unread)
-        await splice(conn, conduit)
+        counters = tunnel.counters
+        counters.websockets_open += 1
+        counters.websockets_total += 1
+        try:
+            if isinstance(conduit, MuxStream):
+                await StreamBridge.take_over(conn, conduit, unread).closed
+                return
+            if unread:
+                await conduit.send(unread)
+            await splice(conn, conduit)
+        finally:
+            counters.websockets_open -= 1
 
 
 class _RetryOnFreshConduit(Exception):

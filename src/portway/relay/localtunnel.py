@@ -236,6 +236,7 @@ class LtTunnel(Tunnel):
                 return self._lend(sock)
             waiter = asyncio.get_running_loop().create_future()
             self.waiters.append(waiter)
+            self.counters.pool_waits += 1
             try:
                 sock = await waiter
             except asyncio.CancelledError:

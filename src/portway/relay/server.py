@@ -20,6 +20,7 @@ from ..proto.routing import Router
 from .agents import AgentLinks, NameClaims
 from .front import VisitorConnection
 from .localtunnel import LocalTunnelService
+from .metrics import RelayCollector, RelayCounters, serve_metrics
 from .registry import MemoryRegistry
 from .tunnels import AgentTunnel
 
@@ -38,11 +39,13 @@ class Relay:
         self.server: asyncio.base_events.Server | None = None
         self.ssl_context: ssl.SSLContext | None = None
         self.port = config.port
-        self.claims = NameClaims(TokenBook(list(config.grants)), FailureThrottle(), self.registry)
+        self.counters = RelayCounters()
+        self.claims = NameClaims(TokenBook(list(config.grants)), FailureThrottle(), self.registry, self.counters)
         self.agents = AgentLinks(config, self.registry, self.claims, self.public_url)
         self.localtunnel = LocalTunnelService(config, self.registry, self.claims, self.public_url, self.listen_hosts)
         self.connections_per_ip: dict[str, int] = {}
         self.deadlines: DeadlineSweeper | None = None
+        self.metrics_server: asyncio.base_events.Server | None = None
 
     # lifecycle
     async def start(self) -> None:
@@ -61,10 +64,25 @@ class Relay:
             reuse_address=True, backlog=1024, **handshake,
         )
         self.port = self.server.sockets[0].getsockname()[1]
+        if config.metrics is not None:
+            collector = RelayCollector(self.counters, self.registry, self.visitor_connections)
+            host, port = config.metrics
+            self.metrics_server = await serve_metrics(host, port, collector)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        if self.metrics_server is None:
+            return None
+        return self.metrics_server.sockets[0].getsockname()[:2]
+
+    def visitor_connections(self) -> int:
+        return sum(self.connections_per_ip.values())
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if self.deadlines is not None:
             self.deadlines.close()
         for tunnel in self.registry:
@@ -106,7 +124,8 @@ class Relay:
             conn.close()
             return
         self.connections_per_ip[address] = count + 1
-        visitor = VisitorConnection(conn, self.scheme, self.config, self.router, self.registry, self.serve_own)
+        visitor = VisitorConnection(conn, self.scheme, self.config, self.router, self.registry, self.serve_own,
+                                    self.counters)
         self.deadlines.watch(visitor.deadline)
         try:
             await visitor.serve()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..errors import HttpError, MuxClosedError
 from ..proto.http1 import RequestHead
 from ..link.session import MuxSession
+from .metrics import TunnelCounters
 
 IDLE_CONDUITS_PER_TUNNEL = 256
 
@@ -49,6 +50,7 @@ class Tunnel:
         self.owner = owner  # digest of the token that registered it ("" on an open relay)
         self.access = access or AccessPolicy()
         self.idle: list = []
+        self.counters = TunnelCounters()
 
     @property
     def online(self) -> bool:

@@ -1,0 +1,181 @@
+"""The relay's Prometheus metrics (`portway server --metrics ADDR`).
+
+The data path only adds to plain integers (a `TunnelCounters` per tunnel, one `RelayCounters` per relay); they
+become metric families when Prometheus scrapes, through a prometheus-client custom collector. So a request costs
+a few integer additions, not a labelled-metric lookup and a lock. Labels stay bounded: per-tunnel series exist
+only for tunnels registered at scrape time, never per visitor or per path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+MAX_SCRAPE_REQUEST = 8192  # bytes of request head the metrics listener reads before giving up
+
+
+class TunnelCounters:
+    """What one tunnel has served: answers by status class, bytes each way, upgraded connections."""
+
+    __slots__ = ("answers", "bytes_from_visitors", "bytes_to_visitors", "websockets_open", "websockets_total",
+                 "pool_waits")
+
+    def __init__(self) -> None:
+        self.answers = [0, 0, 0, 0, 0]  # index = status // 100 - 1
+        self.bytes_from_visitors = 0
+        self.bytes_to_visitors = 0
+        self.websockets_open = 0
+        self.websockets_total = 0
+        self.pool_waits = 0  # visitors that waited for a free pool socket (localtunnel tunnels)
+
+
+class Histogram:
+    """Bucket counts for one unlabelled histogram, kept as plain integers."""
+
+    __slots__ = ("bounds", "counts", "total", "observations")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.observations = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.observations += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        buckets, running = [], 0
+        for bound, count in zip((*map(repr, self.bounds), "+Inf"), self.counts):
+            running += count
+            buckets.append((bound, running))
+        return buckets
+
+
+class RelayCounters:
+    """Relay-wide counts that belong to no single tunnel."""
+
+    def __init__(self) -> None:
+        self.request_duration = Histogram(DURATION_BUCKETS)
+        self.unrouted_requests = 0  # answered by the relay itself: its own pages, unknown hosts, bad requests
+        self.auth_failures = {"token": 0, "basic": 0}
+        self.protocol_errors = {"visitor": 0, "origin": 0, "link": 0}
+
+    @staticmethod
+    def status_index(status: int) -> int:
+        return min(max(status // 100, 1), 5) - 1
+
+
+class RelayCollector(Collector):
+    """Turns a relay's counters and registry into metric families at scrape time."""
+
+    def __init__(self, counters: RelayCounters, registry: "Registry", visitor_connections: Callable[[], int]) -> None:
+        self.counters = counters
+        self.registry = registry
+        self.visitor_connections = visitor_connections
+
+    def collect(self) -> Iterable:
+        from .tunnels import AgentTunnel
+
+        counters = self.counters
+        tunnels = list(self.registry)
+        by_kind = GaugeMetricFamily("portway_tunnels", "Tunnels registered, by kind", labels=["kind"])
+        kinds: dict[str, int] = {}
+        for tunnel in tunnels:
+            kinds[tunnel.kind] = kinds.get(tunnel.kind, 0) + 1
+        for kind in ("portway", "localtunnel"):
+            by_kind.add_metric([kind], kinds.get(kind, 0))
+        yield by_kind
+        links = [tunnel for tunnel in tunnels if isinstance(tunnel, AgentTunnel) and tunnel.online]
+        yield GaugeMetricFamily("portway_agent_links", "Agent links connected", value=len(links))
+        yield GaugeMetricFamily("portway_visitor_connections", "Visitor connections open",
+                                value=self.visitor_connections())
+        requests = CounterMetricFamily("portway_requests", "Requests answered for a tunnel, by status class",
+                                       labels=["tunnel", "status_class"])
+        received = CounterMetricFamily("portway_received_bytes", "Request body bytes received from visitors",
+                                       labels=["tunnel"])
+        sent = CounterMetricFamily("portway_sent_bytes", "Answer bytes (heads and bodies) sent to visitors",
+                                   labels=["tunnel"])
+        pool_waits = CounterMetricFamily("portway_lt_pool_waits", "Visitors that waited for a free lt pool socket",
+                                         labels=["tunnel"])
+        upgrades = CounterMetricFamily("portway_websocket_connections", "Connections switched to WebSocket",
+                                       labels=["tunnel"])
+        open_upgrades = GaugeMetricFamily("portway_websocket_connections_open", "WebSocket connections open",
+                                          labels=["tunnel"])
+        rtt = GaugeMetricFamily("portway_link_rtt_seconds", "Last measured round trip of an agent link",
+                                labels=["tunnel"])
+        for tunnel in tunnels:
+            name, own = tunnel.name, tunnel.counters
+            for status_class, count in zip(STATUS_CLASSES, own.answers):
+                requests.add_metric([name, status_class], count)
+            received.add_metric([name], own.bytes_from_visitors)
+            sent.add_metric([name], own.bytes_to_visitors)
+            upgrades.add_metric([name], own.websockets_total)
+            open_upgrades.add_metric([name], own.websockets_open)
+            if tunnel.kind == "localtunnel":
+                pool_waits.add_metric([name], own.pool_waits)
+            if isinstance(tunnel, AgentTunnel) and tunnel.online and tunnel.session.mux.last_rtt is not None:
+                rtt.add_metric([name], tunnel.session.mux.last_rtt)
+        yield from (requests, received, sent, upgrades, open_upgrades, rtt, pool_waits)
+        yield CounterMetricFamily("portway_unrouted_requests", "Requests the relay answered itself",
+                                  value=counters.unrouted_requests)
+        duration = counters.request_duration
+        yield HistogramMetricFamily("portway_request_duration_seconds",
+                                    "Time from a request's head to the end of its answer",
+                                    buckets=duration.cumulative(), sum_value=duration.total)
+        failures = CounterMetricFamily("portway_auth_failures", "Failed authentications", labels=["kind"])
+        for kind, count in counters.auth_failures.items():
+            failures.add_metric([kind], count)
+        yield failures
+        errors = CounterMetricFamily("portway_protocol_errors", "Protocol errors, by who made them",
+                                     labels=["peer"])
+        for peer, count in counters.protocol_errors.items():
+            errors.add_metric([peer], count)
+        yield errors
+
+
+def exposition(collector: Collector) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return generate_latest(registry)
+
+
+async def serve_metrics(host: str, port: int, collector: Collector) -> asyncio.base_events.Server:
+    """A listener of its own for Prometheus: GET /metrics, nothing else. Scraped in the relay's loop, so the
+    counters are read between two callbacks, never mid-update."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            request_line = head.split(b"\r\n", 1)[0].split(b" ")
+            if len(request_line) == 3 and request_line[0] in (b"GET", b"HEAD") and \
+                    request_line[1].split(b"?")[0] == b"/metrics":
+                body = exposition(collector)
+                status, content_type = b"200 OK", b"text/plain; version=0.0.4; charset=utf-8"
+            else:
+                body, status, content_type = b"only /metrics is served here\n", b"404 Not Found", b"text/plain"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + content_type + b"\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
+            if request_line[0] != b"HEAD":
+                writer.write(body)
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(answer, host, port, limit=MAX_SCRAPE_REQUEST)
