@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import PORTWAY, Processes, free_port, start_origin, wait_until
+from .conftest import Processes, free_port, start_origin, wait_until
 from .test_security import get, launch_agent, launch_relay, talk
 
 BASIC = "user:secret"
