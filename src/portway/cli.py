@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a visitor waits for a free lt pool socket before a 503 (default %(default)g)")
     server.add_argument("--metrics", metavar="ADDR", default=os.environ.get("PORTWAY_METRICS") or None,
                         help="serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9100 (default: off)")
+    server.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                        help="a line per visitor request on stderr (default on)")
+    server.add_argument("--log-format", choices=("text", "json"), default=os.environ.get("PORTWAY_LOG_FORMAT", "text"),
+                        help="access log lines as text or one JSON object per line (default text)")
     server.add_argument("--lt-grace-period", type=float, default=RelayConfig.lt_grace_period,
                         help="seconds an lt tunnel whose sockets all closed keeps its name (default %(default)g)")
 
@@ -126,7 +130,8 @@ def relay_config(args: argparse.Namespace) -> RelayConfig:
                        tls_cert=args.tls_cert, tls_key=args.tls_key, head_timeout=args.head_timeout,
                        idle_timeout=args.idle_timeout, max_connections_per_ip=args.max_connections_per_ip,
                        pool_wait_timeout=args.pool_wait_timeout, response_timeout=args.response_timeout,
-                       lt_grace_period=args.lt_grace_period, metrics=listen_address(args.metrics, "--metrics"))
+                       lt_grace_period=args.lt_grace_period, metrics=listen_address(args.metrics, "--metrics"),
+                       access_log=args.access_log, log_format=args.log_format)
 
 
 def listen_address(value: str | None, flag: str) -> tuple[str, int] | None:
@@ -187,6 +192,9 @@ async def run_server(config: RelayConfig) -> int:
     except OSError as error:
         return fail(f"cannot listen on {config.bind}:{config.port}: {error.strerror or error}", 1)
     stderr.print(f"Portway relay on {config.bind}:{relay.port}; tunnels at {relay.public_url('NAME')}")
+    tokens = f"{len(config.grants)} agent token(s)" if config.grants else "no tokens (open relay)"
+    tls = "TLS on" if config.tls_cert else "no TLS"
+    stderr.print(f"{tokens}, {tls}, access log {config.log_format if config.access_log else 'off'}")
     if relay.metrics_address is not None:
         host, port = relay.metrics_address
         stderr.print(f"metrics: http://{host}:{port}/metrics" if ":" not in host

@@ -29,6 +29,8 @@ class RelayConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics: tuple[str, int] | None = None  # (host, port) of a Prometheus listener of its own; None: off
+    access_log: bool = False  # a line per request on stderr (the CLI turns it on)
+    log_format: str = "text"  # or "json": one object per line
     mux: MuxConfig = field(default_factory=MuxConfig)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import Processes, free_port, start_origin, wait_until
+from .conftest import Processes, free_port, procs, start_origin, wait_until  # noqa: F401 (procs is a fixture)
 from .test_security import get, launch_agent, launch_relay, talk
 
 BASIC = "user:secret"
@@ -139,3 +139,24 @@ def test_a_real_prometheus_scrapes_the_relay(observed):
             assert wait_until(agent_links, timeout=60, interval=0.5, what="Prometheus to scrape the relay") == "2"
         finally:
             server.kill()
+
+
+def test_the_relay_logs_a_line_per_request(observed):
+    relay, _, _ = observed
+    tag = os.urandom(4).hex()
+    assert get(relay.port, relay.host("alpha"), f"/whoami?{tag}").status == 200
+    line = relay.proc.wait_for_line(rf"127\.0\.0\.1 GET alpha\.localhost:{relay.port} /whoami\?{tag} 200 [0-9.]+ms \d+B$")
+    assert line
+
+
+def test_json_access_log_lines(procs):
+    relay = launch_relay(procs, "--log-format", "json", domain="localhost")
+    origin = start_origin(procs)
+    launch_agent(procs, relay, origin, name="beta")
+    assert get(relay.port, relay.host("beta"), "/whoami?json").status == 200
+    assert get(relay.port, relay.host("nobody"), "/x").status == 404
+    lines = [json.loads(line) for line in (relay.proc.wait_for_line(r'"path": "/x"') and relay.proc.stderr)
+             if line.startswith("{")]
+    assert {(e["host"].split(":")[0], e["path"], e["status"]) for e in lines} >= {
+        ("beta.localhost", "/whoami?json", 200), ("nobody.localhost", "/x", 404)}
+    assert all(isinstance(e["duration_ms"], float) and e["client"] == "127.0.0.1" for e in lines)

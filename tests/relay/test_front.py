@@ -9,7 +9,7 @@ from collections import deque
 from types import SimpleNamespace
 
 from portway.link.connection import ReceiveBuffer
-from portway.relay.front import VisitorConnection
+from portway.relay.front import FrontServices, VisitorConnection
 from portway.relay.metrics import RelayCounters
 from portway.config import RelayConfig
 from portway.proto.http1 import Switched
@@ -64,7 +64,7 @@ class RecordingVisitor:
 def forward(reads: list[list[bytes]], method: str = "GET", upgrade: bytes | None = None):
     async def main():
         visitor = RecordingVisitor()
-        proxy = VisitorConnection(visitor, "http", RelayConfig(), None, None, None, RelayCounters())
+        proxy = VisitorConnection(visitor, "http", FrontServices(RelayConfig(), None, None, None, RelayCounters()))
         request = SimpleNamespace(method=method, http_version="1.1", keep_alive=True, upgrade=upgrade)
         conduit = ScriptedConduit(reads)
         outcome = await proxy.forward_response(request, conduit, may_retry=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from ..errors import ConduitReset, HttpError, VisitorGone
@@ -21,6 +22,7 @@ from ..link.bridge import StreamBridge
 from ..link.connection import Connection, splice
 from ..link.deadlines import Deadline
 from ..link.session import MuxStream
+from .access_log import AccessLog
 from .metrics import RelayCounters
 
 if TYPE_CHECKING:
@@ -34,26 +36,39 @@ class CloseAfterResponse(Exception):
     """The exchange finished in a way that leaves the visitor connection unusable."""
 
 
+@dataclass(frozen=True, slots=True)
+class FrontServices:
+    """What a relay hands each visitor connection: its settings, how hosts route, the registry, its own
+    endpoints (for requests to the relay's host), and where counts and log lines go."""
+
+    config: "RelayConfig"
+    router: Router
+    registry: "Registry"
+    serve_own: Callable[["VisitorConnection", RequestHead], Awaitable[bool]]
+    counters: RelayCounters
+    access_log: AccessLog | None = None
+
+
 class VisitorConnection:
     """One visitor connection, request by request: parses each head, routes it by its own Host, refuses or
     forwards it over a conduit to the tunnel's origin, and copies the answer back with the relay's framing.
     Owns the connection's parser, its queue of parsed events not yet acted on (`pending`) and its deadline,
     which the relay's sweep watches while the connection lives."""
 
-    def __init__(self, conn: Connection, scheme: str, config: "RelayConfig", router: Router, registry: "Registry",
-                 serve_own: Callable[["VisitorConnection", RequestHead], Awaitable[bool]],
-                 counters: RelayCounters) -> None:
+    def __init__(self, conn: Connection, scheme: str, services: FrontServices) -> None:
         self.conn = conn
         self.scheme = scheme
-        self.config = config
-        self.router = router
-        self.registry = registry
-        self.serve_own = serve_own
-        self.counters = counters
+        self.config = services.config
+        self.router = services.router
+        self.registry = services.registry
+        self.serve_own = services.serve_own
+        self.counters = services.counters
+        self.access_log = services.access_log
         # what the request being served came to: its answer's status and the bytes each way (for metrics)
         self.status = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.switched = False
         self.parser = http1.RequestParser()
         self.pending: deque[object] = deque()
         self.loop = asyncio.get_running_loop()
@@ -155,18 +170,19 @@ class VisitorConnection:
     async def handle(self, head: RequestHead) -> bool:
         """Serve one request; returns whether the connection may carry another."""
         route = self.router.route(head.host)
-        tunnel = self.registry.get(route.name) if isinstance(route, ToTunnel) else None
-        if tunnel is None:
+        if isinstance(route, ToRelay):
             self.counters.unrouted_requests += 1
-            if isinstance(route, ToRelay):
-                return await self.serve_own(self, head)
-            if isinstance(route, NotServed):
-                return await self.refuse(head, 404, f"No tunnel is served at {route.hostname} by this relay.")
-            return await self.refuse(head, 404, f"There is no tunnel at {route.name}.{self.router.domain}.")
+            return await self.serve_own(self, head)
+        tunnel = self.registry.get(route.name) if isinstance(route, ToTunnel) else None
         started = self.loop.time()
-        self.status = self.bytes_out = 0
-        self.bytes_in = 0
+        self.status = self.bytes_in = self.bytes_out = 0
+        self.switched = False
         try:
+            if tunnel is None:
+                self.counters.unrouted_requests += 1
+                if isinstance(route, NotServed):
+                    return await self.refuse(head, 404, f"No tunnel is served at {route.hostname} by this relay.")
+                return await self.refuse(head, 404, f"There is no tunnel at {route.name}.{self.router.domain}.")
             try:
                 tunnel.access.check(self.conn.peer_ip, head)
             except HttpError as error:
@@ -180,12 +196,18 @@ class VisitorConnection:
                 return await self.refuse(head, 502, f"The agent for tunnel {tunnel.name!r} is not connected.")
             return await self.exchange(head, tunnel)
         finally:
-            counters = tunnel.counters
-            if self.status:
-                counters.answers[RelayCounters.status_index(self.status)] += 1
-            counters.bytes_from_visitors += self.bytes_in
-            counters.bytes_to_visitors += self.bytes_out
-            self.counters.request_duration.observe(self.loop.time() - started)
+            duration = self.loop.time() - started
+            if tunnel is not None:
+                counters = tunnel.counters
+                if self.status:
+                    counters.answers[RelayCounters.status_index(self.status)] += 1
+                counters.bytes_from_visitors += self.bytes_in
+                counters.bytes_to_visitors += self.bytes_out
+                self.counters.request_duration.observe(duration)
+            if self.access_log is not None:
+                self.access_log.record(client=self.conn.peer_ip, method=head.method, host=head.host,
+                                       target=head.target, status=self.status, duration=duration,
+                                       sent=self.bytes_out, websocket=self.switched)
 
     async def skip_body(self, head: RequestHead) -> bool:
         """Read and drop a request body we answer ourselves; False if it can't be skipped cheaply. The rest of
@@ -410,6 +432,7 @@ class VisitorConnection:
         leftover = [event for event in self.pending if isinstance(event, Switched)]
         unread = leftover[0].trailing if leftover else b""
         self.pending.clear()
+        self.switched = True
         counters = tunnel.counters
         counters.websockets_open += 1
         counters.websockets_total += 1

@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import logging
 import ssl
+import sys
 
 from ..auth import FailureThrottle, TokenBook
 from ..config import RelayConfig
@@ -18,7 +19,8 @@ from ..proto.names import SYSTEM_NAMES
 from ..proto.pages import error_response, json_response, landing_page
 from ..proto.routing import Router
 from .agents import AgentLinks, NameClaims
-from .front import VisitorConnection
+from .access_log import AccessLog
+from .front import FrontServices, VisitorConnection
 from .localtunnel import LocalTunnelService
 from .metrics import RelayCollector, RelayCounters, serve_metrics
 from .registry import MemoryRegistry
@@ -46,6 +48,8 @@ class Relay:
         self.connections_per_ip: dict[str, int] = {}
         self.deadlines: DeadlineSweeper | None = None
         self.metrics_server: asyncio.base_events.Server | None = None
+        access_log = AccessLog(sys.stderr, config.log_format) if config.access_log else None
+        self.front = FrontServices(config, self.router, self.registry, self.serve_own, self.counters, access_log)
 
     # lifecycle
     async def start(self) -> None:
@@ -124,8 +128,7 @@ class Relay:
             conn.close()
             return
         self.connections_per_ip[address] = count + 1
-        visitor = VisitorConnection(conn, self.scheme, self.config, self.router, self.registry, self.serve_own,
-                                    self.counters)
+        visitor = VisitorConnection(conn, self.scheme, self.front)
         self.deadlines.watch(visitor.deadline)
         try:
             await visitor.serve()
