@@ -79,9 +79,12 @@ def _relay_extra_args() -> list[str]:
                                          timeout=30).stdout
         except (OSError, subprocess.SubprocessError):
             _relay_help = ""
+    extra = []
     if "--max-connections-per-ip" in _relay_help:
-        return ["--max-connections-per-ip", str(VISITOR_CAP)]
-    return []
+        extra += ["--max-connections-per-ip", str(VISITOR_CAP)]
+    if "--no-access-log" in _relay_help:
+        extra.append("--no-access-log")  # the data path is measured, like the peers' (none logs per request)
+    return extra
 
 
 def _start_relay(reg: Registry, label: str) -> tuple[Proc, int]:
