@@ -270,6 +270,24 @@ def test_tls_relay_serves_https_to_visitors_and_tls_to_agents(procs, tls_relay, 
     assert_clean_log(tls_relay.proc)
 
 
+def test_a_tls_visitor_closing_its_connection_is_no_warning(procs, tls_relay, ca, origin):
+    """asyncio warns for every TLS connection whose protocol asks to stay half-open after the peer's EOF."""
+    launch_agent(procs, tls_relay, origin.port, "--ca", str(ca["ca"]), name="closer", scheme="https",
+                 relay_url=https_url(tls_relay))
+    for path in ("/first", "/second"):
+        # the relay reads the first connection's end before it can answer the second request through the agent
+        with tls_visitor(tls_relay, ca, f"closer.{DOMAIN}") as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {tls_relay.host('closer')}\r\n\r\n".encode())
+            assert read_outcome(sock, responses=1).statuses == [200]
+            try:
+                sock.unwrap()  # TLS close_notify: the relay's end of input
+            except (OSError, ssl.SSLError):
+                pass
+    tls_relay.proc.wait_for_line(r" /second 200 ")
+    assert "eof_received" not in tls_relay.proc.output()
+    assert_clean_log(tls_relay.proc)
+
+
 def test_wss_through_a_tls_relay(procs, tls_relay, ca):
     node_origin = start_origin(procs, "wss-origin")
     launch_agent(procs, tls_relay, node_origin, "--ca", str(ca["ca"]), name="wss", scheme="https",

@@ -107,6 +107,7 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
         self._writing_paused = False
+        self._tls = False
         self.peer_ip = ""
         self._loop = asyncio.get_running_loop()  # looked up once: get_running_loop costs a getpid() per call
         self.closed = self._loop.create_future()
@@ -114,6 +115,7 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._tls = transport.get_extra_info("sslcontext") is not None
         set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
@@ -130,7 +132,8 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake_reader()
-        return True  # keep our sending half open: the peer may still be reading
+        # keep our sending half open, the peer may still be reading; TLS can't half-close (asyncio would warn)
+        return not self._tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
