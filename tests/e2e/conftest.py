@@ -21,7 +21,12 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 NODE_MODULES = ROOT / "node_modules"
 DEFAULT_TIMEOUT = 20.0
 
-pytestmark = pytest.mark.e2e
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Every test in this folder starts real processes: mark it `e2e`, so `-m e2e` / `-m "not e2e"` select by it.
+    (A `pytestmark` in a conftest marks nothing; this hook runs only for items under this folder.)"""
+    item.add_marker(pytest.mark.e2e)
 
 
 def free_port() -> int:
