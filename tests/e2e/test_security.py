@@ -370,6 +370,16 @@ def data_frame(stream_id: int, payload: bytes, flags: int = 0) -> bytes:
     return frame(DATA, flags, stream_id, len(payload), payload)
 
 
+def refusal_message(response: Response) -> str:
+    """A refused registration is JSON `{"message": "..."}`, which the agent prints; nothing else will do."""
+    assert response.header("content-type") == "application/json", (
+        f"refusal {response.status} is not JSON: {response.header('content-type')!r} {response.body[:200]!r}")
+    answer = json.loads(response.body)
+    assert isinstance(answer, dict) and list(answer) == ["message"], answer
+    assert isinstance(answer["message"], str) and answer["message"], answer
+    return answer["message"]
+
+
 class RawAgentLink:
     """A hand-driven agent link: registers through the HTTP upgrade, then sends whatever frames a test wants."""
 
@@ -396,11 +406,14 @@ class RawAgentLink:
             key, _, value = line.partition(":")
             self.headers[key.strip().lower()] = value.strip()
         self.message = ""
+        self.content_type: str | None = None
+        self.body = b""
         if self.status != 101:
             outcome = read_outcome(self.sock, initial=buffer)
-            body = outcome.responses[0].body if outcome.responses else b""
-            self.message = json.loads(body)["message"] if body.startswith(b"{") else body.decode("latin-1")
-            self.ending = outcome.ending
+            assert outcome.responses, f"no complete answer to the registration: {outcome}"
+            refusal = outcome.responses[0]
+            self.content_type, self.body, self.ending = refusal.header("content-type"), refusal.body, outcome.ending
+            self.message = refusal_message(refusal)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

@@ -343,11 +343,23 @@ def test_bad_name_is_refused_by_the_agent_before_dialling(procs, name, message):
 
 
 def test_registration_json_errors_are_json(procs):
+    """Every refusal of a registration is `application/json` with a `message`: what the agent prints, and what
+    scripts driving the relay's agent endpoint can parse."""
     relay = launch_relay(procs, "--token", "t")
-    link = RawAgentLink(relay.port, "x", token=None, source="127.0.0.5")
-    assert link.status == 401 and json.loads(json.dumps({"message": link.message}))["message"]
-    assert re.search(r"token", link.message)
-    link.close()
+    refusals = [
+        RawAgentLink(relay.port, "x", token=None, source="127.0.0.5"),  # 401
+        RawAgentLink(relay.port, "../etc", token="t", source="127.0.0.5"),  # 400
+        RawAgentLink(relay.port, "x", token="t", source="127.0.0.5", extra_headers={"Upgrade": "websocket"}),  # 426
+    ]
+    try:
+        assert [link.status for link in refusals] == [401, 400, 426]
+        for link in refusals:
+            assert link.content_type == "application/json"
+            assert json.loads(link.body) == {"message": link.message}
+        assert re.search(r"token", refusals[0].message)
+    finally:
+        for link in refusals:
+            link.close()
 
 
 # =============================================================================================== a hostile relay
