@@ -149,11 +149,22 @@ def test_max_tunnels_per_token(procs, tokens_relay, origin):
     launch_agent(procs, tokens_relay, origin.port, "--token", "team-b-secret", name="b-one")
 
 
-def test_random_names_never_hand_out_a_reserved_name(procs, tokens_relay):
-    links = [RawAgentLink(tokens_relay.port, None, token="team-b-secret") for _ in range(5)]
+def test_random_names_never_hand_out_a_reserved_name(procs, tmp_path):
+    """team-a reserves every plain name a random draw can give (`quiet-river`…): team-b's random names must all
+    come from past them."""
+    from tests.proto.test_names import PLAIN, suffixed
+
+    path = tmp_path / "tokens.toml"
+    path.write_text("[[token]]\n" + hash_line("team-a-secret") + "\nnames = [" + ", ".join(f'"{name}"' for name in sorted(PLAIN))
+                    + "]\n\n[[token]]\n" + hash_line("team-b-secret") + "\n")
+    relay = launch_relay(procs, "--tokens", str(path))
+    links = [RawAgentLink(relay.port, None, token="team-b-secret") for _ in range(5)]
     try:
+        assert [link.status for link in links] == [101] * 5
         names = {link.headers.get("portway-name") for link in links}
-        assert all(link.status == 101 for link in links) and "reserved-a" not in names and len(names) == 5
+        assert len(names) == 5 and not names & PLAIN, names
+        for name in names:
+            suffixed(name)
     finally:
         for link in links:
             link.close()

@@ -200,8 +200,29 @@ def test_reserved_name_for_its_owner_and_case_folding():
 
 
 def test_random_names_skip_reserved_ones():
-    relay = relay_with(GRANT_A, GRANT_B)
-    assert "reserved-a" in relay.reserved_or_taken()
+    """A token reserved every name random_name draws plainly: another token's random names all come from past
+    them (a numeric suffix), never from the reserved ones, and they are still that token's."""
+    from .test_names import PLAIN, suffixed
+
+    hoarder = Grant("hoarder", DIGEST_A, PLAIN)
+    relay = relay_with(hoarder, GRANT_B)
+    for attempt in range(10):
+        name, grant = claim(relay, "beta-secret", None)
+        assert grant is GRANT_B and name not in PLAIN
+        suffixed(name)
+
+
+def test_random_names_skip_names_in_use():
+    from portway.aio.tunnels import Tunnel
+
+    from .test_names import PLAIN, suffixed
+
+    relay = relay_with(GRANT_B)
+    for name in PLAIN:
+        relay.registry.tunnels[name] = Tunnel(name, owner=DIGEST_B)
+    name, _ = claim(relay, "beta-secret", None)
+    assert name not in relay.registry.tunnels
+    suffixed(name)
 
 
 def test_max_tunnels_per_token():
