@@ -86,7 +86,7 @@ class Proc:
                 if match:
                     return match
             if self.popen.poll() is not None:
-                time.sleep(0.1)
+                self.join_readers()  # everything it printed before exiting, read to the end
                 for line in self.stdout + self.stderr:
                     match = regex.search(line)
                     if match:
@@ -101,7 +101,16 @@ class Proc:
         return "\n".join(self.stdout + self.stderr)
 
     def wait_exit(self, timeout: float = DEFAULT_TIMEOUT) -> int:
-        return self.popen.wait(timeout)
+        """Wait for the process to exit and for its output to be read to the end: output() is then complete."""
+        code = self.popen.wait(timeout)
+        self.join_readers()
+        return code
+
+    def join_readers(self, timeout: float = 10.0) -> None:
+        """The reader threads end at EOF on the pipes, which comes once the process (and anything it started) exited."""
+        for reader in self.readers:
+            reader.join(timeout)
+            assert not reader.is_alive(), f"{self.name}'s output is still open {timeout}s after it exited"
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.popen.poll() is None:

@@ -43,10 +43,7 @@ def origin():
 
 def run_agent_expecting_failure(procs, relay_url: str, *args: str, env: dict | None = None) -> tuple[int, str]:
     proc = procs.start(PORTWAY + ["http", "9", "--relay", relay_url, *args], "failing agent", env=env)
-    started = time.monotonic()
-    code = proc.wait_exit(AGENT_EXIT_TIMEOUT)
-    assert time.monotonic() - started < AGENT_EXIT_TIMEOUT
-    wait_until(lambda: all(not reader.is_alive() for reader in proc.readers), 5, what="agent output")
+    code = proc.wait_exit(AGENT_EXIT_TIMEOUT)  # raises if it is still running then (a retry loop)
     return code, proc.output()
 
 
@@ -187,8 +184,7 @@ def test_bad_tokens_file_stops_the_relay_with_a_message(procs, tmp_path, text, m
     path.write_text(text)
     proc = procs.start(PORTWAY + ["server", "--port", str(free_port()), "--tokens", str(path)], "relay")
     assert proc.wait_exit(30) == 2
-    wait_until(lambda: message in proc.output(), 5, what=f"{message!r} in the relay's output")
-    assert "listening" not in proc.output()
+    assert message in proc.output() and "listening" not in proc.output()
 
 
 # =============================================================================================== secure default
@@ -199,9 +195,8 @@ def test_open_relay_on_a_public_address_refuses_to_start(procs, bind):
     port = free_port()
     proc = procs.start(PORTWAY + ["server", "--bind", bind, "--port", str(port)], "relay")
     assert proc.wait_exit(30) == 2
-    wait_until(lambda: "--open" in proc.output(), 5, what="the explanation")
     output = proc.output()
-    assert "refusing to listen" in output and "--token" in output and "--tokens" in output
+    assert "--open" in output and "refusing to listen" in output and "--token" in output and "--tokens" in output
     assert "listening on" not in output
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
@@ -210,7 +205,7 @@ def test_open_relay_on_a_public_address_refuses_to_start(procs, bind):
 def test_tls_cert_without_key_is_refused(procs, tmp_path):
     proc = procs.start(PORTWAY + ["server", "--port", str(free_port()), "--tls-cert", str(tmp_path / "c.pem")], "relay")
     assert proc.wait_exit(30) == 2
-    wait_until(lambda: "--tls-cert and --tls-key go together" in proc.output(), 5, what="the explanation")
+    assert "--tls-cert and --tls-key go together" in proc.output()
 
 
 # =============================================================================================== per-address limit

@@ -248,11 +248,20 @@ def test_round_trip_survives_any_chunking(frame_list: list[Frame], data: st.Data
 def test_arbitrary_bytes_raise_only_frame_error(garbage: bytes, max_frame_size: int) -> None:
     decoder = FrameDecoder(max_frame_size)
     decoder.feed(garbage)
+    consumed = 0
     try:
         for frame in decoder:
-            assert frame.encode()  # whatever decodes is a frame we could have sent
+            # whatever decodes is a frame we could have sent, and exactly the bytes it was decoded from
+            wire = frame.encode()
+            assert garbage[consumed : consumed + len(wire)] == wire
+            consumed += len(wire)
     except FrameError:
-        pass
+        with pytest.raises(FrameError):
+            next(decoder)  # a bad header stays at the front: the decoder never resynchronises past it
+        return
+    # it stopped for want of bytes: what is left is less than one whole frame
+    rest = garbage[consumed:]
+    assert len(rest) < HEADER_SIZE or (rest[1] == FrameType.DATA and len(rest) < HEADER_SIZE + HEADER.unpack(rest[:HEADER_SIZE])[4])
 
 
 # Mostly-plausible headers reach far deeper into the decoder than uniformly random bytes, which almost
