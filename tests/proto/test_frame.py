@@ -304,7 +304,8 @@ def test_decoder_accepts_the_largest_frame_size_it_can_express() -> None:
 def test_payloads_fed_as_bytes_are_views_of_them_and_other_buffers_are_copied() -> None:
     """Bytes are immutable, so a DATA payload may be a view of what the caller fed (no copy on the way through);
     a bytearray or memoryview the caller may reuse is copied, so rewriting it later changes no payload."""
-    wire = Frame(FrameType.DATA, Flag(0), 1, 5, b"hello").encode()
+    payload = b"hello" * 200
+    wire = Frame(FrameType.DATA, Flag(0), 1, len(payload), payload).encode()
     decoder = FrameDecoder()
     decoder.feed(wire)
     (frame,) = list(decoder)
@@ -314,8 +315,8 @@ def test_payloads_fed_as_bytes_are_views_of_them_and_other_buffers_are_copied() 
         decoder = FrameDecoder()
         decoder.feed(reused)
         (frame,) = list(decoder)
-        reused[HEADER_SIZE:] = b"XXXXX"
-        assert type(frame.payload) is bytes and frame.payload == b"hello"
+        reused[HEADER_SIZE:] = b"X" * len(payload)
+        assert type(frame.payload) is bytes and frame.payload == payload
 
 
 def test_buffer_stays_bounded_while_a_frame_is_always_pending() -> None:
