@@ -150,10 +150,9 @@ def relay_config(args: argparse.Namespace) -> RelayConfig:
         raise ValueError("--tls-cert and --tls-key go together")
     return RelayConfig(bind=args.bind, port=args.port, domain=args.domain, public_port=args.public_port,
                        grace_period=args.grace_period, grants=tuple(grants), open_relay=args.open,
-                       tls_cert=args.tls_cert, tls_key=args.tls_key, head_timeout=args.head_timeout,
+                       tls_cert=args.tls_cert, tls_key=args.tls_key, head_timeout=args.head_timeout, mux=mux_config(args),
                        idle_timeout=args.idle_timeout, max_connections_per_ip=args.max_connections_per_ip,
-                       pool_wait_timeout=args.pool_wait_timeout, response_timeout=args.response_timeout, lt_grace_period=args.lt_grace_period,
-                       mux=mux_config(args))
+                       pool_wait_timeout=args.pool_wait_timeout, response_timeout=args.response_timeout, lt_grace_period=args.lt_grace_period)
 
 
 def agent_config(args: argparse.Namespace) -> AgentConfig:

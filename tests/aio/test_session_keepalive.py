@@ -51,7 +51,8 @@ def test_silent_peer_is_pinged_then_the_link_is_ended():
 
     reason, elapsed, sent, transport_closed = asyncio.run(main())
     assert reason.startswith("keepalive timeout")
-    assert frame_types(sent) == [FrameType.PING]  # one ping, and no GO_AWAY into a dead link
+    # one ping, and no GO_AWAY into a dead link (window updates for the link as a whole may precede it)
+    assert [kind for kind in frame_types(sent) if kind is not FrameType.WINDOW_UPDATE] == [FrameType.PING]
     assert transport_closed
     # never before the peer had its chance: quiet for INTERVAL, then TIMEOUT to answer (loop clock, no slack)
     assert elapsed >= INTERVAL + TIMEOUT
