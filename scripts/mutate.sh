@@ -4,7 +4,7 @@
 # mutmut (the `mutation` extra in pyproject.toml) makes small changes ("mutants") to src/portway/proto/ one
 # at a time and runs the fast unit tests of tests/proto against each; a mutant no test notices "survived".
 # Settings are [tool.mutmut] in pyproject.toml. A developer's tool, not part of CI: every module of proto/
-# takes about half an hour on 2 cores; name modules to run fewer, e.g.  bash scripts/mutate.sh frame mux
+# takes about 17 minutes on 2 cores (1,796 mutants); name modules to run fewer, e.g.  bash scripts/mutate.sh frame mux
 #
 # It starts from a clean mutants/ (git-ignored), prints mutmut's summary, then the surviving mutants and
 # a count per module. Look at one with  mutmut show NAME  (or all with  mutmut browse). Survivors in error
