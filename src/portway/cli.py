@@ -19,6 +19,7 @@ from . import __version__
 from .auth import Grant, hash_token, load_tokens_file
 from .config import DEFAULT_RELAY_PORT, AgentConfig, RelayConfig
 from .errors import InsecureConfiguration, InvalidName, RegistrationError, TokenFileError
+from .proto.mux import MuxConfig
 from .proto.names import validate_name
 from .runtime import tune_for_serving
 
@@ -31,6 +32,32 @@ def fail(message: str, status: int) -> int:
     return status
 
 EMBEDDED_PORT_ATTEMPTS = 50
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def add_keepalive_flags(command: argparse.ArgumentParser) -> None:
+    """The agent link's keepalive, on both ends: a quiet link is pinged, an unanswered ping ends it."""
+    command.add_argument("--keepalive-interval", type=positive_seconds, metavar="SECONDS",
+                         default=os.environ.get("PORTWAY_KEEPALIVE_INTERVAL", MuxConfig.keepalive_interval),
+                         help="seconds without hearing from the other end of the agent link before pinging it "
+                              f"(default {MuxConfig.keepalive_interval:g}; also $PORTWAY_KEEPALIVE_INTERVAL)")
+    command.add_argument("--keepalive-timeout", type=positive_seconds, metavar="SECONDS",
+                         default=os.environ.get("PORTWAY_KEEPALIVE_TIMEOUT", MuxConfig.keepalive_timeout),
+                         help="seconds a ping may go unanswered before the agent link is declared dead "
+                              f"(default {MuxConfig.keepalive_timeout:g}; also $PORTWAY_KEEPALIVE_TIMEOUT)")
+
+
+def mux_config(args: argparse.Namespace) -> MuxConfig:
+    return MuxConfig(keepalive_interval=args.keepalive_interval, keepalive_timeout=args.keepalive_timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="access log lines as text or one JSON object per line (default text)")
     server.add_argument("--lt-grace-period", type=float, default=RelayConfig.lt_grace_period,
                         help="seconds an lt tunnel whose sockets all closed keeps its name (default %(default)g)")
+    add_keepalive_flags(server)
 
     hash_token = commands.add_parser("hash-token", help="print the sha256 line for a token, for a --tokens file")
     hash_token.add_argument("secret")
@@ -95,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--allow-ip", action="append", default=[], metavar="CIDR",
                       help="only visitors from these networks may connect (repeatable)")
     http.add_argument("--ca", metavar="FILE", help="CA certificate(s) to verify an https:// relay with")
+    add_keepalive_flags(http)
     return parser
 
 
@@ -127,7 +156,7 @@ def relay_config(args: argparse.Namespace) -> RelayConfig:
         raise ValueError("--tls-cert and --tls-key go together")
     return RelayConfig(bind=args.bind, port=args.port, domain=args.domain, public_port=args.public_port,
                        grace_period=args.grace_period, grants=tuple(grants), open_relay=args.open,
-                       tls_cert=args.tls_cert, tls_key=args.tls_key, head_timeout=args.head_timeout,
+                       tls_cert=args.tls_cert, tls_key=args.tls_key, head_timeout=args.head_timeout, mux=mux_config(args),
                        idle_timeout=args.idle_timeout, max_connections_per_ip=args.max_connections_per_ip,
                        pool_wait_timeout=args.pool_wait_timeout, response_timeout=args.response_timeout,
                        lt_grace_period=args.lt_grace_period, metrics=listen_address(args.metrics, "--metrics"),
@@ -157,7 +186,7 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
             raise ValueError(str(error)) from None
     return AgentConfig(port=args.port, local_host=args.local_host, relay=args.relay, name=args.name,
                        token=args.token, basic_auth=args.basic_auth, allow_ip=list(args.allow_ip),
-                       ca_file=args.ca)
+                       ca_file=args.ca, mux=mux_config(args))
 
 
 def _run(make: Callable[[], Awaitable[int]]) -> int:
@@ -207,12 +236,12 @@ async def run_server(config: RelayConfig) -> int:
     return 0
 
 
-async def start_embedded_relay():
+async def start_embedded_relay(mux: MuxConfig | None = None):
     """A relay in this process on 127.0.0.1:8000, or the next free port, with *.localhost names."""
     from .relay.server import Relay
 
     for offset in range(EMBEDDED_PORT_ATTEMPTS):
-        relay = Relay(RelayConfig(port=DEFAULT_RELAY_PORT + offset))
+        relay = Relay(RelayConfig(port=DEFAULT_RELAY_PORT + offset, mux=mux or MuxConfig()))
         try:
             await relay.start()
         except OSError as error:
@@ -229,7 +258,7 @@ async def run_http(config: AgentConfig) -> int:
     relay = None
     relay_url = config.relay
     if relay_url is None:
-        relay = await start_embedded_relay()
+        relay = await start_embedded_relay(config.mux)
         relay_url = f"http://127.0.0.1:{relay.port}"
         stderr.print(f"No --relay given: running an embedded relay on 127.0.0.1:{relay.port}")
 

@@ -21,7 +21,12 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 NODE_MODULES = ROOT / "node_modules"
 DEFAULT_TIMEOUT = 20.0
 
-pytestmark = pytest.mark.e2e
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Every test in this folder starts real processes: mark it `e2e`, so `-m e2e` / `-m "not e2e"` select by it.
+    (A `pytestmark` in a conftest marks nothing; this hook runs only for items under this folder.)"""
+    item.add_marker(pytest.mark.e2e)
 
 
 def free_port() -> int:
@@ -81,7 +86,7 @@ class Proc:
                 if match:
                     return match
             if self.popen.poll() is not None:
-                time.sleep(0.1)
+                self.join_readers()  # everything it printed before exiting, read to the end
                 for line in self.stdout + self.stderr:
                     match = regex.search(line)
                     if match:
@@ -96,7 +101,16 @@ class Proc:
         return "\n".join(self.stdout + self.stderr)
 
     def wait_exit(self, timeout: float = DEFAULT_TIMEOUT) -> int:
-        return self.popen.wait(timeout)
+        """Wait for the process to exit and for its output to be read to the end: output() is then complete."""
+        code = self.popen.wait(timeout)
+        self.join_readers()
+        return code
+
+    def join_readers(self, timeout: float = 10.0) -> None:
+        """The reader threads end at EOF on the pipes, which comes once the process (and anything it started) exited."""
+        for reader in self.readers:
+            reader.join(timeout)
+            assert not reader.is_alive(), f"{self.name}'s output is still open {timeout}s after it exited"
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.popen.poll() is None:

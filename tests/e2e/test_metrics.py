@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import Processes, free_port, procs, start_origin, wait_until  # noqa: F401 (procs is a fixture)
+from .conftest import Processes, free_port, start_origin, wait_until
 from .test_security import get, launch_agent, launch_relay, talk
 
 BASIC = "user:secret"

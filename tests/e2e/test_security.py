@@ -3,7 +3,8 @@ visitor or a hostile agent may throw at them.
 
 Each honest tunnel is served by its own in-test origin that records every request it sees, so the tests can
 assert the strongest property there is: no hostile request ever reached an origin, and no request ever reached
-another tunnel's origin. The last test checks that the relay still serves every honest tunnel afterwards.
+another tunnel's origin. When the tests that share the relay are done (whichever ran), the `world` fixture checks
+that the relay still serves every honest tunnel and nothing crossed (`assert_catalogue_left_no_trace`).
 
 Rows are `(id, raw bytes, expected)`: an HTTP status the relay must answer (then close the connection when the
 status is an error that leaves the framing in doubt), or CLOSED (no answer, the connection just ends).
@@ -370,6 +371,16 @@ def data_frame(stream_id: int, payload: bytes, flags: int = 0) -> bytes:
     return frame(DATA, flags, stream_id, len(payload), payload)
 
 
+def refusal_message(response: Response) -> str:
+    """A refused registration is JSON `{"message": "..."}`, which the agent prints; nothing else will do."""
+    assert response.header("content-type") == "application/json", (
+        f"refusal {response.status} is not JSON: {response.header('content-type')!r} {response.body[:200]!r}")
+    answer = json.loads(response.body)
+    assert isinstance(answer, dict) and list(answer) == ["message"], answer
+    assert isinstance(answer["message"], str) and answer["message"], answer
+    return answer["message"]
+
+
 class RawAgentLink:
     """A hand-driven agent link: registers through the HTTP upgrade, then sends whatever frames a test wants."""
 
@@ -396,11 +407,14 @@ class RawAgentLink:
             key, _, value = line.partition(":")
             self.headers[key.strip().lower()] = value.strip()
         self.message = ""
+        self.content_type: str | None = None
+        self.body = b""
         if self.status != 101:
             outcome = read_outcome(self.sock, initial=buffer)
-            body = outcome.responses[0].body if outcome.responses else b""
-            self.message = json.loads(body)["message"] if body.startswith(b"{") else body.decode("latin-1")
-            self.ending = outcome.ending
+            assert outcome.responses, f"no complete answer to the registration: {outcome}"
+            refusal = outcome.responses[0]
+            self.content_type, self.body, self.ending = refusal.header("content-type"), refusal.body, outcome.ending
+            self.message = refusal_message(refusal)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -488,6 +502,30 @@ HONEST = {
 }
 
 
+def assert_catalogue_left_no_trace(world: World) -> None:
+    """Run by the `world` fixture after the last test that used it, whichever tests ran and in whatever order:
+    every honest tunnel still works as configured, no origin saw a request for another tunnel or a smuggled one,
+    no honest agent died, and the relay logged no unhandled exception."""
+    tag = secrets.token_hex(4)
+    for name in ("alpha", "beta"):
+        assert get(world.port, world.host(name), f"/final-{tag}").body == f"{name} GET /final-{tag}".encode()
+    auth = {"Authorization": basic(*BASIC)}
+    assert get(world.port, world.host("guarded"), f"/final-{tag}", headers=auth).status == 200
+    assert get(world.port, world.host("walled"), "/SMUGGLED-final").status == 403
+    assert get(world.port, world.host("local2"), f"/final-{tag}", source="127.0.0.2").status == 200
+    for name, origin in world.origins.items():
+        hosts = {(seen.host or "").lower().rstrip(".").split(":")[0].rstrip(".") for seen in origin.requests()}
+        if name == "doomed":
+            assert all(host.startswith("doomed-") for host in hosts), hosts
+        else:
+            assert hosts <= {f"{name}.{DOMAIN}"}, f"origin {name} saw requests for {hosts}"
+    never_reached(world)
+    assert world.relay.proc.popen.poll() is None
+    for name, agent in world.agents.items():
+        assert agent.popen.poll() is None, f"honest agent {name} died: {agent.output()}"
+    assert_clean_log(world.relay.proc)
+
+
 @pytest.fixture(scope="module")
 def world():
     procs = Processes()
@@ -498,7 +536,9 @@ def world():
         agents = {}
         for name, flags in HONEST.items():
             agents[name] = launch_agent(procs, relay, origins[name].port, "--token", TOKEN, *flags, name=name)
-        yield World(relay, origins, agents, procs)
+        world = World(relay, origins, agents, procs)
+        yield world
+        assert_catalogue_left_no_trace(world)  # a failure here is an error at the teardown of the last test
     finally:
         procs.stop_all()
         for origin in origins.values():
@@ -715,10 +755,25 @@ def test_smuggling_attempt_is_refused_and_closed(world, raw, expected):
 
 
 def test_http10_with_transfer_encoding_is_answered_then_closed(world):
-    """RFC 9112 §6.1: framing of a 1.0 message with TE is faulty; process it, then close. Nothing after it runs."""
-    raw = (b"POST /te10 HTTP/1.0\r\nHost: {alpha}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLE)
+    """RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding may be processed, and the connection must close
+    after it. The chunked body is read as such (here empty) and the connection ends after the answer."""
+    tag = secrets.token_hex(4)
+    raw = f"POST /te10-{tag} HTTP/1.0\r\nHost: {world.host('alpha')}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    outcome = talk(world.port, raw.encode())
+    assert outcome.statuses == [200] and outcome.closed and outcome.rest == b""
+    assert outcome.responses[0].body == f"alpha POST /te10-{tag}".encode()
+    seen = [request for request in world.origins["alpha"].requests() if request.path == f"/te10-{tag}"]
+    assert len(seen) == 1 and seen[0].body == b""
+
+
+def test_request_glued_after_an_http10_transfer_encoding_request_is_never_parsed(world):
+    """The same request with another one glued to it in one write: the relay reads both at once, and bytes after
+    a message that must end the connection are refused as a whole (400, closed); neither reaches an origin."""
+    tag = secrets.token_hex(4)
+    raw = (f"POST /SMUGGLED-te10-{tag} HTTP/1.0\r\nHost: {{alpha}}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+           .encode() + SMUGGLE)
     outcome = talk(world.port, raw.replace(b"{alpha}", world.host("alpha").encode()))
-    assert outcome.statuses in ([200], [400]) and outcome.closed and outcome.rest == b""
+    assert_refused(outcome, 400, "bytes after an HTTP/1.0 request with Transfer-Encoding")
     never_reached(world)
 
 
@@ -1189,28 +1244,3 @@ def test_agent_dying_before_the_response_head_gives_502(world, doomed):
         outcome = read_outcome(sock)
     assert outcome.statuses == [502] and outcome.closed
     honest_tunnels_still_serve(world)
-
-
-# =============================================================================================== afterwards
-
-def test_zz_relay_still_serves_every_honest_tunnel_and_nothing_crossed(world):
-    """Runs last in this module: after the whole catalogue, every honest tunnel works as configured, no origin saw
-    a request for another tunnel or a smuggled one, and the relay logged no unhandled exception."""
-    tag = secrets.token_hex(4)
-    for name in ("alpha", "beta"):
-        assert get(world.port, world.host(name), f"/final-{tag}").body == f"{name} GET /final-{tag}".encode()
-    auth = {"Authorization": basic(*BASIC)}
-    assert get(world.port, world.host("guarded"), f"/final-{tag}", headers=auth).status == 200
-    assert get(world.port, world.host("walled"), "/SMUGGLED-final").status == 403
-    assert get(world.port, world.host("local2"), f"/final-{tag}", source="127.0.0.2").status == 200
-    for name, origin in world.origins.items():
-        hosts = {(seen.host or "").lower().rstrip(".").split(":")[0].rstrip(".") for seen in origin.requests()}
-        if name == "doomed":
-            assert all(host.startswith("doomed-") for host in hosts), hosts
-        else:
-            assert hosts <= {f"{name}.{DOMAIN}"}, f"origin {name} saw requests for {hosts}"
-    never_reached(world)
-    assert world.relay.proc.popen.poll() is None
-    for name, agent in world.agents.items():
-        assert agent.popen.poll() is None, f"honest agent {name} died: {agent.output()}"
-    assert_clean_log(world.relay.proc)

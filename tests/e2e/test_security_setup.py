@@ -43,10 +43,7 @@ def origin():
 
 def run_agent_expecting_failure(procs, relay_url: str, *args: str, env: dict | None = None) -> tuple[int, str]:
     proc = procs.start(PORTWAY + ["http", "9", "--relay", relay_url, *args], "failing agent", env=env)
-    started = time.monotonic()
-    code = proc.wait_exit(AGENT_EXIT_TIMEOUT)
-    assert time.monotonic() - started < AGENT_EXIT_TIMEOUT
-    wait_until(lambda: all(not reader.is_alive() for reader in proc.readers), 5, what="agent output")
+    code = proc.wait_exit(AGENT_EXIT_TIMEOUT)  # raises if it is still running then (a retry loop)
     return code, proc.output()
 
 
@@ -149,11 +146,22 @@ def test_max_tunnels_per_token(procs, tokens_relay, origin):
     launch_agent(procs, tokens_relay, origin.port, "--token", "team-b-secret", name="b-one")
 
 
-def test_random_names_never_hand_out_a_reserved_name(procs, tokens_relay):
-    links = [RawAgentLink(tokens_relay.port, None, token="team-b-secret") for _ in range(5)]
+def test_random_names_never_hand_out_a_reserved_name(procs, tmp_path):
+    """team-a reserves every plain name a random draw can give (`quiet-river`…): team-b's random names must all
+    come from past them."""
+    from tests.proto.test_names import PLAIN, suffixed
+
+    path = tmp_path / "tokens.toml"
+    path.write_text("[[token]]\n" + hash_line("team-a-secret") + "\nnames = [" + ", ".join(f'"{name}"' for name in sorted(PLAIN))
+                    + "]\n\n[[token]]\n" + hash_line("team-b-secret") + "\n")
+    relay = launch_relay(procs, "--tokens", str(path))
+    links = [RawAgentLink(relay.port, None, token="team-b-secret") for _ in range(5)]
     try:
+        assert [link.status for link in links] == [101] * 5
         names = {link.headers.get("portway-name") for link in links}
-        assert all(link.status == 101 for link in links) and "reserved-a" not in names and len(names) == 5
+        assert len(names) == 5 and not names & PLAIN, names
+        for name in names:
+            suffixed(name)
     finally:
         for link in links:
             link.close()
@@ -176,8 +184,7 @@ def test_bad_tokens_file_stops_the_relay_with_a_message(procs, tmp_path, text, m
     path.write_text(text)
     proc = procs.start(PORTWAY + ["server", "--port", str(free_port()), "--tokens", str(path)], "relay")
     assert proc.wait_exit(30) == 2
-    wait_until(lambda: message in proc.output(), 5, what=f"{message!r} in the relay's output")
-    assert "listening" not in proc.output()
+    assert message in proc.output() and "listening" not in proc.output()
 
 
 # =============================================================================================== secure default
@@ -188,9 +195,8 @@ def test_open_relay_on_a_public_address_refuses_to_start(procs, bind):
     port = free_port()
     proc = procs.start(PORTWAY + ["server", "--bind", bind, "--port", str(port)], "relay")
     assert proc.wait_exit(30) == 2
-    wait_until(lambda: "--open" in proc.output(), 5, what="the explanation")
     output = proc.output()
-    assert "refusing to listen" in output and "--token" in output and "--tokens" in output
+    assert "--open" in output and "refusing to listen" in output and "--token" in output and "--tokens" in output
     assert "listening on" not in output
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
@@ -199,7 +205,7 @@ def test_open_relay_on_a_public_address_refuses_to_start(procs, bind):
 def test_tls_cert_without_key_is_refused(procs, tmp_path):
     proc = procs.start(PORTWAY + ["server", "--port", str(free_port()), "--tls-cert", str(tmp_path / "c.pem")], "relay")
     assert proc.wait_exit(30) == 2
-    wait_until(lambda: "--tls-cert and --tls-key go together" in proc.output(), 5, what="the explanation")
+    assert "--tls-cert and --tls-key go together" in proc.output()
 
 
 # =============================================================================================== per-address limit
@@ -361,11 +367,23 @@ def test_bad_name_is_refused_by_the_agent_before_dialling(procs, name, message):
 
 
 def test_registration_json_errors_are_json(procs):
+    """Every refusal of a registration is `application/json` with a `message`: what the agent prints, and what
+    scripts driving the relay's agent endpoint can parse."""
     relay = launch_relay(procs, "--token", "t")
-    link = RawAgentLink(relay.port, "x", token=None, source="127.0.0.5")
-    assert link.status == 401 and json.loads(json.dumps({"message": link.message}))["message"]
-    assert re.search(r"token", link.message)
-    link.close()
+    refusals = [
+        RawAgentLink(relay.port, "x", token=None, source="127.0.0.5"),  # 401
+        RawAgentLink(relay.port, "../etc", token="t", source="127.0.0.5"),  # 400
+        RawAgentLink(relay.port, "x", token="t", source="127.0.0.5", extra_headers={"Upgrade": "websocket"}),  # 426
+    ]
+    try:
+        assert [link.status for link in refusals] == [401, 400, 426]
+        for link in refusals:
+            assert link.content_type == "application/json"
+            assert json.loads(link.body) == {"message": link.message}
+        assert re.search(r"token", refusals[0].message)
+    finally:
+        for link in refusals:
+            link.close()
 
 
 # =============================================================================================== a hostile relay

@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,7 +19,6 @@ from .conftest import (
     start_agent,
     start_origin,
     start_relay,
-    wait_until,
 )
 from .payload import expected_sha256
 
@@ -219,15 +217,24 @@ def test_local_service_down_gives_502_saying_so(procs, relay):
     assert status == 502 and f"localhost:{dead_port} refused the connection".encode() in body
 
 
-def test_agent_killed_gives_502_within_a_second(tunnel):
-    relay, name, agent = tunnel
-    assert request(relay, name)[0] == 200
+SLOW_DEADLINES = 60.0  # the relay's keepalive and response timeout in the next test: nothing fires that soon
+NOTICED_WITHIN = 10.0  # bound for an answer that needs no deadline; generous for a loaded machine
+
+
+def test_agent_killed_gives_502_at_once(procs, origin):
+    """SIGKILL: the kernel closes the agent's end of the link and the relay hears it at once. The very next
+    visitor gets a 502 saying the agent is gone, well before any of the relay's deadlines could have produced an
+    answer. (A link that dies without a word is tests/e2e/test_keepalive.py's.)"""
+    deadlines = ["--keepalive-interval", "--keepalive-timeout", "--response-timeout"]
+    relay = start_relay(procs, *[arg for flag in deadlines for arg in (flag, str(SLOW_DEADLINES))])
+    agent, name = start_agent(procs, relay, origin, name="seed")
+    # Connection: close leaves no idle stream in the relay's pool (a request retried off a pooled stream whose
+    # link just died hangs: see POOLED_STREAM_BUG in test_keepalive.py)
+    assert request(relay, name, headers={"Connection": "close"})[0] == 200
     agent.kill(signal.SIGKILL)
-    killed_at = time.monotonic()
-    status, _, body = wait_until(lambda: (r := request(relay, name, timeout=5)) and r[0] == 502 and r,
-                                 timeout=5, what="502 after the agent died")
-    assert time.monotonic() - killed_at < 1.0
-    assert b"not connected" in body
+    status, _, body = request(relay, name, timeout=NOTICED_WITHIN)  # one request: no retrying until it works
+    assert status == 502, body
+    assert b"not connected" in body or b"went away" in body  # the link's end, not a deadline, answered
 
 
 def test_visitor_sees_cut_short_response_when_agent_dies(tunnel):

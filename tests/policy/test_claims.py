@@ -115,3 +115,26 @@ def test_live_name_is_not_replaced_without_proof():
     world.holders["taken"] = Holder(DIGEST_B)
     assert world.refusal("beta-secret", "taken")[0] == 409
     assert world.claim("beta-secret", "taken", may_replace=lambda holder: holder.owner == DIGEST_B).name == "taken"
+
+
+def test_random_names_skip_reserved_ones():
+    """A token reserved every name random_name draws plainly: another token's random names all come from past
+    them (a numeric suffix), never from the reserved ones, and they are still that token's."""
+    from tests.proto.test_names import PLAIN, suffixed
+
+    world = World(Grant("hoarder", DIGEST_A, PLAIN), GRANT_B)
+    for seed in range(10):
+        claimed = world.claim("beta-secret", None, rng=random.Random(seed))
+        assert claimed.grant is GRANT_B and claimed.name not in PLAIN
+        suffixed(claimed.name)
+
+
+def test_random_names_skip_names_in_use():
+    from tests.proto.test_names import PLAIN, suffixed
+
+    world = World(GRANT_B)
+    for name in PLAIN:
+        world.holders[name] = Holder(DIGEST_B)
+    name = world.claim("beta-secret", None).name
+    assert name not in world.holders
+    suffixed(name)

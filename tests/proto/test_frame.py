@@ -12,6 +12,7 @@ from portway.proto.frame import (
     HEADER,
     HEADER_SIZE,
     INITIAL_STREAM_WINDOW,
+    MAX_STREAM_ID,
     MAX_WINDOW_SIZE,
     Flag,
     Frame,
@@ -248,11 +249,20 @@ def test_round_trip_survives_any_chunking(frame_list: list[Frame], data: st.Data
 def test_arbitrary_bytes_raise_only_frame_error(garbage: bytes, max_frame_size: int) -> None:
     decoder = FrameDecoder(max_frame_size)
     decoder.feed(garbage)
+    consumed = 0
     try:
         for frame in decoder:
-            assert frame.encode()  # whatever decodes is a frame we could have sent
+            # whatever decodes is a frame we could have sent, and exactly the bytes it was decoded from
+            wire = frame.encode()
+            assert garbage[consumed : consumed + len(wire)] == wire
+            consumed += len(wire)
     except FrameError:
-        pass
+        with pytest.raises(FrameError):
+            next(decoder)  # a bad header stays at the front: the decoder never resynchronises past it
+        return
+    # it stopped for want of bytes: what is left is less than one whole frame
+    rest = garbage[consumed:]
+    assert len(rest) < HEADER_SIZE or (rest[1] == FrameType.DATA and len(rest) < HEADER_SIZE + HEADER.unpack(rest[:HEADER_SIZE])[4])
 
 
 # Mostly-plausible headers reach far deeper into the decoder than uniformly random bytes, which almost
@@ -279,3 +289,45 @@ def test_arbitrary_chunks_raise_only_frame_error(chunks: list[bytes]) -> None:
             list(decoder)
     except FrameError:
         pass
+
+
+# ----------------------------------------------------------------------------------------------- found by mutmut
+# (scripts/mutate.sh: decoder changes that no test above noticed)
+
+
+def test_decoder_accepts_the_largest_frame_size_it_can_express() -> None:
+    assert FrameDecoder(MAX_STREAM_ID).max_frame_size == MAX_STREAM_ID
+    with pytest.raises(ValueError, match="max_frame_size must be in 1.."):
+        FrameDecoder(MAX_STREAM_ID + 1)
+
+
+def test_payloads_fed_as_bytes_are_views_of_them_and_other_buffers_are_copied() -> None:
+    """Bytes are immutable, so a DATA payload may be a view of what the caller fed (no copy on the way through);
+    a bytearray or memoryview the caller may reuse is copied, so rewriting it later changes no payload."""
+    payload = b"hello" * 200
+    wire = Frame(FrameType.DATA, Flag(0), 1, len(payload), payload).encode()
+    decoder = FrameDecoder()
+    decoder.feed(wire)
+    (frame,) = list(decoder)
+    assert type(frame.payload) is memoryview and frame.payload.obj is wire
+    for make in (bytearray, lambda data: memoryview(bytearray(data))):
+        reused = make(wire)
+        decoder = FrameDecoder()
+        decoder.feed(reused)
+        (frame,) = list(decoder)
+        reused[HEADER_SIZE:] = b"X" * len(payload)
+        assert type(frame.payload) is bytes and frame.payload == payload
+
+
+def test_buffer_stays_bounded_while_a_frame_is_always_pending() -> None:
+    """A link whose reads always end mid-frame never empties the buffer; consumed bytes must still be dropped
+    from its front, or it grows by every byte the link ever carried."""
+    frame = Frame(FrameType.DATA, Flag(0), 1, 1000, b"x" * 1000).encode()
+    stream = frame * 10_000  # 10 MB
+    decoder = FrameDecoder()
+    largest = 0
+    for start in range(0, len(stream), 1500):  # 1500-byte reads: never aligned with the 1012-byte frames
+        decoder.feed(bytearray(stream[start : start + 1500]))
+        assert all(bytes(f.payload) == b"x" * 1000 for f in decoder)
+        largest = max(largest, len(decoder._buffer))
+    assert largest < 4 * 64 * 1024

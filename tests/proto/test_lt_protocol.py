@@ -25,6 +25,7 @@ from portway.proto.lt_protocol import Admission, RegistrationRequest
         ("/bad_name", "", RegistrationRequest("bad_name")),  # refused with a message, not ignored
         ("/my%2Dapp", "", RegistrationRequest("my-app")),
         ("/forwstest", "new", RegistrationRequest("forwstest")),
+        ("/Xenon", "", RegistrationRequest("Xenon")),  # only slashes are stripped from the front
     ],
 )
 def test_registrations(path, query, expected):
@@ -97,10 +98,25 @@ def test_registration_answer_has_the_fields_lt_reads():
 def test_refusal_is_a_2xx_other_than_200_with_a_message():
     # lt retries anything outside 200-299 silently forever; 201 + {"message"} makes it print and exit
     status, headers, body = parse_response(lt.refusal_response(lt.taken_message("forwstest")))
-    assert status == 201 and status != 200
+    assert status == 201
     assert body == {"message": "name forwstest is taken"}
     assert headers["connection"] == "keep-alive"
     assert parse_response(lt.refusal_response("x", close=True))[1]["connection"] == "close"
+
+
+def test_answers_carry_their_status_line():
+    assert lt.json_response(200, {}).startswith(b"HTTP/1.1 200 OK\r\n")
+    assert lt.refusal_response("no").startswith(b"HTTP/1.1 201 Created\r\n")
+    assert lt.json_response(404, {}).startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert lt.json_response(599, {}).startswith(b"HTTP/1.1 599 Error\r\n")
+    assert parse_response(lt.json_response(200, {"id": "x"}))[1]["connection"] == "keep-alive"  # lt reuses it
+
+
+def test_refused_carries_the_message_for_the_lt_user():
+    from portway.errors import LtRefused
+
+    refused = LtRefused(lt.taken_message("forwstest"))
+    assert refused.message == str(refused) == "name forwstest is taken"
 
 
 def test_tunnel_status_shape():
@@ -123,6 +139,9 @@ def basic(credentials: str) -> bytes:
         (b"Bearer s3cret", None),
         (b"Basic !!!notbase64", None),
         (b"Basic " + base64.b64encode(b"\xff\xfe:x"), None),
+        (b"Basic !" + base64.b64encode(b"lt:s3cret"), None),  # junk is refused, not skipped over
+        (basic("lt:to:ken"), "to:ken"),  # the user name ends at the first colon; the token may hold more
+        (b"Basic  " + base64.b64encode(b"lt:s3cret"), "s3cret"),  # more than one space after the scheme
     ],
 )
 def test_token_from_basic_credentials(header, token):

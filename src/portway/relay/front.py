@@ -229,12 +229,13 @@ class VisitorConnection:
             self.deadline.disarm()
 
     async def refuse(self, head: RequestHead, status: int, message: str,
-                     extra_headers: list[tuple[str, str]] | None = None) -> bool:
+                     extra_headers: list[tuple[str, str]] | None = None, *, fully_read: bool = False) -> bool:
         """Answer a request the relay won't forward. The answer goes out at once; a small body is then skipped
-        to keep the connection (a visitor waiting on `Expect: 100-continue` gets the answer and a close)."""
+        to keep the connection (a visitor waiting on `Expect: 100-continue` gets the answer and a close).
+        `fully_read`: the request's end was consumed already (a retry after its first conduit failed)."""
         keep = exchange.refusal_keeps_connection(head)
         self.send_error(status, message, close=not keep, extra_headers=extra_headers, head_only=head.method == "HEAD")
-        return keep and await self.skip_body(head)
+        return keep and (fully_read or await self.skip_body(head))
 
     async def exchange(self, head: RequestHead, tunnel) -> bool:
         request_bytes = http1.encode_request_head(
@@ -252,17 +253,18 @@ class VisitorConnection:
                     conduit, reused = await asyncio.wait_for(tunnel.acquire(), self.config.pool_wait_timeout)
             except asyncio.TimeoutError:
                 return await self.refuse(
-                    head, 503, f"Tunnel {tunnel.name!r} is busy: no connection to its origin became free in time."
-                )
+                    head, 503, f"Tunnel {tunnel.name!r} is busy: no connection to its origin became free in time.",
+                    fully_read=request_complete is True)
             except HttpError as error:
-                return await self.refuse(head, error.status, error.message)
+                return await self.refuse(head, error.status, error.message, fully_read=request_complete is True)
             try:
                 await conduit.send(request_bytes)
             except ConduitReset:
                 conduit.close()
                 if reused:
                     continue
-                return await self.refuse(head, 502, f"The agent for tunnel {tunnel.name!r} went away.")
+                return await self.refuse(head, 502, f"The agent for tunnel {tunnel.name!r} went away.",
+                                         fully_read=request_complete is True)
             may_retry = reused and retry_allowed
             if retry_allowed and self.pending and self.pending[0] is MESSAGE_END:
                 # no body to upload: the common GET needs no second task
