@@ -5,28 +5,96 @@ from __future__ import annotations
 
 import pytest
 
-from portway.cli import agent_config, build_parser, relay_config
+from portway.cli import build_parser, config_from
+from portway.config import AGENT_SETTINGS, RELAY_SETTINGS, AgentConfig, RelayConfig
+from portway.errors import ConfigurationError
 from portway.proto.mux import MuxConfig
+
+COMMANDS = [["server"], ["http", "8080"]]
 
 
 def parse(*argv: str):
     return build_parser().parse_args(list(argv))
 
 
-@pytest.mark.parametrize("command, make", [(["server"], relay_config), (["http", "8080"], agent_config)])
-def test_keepalive_flags_reach_the_mux_config(command, make):
-    config = make(parse(*command, "--keepalive-interval", "2.5", "--keepalive-timeout", "0.5"))
-    assert (config.mux.keepalive_interval, config.mux.keepalive_timeout) == (2.5, 0.5)
-    default = make(parse(*command)).mux
+def config(*argv: str, environ: dict[str, str] | None = None):
+    return config_from(parse(*argv), environ or {})
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_keepalive_flags_reach_the_mux_config(command):
+    built = config(*command, "--keepalive-interval", "2.5", "--keepalive-timeout", "0.5")
+    assert (built.mux.keepalive_interval, built.mux.keepalive_timeout) == (2.5, 0.5)
+    default = config(*command).mux
     assert default == MuxConfig() and (default.keepalive_interval, default.keepalive_timeout) == (30.0, 10.0)
 
 
-@pytest.mark.parametrize("command, make", [(["server"], relay_config), (["http", "8080"], agent_config)])
-def test_keepalive_from_the_environment_and_the_flag_wins(monkeypatch, command, make):
-    monkeypatch.setenv("PORTWAY_KEEPALIVE_INTERVAL", "7")
-    monkeypatch.setenv("PORTWAY_KEEPALIVE_TIMEOUT", "3")
-    assert make(parse(*command)).mux == MuxConfig(keepalive_interval=7.0, keepalive_timeout=3.0)
-    assert make(parse(*command, "--keepalive-timeout", "4")).mux.keepalive_timeout == 4.0
+@pytest.mark.parametrize("command", COMMANDS)
+def test_keepalive_from_the_environment_and_the_flag_wins(command):
+    environ = {"PORTWAY_KEEPALIVE_INTERVAL": "7", "PORTWAY_KEEPALIVE_TIMEOUT": "3"}
+    assert config(*command, environ=environ).mux == MuxConfig(keepalive_interval=7.0, keepalive_timeout=3.0)
+    assert config(*command, "--keepalive-timeout", "4", environ=environ).mux.keepalive_timeout == 4.0
+
+
+def test_every_relay_setting_reaches_the_config_from_its_flag_and_its_variable():
+    flags = ["server", "--bind", "127.0.0.2", "--port", "9001", "--domain", "t.example", "--public-port", "443",
+             "--grace-period", "3", "--token", "a", "--token", "b", "--open", "--head-timeout", "2",
+             "--idle-timeout", "4", "--max-connections-per-ip", "9", "--response-timeout", "5",
+             "--pool-wait-timeout", "6", "--lt-grace-period", "7", "--metrics", ":9100", "--no-access-log",
+             "--log-format", "json"]
+    from_flags = config(*flags)
+    environ = {"PORTWAY_BIND": "127.0.0.2", "PORTWAY_PORT": "9001", "PORTWAY_DOMAIN": "t.example",
+               "PORTWAY_PUBLIC_PORT": "443", "PORTWAY_GRACE_PERIOD": "3", "PORTWAY_TOKENS": "a,b",
+               "PORTWAY_OPEN_RELAY": "yes", "PORTWAY_HEAD_TIMEOUT": "2", "PORTWAY_IDLE_TIMEOUT": "4",
+               "PORTWAY_MAX_CONNECTIONS_PER_IP": "9", "PORTWAY_RESPONSE_TIMEOUT": "5",
+               "PORTWAY_POOL_WAIT_TIMEOUT": "6", "PORTWAY_LT_GRACE_PERIOD": "7", "PORTWAY_METRICS": ":9100",
+               "PORTWAY_ACCESS_LOG": "off", "PORTWAY_LOG_FORMAT": "json"}
+    from_environment = config("server", environ=environ)
+    assert from_flags == from_environment
+    assert isinstance(from_flags, RelayConfig) and len(from_flags.grants) == 2
+    assert (from_flags.bind, from_flags.port, from_flags.public_port, from_flags.metrics) == \
+        ("127.0.0.2", 9001, 443, ("127.0.0.1", 9100))
+    assert (from_flags.open_relay, from_flags.access_log, from_flags.log_format) == (True, False, "json")
+    assert config("server") == RelayConfig(access_log=True)
+
+
+def test_every_agent_setting_reaches_the_config():
+    built = config("http", "8080", "--relay", "https://r.example", "--name", "Demo", "--local-host", "::1",
+                   "--token", "t", "--basic-auth", "u:p", "--allow-ip", "10.0.0.0/8", "--allow-ip", "::1/128",
+                   "--ca", "ca.pem")
+    assert built == AgentConfig(port=8080, relay="https://r.example", name="demo", local_host="::1", token="t",
+                                basic_auth="u:p", allow_ip=("10.0.0.0/8", "::1/128"), ca_file="ca.pem")
+    assert config("http", "8080", environ={"PORTWAY_ALLOW_IP": "10.0.0.0/8, 192.0.2.0/24"}).allow_ip == \
+        ("10.0.0.0/8", "192.0.2.0/24")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["http", "8080", "--basic-auth", "nocolon"], "USER:PASS"),
+    (["http", "8080", "--allow-ip", "10.0.0.0/33"], "--allow-ip"),
+    (["http", "8080", "--name", "Not_A_Label"], "--name"),
+    (["server", "--port", "70000"], "--port"),
+    (["server", "--log-format", "xml"], "text or json"),
+    (["server", "--metrics", "nowhere"], "HOST:PORT"),
+])
+def test_bad_flags_are_refused_naming_the_flag(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exited:
+        parse(*argv)
+    assert exited.value.code == 2 and fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("environ, fragment", [
+    ({"PORTWAY_PORT": "eighty"}, "$PORTWAY_PORT='eighty'"),
+    ({"PORTWAY_HEAD_TIMEOUT": "-1"}, "positive"),
+    ({"PORTWAY_TLS_CERT": "cert.pem"}, "--tls-cert and --tls-key go together"),
+])
+def test_bad_variables_are_refused_naming_the_variable(environ, fragment):
+    with pytest.raises(ConfigurationError, match=fragment.replace("$", r"\$")):
+        config("server", environ=environ)
+
+
+def test_every_setting_has_its_own_flag_and_variable():
+    for settings in (RELAY_SETTINGS, AGENT_SETTINGS):
+        assert len({s.flag for s in settings}) == len({s.env for s in settings}) == len(settings)
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
@@ -35,3 +103,12 @@ def test_keepalive_must_be_a_positive_number_of_seconds(capsys, flag, value):
     with pytest.raises(SystemExit) as exited:
         parse("server", flag, value)
     assert exited.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_the_readme_lists_every_flag_and_its_variable():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for setting in RELAY_SETTINGS + AGENT_SETTINGS:
+        flag = f"--no-{setting.flag[2:]}" if setting.is_switch and setting.default else setting.flag
+        assert f"`{flag}" in readme and f"`${setting.env}`" in readme, setting.key

@@ -5,22 +5,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import signal
 import sys
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Mapping
 
 from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .auth import Grant, hash_token, load_tokens_file
-from .config import DEFAULT_RELAY_PORT, AgentConfig, RelayConfig
-from .errors import InsecureConfiguration, InvalidName, RegistrationError, TokenFileError
+from .auth import hash_token
+from .config import (
+    AGENT_SETTINGS,
+    DEFAULT_RELAY_PORT,
+    RELAY_SETTINGS,
+    AgentConfig,
+    RelayConfig,
+    Setting,
+    agent_config,
+    load,
+    relay_config,
+)
+from .errors import ConfigurationError, InsecureConfiguration, RegistrationError
 from .proto.mux import MuxConfig
-from .proto.names import validate_name
 from .runtime import tune_for_serving
 
 stderr = Console(stderr=True, highlight=False)
@@ -34,30 +42,34 @@ def fail(message: str, status: int) -> int:
 EMBEDDED_PORT_ATTEMPTS = 50
 
 
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
+def add_settings(command: argparse.ArgumentParser, settings: tuple[Setting, ...]) -> None:
+    """One flag per setting. Flags not given stay out of the namespace, so the environment and the defaults
+    can fill them in (config.load)."""
+    for setting in settings:
+        default = setting.default
+        shown = ("on" if default else "off") if setting.is_switch else \
+            "none" if default in (None, ()) else f"{default:g}" if isinstance(default, float) else default
+        if setting.help.endswith(")") and "(default" in setting.help:
+            help_text = f"{setting.help[:-1]}; ${setting.env})"
+        else:
+            help_text = f"{setting.help} (default {shown}; ${setting.env})"
+        if setting.is_switch:
+            command.add_argument(setting.flag, dest=setting.key, action=argparse.BooleanOptionalAction,
+                                 default=argparse.SUPPRESS, help=help_text)
+            continue
+        command.add_argument(setting.flag, dest=setting.key, metavar=setting.metavar, default=argparse.SUPPRESS,
+                             type=flag_type(setting), action="append" if setting.repeatable else "store",
+                             help=help_text)
 
 
-def add_keepalive_flags(command: argparse.ArgumentParser) -> None:
-    """The agent link's keepalive, on both ends: a quiet link is pinged, an unanswered ping ends it."""
-    command.add_argument("--keepalive-interval", type=positive_seconds, metavar="SECONDS",
-                         default=os.environ.get("PORTWAY_KEEPALIVE_INTERVAL", MuxConfig.keepalive_interval),
-                         help="seconds without hearing from the other end of the agent link before pinging it "
-                              f"(default {MuxConfig.keepalive_interval:g}; also $PORTWAY_KEEPALIVE_INTERVAL)")
-    command.add_argument("--keepalive-timeout", type=positive_seconds, metavar="SECONDS",
-                         default=os.environ.get("PORTWAY_KEEPALIVE_TIMEOUT", MuxConfig.keepalive_timeout),
-                         help="seconds a ping may go unanswered before the agent link is declared dead "
-                              f"(default {MuxConfig.keepalive_timeout:g}; also $PORTWAY_KEEPALIVE_TIMEOUT)")
+def flag_type(setting: Setting) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        try:
+            return setting.parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error) or f"invalid value {text!r}") from None
 
-
-def mux_config(args: argparse.Namespace) -> MuxConfig:
-    return MuxConfig(keepalive_interval=args.keepalive_interval, keepalive_timeout=args.keepalive_timeout)
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,63 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     server = commands.add_parser("server", help="run a relay on a public host")
-    server.add_argument("--bind", default=os.environ.get("PORTWAY_BIND", RelayConfig.bind),
-                        help="address to listen on (default 127.0.0.1)")
-    server.add_argument("--port", type=int, default=int(os.environ.get("PORTWAY_PORT", DEFAULT_RELAY_PORT)),
-                        help=f"port for visitors and agents alike (default {DEFAULT_RELAY_PORT})")
-    server.add_argument("--domain", default=os.environ.get("PORTWAY_DOMAIN", RelayConfig.domain),
-                        help="base domain: tunnels are NAME.DOMAIN (default localhost)")
-    server.add_argument("--public-port", type=int, default=None,
-                        help="port shown in tunnel URLs when a proxy or NAT maps it (default: --port)")
-    server.add_argument("--grace-period", type=float, default=RelayConfig.grace_period,
-                        help="seconds a disconnected agent keeps its name (default %(default)g)")
-    server.add_argument("--token", action="append", default=[], metavar="SECRET",
-                        help="accept agents presenting this token (repeatable; also $PORTWAY_TOKENS, comma-separated)")
-    server.add_argument("--tokens", metavar="FILE",
-                        help="TOML file of [[token]] entries: sha256, label, names (reserved), max_tunnels")
-    server.add_argument("--open", action="store_true",
-                        help="allow running without tokens on a non-loopback address (anyone may open tunnels)")
-    server.add_argument("--tls-cert", metavar="FILE", help="certificate chain (PEM): serve HTTPS/WSS and TLS to agents")
-    server.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for --tls-cert")
-
-    server.add_argument("--head-timeout", type=float, default=RelayConfig.head_timeout,
-                        help="seconds a request head may take to arrive once started (default %(default)g)")
-    server.add_argument("--idle-timeout", type=float, default=RelayConfig.idle_timeout,
-                        help="seconds an idle keep-alive visitor connection is kept (default %(default)g)")
-    server.add_argument("--max-connections-per-ip", type=int, default=RelayConfig.max_connections_per_ip,
-                        help="concurrent visitor connections allowed from one address (default %(default)d)")
-    server.add_argument("--response-timeout", type=float, default=RelayConfig.response_timeout,
-                        help="seconds the origin may take to start its answer before a 504 (default %(default)g)")
-    server.add_argument("--pool-wait-timeout", type=float, default=RelayConfig.pool_wait_timeout,
-                        help="seconds a visitor waits for a free lt pool socket before a 503 (default %(default)g)")
-    server.add_argument("--metrics", metavar="ADDR", default=os.environ.get("PORTWAY_METRICS") or None,
-                        help="serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9100 (default: off)")
-    server.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
-                        help="a line per visitor request on stderr (default on)")
-    server.add_argument("--log-format", choices=("text", "json"), default=os.environ.get("PORTWAY_LOG_FORMAT", "text"),
-                        help="access log lines as text or one JSON object per line (default text)")
-    server.add_argument("--lt-grace-period", type=float, default=RelayConfig.lt_grace_period,
-                        help="seconds an lt tunnel whose sockets all closed keeps its name (default %(default)g)")
-    add_keepalive_flags(server)
+    add_settings(server, RELAY_SETTINGS)
 
     hash_token = commands.add_parser("hash-token", help="print the sha256 line for a token, for a --tokens file")
     hash_token.add_argument("secret")
 
     http = commands.add_parser("http", help="expose a local HTTP/WebSocket port through a relay")
     http.add_argument("port", type=int, help="local port to expose")
-    http.add_argument("--relay", default=os.environ.get("PORTWAY_RELAY") or None,
-                      help="relay URL, e.g. https://relay.example.com (default: $PORTWAY_RELAY, "
-                           "else an embedded relay on 127.0.0.1 with *.localhost names)")
-    http.add_argument("--name", default=None, help="tunnel name (default: a random readable one)")
-    http.add_argument("--local-host", default="localhost", help="host of the local service (default localhost)")
-    http.add_argument("--token", default=os.environ.get("PORTWAY_TOKEN"),
-                      help="token the relay asked for (default $PORTWAY_TOKEN)")
-    http.add_argument("--basic-auth", metavar="USER:PASS",
-                      help="visitors must log in with this user name and password")
-    http.add_argument("--allow-ip", action="append", default=[], metavar="CIDR",
-                      help="only visitors from these networks may connect (repeatable)")
-    http.add_argument("--ca", metavar="FILE", help="CA certificate(s) to verify an https:// relay with")
-    add_keepalive_flags(http)
+    add_settings(http, AGENT_SETTINGS)
     return parser
 
 
@@ -134,59 +97,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "hash-token":
         print(f'sha256 = "{hash_token(args.secret)}"')
         return
-    if args.command == "server":
-        try:
-            config = relay_config(args)
-        except (TokenFileError, ValueError) as error:
-            sys.exit(fail(str(error), 2))
-        sys.exit(_run(lambda: run_server(config)))
     try:
-        config = agent_config(args)
-    except ValueError as error:
+        config = config_from(args, os.environ)
+    except ConfigurationError as error:
         sys.exit(fail(str(error), 2))
+    if isinstance(config, RelayConfig):
+        sys.exit(_run(lambda: run_server(config)))
     sys.exit(_run(lambda: run_http(config)))
 
 
-def relay_config(args: argparse.Namespace) -> RelayConfig:
-    tokens = list(args.token) + [t for t in os.environ.get("PORTWAY_TOKENS", "").split(",") if t]
-    grants = [Grant(label=f"--token #{i + 1}", digest=hash_token(token)) for i, token in enumerate(tokens)]
-    if args.tokens:
-        grants += load_tokens_file(args.tokens)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together")
-    return RelayConfig(bind=args.bind, port=args.port, domain=args.domain, public_port=args.public_port,
-                       grace_period=args.grace_period, grants=tuple(grants), open_relay=args.open,
-                       tls_cert=args.tls_cert, tls_key=args.tls_key, head_timeout=args.head_timeout, mux=mux_config(args),
-                       idle_timeout=args.idle_timeout, max_connections_per_ip=args.max_connections_per_ip,
-                       pool_wait_timeout=args.pool_wait_timeout, response_timeout=args.response_timeout,
-                       lt_grace_period=args.lt_grace_period, metrics=listen_address(args.metrics, "--metrics"),
-                       access_log=args.access_log, log_format=args.log_format)
-
-
-def listen_address(value: str | None, flag: str) -> tuple[str, int] | None:
-    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (loopback) as (host, port); None stays None."""
-    if value is None:
-        return None
-    host, _, port = value.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{flag} must be HOST:PORT, not {value!r}")
-    return host, int(port)
-
-
-def agent_config(args: argparse.Namespace) -> AgentConfig:
-    if args.basic_auth is not None and ":" not in args.basic_auth:
-        raise ValueError("--basic-auth must be USER:PASS")
-    for network in args.allow_ip:
-        ipaddress.ip_network(network, strict=False)  # ValueError names the bad network
-    if args.name is not None:
-        try:
-            args.name = validate_name(args.name)
-        except InvalidName as error:
-            raise ValueError(str(error)) from None
-    return AgentConfig(port=args.port, local_host=args.local_host, relay=args.relay, name=args.name,
-                       token=args.token, basic_auth=args.basic_auth, allow_ip=list(args.allow_ip),
-                       ca_file=args.ca, mux=mux_config(args))
+def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> RelayConfig | AgentConfig:
+    """The config of `portway server` or `portway http`: the flags given, over `environ`, over the defaults."""
+    given = {key: tuple(value) if isinstance(value, list) else value for key, value in vars(args).items()}
+    if args.command == "server":
+        return relay_config(load(RELAY_SETTINGS, given, environ))
+    return agent_config(args.port, load(AGENT_SETTINGS, given, environ))
 
 
 def _run(make: Callable[[], Awaitable[int]]) -> int:

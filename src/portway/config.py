@@ -1,17 +1,202 @@
-"""Every tunable of the relay and the agent, with its default, in one place."""
+"""Every setting of both roles in one place: its flag, its environment variable, its default and its check.
+
+Each role has a table of :class:`Setting`; the CLI builds its flags from the table, and :func:`load` turns what
+was given — flags over `PORTWAY_*` environment variables over the defaults (a config file will sit between the
+environment and the defaults) — into a frozen, validated :class:`RelayConfig` or :class:`AgentConfig`. A bad value
+is a :class:`~portway.errors.ConfigurationError` naming the flag and what it allows.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import ipaddress
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
 
-from .auth import Grant
+from .auth import Grant, hash_token, load_tokens_file
+from .errors import ConfigurationError, InvalidName
 from .proto.mux import MuxConfig
+from .proto.names import validate_name
 
 DEFAULT_RELAY_PORT = 8000
 
 
-@dataclass
+# ----------------------------------------------------------------------------------------------- value checks
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number (0-65535)")
+    return value
+
+
+def count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (loopback) as (host, port)."""
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def user_password(text: str) -> str:
+    if ":" not in text:
+        raise ValueError("must be USER:PASS")
+    return text
+
+
+def network(text: str) -> str:
+    ipaddress.ip_network(text, strict=False)
+    return text
+
+
+def tunnel_name(text: str) -> str:
+    try:
+        return validate_name(text)
+    except InvalidName as error:
+        raise ValueError(str(error)) from None
+
+
+def log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return text
+
+
+def text(value: str) -> str:
+    return value
+
+
+def switch(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+# ----------------------------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: `key` is its field in the config (and its key in a config file)."""
+
+    key: str
+    flag: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    metavar: str | None = None
+    repeatable: bool = False  # a list: the flag may be given many times, the variable holds a comma-separated list
+    is_switch: bool = False  # --flag / --no-flag
+
+    @property
+    def env(self) -> str:
+        return "PORTWAY_" + self.key.upper()
+
+
+KEEPALIVE = (
+    Setting("keepalive_interval", "--keepalive-interval", seconds, MuxConfig.keepalive_interval,
+            "seconds without hearing from the other end of the agent link before pinging it", "SECONDS"),
+    Setting("keepalive_timeout", "--keepalive-timeout", seconds, MuxConfig.keepalive_timeout,
+            "seconds a ping may go unanswered before the agent link is declared dead", "SECONDS"),
+)
+
+RELAY_SETTINGS = (
+    Setting("bind", "--bind", text, "127.0.0.1", "address to listen on", "ADDR"),
+    Setting("port", "--port", port_number, DEFAULT_RELAY_PORT, "port for visitors and agents alike", "PORT"),
+    Setting("domain", "--domain", text, "localhost", "base domain: tunnels are NAME.DOMAIN"),
+    Setting("public_port", "--public-port", port_number, None,
+            "port shown in tunnel URLs when a proxy or NAT maps it (default: --port)", "PORT"),
+    Setting("grace_period", "--grace-period", seconds, 10.0, "seconds a disconnected agent keeps its name",
+            "SECONDS"),
+    Setting("tokens", "--token", text, (), "accept agents presenting this token (repeatable)", "SECRET",
+            repeatable=True),
+    Setting("tokens_file", "--tokens", text, None,
+            "TOML file of [[token]] entries: sha256, label, names (reserved), max_tunnels", "FILE"),
+    Setting("open_relay", "--open", switch, False,
+            "allow running without tokens on a non-loopback address (anyone may open tunnels)", is_switch=True),
+    Setting("tls_cert", "--tls-cert", text, None, "certificate chain (PEM): serve HTTPS/WSS and TLS to agents",
+            "FILE"),
+    Setting("tls_key", "--tls-key", text, None, "private key (PEM) for --tls-cert", "FILE"),
+    Setting("head_timeout", "--head-timeout", seconds, 15.0,
+            "seconds a request head may take to arrive once started", "SECONDS"),
+    Setting("idle_timeout", "--idle-timeout", seconds, 75.0,
+            "seconds an idle keep-alive visitor connection is kept", "SECONDS"),
+    Setting("max_connections_per_ip", "--max-connections-per-ip", count, 256,
+            "concurrent visitor connections allowed from one address", "N"),
+    Setting("response_timeout", "--response-timeout", seconds, 120.0,
+            "seconds the origin may take to start its answer (else 504), or pause in it", "SECONDS"),
+    Setting("pool_wait_timeout", "--pool-wait-timeout", seconds, 10.0,
+            "seconds a visitor waits for a free lt pool socket before a 503", "SECONDS"),
+    Setting("lt_grace_period", "--lt-grace-period", seconds, 5.0,
+            "seconds an lt tunnel whose sockets all closed keeps its name", "SECONDS"),
+    Setting("metrics", "--metrics", listen_address, None,
+            "serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9100 (default: off)", "ADDR"),
+    Setting("access_log", "--access-log", switch, True, "a line per visitor request on stderr", is_switch=True),
+    Setting("log_format", "--log-format", log_format, "text",
+            "access log lines as text or one JSON object per line (text, json)", "FORMAT"),
+    *KEEPALIVE,
+)
+
+AGENT_SETTINGS = (
+    Setting("relay", "--relay", text, None,
+            "relay URL, e.g. https://relay.example.com (default: an embedded relay on 127.0.0.1 with *.localhost "
+            "names)", "URL"),
+    Setting("name", "--name", tunnel_name, None, "tunnel name (default: a random readable one)"),
+    Setting("local_host", "--local-host", text, "localhost", "host of the local service"),
+    Setting("token", "--token", text, None, "token the relay asks for"),
+    Setting("basic_auth", "--basic-auth", user_password, None,
+            "visitors must log in with this user name and password", "USER:PASS"),
+    Setting("allow_ip", "--allow-ip", network, (), "only visitors from these networks may connect (repeatable)",
+            "CIDR", repeatable=True),
+    Setting("ca_file", "--ca", text, None, "CA certificate(s) to verify an https:// relay with", "FILE"),
+    *KEEPALIVE,
+)
+
+
+def load(settings: tuple[Setting, ...], given: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """The value of every setting: what was `given` (flags, already parsed), else its `PORTWAY_*` variable, else
+    its default. A variable that doesn't parse is a ConfigurationError naming it."""
+    values: dict[str, Any] = {}
+    for setting in settings:
+        if setting.key in given:
+            values[setting.key] = given[setting.key]
+            continue
+        raw = environ.get(setting.env)
+        if raw is None or raw == "":
+            values[setting.key] = setting.default
+            continue
+        try:
+            if setting.repeatable:
+                values[setting.key] = tuple(setting.parse(part.strip()) for part in raw.split(",") if part.strip())
+            else:
+                values[setting.key] = setting.parse(raw)
+        except ValueError as error:
+            raise ConfigurationError(f"${setting.env}={raw!r}: {error}") from None
+    return values
+
+
+# ----------------------------------------------------------------------------------------------- the configs
+
+@dataclass(frozen=True)
 class RelayConfig:
+    """Everything a relay runs with. `grants` and `mux` are derived from the settings by :func:`relay_config`."""
+
     bind: str = "127.0.0.1"
     port: int = DEFAULT_RELAY_PORT
     domain: str = "localhost"
@@ -33,15 +218,56 @@ class RelayConfig:
     log_format: str = "text"  # or "json": one object per line
     mux: MuxConfig = field(default_factory=MuxConfig)
 
+    def __post_init__(self) -> None:
+        for name in ("idle_timeout", "head_timeout", "response_timeout", "linger_timeout", "pool_wait_timeout",
+                     "grace_period", "lt_grace_period"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigurationError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
+        if self.max_connections_per_ip < 1:
+            raise ConfigurationError("max_connections_per_ip must be at least 1")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigurationError("--tls-cert and --tls-key go together")
+        log_format(self.log_format)
 
-@dataclass
+
+@dataclass(frozen=True)
 class AgentConfig:
+    """Everything an agent runs with."""
+
     port: int
     local_host: str = "localhost"
     relay: str | None = None  # None: run an embedded relay in this process
     name: str | None = None
     token: str | None = None
     basic_auth: str | None = None
-    allow_ip: list[str] = field(default_factory=list)
+    allow_ip: tuple[str, ...] = ()
     ca_file: str | None = None
     mux: MuxConfig = field(default_factory=MuxConfig)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ConfigurationError(f"the local port must be 1-65535, got {self.port}")
+
+
+def _mux_config(values: Mapping[str, Any]) -> MuxConfig:
+    try:
+        return MuxConfig(keepalive_interval=values["keepalive_interval"],
+                         keepalive_timeout=values["keepalive_timeout"])
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from None
+
+
+def relay_config(values: Mapping[str, Any]) -> RelayConfig:
+    """A relay's config from the values of RELAY_SETTINGS (see :func:`load`); reads the tokens file."""
+    grants = [Grant(label=f"--token #{i + 1}", digest=hash_token(token)) for i, token in enumerate(values["tokens"])]
+    if values["tokens_file"]:
+        grants += load_tokens_file(values["tokens_file"])
+    own = {item.name for item in fields(RelayConfig)}
+    return RelayConfig(grants=tuple(grants), mux=_mux_config(values),
+                       **{key: value for key, value in values.items() if key in own})
+
+
+def agent_config(port: int, values: Mapping[str, Any]) -> AgentConfig:
+    own = {item.name for item in fields(AgentConfig)}
+    return AgentConfig(port=port, mux=_mux_config(values),
+                       **{key: value for key, value in values.items() if key in own})
