@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--allow-ip", action="append", default=[], metavar="CIDR",
                       help="only visitors from these networks may connect (repeatable)")
     http.add_argument("--ca", metavar="FILE", help="CA certificate(s) to verify an https:// relay with")
+    http.add_argument("--inspect", metavar="ADDR", default=os.environ.get("PORTWAY_INSPECT") or None,
+                      help="serve the inspector on ADDR: PORT or HOST:PORT (default 127.0.0.1:4040, "
+                           "or the next free port)")
+    http.add_argument("--no-inspect", action="store_true", help="run without the inspector")
     return parser
 
 
@@ -107,9 +111,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_run(lambda: run_server(config)))
     try:
         config = agent_config(args)
+        inspect = inspector_config(args)
     except ValueError as error:
         sys.exit(fail(str(error), 2))
-    sys.exit(_run(lambda: run_http(config)))
+    sys.exit(_run(lambda: run_http(config, inspect)))
 
 
 def relay_config(args: argparse.Namespace) -> RelayConfig:
@@ -139,6 +144,18 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
     return AgentConfig(port=args.port, local_host=args.local_host, relay=args.relay, name=args.name,
                        token=args.token, basic_auth=args.basic_auth, allow_ip=list(args.allow_ip),
                        ca_file=args.ca)
+
+
+def inspector_config(args: argparse.Namespace):
+    """The inspector's settings from `--inspect ADDR` / `--no-inspect`; None when it is off."""
+    from .inspector.app import InspectorConfig, parse_address
+
+    if args.no_inspect:
+        return None
+    if args.inspect is None:
+        return InspectorConfig()
+    host, port = parse_address(args.inspect)
+    return InspectorConfig(host=host, port=port, next_free=False)
 
 
 def _run(make: Callable[[], Awaitable[int]]) -> int:
@@ -197,7 +214,28 @@ async def start_embedded_relay():
     raise OSError(errno.EADDRINUSE, "no free port for the embedded relay")
 
 
-async def run_http(config: AgentConfig) -> int:
+async def start_inspector(config: AgentConfig, inspect):
+    """The inspector on its address, its URL on a stderr line of its own; None when it could not start on
+    the default address (the tunnel runs without it). An address given with --inspect must be free."""
+    from .inspector.app import Inspector
+
+    inspector = Inspector(inspect, config.local_host, config.port)
+    try:
+        await inspector.start()
+    except OSError as error:
+        if not inspect.next_free:
+            raise
+        stderr.print(f"inspector: off ({escape(error.strerror or str(error))} on ports {inspect.port}-"
+                     f"{inspect.port + inspect.port_attempts - 1}; use --inspect ADDR)")
+        return None
+    stderr.print(f"inspector: {inspector.url}", soft_wrap=True)
+    if not inspect.loopback:
+        stderr.print("[yellow]warning:[/] the inspector shows every request, cookies and credentials included, "
+                     f"to whoever reaches {escape(inspect.host)}:{inspector.port}")
+    return inspector
+
+
+async def run_http(config: AgentConfig, inspect=None) -> int:
     from .agent.client import Agent
 
     relay = None
@@ -210,14 +248,25 @@ async def run_http(config: AgentConfig) -> int:
     def show_url(url: str) -> None:
         print(url, flush=True)
 
+    inspector = None
     try:
+        if inspect is not None:
+            try:
+                inspector = await start_inspector(config, inspect)
+            except OSError as error:
+                return fail(f"cannot serve the inspector on {inspect.host}:{inspect.port}: "
+                            f"{error.strerror or error}", 1)
         agent = Agent(config, relay_url, on_url=show_url, on_status=lambda text: stderr.print(escape(text)))
+        if inspector is not None:
+            agent.new_tap = inspector.tap
         await agent.run()
     except ValueError as error:
         return fail(str(error), 2)
     except RegistrationError as error:
         return fail(error.message, 1)
     finally:
+        if inspector is not None:
+            await inspector.close()
         if relay is not None:
             await relay.close()
     return 0
