@@ -193,6 +193,7 @@ async function select(id) {
     tr.classList.toggle('selected', Number(tr.dataset.id) === id);
   }
   $('#editor').hidden = true;
+  $('#diff-with').replaceChildren(); // its choice belonged to the previous exchange
   await showDetail(id, true);
 }
 
