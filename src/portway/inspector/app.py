@@ -32,6 +32,14 @@ class InspectorConfig:
     max_bytes: int = 128 * 1024 * 1024  # bodies and messages kept by all exchanges together
     replay_timeout: float = 30.0  # a replay's response must be complete within this
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"the inspector's port must be 0-65535, not {self.port}")
+        if self.port_attempts < 1 or self.max_exchanges < 1:
+            raise ValueError("the inspector needs at least one port to try and one exchange to keep")
+        if self.max_body < 0 or self.max_bytes < 0 or self.replay_timeout <= 0:
+            raise ValueError("the inspector's limits must be positive")
+
     @property
     def loopback(self) -> bool:
         return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
