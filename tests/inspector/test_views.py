@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
+import zlib
 
 import pytest
 
@@ -60,6 +62,18 @@ def test_forms_are_decoded():
                  b"Content-Type: application/octet-stream\r\n\r\n\x00\x01\x02\r\n--XyZ--\r\n")
     view = views.body_view([(b"Content-Type", b"multipart/form-data; boundary=XyZ")], multipart, False)
     assert view["fields"] == [["title", "Hello"], ["file", "[file a.bin, 3 bytes, application/octet-stream]"]]
+
+
+@pytest.mark.parametrize("coding, compress", [
+    ("gzip", lambda data: gzip.compress(data)),
+    ("deflate", lambda data: zlib.compress(data)),
+])
+def test_gzip_and_deflate_bodies_are_shown_decoded(coding, compress):
+    headers = [(b"Content-Type", b"application/json"), (b"Content-Encoding", coding.encode())]
+    view = views.body_view(headers, compress(b'{"zipped": true}'), False)
+    assert view == {"kind": "json", "pretty": '{\n  "zipped": true\n}', "text": '{"zipped": true}', "decoded": coding}
+    # a body that isn't what its Content-Encoding says is shown as it is
+    assert views.body_view(headers, b"not gzip at all", False)["kind"] == "json"
 
 
 def test_binary_is_a_hex_dump():

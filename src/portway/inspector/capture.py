@@ -421,7 +421,9 @@ class _HttpReader:
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.in_head:
             return  # a trailer field; not kept
-        self._count_head(len(name) + len(value) + 4)
+        self.head_bytes += len(name) + len(value) + 4  # (_count_head inlined: one call per header is costly)
+        if self.head_bytes > self.max_head:
+            raise _Stop(f"a head over {self.max_head} bytes", self.exchange or self.capture.last)
         self.headers.append((name, value))
 
     def on_body(self, body: bytes) -> None:

@@ -6,7 +6,7 @@ import difflib
 import json
 
 from .capture import Exchange, Response
-from .views import decode_text, media_type
+from .views import decode_text, decoded_body, media_type
 
 MAX_LINES = 5000  # lines of each body compared; the rest is summarised
 
@@ -27,7 +27,9 @@ def _lines(response: Response | None) -> list[str] | None:
     None when it is not text."""
     if response is None:
         return []
-    text = decode_text(bytes(response.body), response.truncated)
+    data = bytes(response.body)
+    inflated = decoded_body(response.headers, data)
+    text = decode_text(inflated[0], True) if inflated is not None else decode_text(data, response.truncated)
     if text is None:
         return None
     mime = media_type(response.headers)

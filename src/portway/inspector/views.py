@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import zlib
 from email.parser import BytesParser
 from email.policy import HTTP
 from urllib.parse import parse_qsl, urlsplit
@@ -15,6 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 from .capture import Exchange, Request, Response, WsMessage
 
 HEX_DUMP_LIMIT = 64 * 1024  # bytes of a binary body shown as hex
+DECODED_LIMIT = 4 * 1024 * 1024  # bytes a gzip or deflate body is inflated to, at most, to be shown
 JSON_PRETTY_LIMIT = 4 * 1024 * 1024  # characters of pretty-printed JSON sent (the raw body is always there)
 
 
@@ -71,10 +73,42 @@ def _looks_binary(text: str) -> bool:
     return any(ord(char) < 32 and char not in "\t\r\n\f" for char in text[:4096])
 
 
+def decoded_body(headers: list[tuple[bytes, bytes]], data: bytes) -> tuple[bytes, str] | None:
+    """A gzip or deflate body inflated (at most DECODED_LIMIT bytes), with the coding's name; None otherwise."""
+    coding = header_value(headers, b"content-encoding")
+    if coding is None:
+        return None
+    name = coding.decode("latin-1").strip().lower()
+    if name in ("gzip", "x-gzip"):
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif name == "deflate":
+        inflater = zlib.decompressobj(zlib.MAX_WBITS if data[:1] == b"\x78" else -zlib.MAX_WBITS)
+    else:
+        return None
+    try:
+        return inflater.decompress(data, DECODED_LIMIT), name
+    except zlib.error:
+        return None
+
+
 def body_view(headers: list[tuple[bytes, bytes]], data: bytes, truncated: bool) -> dict:
-    """How to show a body: {"kind": "empty" | "json" | "form" | "text" | "image" | "binary", ...}."""
+    """How to show a body: {"kind": "empty" | "json" | "form" | "text" | "image" | "binary", ...}. A gzip or
+    deflate body is shown inflated: the view then says so (`decoded`) and carries the inflated body itself
+    (`text`, or `data` in base64), since the API's `body` stays the bytes that crossed."""
     if not data:
         return {"kind": "empty"}
+    decoded = decoded_body(headers, data)
+    if decoded is not None:
+        inflated, coding = decoded
+        view = body_view([(name, value) for name, value in headers if name.lower() != b"content-encoding"],
+                         inflated, truncated or len(inflated) >= DECODED_LIMIT)
+        text = decode_text(inflated, True)
+        if text is not None and view["kind"] not in ("image", "binary"):
+            view["text"] = text
+        else:
+            view["data"] = base64.b64encode(inflated).decode("ascii")
+        view["decoded"] = coding
+        return view
     mime = media_type(headers)
     if mime.startswith("image/"):
         return {"kind": "image", "mime": mime}

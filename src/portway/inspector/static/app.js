@@ -291,6 +291,8 @@ function bodyBlock(part) {
     blocks.push(el('p', { class: 'note', text: `Showing the first ${size(part.body_base64 ? atob(part.body).length : new TextEncoder().encode(part.body).length)} of ${size(part.body_size)} (capture limit).` }));
   }
   if (view.note) blocks.push(el('p', { class: 'note', text: view.note }));
+  if (view.decoded) blocks.push(el('p', { class: 'muted', text: `Content-Encoding: ${view.decoded}, shown decoded` }));
+  const bodyText = view.text !== undefined ? view.text : part.body;
   if (view.kind === 'empty') {
     blocks.push(el('p', { class: 'muted', text: part.body_size ? `${size(part.body_size)} (not kept)` : 'no body' }));
   } else if (view.kind === 'json' && view.pretty !== undefined) {
@@ -298,20 +300,21 @@ function bodyBlock(part) {
   } else if (view.kind === 'json') {
     const { message, line, column, offset } = view.error;
     blocks.push(el('p', { class: 'error', text: `JSON syntax error: ${message} at line ${line}, column ${column}` }));
-    const text = part.body;
+    const text = bodyText;
     blocks.push(el('pre', { class: 'json-error' }, text.slice(0, offset),
       el('mark', { class: 'json-error-at', text: text.slice(offset, offset + 1) || ' ' }), text.slice(offset + 1)));
   } else if (view.kind === 'form') {
     blocks.push(table(view.fields, null, 'form'));
   } else if (view.kind === 'image') {
-    const bytes = part.body_base64 ? bytesOf(part.body) : new TextEncoder().encode(part.body);
+    const bytes = view.data !== undefined ? bytesOf(view.data)
+      : part.body_base64 ? bytesOf(part.body) : new TextEncoder().encode(part.body);
     const url = URL.createObjectURL(new Blob([bytes], { type: view.mime }));
     blocks.push(el('img', { class: 'preview', src: url, alt: view.mime }));
   } else if (view.kind === 'binary') {
     blocks.push(el('pre', { class: 'hex', text: view.hex }));
     if (view.hex_truncated) blocks.push(el('p', { class: 'note', text: 'hex dump of the first 64 KiB' }));
   } else {
-    blocks.push(el('pre', { class: 'text', text: part.body }));
+    blocks.push(el('pre', { class: 'text', text: bodyText }));
   }
   return blocks;
 }
