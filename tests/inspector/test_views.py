@@ -137,6 +137,15 @@ def test_diff_marks_changed_added_and_removed_headers_and_body_lines():
     assert diff(a, a)["body_same"] is True
 
 
+def test_diff_compares_json_bodies_whatever_their_layout_or_content_type():
+    store = Store()
+    a = captured(request(), response(200, b'{"b": 1, "a": [1, 2]}', ("Content-Type: application/json",)), store=store)
+    b = captured(request(), response(200, b'{"a":[1,2],"b":1}', ("Content-Type: text/plain",)), store=store)
+    shown = diff(a, b)
+    assert shown["body_same"] is True
+    assert {row["name"]: row["change"] for row in shown["headers"]}["Content-Type"] == "changed"
+
+
 def test_har_has_the_fields_devtools_import():
     store = Store()
     captured(request("POST", "/form?q=1", b"a=1&b=2", ("Content-Type: application/x-www-form-urlencoded", "Cookie: s=1; t=2")),
