@@ -95,17 +95,40 @@ def _start_relay(reg: Registry, label: str) -> tuple[Proc, int]:
     return relay, port
 
 
-def setup_portway(reg: Registry, origin_port: int) -> Path:
-    relay, port = _start_relay(reg, "portway-relay")
+_agent_help: str | None = None
+
+
+def _agent_inspect_args(inspect: bool) -> list[str]:
+    """The inspector on a free port, or off; nothing for an agent that predates it."""
+    global _agent_help
+    if _agent_help is None:
+        try:
+            _agent_help = subprocess.run(PORTWAY + ["http", "--help"], capture_output=True, text=True,
+                                         timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            _agent_help = ""
+    if "--no-inspect" not in _agent_help:
+        if inspect:
+            raise Skip("this portway has no inspector")
+        return []
+    return ["--inspect", "127.0.0.1:0"] if inspect else ["--no-inspect"]
+
+
+def setup_portway(reg: Registry, origin_port: int, inspect: bool = False) -> Path:
+    """Relay + agent. The plain path runs the agent with --no-inspect (the tunnel alone, as every earlier
+    run measured it); `portway_inspect` with the inspector capturing every exchange (the default)."""
+    suffix = "-inspect" if inspect else ""
+    relay, port = _start_relay(reg, f"portway-relay{suffix}")
     procs = [relay]
     try:
         agent = reg.start(PORTWAY + ["http", str(origin_port), "--relay", f"http://127.0.0.1:{port}",
-                                     "--name", "bench"], "portway-agent")
+                                     "--name", "bench", *_agent_inspect_args(inspect)], f"portway-agent{suffix}")
         procs.append(agent)
         agent.wait_for(rf"^http://bench\.localhost:{port}$", 20)
-        path = Path("portway", Target("127.0.0.1", port, f"bench.localhost:{port}"),
+        path = Path("portway_inspect" if inspect else "portway", Target("127.0.0.1", port, f"bench.localhost:{port}"),
                     roles={"server": relay, "client": agent},
-                    role_labels={"server": "portway relay", "client": "portway agent"}, procs=procs)
+                    role_labels={"server": "portway relay", "client": "portway agent" + (" + inspector" if inspect else "")},
+                    procs=procs)
         wait_ready(path.target)
         return path
     except BaseException:

@@ -32,16 +32,17 @@ from procs import Monitor, Registry, StartError, machine_cpu_share, read_machine
 ROOT = FsPath(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
 
-PATH_ORDER = ["direct", "portway", "portway_lt", "localtunnel", "ssh"]
+PATH_ORDER = ["direct", "portway", "portway_inspect", "portway_lt", "localtunnel", "ssh"]
 PATH_TITLES = {
     "direct": "direct",
     "portway": "Portway",
+    "portway_inspect": "Portway + inspector",
     "portway_lt": "Portway relay + lt",
     "localtunnel": "lt server + lt",
     "ssh": "ssh -R",
 }
 # Paths that run the many-streams case (one multiplexed link; lt has a pool of 10 sockets).
-STREAM_PATHS = {"direct", "portway", "ssh"}
+STREAM_PATHS = {"direct", "portway", "portway_inspect", "ssh"}
 CONCURRENCY = [1, 10, 50, 200]
 
 
@@ -156,6 +157,8 @@ def setup_path(key: str, reg: Registry, mon: Monitor, origin_port: int, args, ou
             path = paths.setup_direct(reg, origin_port)
         elif key == "portway":
             path = paths.setup_portway(reg, origin_port)
+        elif key == "portway_inspect":
+            path = paths.setup_portway(reg, origin_port, inspect=True)
         elif key == "portway_lt":
             path = paths.setup_portway_lt(reg, origin_port)
         elif key == "localtunnel":

@@ -19,7 +19,7 @@ ALLOWED = {
     "link": {"proto", "errors"},
     "relay": {"link", "policy", "proto", "errors", "auth", "config"},
     "agent": {"link", "proto", "errors", "config", "inspector"},
-    "inspector": {"link", "proto", "errors"},
+    "inspector": {"link", "proto", "errors", "config"},
     "auth": {"proto", "errors"},
     "config": {"proto", "errors", "auth"},
     "errors": set(),
@@ -37,8 +37,8 @@ def portway_imports(path: Path) -> set[str]:
             if node.level:
                 base = list(module_parts[: len(module_parts) - node.level])
                 target = base + (node.module.split(".") if node.module else [])
-                if not target:  # `from . import x` at the package's top
-                    target = [alias.name for alias in node.names][:1]
+                if not target:  # `from .. import __version__`: the package itself
+                    target = ["__init__"]
             elif node.module and node.module.startswith("portway."):
                 target = node.module.split(".")[1:]
             else:

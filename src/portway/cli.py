@@ -57,6 +57,10 @@ def add_settings(command: argparse.ArgumentParser, settings: tuple[Setting, ...]
             command.add_argument(setting.flag, dest=setting.key, action=argparse.BooleanOptionalAction,
                                  default=argparse.SUPPRESS, help=help_text)
             continue
+        if setting.is_flag:
+            command.add_argument(setting.flag, dest=setting.key, action="store_true", default=argparse.SUPPRESS,
+                                 help=f"{setting.help} (${setting.env})")
+            continue
         command.add_argument(setting.flag, dest=setting.key, metavar=setting.metavar, default=argparse.SUPPRESS,
                              type=flag_type(setting), action="append" if setting.repeatable else "store",
                              help=help_text)
@@ -103,7 +107,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(fail(str(error), 2))
     if isinstance(config, RelayConfig):
         sys.exit(_run(lambda: run_server(config)))
-    sys.exit(_run(lambda: run_http(config)))
+    sys.exit(_run(lambda: run_http(config, inspector_config(config))))
+
+
+def inspector_config(config: AgentConfig):
+    """The inspector's settings from `--inspect ADDR` / `--no-inspect`; None when it is off."""
+    from .inspector.app import InspectorConfig
+
+    if config.no_inspect:
+        return None
+    if config.inspect is None:
+        return InspectorConfig()
+    host, port = config.inspect
+    return InspectorConfig(host=host, port=port, next_free=False)
 
 
 def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> RelayConfig | AgentConfig:
@@ -177,7 +193,28 @@ async def start_embedded_relay(mux: MuxConfig | None = None):
     raise OSError(errno.EADDRINUSE, "no free port for the embedded relay")
 
 
-async def run_http(config: AgentConfig) -> int:
+async def start_inspector(config: AgentConfig, inspect):
+    """The inspector on its address, its URL on a stderr line of its own; None when it could not start on
+    the default address (the tunnel runs without it). An address given with --inspect must be free."""
+    from .inspector.app import Inspector
+
+    inspector = Inspector(inspect, config.local_host, config.port)
+    try:
+        await inspector.start()
+    except OSError as error:
+        if not inspect.next_free:
+            raise
+        stderr.print(f"inspector: off ({escape(error.strerror or str(error))} on ports {inspect.port}-"
+                     f"{inspect.port + inspect.port_attempts - 1}; use --inspect ADDR)")
+        return None
+    stderr.print(f"inspector: {inspector.url}", soft_wrap=True)
+    if not inspect.loopback:
+        stderr.print("[yellow]warning:[/] the inspector shows every request, cookies and credentials included, "
+                     f"to whoever reaches {escape(inspect.host)}:{inspector.port}")
+    return inspector
+
+
+async def run_http(config: AgentConfig, inspect=None) -> int:
     from .agent.client import Agent
 
     relay = None
@@ -190,14 +227,25 @@ async def run_http(config: AgentConfig) -> int:
     def show_url(url: str) -> None:
         print(url, flush=True)
 
+    inspector = None
     try:
+        if inspect is not None:
+            try:
+                inspector = await start_inspector(config, inspect)
+            except OSError as error:
+                return fail(f"cannot serve the inspector on {inspect.host}:{inspect.port}: "
+                            f"{error.strerror or error}", 1)
         agent = Agent(config, relay_url, on_url=show_url, on_status=lambda text: stderr.print(escape(text)))
+        if inspector is not None:
+            agent.new_tap = inspector.tap
         await agent.run()
     except ValueError as error:
         return fail(str(error), 2)
     except RegistrationError as error:
         return fail(error.message, 1)
     finally:
+        if inspector is not None:
+            await inspector.close()
         if relay is not None:
             await relay.close()
     return 0

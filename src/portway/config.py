@@ -19,6 +19,7 @@ from .proto.mux import MuxConfig
 from .proto.names import validate_name
 
 DEFAULT_RELAY_PORT = 8000
+DEFAULT_INSPECT = ("127.0.0.1", 4040)  # the inspector's address, or the next free port after it
 
 
 # ----------------------------------------------------------------------------------------------- value checks
@@ -50,6 +51,30 @@ def listen_address(text: str) -> tuple[str, int]:
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError("must be HOST:PORT")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def inspect_address(text: str) -> tuple[str, int]:
+    """`PORT`, `HOST`, `HOST:PORT` or `[IPv6]:PORT` → (host, port); a bare host keeps the default port."""
+    text = text.strip()
+    if text.isdigit():
+        return DEFAULT_INSPECT[0], _port(text)
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if not host or (rest and not rest.startswith(":")):
+            raise ValueError(f"not an address: {text!r}")
+        return host, _port(rest[1:]) if rest else DEFAULT_INSPECT[1]
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, DEFAULT_INSPECT[1]
+    if not host or ":" in host:
+        raise ValueError(f"not an address: {text!r} (write IPv6 as [::1]:4040)")
+    return host, _port(port)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise ValueError(f"not a port: {text!r}")
+    return int(text)
 
 
 def user_password(text: str) -> str:
@@ -103,6 +128,7 @@ class Setting:
     metavar: str | None = None
     repeatable: bool = False  # a list: the flag may be given many times, the variable holds a comma-separated list
     is_switch: bool = False  # --flag / --no-flag
+    is_flag: bool = False  # a flag without a value that turns something on (or, named --no-…, off)
 
     @property
     def env(self) -> str:
@@ -165,6 +191,10 @@ AGENT_SETTINGS = (
     Setting("allow_ip", "--allow-ip", network, (), "only visitors from these networks may connect (repeatable)",
             "CIDR", repeatable=True),
     Setting("ca_file", "--ca", text, None, "CA certificate(s) to verify an https:// relay with", "FILE"),
+    Setting("inspect", "--inspect", inspect_address, None,
+            "serve the inspector on ADDR: PORT, HOST:PORT or [V6]:PORT, which must be free "
+            "(default 127.0.0.1:4040, or the next free port)", "ADDR"),
+    Setting("no_inspect", "--no-inspect", switch, False, "run without the inspector", is_flag=True),
     *KEEPALIVE,
 )
 
@@ -242,6 +272,8 @@ class AgentConfig:
     basic_auth: str | None = None
     allow_ip: tuple[str, ...] = ()
     ca_file: str | None = None
+    inspect: tuple[str, int] | None = None  # the inspector's address; None: the default one, or the next free
+    no_inspect: bool = False
     mux: MuxConfig = field(default_factory=MuxConfig)
 
     def __post_init__(self) -> None:

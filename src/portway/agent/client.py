@@ -38,6 +38,8 @@ class Agent:
     the tunnel's name through its resume key) and serves every stream the relay opens on it by bridging the
     stream to a new connection to the local service."""
 
+    new_tap: Callable[[], object] | None = None  # the inspector's: a tap for each stream's bridge
+
     def __init__(self, config: AgentConfig, relay_url: str, on_url: Callable[[str], None],
                  on_status: Callable[[str], None]) -> None:
         self.config = config
@@ -115,8 +117,15 @@ class Agent:
 
     async def serve_stream(self, stream: MuxStream) -> None:
         loop = asyncio.get_running_loop()
+
+        def bridge() -> StreamBridge:
+            made = StreamBridge(stream)
+            if self.new_tap is not None:
+                made.tap = self.new_tap()
+            return made
+
         try:
-            await loop.create_connection(lambda: StreamBridge(stream), self.config.local_host, self.config.port)
+            await loop.create_connection(bridge, self.config.local_host, self.config.port)
         except OSError as error:
             if isinstance(error, ConnectionRefusedError) or "refused" in str(error).lower():
                 message = f"{self.local_target} refused the connection (is the service running?)"

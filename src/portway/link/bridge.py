@@ -21,6 +21,9 @@ from .session import MuxStream
 
 
 class StreamBridge(asyncio.Protocol):
+    # Sees a copy of what crosses (the inspector's): to_service(chunks), to_visitor(data), closed(); never raises.
+    tap = None
+
     def __init__(self, stream: MuxStream) -> None:
         self.stream = stream
         self.session = stream.session
@@ -44,6 +47,8 @@ class StreamBridge(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
+        if self.tap is not None:
+            self.tap.to_visitor(data)
         self._send(memoryview(data))
 
     def eof_received(self) -> bool:
@@ -74,6 +79,8 @@ class StreamBridge(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
             self.closed.set_result(None)
+        if self.tap is not None:
+            self.tap.closed()
         if self._closed:
             return
         self._closed = True
@@ -135,6 +142,8 @@ class StreamBridge(asyncio.Protocol):
         transport = self.transport
         if self._closed or transport is None or transport.is_closing():
             return
+        if self.tap is not None:
+            self.tap.to_service(chunks)
         if len(chunks) == 1:
             size = len(chunks[0])
             transport.write(chunks[0])
