@@ -25,13 +25,14 @@ from .config import (
     Setting,
     agent_config,
     load,
+    local_target,
     relay_config,
 )
 from .errors import ConfigurationError, InsecureConfiguration, RegistrationError
 from .proto.mux import MuxConfig
 from .runtime import tune_for_serving
 
-stderr = Console(stderr=True, highlight=False)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)  # a message stays one line, whatever the width
 
 
 def fail(message: str, status: int) -> int:
@@ -86,11 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(server, RELAY_SETTINGS)
 
     hash_token = commands.add_parser("hash-token", help="print the sha256 line for a token, for a --tokens file")
-    hash_token.add_argument("secret")
+    hash_token.add_argument("secret", nargs="?",
+                            help="the token (default: read from standard input, so it stays out of shell history)")
 
     http = commands.add_parser("http", help="expose a local HTTP/WebSocket port through a relay")
-    http.add_argument("port", type=int, help="local port to expose")
+    http.add_argument("target", type=flag_type(Setting("target", "PORT", local_target, None, "")),
+                      metavar="PORT", help="local port to expose, or HOST:PORT (the host overrides --local-host)")
     add_settings(http, AGENT_SETTINGS)
+    for command in (server, http, hash_token):
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log what the relay/agent does")
     return parser
 
 
@@ -99,7 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     if args.command == "hash-token":
-        print(f'sha256 = "{hash_token(args.secret)}"')
+        secret = args.secret if args.secret is not None else read_secret()
+        if not secret:
+            sys.exit(fail("no token given (as an argument or on standard input)", 2))
+        print(f'sha256 = "{hash_token(secret)}"')
         return
     try:
         config = config_from(args, os.environ)
@@ -127,7 +136,19 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> RelayCo
     given = {key: tuple(value) if isinstance(value, list) else value for key, value in vars(args).items()}
     if args.command == "server":
         return relay_config(load(RELAY_SETTINGS, given, environ))
-    return agent_config(args.port, load(AGENT_SETTINGS, given, environ))
+    host, port = args.target
+    if host is not None:
+        given["local_host"] = host
+    return agent_config(port, load(AGENT_SETTINGS, given, environ))
+
+
+def read_secret() -> str:
+    """A token typed at a prompt (not echoed) or piped in."""
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass("token: ")
+    return sys.stdin.readline().strip()
 
 
 def _run(make: Callable[[], Awaitable[int]]) -> int:
@@ -222,7 +243,12 @@ async def run_http(config: AgentConfig, inspect=None) -> int:
     if relay_url is None:
         relay = await start_embedded_relay(config.mux)
         relay_url = f"http://127.0.0.1:{relay.port}"
-        stderr.print(f"No --relay given: running an embedded relay on 127.0.0.1:{relay.port}")
+        stderr.print(f"No --relay given: running an embedded relay on 127.0.0.1:{relay.port}. Its URL works on this "
+                     "machine only; to share beyond it, run `portway server` on a public host and pass --relay URL.")
+    if config.basic_auth:
+        stderr.print("visitors must log in (--basic-auth)")
+    if config.allow_ip:
+        stderr.print(f"visitors only from {', '.join(config.allow_ip)} (--allow-ip)")
 
     def show_url(url: str) -> None:
         print(url, flush=True)

@@ -77,6 +77,18 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def local_target(text: str) -> tuple[str | None, int]:
+    """What `portway http` exposes: `PORT`, `HOST:PORT` or `[V6]:PORT` (host None: --local-host's)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = None, text
+    elif host.startswith("["):
+        host = host[1:-1] if host.endswith("]") else ""
+    if host == "" or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not a port (1-65535) or HOST:PORT")
+    return host, int(port)
+
+
 def user_password(text: str) -> str:
     if ":" not in text:
         raise ValueError("must be USER:PASS")
@@ -191,6 +203,9 @@ AGENT_SETTINGS = (
     Setting("allow_ip", "--allow-ip", network, (), "only visitors from these networks may connect (repeatable)",
             "CIDR", repeatable=True),
     Setting("ca_file", "--ca", text, None, "CA certificate(s) to verify an https:// relay with", "FILE"),
+    Setting("wait_for_relay", "--wait-for-relay", switch, True,
+            "when the relay can't be reached at start, keep trying (as after a dropped link) instead of exiting",
+            is_switch=True),
     Setting("inspect", "--inspect", inspect_address, None,
             "serve the inspector on ADDR: PORT, HOST:PORT or [V6]:PORT, which must be free "
             "(default 127.0.0.1:4040, or the next free port)", "ADDR"),
@@ -272,6 +287,7 @@ class AgentConfig:
     basic_auth: str | None = None
     allow_ip: tuple[str, ...] = ()
     ca_file: str | None = None
+    wait_for_relay: bool = True  # an unreachable relay at start is retried, not a reason to exit
     inspect: tuple[str, int] | None = None  # the inspector's address; None: the default one, or the next free
     no_inspect: bool = False
     mux: MuxConfig = field(default_factory=MuxConfig)

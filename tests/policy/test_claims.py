@@ -32,6 +32,11 @@ class Holders(dict):
     def held_by(self, owner: str) -> int:
         return sum(1 for holder in self.values() if holder.owner == owner)
 
+    grace_ends: dict[str, float] = {}
+
+    def frees_at(self, name: str) -> float | None:
+        return self.grace_ends.get(name)
+
 
 class World:
     def __init__(self, *grants: Grant) -> None:
@@ -138,3 +143,12 @@ def test_random_names_skip_names_in_use():
     name = world.claim("beta-secret", None).name
     assert name not in world.holders
     suffixed(name)
+
+
+def test_a_name_in_its_grace_period_says_when_it_frees():
+    world = World(GRANT_B)
+    world.holders["dropped"] = Holder(DIGEST_B)
+    world.holders.grace_ends = {"dropped": 107.2}
+    world.now = 100.0
+    status, message = world.refusal("beta-secret", "dropped")
+    assert status == 409 and "its link dropped" in message and "free in 8 s" in message

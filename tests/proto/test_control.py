@@ -82,8 +82,9 @@ def test_a_refusal_carries_the_relays_status_and_message(status, message):
 
 
 @pytest.mark.parametrize("raw, fragment", [
-    (b"SSH-2.0-OpenSSH_9.2\r\n", "not HTTP"),
-    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", "not HTTP"),
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "not as a Portway relay"),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+     "not as a Portway relay"),
     (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: portway-mux\r\nConnection: Upgrade\r\n\r\n", "Portway-"),
 ])
 def test_answers_that_are_not_a_relays_are_refused_clearly(raw, fragment):
@@ -92,3 +93,16 @@ def test_answers_that_are_not_a_relays_are_refused_clearly(raw, fragment):
         handshake.receive_data(raw)
         handshake.receive_data(b"")
     assert refused.value.status == 502 and fragment.lower() in refused.value.message.lower()
+
+
+def test_a_foreign_web_page_is_not_printed_but_the_relays_own_pages_are():
+    from portway.proto.pages import error_response
+
+    foreign = (b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 40\r\n\r\n"
+               b"<html><body><h1>nginx</h1></body></html>")
+    with pytest.raises(RegistrationError) as refused:
+        AgentHandshake().receive_data(foreign)
+    assert "nginx" not in refused.value.message and "not as a Portway relay" in refused.value.message
+    with pytest.raises(RegistrationError) as refused:
+        AgentHandshake().receive_data(error_response(429, "Too many connections from <your> address.", close=True))
+    assert (refused.value.status, refused.value.message) == (429, "Too many connections from <your> address.")

@@ -50,7 +50,11 @@ class Agent:
         self.relay_port = parts.port or (443 if parts.scheme == "https" else 80)
         self.ssl_context: ssl.SSLContext | None = None
         if parts.scheme == "https":
-            self.ssl_context = ssl.create_default_context(cafile=config.ca_file)
+            try:
+                self.ssl_context = ssl.create_default_context(cafile=config.ca_file)
+            except (OSError, ssl.SSLError) as error:
+                reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+                raise ValueError(f"--ca {config.ca_file}: cannot load CA certificates from it ({reason})") from None
         self.on_url = on_url
         self.on_status = on_status
         self.resume_key: str | None = None
@@ -64,11 +68,16 @@ class Agent:
         while True:
             try:
                 registered = await self.register()
+            except ssl.SSLCertVerificationError as error:
+                hint = "check --ca" if self.config.ca_file else "pass --ca FILE with the CA that signed it"
+                raise RegistrationError(0, f"cannot reach the relay at {self.relay_host}:{self.relay_port}: "
+                                           f"certificate verify failed ({error.verify_message}); {hint}") from None
             except OSError as error:
-                if first:
+                if first and not self.config.wait_for_relay:
                     raise RegistrationError(0, f"cannot reach the relay at {self.relay_host}:{self.relay_port}: "
                                                f"{error.strerror or error}") from None
-                self.on_status(f"relay unreachable ({error.strerror or error}); retrying in {delay:.1f}s")
+                self.on_status(f"relay at {self.relay_host}:{self.relay_port} unreachable "
+                               f"({error.strerror or error}); retrying in {delay:.1f}s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_DELAY)
                 continue

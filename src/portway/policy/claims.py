@@ -8,6 +8,7 @@ randomness are passed in.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol, TypeVar
 
@@ -27,6 +28,9 @@ class NameHolders(Protocol[Holder]):
     def names(self) -> frozenset[str]: ...
 
     def held_by(self, owner: str) -> int: ...
+
+    def frees_at(self, name: str) -> float | None:
+        """When an offline holder's grace period ends (same clock as `now`), or None while it is online."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,10 @@ def claim(*, tokens: TokenBook, throttle: FailureThrottle, holders: NameHolders,
         raise HttpError(403, f"tunnel name {name!r} is reserved for another token")
     existing = holders.get(name)
     if existing is not None and not may_replace(existing):
+        frees_at = holders.frees_at(name)
+        if frees_at is not None:
+            raise HttpError(409, f"tunnel name {name!r} is held for the agent that had it (its link dropped); "
+                                 f"it is free in {max(1, math.ceil(frees_at - now))} s unless that agent comes back")
         raise HttpError(409, f"tunnel name {name!r} is already in use")
     return Claim(name, grant)
 

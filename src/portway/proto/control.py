@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import html
 import json
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote
@@ -28,7 +29,7 @@ from urllib.parse import parse_qs, quote
 from ..errors import HttpError, RegistrationError
 from . import http1
 from .http1 import RequestHead
-from .pages import json_response
+from .pages import PAGE_SIGNATURE, json_response
 
 LINK_PATH = "/_portway/agent"
 LINK_UPGRADE = b"portway-mux"
@@ -137,7 +138,7 @@ class AgentHandshake:
         try:
             events = parser.feed(data) if data else parser.feed_eof()
         except HttpError:
-            raise RegistrationError(502, "the relay answered with something that is not HTTP") from None
+            raise RegistrationError(502, NOT_A_RELAY) from None
         for event in events:
             if isinstance(event, http1.Switched):
                 assert parser.head is not None
@@ -158,8 +159,17 @@ def _grant_of(head: http1.ResponseHead) -> LinkGrant:
         raise RegistrationError(502, f"the relay's answer lacks the {missing.args[0]} field") from None
 
 
+NOT_A_RELAY = "the server at that address answered, but not as a Portway relay does (check --relay)"
+
+
 def _message_of(body: bytes, status: int) -> str:
+    """The relay's message: its JSON `message`, or the text of one of its own error pages. Anything else came
+    from another kind of server, whose page is not worth printing."""
     try:
         return str(json.loads(body)["message"])
     except (ValueError, KeyError, TypeError):
-        return body.decode("utf-8", "replace").strip() or f"the relay answered HTTP {status}"
+        pass
+    page = body.decode("utf-8", "replace")
+    if PAGE_SIGNATURE in page and "<p>" in page:
+        return html.unescape(page.split("<p>", 1)[1].split("</p>", 1)[0])
+    return f"HTTP {status}: {NOT_A_RELAY}"

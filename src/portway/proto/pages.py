@@ -19,13 +19,16 @@ def reason(status: int) -> str:
     return REASONS.get(status, "Error")
 
 
+PAGE_SIGNATURE = "<small>Portway relay</small>"  # how an agent tells the relay's own pages from a stranger's
+
+
 def page(title: str, message: str) -> bytes:
     return (
         "<!doctype html><html><head><meta charset=utf-8><title>"
         f"{html.escape(title)}</title><style>body{{font-family:system-ui,sans-serif;max-width:40em;"
         "margin:4em auto;color:#222}h1{font-size:1.4em}code{background:#eee;padding:0 .2em}</style>"
         f"</head><body><h1>{html.escape(title)}</h1><p>{html.escape(message)}</p>"
-        "<hr><small>Portway relay</small></body></html>"
+        f"<hr>{PAGE_SIGNATURE}</body></html>"
     ).encode()
 
 

@@ -31,6 +31,9 @@ class Registry(Protocol):
     def keep(self, tunnel: Tunnel) -> None:
         """`tunnel` is back online: its name is no longer counting down."""
 
+    def frees_at(self, name: str) -> float | None:
+        """The loop time when `name`'s offline tunnel loses it, or None if no countdown runs for it."""
+
     def names(self) -> frozenset[str]:
         """Every name held right now."""
 
@@ -70,6 +73,10 @@ class MemoryRegistry:
     def keep(self, tunnel: Tunnel) -> None:
         if self._tunnels.get(tunnel.name) is tunnel:
             self._cancel_grace(tunnel.name)
+
+    def frees_at(self, name: str) -> float | None:
+        handle = self._grace_handles.get(name)
+        return handle.when() if handle is not None else None
 
     def names(self) -> frozenset[str]:
         return frozenset(self._tunnels)
