@@ -460,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"error: {tool} is not installed (bash scripts/test.sh installs everything)", file=sys.stderr)
             return 2
+    if not (ROOT / "node_modules" / "ws").is_dir():
+        print("error: the benchmark's Node packages are missing: run `npm ci` here first (or bash scripts/test.sh)",
+              file=sys.stderr)
+        return 2
 
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
