@@ -3,7 +3,7 @@
 #
 # Idempotent. On a Debian 12 machine (as root) it first installs whatever the tests need
 # and is missing, then runs pytest with the given arguments and exits with pytest's status:
-#   - Debian packages: redis-server, wrk, chromium, openssh-server, prometheus (only the missing ones;
+#   - Debian packages: redis-server, wrk, chromium, openssh-server, prometheus, systemd (only the missing ones;
 #     nodejs only when `node` is missing; npm is never installed through apt)
 #   - the Python package with its test extras:  pip install -e '.[test]'
 #   - the pinned Node test tools (ws, localtunnel) from package-lock.json:  npm ci
@@ -24,6 +24,7 @@ have wrk || missing+=(wrk)
 have chromium || missing+=(chromium)
 have sshd || missing+=(openssh-server)
 have promtool || missing+=(prometheus)
+have systemd-analyze || missing+=(systemd)
 have node || missing+=(nodejs)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 
