@@ -231,29 +231,3 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
         """Close with a TCP reset, so the other side sees an error rather than a clean end."""
         if self.transport is not None:
             abort_with_reset(self.transport)
-
-
-async def splice(a, b) -> None:
-    """Copy bytes both ways between two conduits until both directions have ended."""
-
-    async def one_way(src, dst) -> None:
-        try:
-            while True:
-                data = await src.read()
-                if not data:
-                    dst.write_eof()
-                    return
-                await dst.send(data)
-        except (ConduitReset, ConnectionError):
-            src.abort()
-            dst.abort()
-
-    other = asyncio.ensure_future(one_way(b, a))
-    try:
-        await one_way(a, b)
-        await other
-    finally:
-        if not other.done():
-            other.cancel()
-        a.close()
-        b.close()

@@ -18,10 +18,8 @@ from ..proto import exchange, http1
 from ..proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseHead, Switched
 from ..proto.pages import error_response
 from ..proto.routing import NotServed, Router, ToRelay, ToTunnel
-from ..link.bridge import StreamBridge
-from ..link.connection import Connection, splice
+from ..link.connection import Connection
 from ..link.deadlines import Deadline
-from ..link.session import MuxStream
 from .access_log import AccessLog
 from .metrics import RelayCounters
 
@@ -439,12 +437,7 @@ class VisitorConnection:
         counters.websockets_open += 1
         counters.websockets_total += 1
         try:
-            if isinstance(conduit, MuxStream):
-                await StreamBridge.take_over(conn, conduit, unread).closed
-                return
-            if unread:
-                await conduit.send(unread)
-            await splice(conn, conduit)
+            await tunnel.join(conn, conduit, unread)
         finally:
             counters.websockets_open -= 1
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable
 from ..config import RelayConfig
 from ..errors import HttpError, InvalidName, LtRefused
 from ..link.connection import Connection
+from ..link.pipe import SocketPipe
 from ..proto import lt_protocol as lt
 from ..proto.http1 import RequestHead
 from ..proto.names import validate_name
@@ -217,7 +218,10 @@ class LtTunnel(Tunnel):
             return sock
         return None
 
-    # the conduit pool, as proxy.VisitorConnection uses it
+    async def join(self, conn: Connection, conduit, unread: bytes) -> None:
+        await SocketPipe.take_over(conn, conduit, unread).closed
+
+    # the conduit pool, as front.VisitorConnection uses it
     def take_idle(self):
         """A socket that already carried an exchange and is still clean, or None."""
         sock = self._pop_clean(self.warm)

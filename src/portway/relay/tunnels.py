@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from ..errors import HttpError, MuxClosedError
 from ..proto.http1 import RequestHead
+from ..link.bridge import StreamBridge
+from ..link.connection import Connection
 from ..link.session import MuxSession
 from .metrics import TunnelCounters
 
@@ -57,6 +59,11 @@ class Tunnel:
         raise NotImplementedError
 
     async def _new_conduit(self):
+        raise NotImplementedError
+
+    async def join(self, conn: Connection, conduit, unread: bytes) -> None:
+        """After a 101: the visitor's connection and the conduit become one raw pipe, by callbacks, until both
+        ends are gone. `unread` is what the visitor sent after its request head."""
         raise NotImplementedError
 
     def take_idle(self):
@@ -107,6 +114,9 @@ class AgentTunnel(Tunnel):
     @property
     def online(self) -> bool:
         return self.session is not None and not self.session.closed.done()
+
+    async def join(self, conn: Connection, conduit, unread: bytes) -> None:
+        await StreamBridge.take_over(conn, conduit, unread).closed
 
     async def _new_conduit(self):
         session = self.session
