@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds an idle keep-alive visitor connection is kept (default %(default)g)")
     server.add_argument("--max-connections-per-ip", type=int, default=RelayConfig.max_connections_per_ip,
                         help="concurrent visitor connections allowed from one address (default %(default)d)")
+    server.add_argument("--auth-failure-window", type=float, default=RelayConfig.auth_failure_window,
+                        metavar="SECONDS",
+                        help="failed logins (agent tokens, tunnels' basic auth) count this long: past "
+                             f"{RelayConfig.auth_failures_per_address} from one address, or "
+                             f"{RelayConfig.auth_failures_per_tunnel} on one basic-auth tunnel, logins are "
+                             "refused with 429 (default %(default)g)")
     server.add_argument("--response-timeout", type=float, default=RelayConfig.response_timeout,
                         help="seconds the origin may take to start its answer before a 504 (default %(default)g)")
     server.add_argument("--pool-wait-timeout", type=float, default=RelayConfig.pool_wait_timeout,
@@ -119,11 +125,14 @@ def relay_config(args: argparse.Namespace) -> RelayConfig:
         grants += load_tokens_file(args.tokens)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
+    if not args.auth_failure_window > 0:
+        raise ValueError("--auth-failure-window must be positive")
     return RelayConfig(bind=args.bind, port=args.port, domain=args.domain, public_port=args.public_port,
                        grace_period=args.grace_period, grants=tuple(grants), open_relay=args.open,
                        tls_cert=args.tls_cert, tls_key=args.tls_key, head_timeout=args.head_timeout,
                        idle_timeout=args.idle_timeout, max_connections_per_ip=args.max_connections_per_ip,
-                       pool_wait_timeout=args.pool_wait_timeout, response_timeout=args.response_timeout, lt_grace_period=args.lt_grace_period)
+                       pool_wait_timeout=args.pool_wait_timeout, response_timeout=args.response_timeout,
+                       lt_grace_period=args.lt_grace_period, auth_failure_window=args.auth_failure_window)
 
 
 def agent_config(args: argparse.Namespace) -> AgentConfig:

@@ -23,6 +23,11 @@ class RelayConfig:
     grace_period: float = 10.0  # an agent that drops keeps its name this long to reconnect
     lt_grace_period: float = 5.0  # an lt tunnel whose last pool socket went keeps its name this long
     max_connections_per_ip: int = 256  # concurrent visitor connections from one address
+    # Failed logins (agent tokens, tunnels' basic auth) are remembered this long; past the limits below an
+    # address (or, for basic auth, a whole tunnel) is refused with 429 until the window has moved on.
+    auth_failure_window: float = 60.0
+    auth_failures_per_address: int = 10  # per address: agent tokens, and basic auth over all tunnels
+    auth_failures_per_tunnel: int = 100  # basic auth, from all addresses together, before the tunnel locks
     grants: tuple[Grant, ...] = ()  # agent tokens; empty means anyone may register (an open relay)
     open_relay: bool = False  # knowingly run without tokens on a non-loopback address
     tls_cert: str | None = None

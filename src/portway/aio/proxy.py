@@ -134,9 +134,9 @@ class VisitorConnection:
             hostname = f"{route.name}.{relay.router.domain}"
             return await self.refuse(head, 404, f"There is no tunnel at {hostname}.")
         try:
-            tunnel.access.check(self.conn.peer_ip, head)
+            relay.admit(tunnel, self.conn.peer_ip, head)
         except HttpError as error:
-            extra = [("WWW-Authenticate", f'Basic realm="{tunnel.name}"')] if error.status == 401 else None
+            extra = [("WWW-Authenticate", f'Basic realm="{tunnel.name}"')] if error.status == 401 else error.headers
             return await self.refuse(head, error.status, error.message, extra_headers=extra)
         if not tunnel.online:
             return await self.refuse(head, 502, f"The agent for tunnel {tunnel.name!r} is not connected.")

@@ -8,11 +8,12 @@ import json
 import logging
 import secrets
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import parse_qs
 
-from ..auth import FailureThrottle, Grant, TokenBook
+from ..auth import BasicAuthGuard, FailureThrottle, Grant, TokenBook
 from ..config import RelayConfig
 from ..errors import HttpError
 from ..proto import http1
@@ -58,7 +59,9 @@ class Relay:
         self.port = config.port
         self.localtunnel = LocalTunnelService(self)
         self.tokens = TokenBook(list(config.grants))
-        self.throttle = FailureThrottle()
+        self.throttle = FailureThrottle(config.auth_failures_per_address, config.auth_failure_window)
+        self.guard = BasicAuthGuard(config.auth_failures_per_address, config.auth_failures_per_tunnel,
+                                    config.auth_failure_window)
         self.connections_per_ip: dict[str, int] = {}
         self.deadlines: DeadlineSweeper | None = None
 
@@ -147,6 +150,14 @@ class Relay:
             visitor.send_error(404, f"Nothing is served at {path} on this relay.", close=False,
                                head_only=head.method == "HEAD")
         return head.keep_alive
+
+    def admit(self, tunnel: Tunnel, peer_ip: str, head: RequestHead) -> None:
+        """Raise HttpError unless the tunnel's access policy lets this request through (403, 429, 401)."""
+        access = tunnel.access
+        if access.basic_auth is None:
+            access.check(peer_ip, head)
+        else:
+            access.check(peer_ip, head, self.guard, tunnel.name, time.monotonic())
 
     def status(self) -> dict:
         return {"tunnels": len(self.registry.tunnels)}
