@@ -17,7 +17,7 @@ from ..proto import http1
 from ..proto.mux import Role
 from ..proto.pages import error_response
 from .bridge import StreamBridge
-from .connection import Connection
+from .connection import ConduitReset, Connection
 from .relay import AGENT_PATH
 from .session import MuxSession, MuxStream
 
@@ -153,8 +153,10 @@ class Agent:
             else:
                 message = f"{self.local_target} could not be reached: {error.strerror or error}"
             try:
-                stream.write(error_response(502, message, close=True))
+                await stream.send(error_response(502, message, close=True))  # waits for link credit if need be
                 stream.write_eof()
+            except ConduitReset:
+                pass  # the relay gave up on the stream meanwhile
             finally:
                 stream.close()
 

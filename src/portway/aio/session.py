@@ -195,11 +195,13 @@ class MuxStream(ReceiveBuffer):
         self._reset = True
         self._wake_reader()
         self._on_window()
+        session = self.session
         try:
-            self.session.mux.reset_stream(self.stream_id)
+            session.mux.reset_stream(self.stream_id)
         except (KeyError, MuxClosedError, ProtocolError):
             pass
-        self.session.schedule_flush()
+        session.schedule_flush()
+        session.rearm_timer()  # link credit set aside for this stream may be due to another one now
         self._forget()
 
     def _forget(self) -> None:
@@ -235,6 +237,7 @@ class MuxSession(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._flush_now()  # the mux's opening words: the link window it grants, if above the protocol's base
         self._rearm_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -387,6 +390,11 @@ class MuxSession(asyncio.Protocol):
         task = self.loop.create_task(self._on_stream(stream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def rearm_timer(self) -> None:
+        """Fire the timer earlier if the mux now wants it earlier (after an API call that may change that)."""
+        if not self.closed.done():
+            self._rearm_timer()
 
     def _rearm_timer(self) -> None:
         when = self.mux.get_timer()
