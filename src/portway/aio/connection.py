@@ -88,8 +88,12 @@ class ReceiveBuffer:
 
     def put_back(self, chunks: list[bytes]) -> None:
         """Return chunks `read_chunks()` gave but the reader will not use, so that the conduit shows unread
-        bytes and is not reused. (A stream has returned credit for them already: they are not to be read.)"""
+        bytes and is not reused."""
         self._chunks.extendleft(reversed(chunks))
+
+    def reader_done(self) -> None:
+        """The reader has finished with everything it took (a stream returns the credit it held back for it);
+        called when a conduit goes back to its pool."""
 
     def _describe(self) -> str:
         return "the connection"

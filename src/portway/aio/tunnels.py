@@ -96,6 +96,7 @@ class Tunnel:
 
     def release(self, conduit, reusable: bool) -> None:
         if reusable and self.online and len(self.idle) < IDLE_CONDUITS_PER_TUNNEL:
+            conduit.reader_done()
             self.idle.append(conduit)
         else:
             conduit.close()
