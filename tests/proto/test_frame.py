@@ -134,6 +134,18 @@ def test_payload_views_survive_later_feeds() -> None:
     assert bytes(frame.payload) == b"hello" and bytes(later.payload) == b"world"
 
 
+def test_a_payload_is_a_view_only_of_a_read_at_most_four_times_its_size() -> None:
+    big = Frame(FrameType.DATA, Flag(0), 1, 60_000, b"b" * 60_000).encode()
+    small = Frame(FrameType.DATA, Flag(0), 3, 10, b"s" * 10).encode()
+    decoder = FrameDecoder()
+    decoder.feed(big + small + big)
+    first, tiny, last = decoder
+    assert type(first.payload) is memoryview and type(last.payload) is memoryview  # each half the read
+    assert type(tiny.payload) is bytes and tiny.payload == b"s" * 10  # copied: it would pin 12,000x its size
+    decoder.feed(big * 5)
+    assert all(type(frame.payload) is bytes for frame in decoder)  # each is under a quarter of the read
+
+
 MALFORMED = [
     pytest.param(frames.header(0, 0, 1, 0, version=1), "version", id="bad-version"),
     pytest.param(frames.header(4, 0, 1, 0), "unknown frame type", id="unknown-type"),

@@ -111,6 +111,9 @@ _GO_AWAY_CODES = frozenset(GoAwayCode)
 _make_frame = tuple.__new__  # builds a Frame without NamedTuple's Python-level __new__ (hot path)
 _COMPACT_AFTER = 64 * 1024
 """Consumed bytes worth moving out of the buffer's way once they outweigh what is still unread."""
+_VIEW_PIN_LIMIT = 4
+"""A payload is handed out as a view of the bytes fed in only if they are at most this many times its size;
+smaller payloads are copied. What a held payload keeps in memory is then at most 4x what flow control counts."""
 
 
 class FrameDecoder:
@@ -146,7 +149,8 @@ class FrameDecoder:
             self._offset = 0
             if type(data) is bytes:
                 # Nothing left over: decode straight out of the caller's immutable bytes, and hand out payloads
-                # as views of it, so a DATA frame's bytes are never copied on the way through.
+                # as views of it, so a DATA frame's bytes are never copied on the way through (unless small:
+                # see __next__).
                 self._buffer = data
             else:
                 self._buffer = bytearray(data)
@@ -187,8 +191,11 @@ class FrameDecoder:
             if view is None:
                 view = self._view = memoryview(buffer)
             payload = view[offset + HEADER_SIZE : offset + end]
-            if type(buffer) is not bytes:
-                payload = bytes(payload)  # the bytearray is reused by the next feed()
+            if type(buffer) is not bytes or length * _VIEW_PIN_LIMIT < len(buffer):
+                # Copied: the bytearray is reused by the next feed(); and a view keeps the whole read alive as
+                # long as the payload is held (by a slow reader, a paused write buffer), so a small payload
+                # would pin many times its size, out of reach of flow control, which counts payload bytes.
+                payload = bytes(payload)
             self._offset = offset + end
             return _make_frame(Frame, (FrameType.DATA, _FLAGS_BY_VALUE[flags_value], stream_id, length, payload))
         if type_value == 1:  # WINDOW_UPDATE
