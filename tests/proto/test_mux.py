@@ -706,6 +706,25 @@ def test_window_growth_uses_the_measured_rtt(measured_rtt: float | None, grows: 
     assert pair.client.send_window(stream_id) == (2 * WINDOW if grows else WINDOW)
 
 
+def test_window_growth_stops_at_half_the_link_window() -> None:
+    """Streams that read fast and then stall (a paused video) keep their grown windows: together they may hold
+    only half the link window above the base, the rest stays for every other stream."""
+    pair = MuxPair(MuxConfig(max_window=1 * MiB, link_window=2 * MiB))
+    first, second = pair.open_stream(), pair.open_stream()
+
+    def grow(stream_id: int) -> int:
+        for epoch in range(3):
+            fill_and_consume(pair, stream_id, [epoch * 0.01] * 2)
+        return pair.client.send_window(stream_id)
+
+    assert grow(first) == 1 * MiB  # 768 KiB above the base
+    assert grow(second) == 2 * WINDOW  # only 256 KiB of the 1 MiB budget was left
+    assert pair.server._link_growth == 1 * MiB
+    pair.client.reset_stream(first)
+    pair.transfer()
+    assert grow(second) == 1 * MiB
+
+
 def test_growth_on_a_stream_we_opened_is_timed_from_the_peers_accept() -> None:
     pair = MuxPair(MuxConfig(max_window=1 * MiB))
     client, server = pair.client, pair.server
@@ -1097,6 +1116,7 @@ def check_window_bookkeeping(mux: Mux) -> None:
         assert stream.send_window <= MAX_WINDOW_SIZE
     link_bookkeeping(mux)
     assert mux._link_reserved <= mux._link_send_window <= MAX_WINDOW_SIZE
+    assert mux._link_growth == sum(stream.receive_window - WINDOW for stream in mux._streams.values())
 
 
 @settings(deadline=None)

@@ -101,9 +101,10 @@ class MuxConfig:
     link_window: int = 32 * 1024 * 1024
     """Receive window of the whole link: bytes the peer may have sent, on all streams together, that the
     application has not consumed yet; what a peer can make us buffer. At least the protocol's 1 MiB base
-    (announced as an increase when the link starts) and at least ``initial_window``. 32 MiB lets eight streams
-    run at the full ``max_window`` (one fast stream is never held up by it) and holds a relay's memory per
-    agent link to tens of MiB where 4,096 streams x their windows would allow a GiB or more."""
+    (announced as an increase when the link starts) and at least ``initial_window``. 32 MiB lets four streams
+    grow to the full ``max_window`` (growth stops at half the link window) with room to spare for 64 more at
+    the base window, so one fast stream is never held up by it, and holds a relay's memory per agent link to
+    tens of MiB where 4,096 streams x their windows would allow a GiB or more."""
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     """Largest DATA payload we send and accept; both ends of a link must agree on it."""
     accept_backlog: int = 256
@@ -274,6 +275,10 @@ class Mux:
         self._link_waiting: dict[int, int] = {}
         self._link_woken: dict[int, int] = {}
         self._link_reserved = 0
+        # How far the streams' receive windows are above the protocol's base, all together. Auto-growth stops
+        # at half the link window: a few streams that read fast, then stalled (a paused video) must not hold
+        # all of it, or every other stream of the link would wait for them.
+        self._link_growth = 0
         if self._link_unannounced:
             self._announce_link()
 
@@ -505,6 +510,7 @@ class Mux:
             raise MuxClosedError("stream ids are exhausted on this link; open a new one")
         self._next_local_id = stream_id + 2
         stream = _Stream(self.config.initial_window, epoch_started_at=0.0)  # the epoch starts at the ACK
+        self._link_growth += self.config.initial_window - INITIAL_STREAM_WINDOW
         self._streams[stream_id] = stream
         self._transition(stream_id, stream, _I.SEND_SYN)
         self._announce_window(stream_id, stream, _SYN)
@@ -518,6 +524,7 @@ class Mux:
         extra = max(0, self.config.initial_window - stream.receive_window)
         stream.receive_window += extra
         stream.unannounced += extra
+        self._link_growth += extra
         self._announce_window(stream_id, stream, _ACK)
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False) -> int:
@@ -601,7 +608,8 @@ class Mux:
         cost a frame each. Auto-growth doubles the window (up to ``max_window``) when the application consumed
         a whole window within two round trips of finishing the previous one (or of the peer being able to
         start sending: its SYN, or its ACK of our open): the window, not the reader, was then limiting
-        throughput. Until a ping has measured the RTT, ``ASSUMED_RTT`` stands in.
+        throughput. Until a ping has measured the RTT, ``ASSUMED_RTT`` stands in. Growth stops once the windows of
+        all the link's streams together are half the link window above the protocol's base.
         Acknowledging for a stream that is already gone does nothing (its bytes' link credit went back when it
         went). Link credit is batched likewise: it goes out once half the link window is owed, or once what is
         owed is at least what the peer has left (slow streams holding the rest), in pieces of 64 KiB or more.
@@ -627,9 +635,12 @@ class Mux:
         if stream.epoch_consumed >= stream.receive_window:
             rtt = ASSUMED_RTT if self._last_rtt is None else self._last_rtt
             if now - stream.epoch_started_at < 2 * rtt and stream.receive_window < self.config.max_window:
-                grown = min(2 * stream.receive_window, self.config.max_window)
-                stream.unannounced += grown - stream.receive_window  # doubling owes >= half: announced below
-                stream.receive_window = grown
+                growth = min(stream.receive_window, self.config.max_window - stream.receive_window,
+                             self._link_window // 2 - self._link_growth)
+                if growth > 0:
+                    stream.unannounced += growth  # doubling owes >= half: announced below
+                    stream.receive_window += growth
+                    self._link_growth += growth
             stream.epoch_started_at = now
             stream.epoch_consumed = 0
         if stream.unannounced * 2 >= stream.receive_window:
@@ -735,6 +746,7 @@ class Mux:
 
     def _forget(self, stream_id: int, stream: _Stream) -> None:
         del self._streams[stream_id]
+        self._link_growth -= stream.receive_window - INITIAL_STREAM_WINDOW
         if stream.state in _UNACCEPTED_STATES:
             self._unaccepted -= 1
         if stream.unacknowledged:
@@ -812,3 +824,6 @@ class Mux:
         self._streams.clear()
         self._pings.clear()
         self._unaccepted = 0
+        self._link_waiting.clear()
+        self._link_woken.clear()
+        self._link_reserved = 0
