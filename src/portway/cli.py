@@ -19,6 +19,7 @@ from . import __version__
 from .auth import Grant, TokenFileError, hash_token, load_tokens_file
 from .config import DEFAULT_RELAY_PORT, AgentConfig, RelayConfig
 from .errors import RegistrationError
+from .proto.mux import MuxConfig
 from .proto.names import InvalidName, validate_name
 from .runtime import tune_for_serving
 
@@ -31,6 +32,7 @@ def fail(message: str, status: int) -> int:
     return status
 
 EMBEDDED_PORT_ATTEMPTS = 50
+MIB = 1024 * 1024
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{RelayConfig.auth_failures_per_address} from one address, or "
                              f"{RelayConfig.auth_failures_per_tunnel} on one basic-auth tunnel, logins are "
                              "refused with 429 (default %(default)g)")
+    server.add_argument("--link-window", type=float, default=MuxConfig.link_window / MIB, metavar="MIB",
+                        help="MiB of visitor data one agent link may have on its way to the relay or buffered there, "
+                             "over all its streams: what a hostile agent can make the relay hold; many stalled "
+                             "visitors of one tunnel can fill it and make its other visitors wait (default %(default)g)")
     server.add_argument("--response-timeout", type=float, default=RelayConfig.response_timeout,
                         help="seconds the origin may take to start its answer before a 504 (default %(default)g)")
     server.add_argument("--pool-wait-timeout", type=float, default=RelayConfig.pool_wait_timeout,
@@ -127,12 +133,15 @@ def relay_config(args: argparse.Namespace) -> RelayConfig:
         raise ValueError("--tls-cert and --tls-key go together")
     if not args.auth_failure_window > 0:
         raise ValueError("--auth-failure-window must be positive")
+    if not 1 <= args.link_window < 2048:
+        raise ValueError("--link-window must be at least 1 and under 2048 (MiB)")
+    mux = MuxConfig(link_window=round(args.link_window * MIB))
     return RelayConfig(bind=args.bind, port=args.port, domain=args.domain, public_port=args.public_port,
                        grace_period=args.grace_period, grants=tuple(grants), open_relay=args.open,
                        tls_cert=args.tls_cert, tls_key=args.tls_key, head_timeout=args.head_timeout,
                        idle_timeout=args.idle_timeout, max_connections_per_ip=args.max_connections_per_ip,
                        pool_wait_timeout=args.pool_wait_timeout, response_timeout=args.response_timeout,
-                       lt_grace_period=args.lt_grace_period, auth_failure_window=args.auth_failure_window)
+                       lt_grace_period=args.lt_grace_period, auth_failure_window=args.auth_failure_window, mux=mux)
 
 
 def agent_config(args: argparse.Namespace) -> AgentConfig:
