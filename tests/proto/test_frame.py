@@ -134,7 +134,7 @@ def test_payload_views_survive_later_feeds() -> None:
     assert bytes(frame.payload) == b"hello" and bytes(later.payload) == b"world"
 
 
-def test_a_payload_is_a_view_only_of_a_read_at_most_four_times_its_size() -> None:
+def test_a_payload_is_a_view_only_of_a_read_at_most_four_times_its_frame() -> None:
     big = Frame(FrameType.DATA, Flag(0), 1, 60_000, b"b" * 60_000).encode()
     small = Frame(FrameType.DATA, Flag(0), 3, 10, b"s" * 10).encode()
     decoder = FrameDecoder()
@@ -142,6 +142,8 @@ def test_a_payload_is_a_view_only_of_a_read_at_most_four_times_its_size() -> Non
     first, tiny, last = decoder
     assert type(first.payload) is memoryview and type(last.payload) is memoryview  # each half the read
     assert type(tiny.payload) is bytes and tiny.payload == b"s" * 10  # copied: it would pin 12,000x its size
+    decoder.feed(big * 4)
+    assert all(type(frame.payload) is memoryview for frame in decoder)  # each frame is a quarter of the read
     decoder.feed(big * 5)
     assert all(type(frame.payload) is bytes for frame in decoder)  # each is under a quarter of the read
 

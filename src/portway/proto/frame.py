@@ -112,8 +112,8 @@ _make_frame = tuple.__new__  # builds a Frame without NamedTuple's Python-level 
 _COMPACT_AFTER = 64 * 1024
 """Consumed bytes worth moving out of the buffer's way once they outweigh what is still unread."""
 _VIEW_PIN_LIMIT = 4
-"""A payload is handed out as a view of the bytes fed in only if they are at most this many times its size;
-smaller payloads are copied. What a held payload keeps in memory is then at most 4x what flow control counts."""
+"""A payload is handed out as a view of the bytes fed in only if they are at most this many times its frame's
+size; smaller payloads are copied. What a held payload keeps in memory is then at most 4x its frame."""
 
 
 class FrameDecoder:
@@ -187,15 +187,22 @@ class FrameDecoder:
             end = HEADER_SIZE + length
             if available < end:
                 raise StopIteration
-            view = self._view
-            if view is None:
-                view = self._view = memoryview(buffer)
-            payload = view[offset + HEADER_SIZE : offset + end]
-            if type(buffer) is not bytes or length * _VIEW_PIN_LIMIT < len(buffer):
-                # Copied: the bytearray is reused by the next feed(); and a view keeps the whole read alive as
-                # long as the payload is held (by a slow reader, a paused write buffer), so a small payload
-                # would pin many times its size, out of reach of flow control, which counts payload bytes.
-                payload = bytes(payload)
+            if type(buffer) is bytes:
+                if end * _VIEW_PIN_LIMIT >= len(buffer):
+                    view = self._view
+                    if view is None:
+                        view = self._view = memoryview(buffer)
+                    payload = view[offset + HEADER_SIZE : offset + end]
+                else:
+                    # Copied (slicing bytes copies): a view keeps the whole read alive as long as the payload is
+                    # held (by a slow reader, a paused write buffer), so a small payload would pin many times
+                    # its size, out of reach of flow control, which counts payload bytes.
+                    payload = buffer[offset + HEADER_SIZE : offset + end]
+            else:
+                view = self._view
+                if view is None:
+                    view = self._view = memoryview(buffer)
+                payload = bytes(view[offset + HEADER_SIZE : offset + end])  # the bytearray is reused by feed()
             self._offset = offset + end
             return _make_frame(Frame, (FrameType.DATA, _FLAGS_BY_VALUE[flags_value], stream_id, length, payload))
         if type_value == 1:  # WINDOW_UPDATE

@@ -322,27 +322,31 @@ class Mux:
         decoder.feed(data)
         events: list[Event] = []
         streams = self._streams
+        link_remaining = self._link_receive_remaining  # kept in a local while frames take the fast path
         try:
             for frame in decoder:
                 frame_type, flags, stream_id, length, payload = frame
-                # Fast path: payload on a stream that may receive it and has the window for it.
+                # Fast path: payload on a stream that may receive it, within its window and the link's.
                 if frame_type is _DATA and not flags:
                     stream = streams.get(stream_id)
                     if (
                         stream is not None
                         and stream.may_receive
                         and 0 < length <= stream.receive_remaining
-                        and length <= self._link_receive_remaining
+                        and length <= link_remaining
                     ):
                         stream.receive_remaining -= length
                         stream.unacknowledged += length
-                        self._link_receive_remaining -= length
+                        link_remaining -= length
                         events.append(DataReceived(stream_id, payload))
                         continue
+                self._link_receive_remaining = link_remaining
                 self._receive_frame(frame, now, events)
+                link_remaining = self._link_receive_remaining
         except ProtocolError as error:
             self._close(go_away_code=error.code)
             raise
+        self._link_receive_remaining = link_remaining
         owed = self._link_unannounced
         if owed >= self._link_receive_remaining and owed >= _LINK_UPDATE_MIN:
             self._announce_link()  # what the peer has left fell below what we owe while no one was consuming
