@@ -28,7 +28,7 @@ def abort_with_reset(transport: asyncio.BaseTransport) -> None:
     if sock is not None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        except OSError:
+        except (OSError, ValueError):  # ValueError: uvloop's stand-in for a socket that is already closed
             pass
     transport.abort()
 
