@@ -280,10 +280,8 @@ def test_a_hostile_agent_cannot_make_the_relay_hold_more_than_a_link_window(proc
             assert agent.ended, "the relay kept a link that sent past its window"
             relay.proc.wait_for_line(r"tunnel hoarder offline: protocol error: .*link's receive window")
         else:
-            assert not agent.ended
-            # credit came back only for what the visitors' sockets took: the agent pushed about one link window,
-            # where each of the 600 streams could have taken a stream window (and more) without one
-            assert agent.pushed < 2 * RELAY_LINK_WINDOW
+            assert not agent.ended  # it kept within the windows: link credit came back only for what the
+            # visitors' kernels took off the relay (tens of KiB each), never for what the relay holds for them
         # what the relay held is bounded by its link window (plus allocator slack and 600 connections' worth of
         # visitor and stream bookkeeping), where each of the 600 streams could hold a window without one
         assert growth < (RELAY_LINK_WINDOW + 40 * MiB) / MiB
