@@ -154,10 +154,10 @@ class Relay:
     def admit(self, tunnel: Tunnel, peer_ip: str, head: RequestHead) -> None:
         """Raise HttpError unless the tunnel's access policy lets this request through (403, 429, 401)."""
         access = tunnel.access
-        if access.basic_auth is None:
-            access.check(peer_ip, head)
-        else:
+        if access.basic_auth is not None:
             access.check(peer_ip, head, self.guard, tunnel.name, time.monotonic())
+        elif access.allow_networks:
+            access.check(peer_ip, head)
 
     def status(self) -> dict:
         return {"tunnels": len(self.registry.tunnels)}
