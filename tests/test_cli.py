@@ -112,3 +112,25 @@ def test_the_readme_lists_every_flag_and_its_variable():
     for setting in RELAY_SETTINGS + AGENT_SETTINGS:
         flag = f"--no-{setting.flag[2:]}" if setting.is_switch and setting.default else setting.flag
         assert f"`{flag}" in readme and f"`${setting.env}`" in readme, setting.key
+
+
+def test_budget_flags_default_to_the_configured_values():
+    built = config("server")
+    assert built.auth_failure_window == 60.0 and built.mux.link_window == 32 * 1024 * 1024
+
+
+def test_budget_flags_reach_the_configuration():
+    built = config("server", "--auth-failure-window", "2.5", "--link-window", "64")
+    assert built.auth_failure_window == 2.5 and built.mux.link_window == 64 * 1024 * 1024
+    assert config("server", environ={"PORTWAY_LINK_WINDOW": "8"}).mux.link_window == 8 * 1024 * 1024
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["server", "--auth-failure-window", "0"], "--auth-failure-window"),
+    (["server", "--link-window", "0.5"], "at least 1 and under 2048"),
+    (["server", "--link-window", "2048"], "at least 1 and under 2048"),
+])
+def test_nonsense_budgets_are_refused(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exited:
+        parse(*argv)
+    assert exited.value.code == 2 and fragment in capsys.readouterr().err

@@ -38,6 +38,16 @@ def port_number(text: str) -> int:
     return value
 
 
+MIB = 1024 * 1024
+
+
+def mebibytes(text: str) -> int:
+    value = float(text)
+    if not 1 <= value < 2048:
+        raise ValueError("must be at least 1 and under 2048 (MiB)")
+    return round(value * MIB)
+
+
 def count(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -177,6 +187,13 @@ RELAY_SETTINGS = (
             "seconds an idle keep-alive visitor connection is kept", "SECONDS"),
     Setting("max_connections_per_ip", "--max-connections-per-ip", count, 256,
             "concurrent visitor connections allowed from one address", "N"),
+    Setting("auth_failure_window", "--auth-failure-window", seconds, 60.0,
+            "seconds failed logins (agent tokens, tunnels' basic auth) count: past 10 from one address, or 100 on "
+            "one basic-auth tunnel, logins are refused with 429", "SECONDS"),
+    Setting("link_window", "--link-window", mebibytes, MuxConfig.link_window,
+            "MiB of visitor data one agent link may have on its way to the relay or buffered there, over all its "
+            "streams: what a hostile agent can make the relay hold; many stalled visitors of one tunnel can fill it "
+            "and make its other visitors wait (default 32)", "MIB"),
     Setting("response_timeout", "--response-timeout", seconds, 120.0,
             "seconds the origin may take to start its answer (else 504), or pause in it", "SECONDS"),
     Setting("pool_wait_timeout", "--pool-wait-timeout", seconds, 10.0,
@@ -254,6 +271,11 @@ class RelayConfig:
     grace_period: float = 10.0  # an agent that drops keeps its name this long to reconnect
     lt_grace_period: float = 5.0  # an lt tunnel whose last pool socket went keeps its name this long
     max_connections_per_ip: int = 256  # concurrent visitor connections from one address
+    # Failed logins (agent tokens, tunnels' basic auth) are remembered this long; past the limits below an
+    # address (or, for basic auth, a whole tunnel) is refused with 429 until the window has moved on.
+    auth_failure_window: float = 60.0
+    auth_failures_per_address: int = 10  # per address: agent tokens, and basic auth over all tunnels
+    auth_failures_per_tunnel: int = 100  # basic auth, from all addresses together, before the tunnel locks
     grants: tuple[Grant, ...] = ()  # agent tokens; empty means anyone may register (an open relay)
     open_relay: bool = False  # knowingly run without tokens on a non-loopback address
     tls_cert: str | None = None
@@ -265,7 +287,7 @@ class RelayConfig:
 
     def __post_init__(self) -> None:
         for name in ("idle_timeout", "head_timeout", "response_timeout", "linger_timeout", "pool_wait_timeout",
-                     "grace_period", "lt_grace_period"):
+                     "grace_period", "lt_grace_period", "auth_failure_window"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigurationError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
         if self.max_connections_per_ip < 1:
@@ -298,9 +320,10 @@ class AgentConfig:
 
 
 def _mux_config(values: Mapping[str, Any]) -> MuxConfig:
+    extra = {"link_window": values["link_window"]} if "link_window" in values else {}
     try:
         return MuxConfig(keepalive_interval=values["keepalive_interval"],
-                         keepalive_timeout=values["keepalive_timeout"])
+                         keepalive_timeout=values["keepalive_timeout"], **extra)
     except ValueError as error:
         raise ConfigurationError(str(error)) from None
 

@@ -55,11 +55,13 @@ class MuxClosedError(PortwayError):
 class HttpError(PortwayError):
     """A visitor request that must be answered with an error status and then, maybe, closed."""
 
-    def __init__(self, status: int, message: str, *, close: bool = True) -> None:
+    def __init__(self, status: int, message: str, *, close: bool = True,
+                 headers: list[tuple[str, str]] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.close = close
+        self.headers = headers  # extra response headers, such as Retry-After
 
 
 class RegistrationError(PortwayError):

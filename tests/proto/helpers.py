@@ -78,10 +78,12 @@ class MuxPair:
         server_config: MuxConfig | None = None,
         now: float = 0.0,
     ) -> None:
-        """``server_config`` defaults to ``client_config``, which defaults to ``MuxConfig()``."""
+        """``server_config`` defaults to ``client_config``, which defaults to ``MuxConfig()``. Each side's
+        link-window announcement is delivered at once, like a link that has just started."""
         client_config = client_config or MuxConfig()
         self.client = Mux(Role.CLIENT, client_config, now=now)
         self.server = Mux(Role.SERVER, server_config or client_config, now=now)
+        self.transfer(now)
 
     def side(self, role: Role) -> Mux:
         return self.client if role is Role.CLIENT else self.server

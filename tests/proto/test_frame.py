@@ -11,6 +11,7 @@ from portway.proto.frame import (
     DEFAULT_MAX_FRAME_SIZE,
     HEADER,
     HEADER_SIZE,
+    INITIAL_LINK_WINDOW,
     INITIAL_STREAM_WINDOW,
     MAX_STREAM_ID,
     MAX_WINDOW_SIZE,
@@ -31,6 +32,7 @@ def test_wire_constants_are_pinned() -> None:
     assert HEADER.format == ">BBHII"
     assert DEFAULT_MAX_FRAME_SIZE == 64 * 1024
     assert INITIAL_STREAM_WINDOW == 256 * 1024
+    assert INITIAL_LINK_WINDOW == 1024 * 1024
     assert MAX_WINDOW_SIZE == 2**31 - 1
     assert [(t.name, t.value) for t in FrameType] == [("DATA", 0), ("WINDOW_UPDATE", 1), ("PING", 2), ("GO_AWAY", 3)]
     assert [(f.name, f.value) for f in Flag] == [("SYN", 1), ("ACK", 2), ("FIN", 4), ("RST", 8)]
@@ -65,6 +67,11 @@ VALID = [
         Frame(FrameType.WINDOW_UPDATE, Flag(0), 7, 0xFFFFFFFF),
         bytes.fromhex("00 01 0000 00000007 ffffffff"),
         id="window-update-max-delta",
+    ),
+    pytest.param(
+        Frame(FrameType.WINDOW_UPDATE, Flag(0), 0, 31 * 1024 * 1024),
+        bytes.fromhex("00 01 0000 00000000 01f00000"),
+        id="window-update-for-the-link",
     ),
     pytest.param(Frame(FrameType.PING, Flag.SYN, 0, 42), bytes.fromhex("00 02 0001 00000000 0000002a"), id="ping"),
     pytest.param(Frame(FrameType.PING, Flag.ACK, 0, 42), bytes.fromhex("00 02 0002 00000000 0000002a"), id="ping-ack"),
@@ -128,6 +135,20 @@ def test_payload_views_survive_later_feeds() -> None:
     assert bytes(frame.payload) == b"hello" and bytes(later.payload) == b"world"
 
 
+def test_a_payload_is_a_view_only_of_a_read_at_most_four_times_its_frame() -> None:
+    big = Frame(FrameType.DATA, Flag(0), 1, 60_000, b"b" * 60_000).encode()
+    small = Frame(FrameType.DATA, Flag(0), 3, 10, b"s" * 10).encode()
+    decoder = FrameDecoder()
+    decoder.feed(big + small + big)
+    first, tiny, last = decoder
+    assert type(first.payload) is memoryview and type(last.payload) is memoryview  # each half the read
+    assert type(tiny.payload) is bytes and tiny.payload == b"s" * 10  # copied: it would pin 12,000x its size
+    decoder.feed(big * 4)
+    assert all(type(frame.payload) is memoryview for frame in decoder)  # each frame is a quarter of the read
+    decoder.feed(big * 5)
+    assert all(type(frame.payload) is bytes for frame in decoder)  # each is under a quarter of the read
+
+
 MALFORMED = [
     pytest.param(frames.header(0, 0, 1, 0, version=1), "version", id="bad-version"),
     pytest.param(frames.header(4, 0, 1, 0), "unknown frame type", id="unknown-type"),
@@ -135,7 +156,8 @@ MALFORMED = [
     pytest.param(frames.header(0, 0, 1, DEFAULT_MAX_FRAME_SIZE + 1), "exceeds", id="oversize-data"),
     pytest.param(frames.header(0, 0, 1, 0xFFFFFFFF), "exceeds", id="huge-data"),
     pytest.param(frames.header(0, 0, 0, 0), "stream 0", id="data-on-stream-0"),
-    pytest.param(frames.header(1, 0, 0, 1), "stream 0", id="window-update-on-stream-0"),
+    pytest.param(frames.header(1, Flag.SYN, 0, 1), "stream 0 .* no flags", id="window-update-on-stream-0-with-syn"),
+    pytest.param(frames.header(1, Flag.RST, 0, 0), "stream 0 .* no flags", id="window-update-on-stream-0-with-rst"),
     pytest.param(frames.header(2, Flag.SYN, 1, 0), "stream 1", id="ping-on-stream"),
     pytest.param(frames.header(3, 0, 5, 0), "stream 5", id="go-away-on-stream"),
     pytest.param(frames.header(2, 0, 0, 0), "exactly one", id="ping-without-flags"),
@@ -227,6 +249,7 @@ valid_frames = st.one_of(
     st.builds(
         lambda flags, sid, delta: Frame(FrameType.WINDOW_UPDATE, flags, sid, delta), flag_values, stream_ids, u32
     ),
+    st.builds(lambda delta: Frame(FrameType.WINDOW_UPDATE, Flag(0), 0, delta), u32),
     st.builds(lambda flag, token: Frame(FrameType.PING, flag, 0, token), st.sampled_from([Flag.SYN, Flag.ACK]), u32),
     st.builds(lambda code: Frame(FrameType.GO_AWAY, Flag(0), 0, code), st.sampled_from(list(GoAwayCode))),
 )

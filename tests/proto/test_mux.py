@@ -26,6 +26,7 @@ from portway.proto.events import (
 )
 from portway.proto.frame import (
     HEADER_SIZE,
+    INITIAL_LINK_WINDOW,
     INITIAL_STREAM_WINDOW,
     MAX_STREAM_ID,
     MAX_WINDOW_SIZE,
@@ -75,6 +76,15 @@ def received_bytes(events: list) -> int:
     return sum(len(event.data) for event in events if isinstance(event, DataReceived))
 
 
+def started(role: Role, config: MuxConfig = MuxConfig(), now: float = 0.0) -> Mux:
+    """A mux whose link-window announcement (queued as it starts) has already gone out."""
+    mux = Mux(role, config, now=now)
+    assert decode_all(mux.data_to_send()) == [
+        Frame(FrameType.WINDOW_UPDATE, Flag(0), 0, config.link_window - INITIAL_LINK_WINDOW)
+    ]
+    return mux
+
+
 # ---------------------------------------------------------------------------- configuration
 
 
@@ -83,6 +93,7 @@ def test_config_defaults() -> None:
     assert (config.initial_window, config.max_window, config.max_frame_size) == (256 * KiB, 4 * MiB, 64 * KiB)
     assert (config.accept_backlog, config.max_streams, config.max_control_frames_per_second) == (256, 4096, 2000)
     assert (config.keepalive_interval, config.keepalive_timeout) == (30.0, 10.0)
+    assert config.link_window == 32 * MiB
 
 
 @pytest.mark.parametrize(
@@ -91,6 +102,9 @@ def test_config_defaults() -> None:
         {"initial_window": WINDOW - 1},
         {"initial_window": 2 * MiB, "max_window": 1 * MiB},
         {"max_window": MAX_WINDOW_SIZE + 1},
+        {"link_window": INITIAL_LINK_WINDOW - 1},
+        {"link_window": 2 * MiB, "initial_window": 3 * MiB},
+        {"link_window": MAX_WINDOW_SIZE + 1},
         {"max_frame_size": 0},
         {"max_frame_size": 2**31},
         {"accept_backlog": 0},
@@ -373,6 +387,268 @@ def test_mismatched_initial_windows_interoperate() -> None:
     assert pair.server.send_window(stream_id) == WINDOW
 
 
+# ---------------------------------------------------------------------------- link flow control
+
+LINK = INITIAL_LINK_WINDOW
+"""A link window at the protocol's base: no announcement, and four fresh streams' windows fill it."""
+LINK_ONLY = MuxConfig(link_window=LINK)
+
+
+def test_a_larger_link_window_is_announced_as_the_link_starts() -> None:
+    assert Mux(Role.CLIENT, LINK_ONLY).data_to_send() == b""
+    started(Role.SERVER, MuxConfig(link_window=5 * MiB))
+    pair = MuxPair(MuxConfig(link_window=3 * MiB), MuxConfig(link_window=7 * MiB))
+    assert (pair.client.link_send_window, pair.server.link_send_window) == (7 * MiB, 3 * MiB)
+
+
+def streams_filling_the_link(pair: MuxPair, count: int) -> list[int]:
+    """Open `count` streams from the client; each tries to send one stream window, in order."""
+    ids = [pair.open_stream() for _ in range(count)]
+    for stream_id in ids:
+        pair.client.send_data(stream_id, b"x" * WINDOW)
+    return ids
+
+
+def test_the_link_window_bounds_all_streams_together() -> None:
+    pair = MuxPair(LINK_ONLY)
+    client = pair.client
+    ids = streams_filling_the_link(pair, 6)
+    assert [client.send_window(s) for s in ids] == [0] * 6
+    assert client.link_send_window == 0
+    _, server_events = pair.transfer()
+    assert received_bytes(server_events) == LINK  # four whole windows; streams 5 and 6 sent nothing
+    assert {e.stream_id for e in server_events if isinstance(e, DataReceived)} == set(ids[:4])
+    assert client.send_data(ids[5], b"more") == 0
+
+
+def test_streams_held_up_by_the_link_are_woken_in_order_as_credit_returns() -> None:
+    pair = MuxPair(LINK_ONLY)
+    client, server = pair.client, pair.server
+    ids = streams_filling_the_link(pair, 8)  # 1-4 filled the link, 5-8 wait for it
+    pair.transfer()
+
+    def woken_waiters(events: list) -> list[int]:
+        return [e.stream_id for e in events if isinstance(e, WindowUpdated) and e.stream_id in ids[4:]]
+
+    server.acknowledge_received(ids[0], WINDOW, SLOW)
+    events, _ = pair.transfer(SLOW)
+    assert woken_waiters(events) == [ids[4]], "256 KiB of link credit serves one stream waiting to send 256 KiB"
+    assert client.send_data(ids[4], b"x" * WINDOW) == WINDOW
+    assert client.link_send_window == 0
+    for stream_id in ids[1:3]:
+        server.acknowledge_received(stream_id, WINDOW, SLOW)
+    events, _ = pair.transfer(SLOW)
+    assert woken_waiters(events) == [ids[5], ids[6]], "first held up, first served"
+    assert client.send_data(ids[7], b"x") == 0, "the credit is set aside for the streams woken"
+    for stream_id in ids[5:7]:
+        assert client.send_data(stream_id, b"x" * WINDOW) == WINDOW
+    server.acknowledge_received(ids[3], WINDOW, SLOW)
+    events, _ = pair.transfer(SLOW)
+    assert woken_waiters(events) == [ids[7]]
+
+
+def test_a_credit_of_a_few_bytes_wakes_one_stream_not_all_of_them() -> None:
+    pair = MuxPair(LINK_ONLY)
+    client = pair.client
+    ids = streams_filling_the_link(pair, 12)
+    client.data_to_send()
+    assert client.receive_data(f.window_update(0, 3), 0.0) == [WindowUpdated(ids[4])]
+    assert client.send_data(ids[4], b"x" * WINDOW) == 3
+    assert client.receive_data(f.window_update(0, 10), 0.0) == [WindowUpdated(ids[5])]
+    # a stream that used less than it was woken for hands the rest on at the next opportunity
+    assert client.send_data(ids[5], b"x" * 4) == 4
+    assert client.get_timer() <= 0.0
+    assert client.handle_timer(0.0) == [WindowUpdated(ids[6])]
+
+
+def test_credit_set_aside_for_a_stream_reset_before_it_sent_goes_to_the_next_one() -> None:
+    pair = MuxPair(LINK_ONLY)
+    client = pair.client
+    ids = streams_filling_the_link(pair, 6)
+    client.data_to_send()
+    assert client.receive_data(f.window_update(0, WINDOW), 0.0) == [WindowUpdated(ids[4])]
+    assert client.get_timer() == 30.0, "nothing is due while the woken stream may still use its credit"
+    client.reset_stream(ids[4])
+    assert client.get_timer() <= 0.0, "handle_timer is due at once"
+    assert client.handle_timer(0.0) == [WindowUpdated(ids[5])]
+    assert client.send_data(ids[5], b"x" * WINDOW) == WINDOW
+
+
+def test_a_stream_held_up_by_its_own_window_too_is_woken_by_that_window() -> None:
+    pair = MuxPair(LINK_ONLY)
+    client, server = pair.client, pair.server
+    ids = streams_filling_the_link(pair, 5)  # 1-4 used their whole windows, 5 waits for the link only
+    pair.transfer()
+    client.send_data(ids[0], b"x")  # stream 1 is held up by its own window: the link doesn't queue it
+    for stream_id in ids[1:4]:
+        server.acknowledge_received(stream_id, WINDOW, SLOW)
+    events, _ = pair.transfer(SLOW)
+    assert [e for e in events if isinstance(e, WindowUpdated)] == [WindowUpdated(s) for s in ids[1:4]] + [
+        WindowUpdated(ids[4])
+    ]
+    server.acknowledge_received(ids[0], WINDOW, SLOW)
+    events, _ = pair.transfer(SLOW)
+    assert WindowUpdated(ids[0]) in events
+
+
+def test_data_past_the_link_window_is_a_protocol_error() -> None:
+    server = Mux(Role.SERVER, LINK_ONLY)
+    wire = b"".join(f.syn(s) for s in (1, 3, 5, 7, 9))
+    wire += b"".join(f.data(s, b"x" * 65536) for s in (1, 3, 5, 7) for _ in range(4))  # exactly the link window
+    assert received_bytes(server.receive_data(wire, 0.0)) == LINK
+    with pytest.raises(ProtocolError, match="link's receive window of 0"):
+        server.receive_data(f.data(9, b"y"), 0.0)
+    assert decode_all(server.data_to_send())[-1] == Frame(FrameType.GO_AWAY, Flag(0), 0, GoAwayCode.PROTOCOL_ERROR)
+
+
+def link_bookkeeping(mux: Mux) -> int:
+    """Check the link's receive-side invariant; return what the application still has to consume."""
+    unconsumed = sum(stream.unacknowledged for stream in mux._streams.values())
+    assert min(mux._link_receive_remaining, mux._link_unannounced, mux._link_send_window) >= 0
+    assert mux._link_receive_remaining + unconsumed + mux._link_unannounced == mux.config.link_window
+    assert mux._link_reserved == sum(mux._link_woken.values()) >= 0
+    assert set(mux._link_waiting) | set(mux._link_woken) <= set(mux._streams)
+    return unconsumed
+
+
+# Every way the relay can end up dropping bytes it received without the application consuming them. Each
+# takes the server after the client sent it a full link window on streams 1, 3, 5, 7 (nothing consumed).
+DROPS = {
+    "peer-resets": lambda pair, ids: pair.server.receive_data(b"".join(f.rst(s) for s in ids), 0.0),
+    "we-reset": lambda pair, ids: [pair.server.reset_stream(s) for s in ids],
+    "both-ended": lambda pair, ids: [
+        pair.server.receive_data(b"".join(f.fin(s) for s in ids), 0.0),
+        [pair.server.end_stream(s) for s in ids],
+    ],
+}
+
+
+@pytest.mark.parametrize("drop", DROPS.values(), ids=DROPS.keys())
+def test_bytes_dropped_unconsumed_return_their_link_credit(drop) -> None:
+    pair = MuxPair(LINK_ONLY)
+    ids = streams_filling_the_link(pair, 4)
+    pair.transfer()
+    assert link_bookkeeping(pair.server) == LINK and pair.client.link_send_window == 0
+    drop(pair, ids)
+    assert link_bookkeeping(pair.server) == 0
+    pair.transfer()
+    assert pair.client.link_send_window == LINK
+
+
+CHUNK = b"z" * 60_000
+# Nine reads of 60 KB each (over half the link window, so credit must flow back), dropped as they arrive.
+DROPPED_ON_ARRIVAL = {
+    "stragglers-after-a-reset": [f.syn(1) + f.rst(1)] + [f.data(1, CHUNK)] * 9,
+    "payload-on-the-rst": [f.data(s, CHUNK, Flag.SYN | Flag.RST) for s in range(1, 19, 2)],
+    "payload-on-a-refused-syn": [b"".join(f.syn(s) for s in (1, 3, 5, 7)) + f.data(9, CHUNK, Flag.SYN)]
+    + [f.data(9, CHUNK)] * 8,
+}
+
+
+@pytest.mark.parametrize("reads", DROPPED_ON_ARRIVAL.values(), ids=DROPPED_ON_ARRIVAL.keys())
+def test_bytes_the_mux_drops_on_arrival_return_their_link_credit(reads: list[bytes]) -> None:
+    server = Mux(Role.SERVER, MuxConfig(link_window=LINK, accept_backlog=4))
+    credit = 0
+    for wire in reads:
+        assert not any(isinstance(e, DataReceived) for e in server.receive_data(wire, 0.0))
+        assert link_bookkeeping(server) == 0
+        credit += window_credit(decode_all(server.data_to_send()), 0)
+    assert credit + server._link_unannounced == 9 * len(CHUNK)
+    assert credit >= LINK // 2
+
+
+def test_owed_link_credit_goes_out_when_slow_streams_hold_the_rest() -> None:
+    pair = MuxPair(LINK_ONLY)
+    client, server = pair.client, pair.server
+    ids = streams_filling_the_link(pair, 4)
+    pair.transfer()  # the server holds a whole link window, unconsumed
+
+    def link_credit() -> int:
+        wire = server.data_to_send()
+        client.receive_data(wire, SLOW)
+        return window_credit(decode_all(wire), 0)
+
+    server.acknowledge_received(ids[0], 100 * KiB, SLOW)  # far below half the window, but the peer has nothing
+    assert link_credit() == 100 * KiB
+    server.acknowledge_received(ids[0], 80 * KiB, SLOW)
+    assert link_credit() == 0, "the peer still has 100 KiB to send"
+    # what is owed is weighed against what the peer has left as data arrives too, not only as it is consumed
+    assert client.send_data(ids[0], b"x" * 100 * KiB) == 100 * KiB
+    server.receive_data(client.data_to_send(), SLOW)
+    assert link_credit() == 80 * KiB
+    server.acknowledge_received(ids[0], 40 * KiB, SLOW)
+    assert link_credit() == 0, "never in pieces under 64 KiB"
+    assert client.link_send_window == 80 * KiB
+
+
+def test_link_window_updates_are_checked_like_stream_ones() -> None:
+    mux = Mux(Role.SERVER)
+    for _ in range(MuxConfig().max_control_frames_per_second):
+        mux.receive_data(f.window_update(0, 0), 0.5)  # empty: counted against the flood budget
+    with pytest.raises(ProtocolError, match="flood"):
+        mux.receive_data(f.window_update(0, 0), 0.5)
+    mux = Mux(Role.SERVER)
+    with pytest.raises(ProtocolError, match="overflows the link's send window"):
+        mux.receive_data(f.window_update(0, MAX_WINDOW_SIZE - INITIAL_LINK_WINDOW + 1), 0.0)
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    sizes=st.lists(st.integers(0, 400 * KiB), min_size=1, max_size=8),
+    reads=st.lists(st.integers(16 * KiB, 300 * KiB), min_size=1, max_size=40),
+    resets=st.sets(st.integers(0, 7), max_size=3),
+)
+def test_every_byte_arrives_however_the_link_window_is_shared(sizes: list[int], reads: list[int], resets) -> None:
+    """Senders that retry on WindowUpdated (like the glue) and a reader consuming in random bites: whatever
+    the link window holds up, every stream not reset gets all its bytes through, and no credit is lost."""
+    pair = MuxPair(MuxConfig(link_window=LINK, max_window=1 * MiB))
+    client, server = pair.client, pair.server
+    ids = [pair.open_stream() for _ in sizes]
+    payloads = {s: bytes([i]) * size for i, (s, size) in enumerate(zip(ids, sizes, strict=True))}
+    offsets = dict.fromkeys(ids, 0)
+    received = {s: 0 for s in ids}
+    unconsumed: list[tuple[int, int]] = []
+    doomed = {ids[i] for i in resets if i < len(ids)}
+
+    def try_send(stream_id: int) -> None:
+        if stream_id in offsets and offsets[stream_id] < len(payloads[stream_id]):
+            offsets[stream_id] += client.send_data(stream_id, payloads[stream_id][offsets[stream_id] :])
+
+    for stream_id in ids:
+        try_send(stream_id)
+    for step in range(1000):
+        for event in server.receive_data(client.data_to_send(), SLOW):
+            if isinstance(event, DataReceived):
+                received[event.stream_id] += len(event.data)
+                unconsumed.append((event.stream_id, len(event.data)))
+        bite = reads[step % len(reads)]
+        while unconsumed and bite:
+            stream_id, n = unconsumed.pop(0)
+            server.acknowledge_received(stream_id, min(n, bite), SLOW)
+            if n > bite:
+                unconsumed.insert(0, (stream_id, n - bite))
+            bite = max(0, bite - n)
+        events = client.receive_data(server.data_to_send(), SLOW)
+        if client.get_timer() <= SLOW:
+            events += client.handle_timer(SLOW)
+        for event in events:
+            if isinstance(event, WindowUpdated):
+                if event.stream_id in doomed:  # reset by the application instead of sending (a visitor left)
+                    client.reset_stream(event.stream_id)
+                    offsets.pop(event.stream_id, None)
+                else:
+                    try_send(event.stream_id)
+        link_bookkeeping(client)
+        link_bookkeeping(server)
+        if all(received[s] == len(payloads[s]) for s in offsets) and not unconsumed:
+            break
+    else:
+        pytest.fail(f"stalled: {received} of {[len(p) for p in payloads.values()]}")
+    pair.transfer(SLOW, acknowledge=True)
+    # nothing is lost: what the sender may send is the window less what the reader has yet to credit back
+    assert client.link_send_window == LINK - link_bookkeeping(server) - server._link_unannounced
+
+
 # ---------------------------------------------------------------------------- window growth
 
 
@@ -428,6 +704,25 @@ def test_window_growth_uses_the_measured_rtt(measured_rtt: float | None, grows: 
         assert pair.server.last_rtt == measured_rtt
     fill_and_consume(pair, stream_id, [1.5, 1.5])  # a full window consumed 1.5 s after the open
     assert pair.client.send_window(stream_id) == (2 * WINDOW if grows else WINDOW)
+
+
+def test_window_growth_stops_at_half_the_link_window() -> None:
+    """Streams that read fast and then stall (a paused video) keep their grown windows: together they may hold
+    only half the link window above the base, the rest stays for every other stream."""
+    pair = MuxPair(MuxConfig(max_window=1 * MiB, link_window=2 * MiB))
+    first, second = pair.open_stream(), pair.open_stream()
+
+    def grow(stream_id: int) -> int:
+        for epoch in range(3):
+            fill_and_consume(pair, stream_id, [epoch * 0.01] * 2)
+        return pair.client.send_window(stream_id)
+
+    assert grow(first) == 1 * MiB  # 768 KiB above the base
+    assert grow(second) == 2 * WINDOW  # only 256 KiB of the 1 MiB budget was left
+    assert pair.server._link_growth == 1 * MiB
+    pair.client.reset_stream(first)
+    pair.transfer()
+    assert grow(second) == 1 * MiB
 
 
 def test_growth_on_a_stream_we_opened_is_timed_from_the_peers_accept() -> None:
@@ -602,7 +897,7 @@ def test_go_away_refuses_new_streams_and_lets_existing_ones_drain() -> None:
 
 
 def test_go_away_is_sent_once_and_checks_its_code() -> None:
-    mux = Mux(Role.SERVER)
+    mux = started(Role.SERVER)
     with pytest.raises(ValueError):
         mux.go_away(7)
     mux.go_away(GoAwayCode.INTERNAL_ERROR)
@@ -686,7 +981,7 @@ def test_keepalive_pings_a_quiet_peer_and_measures_rtt() -> None:
 
 
 def test_keepalive_timeout_terminates_the_connection() -> None:
-    client = Mux(Role.CLIENT, now=0.0)
+    client = started(Role.CLIENT, now=0.0)
     client.handle_timer(30.0)
     ping_only = client.data_to_send()
     assert client.handle_timer(39.9) == []
@@ -714,7 +1009,7 @@ def test_explicit_ping_reports_rtt_and_unknown_answers_are_ignored() -> None:
 
 
 def test_a_closed_mux_refuses_work_but_tolerates_cleanup() -> None:
-    mux = Mux(Role.SERVER)
+    mux = started(Role.SERVER)
     mux.receive_data(f.syn(1), 0.0)
     with pytest.raises(ProtocolError):
         mux.receive_data(f.header(FrameType.DATA, 0, 1, 0, version=7), 0.0)
@@ -804,7 +1099,7 @@ stream_frames = st.builds(
     ),
     st.sampled_from([FrameType.DATA, FrameType.WINDOW_UPDATE]),
     st.integers(0, 15),
-    st.integers(1, 12),
+    st.integers(0, 12),  # stream 0: the link's WINDOW_UPDATE (or a malformed frame)
     st.binary(max_size=300),
 )
 session_frames = st.one_of(
@@ -819,12 +1114,17 @@ def check_window_bookkeeping(mux: Mux) -> None:
         assert stream.receive_remaining + stream.unacknowledged + stream.unannounced == stream.receive_window
         assert stream.receive_window <= mux.config.max_window
         assert stream.send_window <= MAX_WINDOW_SIZE
+    link_bookkeeping(mux)
+    assert mux._link_reserved <= mux._link_send_window <= MAX_WINDOW_SIZE
+    assert mux._link_growth == sum(stream.receive_window - WINDOW for stream in mux._streams.values())
 
 
 @settings(deadline=None)
 @given(st.lists(stream_frames | session_frames, max_size=40), st.data())
 def test_random_well_formed_frames_yield_only_events_or_protocol_error(frames: list[bytes], data) -> None:
-    config = MuxConfig(accept_backlog=3, max_streams=5, max_control_frames_per_second=15, max_window=1 * MiB)
+    config = MuxConfig(
+        accept_backlog=3, max_streams=5, max_control_frames_per_second=15, max_window=1 * MiB, link_window=LINK
+    )
     server = Mux(Role.SERVER, config)
     server.open_stream()
     server.open_stream()
@@ -853,12 +1153,16 @@ class HonestPeers(RuleBasedStateMachine):
     """Two muxes driven through random API calls, legal or not, must never see a protocol error.
 
     Calls the API refuses (KeyError for a stream that is gone, ValueError for one in the wrong state) must
-    leave nothing queued, and after every transfer both ends must agree on each stream's window.
+    leave nothing queued, and after every transfer both ends must agree on each stream's window and on the
+    link's. The link window is the protocol's base, which two streams' windows fill: streams wait for it.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        config = MuxConfig(max_frame_size=16 * KiB, max_window=1 * MiB, accept_backlog=4, max_streams=8)
+        config = MuxConfig(
+            max_frame_size=16 * KiB, initial_window=2 * WINDOW, max_window=1 * MiB, accept_backlog=4, max_streams=8,
+            link_window=LINK,
+        )
         self.pair = MuxPair(config)
         self.now = 0.0
         self.stream_ids: list[int] = []  # every id either side opened; ids are shared by both ends
@@ -867,7 +1171,7 @@ class HonestPeers(RuleBasedStateMachine):
 
     sides = st.sampled_from([Role.CLIENT, Role.SERVER])
     picks = st.integers(0, 15)
-    send_sizes = st.sampled_from([0, 100, 100 * KiB, WINDOW]) | st.integers(0, 300 * KiB)
+    send_sizes = st.sampled_from([0, 100, 100 * KiB, WINDOW, 2 * WINDOW]) | st.integers(0, 600 * KiB)
 
     def pick(self, mux: Mux, index: int) -> int:
         """Mostly a stream the mux still has; sometimes any id ever used, to exercise refusals."""
@@ -909,6 +1213,24 @@ class HonestPeers(RuleBasedStateMachine):
             assert mux.send_data(stream_id, b"s" * size, end_stream=end) == min(size, window)
 
         self.refused_quietly(mux, send)
+
+    @rule(side=sides)
+    def burst(self, side: Role) -> None:
+        """Every stream of one side sends a lot at once: the link window runs out, streams queue for it."""
+        mux = self.pair.side(side)
+        for stream_id in sorted(mux._streams):
+            window = mux.send_window(stream_id)
+            with contextlib.suppress(ValueError):  # a stream that can't send (not accepted yet, or ended)
+                assert mux.send_data(stream_id, b"b" * 2 * WINDOW) == min(2 * WINDOW, window)
+
+    @rule(side=sides)
+    def woken_streams_send(self, side: Role) -> None:
+        """Streams woken by link credit send, as the glue does on WindowUpdated."""
+        mux = self.pair.side(side)
+        for stream_id in list(mux._link_woken):
+            window = mux.send_window(stream_id)
+            assert window >= mux._link_woken[stream_id]  # what was set aside for it is there
+            assert mux.send_data(stream_id, b"w" * WINDOW) == min(WINDOW, window)
 
     @rule(side=sides, index=picks)
     def end(self, side: Role, index: int) -> None:
@@ -962,6 +1284,9 @@ class HonestPeers(RuleBasedStateMachine):
                 peer_stream = receiver._streams.get(stream_id)
                 if peer_stream is not None:
                     assert stream.send_window == peer_stream.receive_remaining
+            assert sender.link_send_window == receiver._link_receive_remaining
+            # link credit free beyond what woken streams hold has been handed to the streams waiting for it
+            assert not sender._link_waiting or sender.link_send_window <= sender._link_reserved
 
     @invariant()
     def healthy(self) -> None:

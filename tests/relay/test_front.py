@@ -64,7 +64,7 @@ class RecordingVisitor:
 def forward(reads: list[list[bytes]], method: str = "GET", upgrade: bytes | None = None):
     async def main():
         visitor = RecordingVisitor()
-        proxy = VisitorConnection(visitor, "http", FrontServices(RelayConfig(), None, None, None, RelayCounters()))
+        proxy = VisitorConnection(visitor, "http", FrontServices(RelayConfig(), None, None, None, RelayCounters(), None))
         request = SimpleNamespace(method=method, http_version="1.1", keep_alive=True, upgrade=upgrade)
         conduit = ScriptedConduit(reads)
         outcome = await proxy.forward_response(request, conduit, may_retry=False)

@@ -10,7 +10,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from ..config import AgentConfig
-from ..errors import RegistrationError
+from ..errors import ConduitReset, RegistrationError
 from ..link.bridge import StreamBridge
 from ..link.connection import Connection
 from ..link.session import MuxSession, MuxStream
@@ -141,8 +141,10 @@ class Agent:
             else:
                 message = f"{self.local_target} could not be reached: {error.strerror or error}"
             try:
-                stream.write(error_response(502, message, close=True))
+                await stream.send(error_response(502, message, close=True))  # waits for link credit if need be
                 stream.write_eof()
+            except ConduitReset:
+                pass  # the relay gave up on the stream meanwhile
             finally:
                 stream.close()
 

@@ -30,7 +30,7 @@ def abort_with_reset(transport: asyncio.BaseTransport) -> None:
     if sock is not None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        except OSError:
+        except (OSError, ValueError):  # ValueError: uvloop's stand-in for a socket that is already closed
             pass
     transport.abort()
 
@@ -86,8 +86,12 @@ class ReceiveBuffer:
 
     def put_back(self, chunks: list[bytes]) -> None:
         """Return chunks `read_chunks()` gave but the reader will not use, so that the conduit shows unread
-        bytes and is not reused. (A stream has returned credit for them already: they are not to be read.)"""
+        bytes and is not reused."""
         self._chunks.extendleft(reversed(chunks))
+
+    def reader_done(self) -> None:
+        """The reader has finished with everything it took (a stream returns the credit it held back for it);
+        called when a conduit goes back to its pool."""
 
     def _describe(self) -> str:
         return "the connection"

@@ -36,7 +36,7 @@ class MuxStream(ReceiveBuffer):
 
     __slots__ = (
         "session", "_loop", "stream_id", "_chunks", "_eof", "_reset", "_read_waiter", "_window_waiter",
-        "_local_ended", "_closed", "_sink", "_undelivered",
+        "_local_ended", "_closed", "_sink", "_undelivered", "_taken",
     )
 
     def __init__(self, session: "MuxSession", stream_id: int) -> None:
@@ -52,10 +52,12 @@ class MuxStream(ReceiveBuffer):
         self._window_waiter: asyncio.Future[None] | None = None
         self._sink: StreamSink | None = None
         self._undelivered: list[bytes] | None = None  # for the sink, from the link read being dispatched
+        self._taken = 0  # bytes the reader took and has not come back for more since: credit not returned yet
 
     def attach(self, sink: "StreamSink") -> None:
         """Hand every event of this stream to `sink` from now on, instead of to `read_chunks()`; what arrived
         before is delivered at once."""
+        self._return_credit()  # the sink returns credit for what it is handed; what was read before is done
         self._sink = sink
         if self._chunks:
             chunks = list(self._chunks)
@@ -119,9 +121,27 @@ class MuxStream(ReceiveBuffer):
     def _describe(self) -> str:
         return f"stream {self.stream_id}"
 
-    # What one read_chunks() takes at most: credit goes back for every byte taken, so a reader that took a
-    # whole window at once (into a slow visitor's write buffer) would let the peer send a second one.
+    # What one read_chunks() takes at most, so that credit follows what a slow reader actually drains.
     READ_BUDGET = 256 * 1024
+
+    def poll_readable(self) -> "bool | asyncio.Future[None]":
+        # A reader that comes back for more is done with what it took last (written out, its writer drained):
+        # only now does that earn the peer credit, so bytes sitting in a slow visitor's write buffer still
+        # count against the windows, and a link's windows bound all the relay holds for it.
+        if self._taken:
+            self._return_credit()
+        return ReceiveBuffer.poll_readable(self)
+
+    def _return_credit(self) -> None:
+        taken, self._taken = self._taken, 0
+        if taken and not self._closed:
+            self.session.consumed(self.stream_id, taken)
+
+    reader_done = _return_credit  # an idle stream in a pool must not hold link credit back
+
+    def put_back(self, chunks: list[bytes]) -> None:
+        self._taken -= sum(map(len, chunks))  # not consumed after all: their credit goes when they are
+        ReceiveBuffer.put_back(self, chunks)
 
     def _take_chunks(self) -> list[bytes]:
         pending = self._chunks
@@ -131,8 +151,7 @@ class MuxStream(ReceiveBuffer):
             data = pending.popleft()
             chunks.append(data)
             taken += len(data)
-        if not self._closed:
-            self.session.consumed(self.stream_id, taken)
+        self._taken += taken
         return chunks
 
     async def send(self, data: bytes) -> None:
@@ -195,11 +214,13 @@ class MuxStream(ReceiveBuffer):
         self._reset = True
         self._wake_reader()
         self._on_window()
+        session = self.session
         try:
-            self.session.mux.reset_stream(self.stream_id)
+            session.mux.reset_stream(self.stream_id)
         except (KeyError, MuxClosedError, ProtocolError):
             pass
-        self.session.schedule_flush()
+        session.schedule_flush()
+        session.rearm_timer()  # link credit set aside for this stream may be due to another one now
         self._forget()
 
     def _forget(self) -> None:
@@ -236,6 +257,7 @@ class MuxSession(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._flush_now()  # the mux's opening words: the link window it grants, if above the protocol's base
         self._rearm_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -389,6 +411,11 @@ class MuxSession(asyncio.Protocol):
         task = self.loop.create_task(self._on_stream(stream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def rearm_timer(self) -> None:
+        """Fire the timer earlier if the mux now wants it earlier (after an API call that may change that)."""
+        if not self.closed.done():
+            self._rearm_timer()
 
     def _rearm_timer(self) -> None:
         when = self.mux.get_timer()

@@ -63,7 +63,8 @@ class StreamReset:
 
 @dataclass(frozen=True, slots=True)
 class WindowUpdated:
-    """The stream's send window grew; a sender waiting for credit can try again."""
+    """The stream may send more: its send window grew, or link credit came back for it after the link's window
+    held it up. A sender waiting for credit can try again."""
 
     stream_id: int
 

@@ -6,7 +6,13 @@ Every frame starts with the same big-endian header::
 
 Only DATA frames carry a payload (``length`` bytes of it). For the other types ``length`` is a value:
 the window delta for WINDOW_UPDATE, an opaque token echoed back for PING, the error code for GO_AWAY.
-Stream id 0 names the link itself, so PING and GO_AWAY must use it and DATA / WINDOW_UPDATE must not.
+Stream id 0 names the link itself, so PING and GO_AWAY must use it and DATA must not; a WINDOW_UPDATE on
+stream 0 (no flags) grants credit for the link as a whole.
+
+Flow control has two levels, as in HTTP/2: every DATA byte counts against its stream's window and against the
+link's window. Both sides start with ``INITIAL_STREAM_WINDOW`` per stream and ``INITIAL_LINK_WINDOW`` for the
+link without saying so; a side that grants more announces it: in a stream's SYN or ACK, and for the link in
+a stream-0 WINDOW_UPDATE sent as the link starts.
 
 The decoder is the first thing hostile bytes touch, so it checks every header before it buffers a payload
 and reports any malformed input as :class:`~portway.errors.FrameError` and nothing else. It is also the hot
@@ -26,6 +32,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "HEADER",
     "HEADER_SIZE",
+    "INITIAL_LINK_WINDOW",
     "INITIAL_STREAM_WINDOW",
     "MAX_STREAM_ID",
     "MAX_WINDOW_SIZE",
@@ -44,6 +51,9 @@ HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024
 INITIAL_STREAM_WINDOW = 256 * 1024
 """Receive window every stream starts with on both sides; anything above it is announced by WINDOW_UPDATE."""
+INITIAL_LINK_WINDOW = 1024 * 1024
+"""Receive window of the whole link (all streams together) on both sides at link start; anything above it is
+announced by a WINDOW_UPDATE on stream 0."""
 MAX_WINDOW_SIZE = 2**31 - 1
 """A send window may never exceed this; a WINDOW_UPDATE that would push it over is a protocol error."""
 MAX_STREAM_ID = 2**32 - 1
@@ -101,6 +111,9 @@ _GO_AWAY_CODES = frozenset(GoAwayCode)
 _make_frame = tuple.__new__  # builds a Frame without NamedTuple's Python-level __new__ (hot path)
 _COMPACT_AFTER = 64 * 1024
 """Consumed bytes worth moving out of the buffer's way once they outweigh what is still unread."""
+_VIEW_PIN_LIMIT = 4
+"""A payload is handed out as a view of the bytes fed in only if they are at most this many times its frame's
+size; smaller payloads are copied. What a held payload keeps in memory is then at most 4x its frame."""
 
 
 class FrameDecoder:
@@ -136,7 +149,8 @@ class FrameDecoder:
             self._offset = 0
             if type(data) is bytes:
                 # Nothing left over: decode straight out of the caller's immutable bytes, and hand out payloads
-                # as views of it, so a DATA frame's bytes are never copied on the way through.
+                # as views of it, so a DATA frame's bytes are never copied on the way through (unless small:
+                # see __next__).
                 self._buffer = data
             else:
                 self._buffer = bytearray(data)
@@ -173,17 +187,27 @@ class FrameDecoder:
             end = HEADER_SIZE + length
             if available < end:
                 raise StopIteration
-            view = self._view
-            if view is None:
-                view = self._view = memoryview(buffer)
-            payload = view[offset + HEADER_SIZE : offset + end]
-            if type(buffer) is not bytes:
-                payload = bytes(payload)  # the bytearray is reused by the next feed()
+            if type(buffer) is bytes:
+                if end * _VIEW_PIN_LIMIT >= len(buffer):
+                    view = self._view
+                    if view is None:
+                        view = self._view = memoryview(buffer)
+                    payload = view[offset + HEADER_SIZE : offset + end]
+                else:
+                    # Copied (slicing bytes copies): a view keeps the whole read alive as long as the payload is
+                    # held (by a slow reader, a paused write buffer), so a small payload would pin many times
+                    # its size, out of reach of flow control, which counts payload bytes.
+                    payload = buffer[offset + HEADER_SIZE : offset + end]
+            else:
+                view = self._view
+                if view is None:
+                    view = self._view = memoryview(buffer)
+                payload = bytes(view[offset + HEADER_SIZE : offset + end])  # the bytearray is reused by feed()
             self._offset = offset + end
             return _make_frame(Frame, (FrameType.DATA, _FLAGS_BY_VALUE[flags_value], stream_id, length, payload))
         if type_value == 1:  # WINDOW_UPDATE
-            if stream_id == 0:
-                raise FrameError("WINDOW_UPDATE frame on stream 0")
+            if stream_id == 0 and flags_value:
+                raise FrameError(f"WINDOW_UPDATE on stream 0 (the link's window) takes no flags, got 0x{flags_value:x}")
         else:
             self._check_session_frame(_TYPES_BY_VALUE[type_value], flags_value, stream_id, length)
         self._offset = offset + HEADER_SIZE

@@ -11,6 +11,15 @@ Every stream starts with a 256 KiB window in each direction; a side that wants m
 SYN or ACK. Credit flows back only when the application says it consumed data (:meth:`Mux.acknowledge_received`),
 so a slow reader slows its sender instead of filling memory.
 
+On top of the streams' windows the link has one of its own, as in HTTP/2: every DATA byte on any stream also
+counts against it, so what a peer can make us hold, over all its streams together, is bounded by
+``MuxConfig.link_window`` (not by streams x window). Both sides start at the protocol's ``INITIAL_LINK_WINDOW``
+and announce a larger one with a stream-0 WINDOW_UPDATE as the link starts. Link credit comes back as the
+application consumes bytes, and for bytes the mux drops unread (data for a stream already reset or closed, or
+still unconsumed when the stream goes); a peer that sends past the link window gets GO_AWAY(PROTOCOL_ERROR).
+:meth:`Mux.send_data` accepts at most the smaller of the two windows; when link credit comes back, the streams
+the link window held up get ``WindowUpdated`` in the order they were held up, as many as the credit can serve.
+
 Errors are split by fault. Anything the peer does wrong raises :class:`~portway.errors.ProtocolError` from
 ``receive_data`` after queuing a GO_AWAY and closing the mux, because a peer that breaks the protocol on one
 stream can't be trusted on the others. Misuse of the API raises KeyError (no such stream: never opened, or
@@ -39,6 +48,7 @@ from portway.proto.events import (
 from portway.proto.frame import (
     DEFAULT_MAX_FRAME_SIZE,
     HEADER,
+    INITIAL_LINK_WINDOW,
     INITIAL_STREAM_WINDOW,
     MAX_STREAM_ID,
     MAX_WINDOW_SIZE,
@@ -66,6 +76,10 @@ _PING = FrameType.PING
 _pack_header = HEADER.pack
 _PING_TOKEN_MASK = 0xFFFFFFFF
 _CONTROL_BUDGET_PERIOD = 1.0
+_LINK_UPDATE_MIN = 64 * 1024
+"""Link credit owed is returned once it reaches half the link window, or earlier once it is at least what the
+peer has left, but never in pieces smaller than this: slow readers holding most of the window must not turn
+every consumed frame into a WINDOW_UPDATE."""
 
 
 class Role(Enum):
@@ -84,6 +98,13 @@ class MuxConfig:
     increase in the SYN or ACK, and a window can't be announced smaller)."""
     max_window: int = 4 * 1024 * 1024  # 4 MiB per stream fills ~300 Mbit/s at 100 ms RTT, and bounds memory
     """Ceiling for a stream's receive window as auto-growth doubles it for fast readers."""
+    link_window: int = 32 * 1024 * 1024
+    """Receive window of the whole link: bytes the peer may have sent, on all streams together, that the
+    application has not consumed yet; what a peer can make us buffer. At least the protocol's 1 MiB base
+    (announced as an increase when the link starts) and at least ``initial_window``. 32 MiB lets four streams
+    grow to the full ``max_window`` (growth stops at half the link window) with room to spare for 64 more at
+    the base window, so one fast stream is never held up by it, and holds a relay's memory per agent link to
+    tens of MiB where 4,096 streams x their windows would allow a GiB or more."""
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     """Largest DATA payload we send and accept; both ends of a link must agree on it."""
     accept_backlog: int = 256
@@ -106,6 +127,11 @@ class MuxConfig:
             )
         if self.max_window > MAX_WINDOW_SIZE:
             raise ValueError(f"max_window must be at most {MAX_WINDOW_SIZE}, got {self.max_window}")
+        if not max(INITIAL_LINK_WINDOW, self.initial_window) <= self.link_window <= MAX_WINDOW_SIZE:
+            raise ValueError(
+                f"link_window must be between {max(INITIAL_LINK_WINDOW, self.initial_window)} (the protocol's base"
+                f" and initial_window) and {MAX_WINDOW_SIZE}, got {self.link_window}"
+            )
         if not 0 < self.max_frame_size <= MAX_WINDOW_SIZE:
             raise ValueError(f"max_frame_size must be in 1..{MAX_WINDOW_SIZE}, got {self.max_frame_size}")
         for name in ("accept_backlog", "max_streams", "max_control_frames_per_second"):
@@ -238,6 +264,23 @@ class Mux:
         self._last_received_at = now
         self._control_period_started_at = now
         self._control_frames_in_period = 0
+        # Link-level flow control. Receive side: ``_link_receive_remaining`` + the unacknowledged bytes of every
+        # stream + ``_link_unannounced`` == ``config.link_window`` always holds.
+        self._link_window = config.link_window
+        self._link_send_window = INITIAL_LINK_WINDOW
+        self._link_receive_remaining = INITIAL_LINK_WINDOW
+        self._link_unannounced = config.link_window - INITIAL_LINK_WINDOW
+        # Streams send_data could not serve in full because of the link window, in the order they were held up,
+        # with how many bytes each was left holding; and those woken since, with the credit set aside for each.
+        self._link_waiting: dict[int, int] = {}
+        self._link_woken: dict[int, int] = {}
+        self._link_reserved = 0
+        # How far the streams' receive windows are above the protocol's base, all together. Auto-growth stops
+        # at half the link window: a few streams that read fast, then stalled (a paused video) must not hold
+        # all of it, or every other stream of the link would wait for them.
+        self._link_growth = 0
+        if self._link_unannounced:
+            self._announce_link()
 
     # ------------------------------------------------------------------ properties
 
@@ -255,6 +298,11 @@ class Mux:
     def last_rtt(self) -> float | None:
         """Round-trip time measured by the latest answered ping, or None before the first answer."""
         return self._last_rtt
+
+    @property
+    def link_send_window(self) -> int:
+        """Bytes we may still send on all streams together before the peer returns link credit."""
+        return self._link_send_window
 
     # ------------------------------------------------------------------ input from the peer
 
@@ -274,21 +322,36 @@ class Mux:
         decoder.feed(data)
         events: list[Event] = []
         streams = self._streams
+        link_remaining = self._link_receive_remaining  # kept in a local while frames take the fast path
         try:
             for frame in decoder:
                 frame_type, flags, stream_id, length, payload = frame
-                # Fast path: payload on a stream that may receive it and has the window for it.
+                # Fast path: payload on a stream that may receive it, within its window and the link's.
                 if frame_type is _DATA and not flags:
                     stream = streams.get(stream_id)
-                    if stream is not None and stream.may_receive and 0 < length <= stream.receive_remaining:
+                    if (
+                        stream is not None
+                        and stream.may_receive
+                        and 0 < length <= stream.receive_remaining
+                        and length <= link_remaining
+                    ):
                         stream.receive_remaining -= length
                         stream.unacknowledged += length
+                        link_remaining -= length
                         events.append(DataReceived(stream_id, payload))
                         continue
+                self._link_receive_remaining = link_remaining
                 self._receive_frame(frame, now, events)
+                link_remaining = self._link_receive_remaining
         except ProtocolError as error:
             self._close(go_away_code=error.code)
             raise
+        self._link_receive_remaining = link_remaining
+        owed = self._link_unannounced
+        if owed >= self._link_receive_remaining and owed >= _LINK_UPDATE_MIN:
+            self._announce_link()  # what the peer has left fell below what we owe while no one was consuming
+        if self._link_waiting and self._link_send_window > self._link_reserved:
+            self._wake_link_waiters(events)
         return events
 
     def _receive_frame(self, frame: Frame, now: float, events: list[Event]) -> None:
@@ -299,8 +362,20 @@ class Mux:
             self._count_control_frame(now)
             self._go_away_received = True
             events.append(GoAwayReceived(length))
+        elif stream_id == 0:  # WINDOW_UPDATE for the link; the decoder let it through with no flags only
+            self._receive_link_credit(length, now)
         else:
             self._receive_stream_frame(frame_type, int(flags), stream_id, length, payload, now, events)
+
+    def _receive_link_credit(self, delta: int, now: float) -> None:
+        """The peer returned link credit; the streams it held up are woken once the whole read is processed."""
+        if not delta:
+            self._count_control_frame(now)
+            return
+        window = self._link_send_window + delta
+        if window > MAX_WINDOW_SIZE:
+            raise ProtocolError("WINDOW_UPDATE overflows the link's send window")
+        self._link_send_window = window
 
     def _receive_stream_frame(
         self,
@@ -312,11 +387,26 @@ class Mux:
         now: float,
         events: list[Event],
     ) -> None:
-        """Apply a DATA or WINDOW_UPDATE frame: flags in the order SYN, ACK, RST, then the body, then FIN."""
+        """Apply a DATA or WINDOW_UPDATE frame: flags in the order SYN, ACK, RST, then the body, then FIN.
+
+        Every DATA byte counts against the link's window, whether it is delivered or dropped; dropped bytes
+        (for a stream refused, reset or already forgotten) are credited back at once.
+        """
+        dropped = 0
+        if frame_type is _DATA and length:
+            if length > self._link_receive_remaining:
+                raise ProtocolError(
+                    f"{length} bytes on stream {stream_id} exceed the link's receive window of"
+                    f" {self._link_receive_remaining}"
+                )
+            self._link_receive_remaining -= length
+            dropped = length  # until the bytes are delivered below
         stream = self._streams.get(stream_id)
         if flags & _SYN:
             stream = self._receive_syn(stream_id, now, events)
             if stream is None:
+                if dropped:
+                    self._credit_link(dropped)
                 return
         elif stream is None:
             self._check_was_opened(stream_id)
@@ -324,6 +414,8 @@ class Mux:
             # was in flight is free, anything else counts against the flood budget.
             if frame_type is _WINDOW_UPDATE or flags or not length:
                 self._count_control_frame(now)
+            if dropped:
+                self._credit_link(dropped)
             return
         elif (flags & _RST and not stream.sent_any) or not (flags or length):
             # "rapid reset" opens and resets streams that cost us work but got no answer; a peer closing a
@@ -336,6 +428,8 @@ class Mux:
         if flags & _RST:
             self._forget(stream_id, stream)
             events.append(StreamReset(stream_id))
+            if dropped:
+                self._credit_link(dropped)
             return
         if frame_type is _DATA:
             if not stream.may_receive:
@@ -420,6 +514,7 @@ class Mux:
             raise MuxClosedError("stream ids are exhausted on this link; open a new one")
         self._next_local_id = stream_id + 2
         stream = _Stream(self.config.initial_window, epoch_started_at=0.0)  # the epoch starts at the ACK
+        self._link_growth += self.config.initial_window - INITIAL_STREAM_WINDOW
         self._streams[stream_id] = stream
         self._transition(stream_id, stream, _I.SEND_SYN)
         self._announce_window(stream_id, stream, _SYN)
@@ -433,6 +528,7 @@ class Mux:
         extra = max(0, self.config.initial_window - stream.receive_window)
         stream.receive_window += extra
         stream.unannounced += extra
+        self._link_growth += extra
         self._announce_window(stream_id, stream, _ACK)
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False) -> int:
@@ -440,12 +536,23 @@ class Mux:
 
         Nothing beyond the window is buffered: send the rest after a WindowUpdated event. ``end_stream`` adds
         FIN to the last frame, but only if every byte was accepted, so a partial send never half-closes.
+        The window is the stream's or the link's, whichever is smaller; link credit set aside for streams woken
+        after waiting for it is theirs, so a stream held up by the link never loses its turn to one that came
+        later.
         """
         stream = self._local_stream(stream_id)
         if not stream.may_send:
             raise ValueError(f"stream {stream_id} can't send in state {stream.state.value}")
         size = len(data)
-        accepted = min(size, stream.send_window)
+        window = stream.send_window
+        link_window = self._link_send_window
+        if self._link_reserved:  # credit set aside for woken streams is theirs: no one overtakes them
+            link_window -= self._link_reserved - self._link_woken.get(stream_id, 0)
+        if link_window < window:
+            window = link_window
+        accepted = size if size <= window else window
+        if self._link_waiting or self._link_woken or (size > link_window < stream.send_window):
+            self._track_link_wait(stream_id, stream, size, accepted, link_window)
         fin = _FIN if end_stream and accepted == size else 0
         if not accepted:
             if fin:
@@ -463,23 +570,28 @@ class Mux:
             outbound.append(_pack_header(PROTOCOL_VERSION, _DATA, fin if last else 0, stream_id, len(chunk)))
             outbound.append(chunk)
         stream.send_window -= accepted
+        self._link_send_window -= accepted
         stream.sent_any = True
         if fin:
             self._transition(stream_id, stream, _I.SEND_FIN)
         return accepted
 
     def send_window(self, stream_id: int) -> int:
-        """How many bytes ``send_data`` would accept right now; 0 for a stream that can't send or is gone."""
+        """How many bytes ``send_data`` would accept right now (the stream's window or the link's, whichever
+        is smaller); 0 for a stream that can't send or is gone."""
         stream = self._streams.get(stream_id)
         if stream is None or not stream.may_send:
             return 0
-        return stream.send_window
+        link_window = self._link_send_window - self._link_reserved + self._link_woken.get(stream_id, 0)
+        return min(stream.send_window, link_window)
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close: we send no more data, the peer may still send."""
         stream = self._local_stream(stream_id)
         self._transition(stream_id, stream, _I.SEND_FIN)
         self._queue_header(_WINDOW_UPDATE, _FIN, stream_id, 0)
+        if self._link_waiting or self._link_woken:
+            self._leave_link_line(stream_id)  # it will send nothing more
 
     def reset_stream(self, stream_id: int) -> None:
         """Abandon a stream in either direction (or refuse one the peer opened) and forget it.
@@ -500,8 +612,11 @@ class Mux:
         cost a frame each. Auto-growth doubles the window (up to ``max_window``) when the application consumed
         a whole window within two round trips of finishing the previous one (or of the peer being able to
         start sending: its SYN, or its ACK of our open): the window, not the reader, was then limiting
-        throughput. Until a ping has measured the RTT, ``ASSUMED_RTT`` stands in.
-        Acknowledging for a stream that is already gone does nothing.
+        throughput. Until a ping has measured the RTT, ``ASSUMED_RTT`` stands in. Growth stops once the windows of
+        all the link's streams together are half the link window above the protocol's base.
+        Acknowledging for a stream that is already gone does nothing (its bytes' link credit went back when it
+        went). Link credit is batched likewise: it goes out once half the link window is owed, or once what is
+        owed is at least what the peer has left (slow streams holding the rest), in pieces of 64 KiB or more.
         """
         if n < 0:
             raise ValueError(f"can't acknowledge a negative byte count ({n})")
@@ -514,15 +629,22 @@ class Mux:
             )
         stream.unacknowledged -= n
         stream.unannounced += n
+        owed = self._link_unannounced + n  # _credit_link(n), inlined: this runs for every read
+        self._link_unannounced = owed
+        if owed * 2 >= self._link_window or (owed >= self._link_receive_remaining and owed >= _LINK_UPDATE_MIN):
+            self._announce_link()
         if not stream.may_receive:
-            return  # the peer has finished sending, credit would be wasted
+            return  # the peer has finished sending, stream credit would be wasted (link credit is not)
         stream.epoch_consumed += n
         if stream.epoch_consumed >= stream.receive_window:
             rtt = ASSUMED_RTT if self._last_rtt is None else self._last_rtt
             if now - stream.epoch_started_at < 2 * rtt and stream.receive_window < self.config.max_window:
-                grown = min(2 * stream.receive_window, self.config.max_window)
-                stream.unannounced += grown - stream.receive_window  # doubling owes >= half: announced below
-                stream.receive_window = grown
+                growth = min(stream.receive_window, self.config.max_window - stream.receive_window,
+                             self._link_window // 2 - self._link_growth)
+                if growth > 0:
+                    stream.unannounced += growth  # doubling owes >= half: announced below
+                    stream.receive_window += growth
+                    self._link_growth += growth
             stream.epoch_started_at = now
             stream.epoch_consumed = 0
         if stream.unannounced * 2 >= stream.receive_window:
@@ -575,6 +697,9 @@ class Mux:
         """When ``handle_timer`` must next be called, or None once closed."""
         if self._closed:
             return None
+        if self._link_waiting and self._link_send_window > self._link_reserved:
+            # link credit a woken stream gave up (it was reset before sending) is waiting to be handed on: now
+            return self._last_received_at
         if self._pings:
             return next(iter(self._pings.values())) + self.config.keepalive_timeout
         return self._last_received_at + self.config.keepalive_interval
@@ -594,7 +719,10 @@ class Mux:
                 return [ConnectionTerminated(GoAwayCode.INTERNAL_ERROR, reason)]
         elif now >= self._last_received_at + self.config.keepalive_interval:
             self.ping(now)
-        return []
+        events: list[Event] = []
+        if self._link_waiting and self._link_send_window > self._link_reserved:
+            self._wake_link_waiters(events)  # credit a woken stream gave up (see get_timer)
+        return events
 
     # ------------------------------------------------------------------ internals
 
@@ -622,8 +750,66 @@ class Mux:
 
     def _forget(self, stream_id: int, stream: _Stream) -> None:
         del self._streams[stream_id]
+        self._link_growth -= stream.receive_window - INITIAL_STREAM_WINDOW
         if stream.state in _UNACCEPTED_STATES:
             self._unaccepted -= 1
+        if stream.unacknowledged:
+            # the application will never consume these now: their link credit goes back
+            self._credit_link(stream.unacknowledged)
+            stream.unacknowledged = 0
+        if self._link_waiting or self._link_woken:
+            self._leave_link_line(stream_id)
+
+    # ------------------------------------------------------------------ link flow control
+
+    def _credit_link(self, n: int) -> None:
+        """``n`` received bytes are done with (consumed or dropped): owe the peer their link credit."""
+        owed = self._link_unannounced + n
+        self._link_unannounced = owed
+        if owed * 2 >= self._link_window or (owed >= self._link_receive_remaining and owed >= _LINK_UPDATE_MIN):
+            self._announce_link()
+
+    def _announce_link(self) -> None:
+        """Queue a stream-0 WINDOW_UPDATE returning all link credit owed."""
+        delta = self._link_unannounced
+        self._link_unannounced = 0
+        self._link_receive_remaining += delta
+        self._queue_header(_WINDOW_UPDATE, 0, 0, delta)
+
+    def _track_link_wait(self, stream_id: int, stream: _Stream, size: int, accepted: int, link_window: int) -> None:
+        """Book a send_data call while streams wait for link credit or this one is held up by it."""
+        reserved = self._link_woken.pop(stream_id, None)
+        if reserved is not None:
+            self._link_reserved -= reserved
+        if size > link_window < stream.send_window:
+            self._link_waiting[stream_id] = size - accepted  # a stream already waiting keeps its place
+        else:
+            self._link_waiting.pop(stream_id, None)
+
+    def _leave_link_line(self, stream_id: int) -> None:
+        self._link_waiting.pop(stream_id, None)
+        reserved = self._link_woken.pop(stream_id, None)
+        if reserved is not None:
+            self._link_reserved -= reserved
+
+    def _wake_link_waiters(self, events: list[Event]) -> None:
+        """Wake streams held up by the link window, first held first, as long as the link credit not yet set
+        aside for streams woken earlier can serve them: a credit of a few bytes wakes one stream, never all."""
+        available = self._link_send_window - self._link_reserved
+        waiting = self._link_waiting
+        woken = self._link_woken
+        streams = self._streams
+        while waiting and available > 0:
+            stream_id = next(iter(waiting))
+            wanted = waiting.pop(stream_id)
+            stream = streams.get(stream_id)
+            if stream is None or not stream.may_send or not stream.send_window:
+                continue  # gone, or held up by its own window too: that window's WINDOW_UPDATE wakes it
+            share = min(wanted, stream.send_window, available)
+            woken[stream_id] = woken.get(stream_id, 0) + share
+            self._link_reserved += share
+            available -= share
+            events.append(WindowUpdated(stream_id))
 
     def _announce_window(self, stream_id: int, stream: _Stream, flags: int) -> None:
         """Queue a WINDOW_UPDATE returning all credit owed (it may also carry SYN or ACK)."""
@@ -642,3 +828,6 @@ class Mux:
         self._streams.clear()
         self._pings.clear()
         self._unaccepted = 0
+        self._link_waiting.clear()
+        self._link_woken.clear()
+        self._link_reserved = 0

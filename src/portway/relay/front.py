@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable
 
+from ..auth import BasicAuthGuard
 from ..errors import ConduitReset, HttpError, VisitorGone
 from ..proto import exchange, http1
 from ..proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseHead, Switched
@@ -44,6 +45,7 @@ class FrontServices:
     registry: "Registry"
     serve_own: Callable[["VisitorConnection", RequestHead], Awaitable[bool]]
     counters: RelayCounters
+    guard: BasicAuthGuard
     access_log: AccessLog | None = None
 
 
@@ -61,6 +63,7 @@ class VisitorConnection:
         self.registry = services.registry
         self.serve_own = services.serve_own
         self.counters = services.counters
+        self.guard = services.guard
         self.access_log = services.access_log
         # what the request being served came to: its answer's status and the bytes each way (for metrics)
         self.status = 0
@@ -182,9 +185,9 @@ class VisitorConnection:
                     return await self.refuse(head, 404, f"No tunnel is served at {route.hostname} by this relay.")
                 return await self.refuse(head, 404, f"There is no tunnel at {route.name}.{self.router.domain}.")
             try:
-                tunnel.access.check(self.conn.peer_ip, head)
+                tunnel.access.check(self.conn.peer_ip, head, self.guard, tunnel.name, self.loop.time())
             except HttpError as error:
-                extra = None
+                extra = error.headers
                 if error.status == 401:
                     extra = [("WWW-Authenticate", f'Basic realm="{tunnel.name}"')]
                     if head.header(b"authorization") is not None:

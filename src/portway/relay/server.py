@@ -8,7 +8,7 @@ import logging
 import ssl
 import sys
 
-from ..auth import FailureThrottle, TokenBook
+from ..auth import BasicAuthGuard, FailureThrottle, TokenBook
 from ..config import RelayConfig
 from ..errors import InsecureConfiguration
 from ..link.connection import Connection
@@ -42,14 +42,18 @@ class Relay:
         self.ssl_context: ssl.SSLContext | None = None
         self.port = config.port
         self.counters = RelayCounters()
-        self.claims = NameClaims(TokenBook(list(config.grants)), FailureThrottle(), self.registry, self.counters)
+        throttle = FailureThrottle(config.auth_failures_per_address, config.auth_failure_window)
+        self.claims = NameClaims(TokenBook(list(config.grants)), throttle, self.registry, self.counters)
+        guard = BasicAuthGuard(config.auth_failures_per_address, config.auth_failures_per_tunnel,
+                               config.auth_failure_window)
         self.agents = AgentLinks(config, self.registry, self.claims, self.public_url)
         self.localtunnel = LocalTunnelService(config, self.registry, self.claims, self.public_url, self.listen_hosts)
         self.connections_per_ip: dict[str, int] = {}
         self.deadlines: DeadlineSweeper | None = None
         self.metrics_server: asyncio.base_events.Server | None = None
         access_log = AccessLog(sys.stderr, config.log_format) if config.access_log else None
-        self.front = FrontServices(config, self.router, self.registry, self.serve_own, self.counters, access_log)
+        self.front = FrontServices(config, self.router, self.registry, self.serve_own, self.counters, guard,
+                                   access_log)
 
     # lifecycle
     async def start(self) -> None:

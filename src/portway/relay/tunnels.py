@@ -8,9 +8,11 @@ complete exchange are kept idle for the next request, like a keep-alive pool.
 from __future__ import annotations
 
 import ipaddress
+import math
 import secrets
 from dataclasses import dataclass
 
+from ..auth import BasicAuthGuard
 from ..errors import HttpError, MuxClosedError
 from ..proto.http1 import RequestHead
 from ..link.bridge import StreamBridge
@@ -28,7 +30,10 @@ class AccessPolicy:
     basic_auth: bytes | None = None  # the expected `Authorization` header value
     allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
-    def check(self, peer_ip: str, head: RequestHead) -> None:
+    def check(self, peer_ip: str, head: RequestHead, guard: BasicAuthGuard | None = None, tunnel: str = "",
+              now: float = 0.0) -> None:
+        """Raise HttpError unless the request may pass: 403 (address), 429 (`guard` throttles password
+        guessing; Retry-After), 401 (credentials)."""
         if self.allow_networks:
             try:
                 address = ipaddress.ip_address(peer_ip)
@@ -38,7 +43,18 @@ class AccessPolicy:
                 raise HttpError(403, "this tunnel does not accept visitors from your address", close=False)
         if self.basic_auth is not None:
             authorization = head.header(b"authorization")
-            if authorization is None or not secrets.compare_digest(authorization, self.basic_auth):
+            if guard is not None:
+                wait = guard.refusal(tunnel, peer_ip, authorization is not None, now)
+                if wait is not None:
+                    seconds = max(1, math.ceil(wait))
+                    raise HttpError(429, f"too many failed logins; try again in {seconds} s", close=False,
+                                    headers=[("Retry-After", str(seconds))])
+            if authorization is None:
+                raise HttpError(401, "this tunnel requires a user name and password", close=False)
+            succeeded = secrets.compare_digest(authorization, self.basic_auth)
+            if guard is not None:
+                guard.record(tunnel, peer_ip, succeeded, now)
+            if not succeeded:
                 raise HttpError(401, "this tunnel requires a user name and password", close=False)
 
 
@@ -85,6 +101,7 @@ class Tunnel:
 
     def release(self, conduit, reusable: bool) -> None:
         if reusable and self.online and len(self.idle) < IDLE_CONDUITS_PER_TUNNEL:
+            conduit.reader_done()
             self.idle.append(conduit)
         else:
             conduit.close()
