@@ -21,6 +21,11 @@ from .session import MuxStream
 
 
 class StreamBridge(asyncio.Protocol):
+    """One stream joined to one TCP connection (the agent's local service, or a visitor after a 101). Owns the
+    connection's transport from then on; tracks which side has ended, the service bytes the stream window can't
+    take yet, and the credit held back while the connection's write buffer is full. `closed` resolves when the
+    connection is gone."""
+
     # Sees a copy of what crosses (the inspector's): to_service(chunks), to_visitor(data), closed(); never raises.
     tap = None
 
@@ -44,6 +49,10 @@ class StreamBridge(asyncio.Protocol):
         set_nodelay(transport)
         self.stream.attach(self)
 
+    @property
+    def _tls(self) -> bool:
+        return self.transport is not None and self.transport.get_extra_info("sslcontext") is not None
+
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
@@ -55,7 +64,7 @@ class StreamBridge(asyncio.Protocol):
         self._service_ended = True
         if self._unsent is None:
             self._end_stream()
-        return True  # keep our sending half open: the relay may still be sending
+        return not self._tls  # keep our sending half open, the other side may still send (TLS can't half-close)
 
     @classmethod
     def take_over(cls, conn: Connection, stream: MuxStream, unread: bytes = b"") -> "StreamBridge":

@@ -98,6 +98,10 @@ class ReceiveBuffer:
 
 
 class Connection(ReceiveBuffer, asyncio.Protocol):
+    """A TCP (or TLS) connection as a conduit: owns its transport and the bytes read from it not yet taken
+    (reading pauses past HIGH_WATER), and tracks the peer's end, a reset, and whether writes must wait (`drain`).
+    Visitors' connections, lt pool sockets and the agent's dial-out before its link starts are Connections."""
+
     HIGH_WATER = 512 * 1024
 
     def __init__(self) -> None:

@@ -32,7 +32,9 @@ class StreamSink(Protocol):
 
 
 class MuxStream(ReceiveBuffer):
-    """One multiplexed stream, read and written like a connection."""
+    """One multiplexed stream, read and written like a connection (a conduit): owns the chunks the session
+    delivered for it and not yet read, and the credit to return for them; its state (open, ended, reset) is the
+    mux's, mirrored here for readers that await it. A sink (bridge.py) can take its data by callbacks instead."""
 
     __slots__ = (
         "session", "_loop", "stream_id", "_chunks", "_eof", "_reset", "_read_waiter", "_window_waiter",
@@ -229,7 +231,10 @@ class MuxStream(ReceiveBuffer):
 
 
 class MuxSession(asyncio.Protocol):
-    """An asyncio protocol that owns a transport speaking the Portway multiplexing protocol."""
+    """An agent link: the asyncio protocol that owns a transport speaking the multiplexing protocol. Feeds what
+    it reads to its sans-I/O Mux, dispatches the mux's events to its MuxStreams, writes what the mux has to send
+    (batched per loop pass), and keeps the mux's one timer (keepalive) armed. `closed` resolves with the reason
+    the link ended."""
 
     def __init__(
         self,

@@ -304,6 +304,14 @@ class VisitorConnection:
             if isinstance(outcome, Switched):
                 await self.switch_protocols(tunnel, conduit, outcome)
                 return False
+            if self.conn.must_drain:
+                # the answer's last batch still waits for a slow visitor: the stream's credit for it goes back
+                # only once it has left (release), so what a link holds for slow visitors stays counted
+                try:
+                    await self.conn.drain()
+                except ConduitReset:
+                    conduit.close()
+                    raise VisitorGone from None
             tunnel.release(conduit, exchange.conduit_reusable(outcome, request_complete, conduit.has_unread))
             return exchange.visitor_continues(head, outcome, request_complete)
 
