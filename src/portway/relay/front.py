@@ -184,8 +184,10 @@ class VisitorConnection:
                 if isinstance(route, NotServed):
                     return await self.refuse(head, 404, f"No tunnel is served at {route.hostname} by this relay.")
                 return await self.refuse(head, 404, f"There is no tunnel at {route.name}.{self.router.domain}.")
+            access = tunnel.access
             try:
-                tunnel.access.check(self.conn.peer_ip, head, self.guard, tunnel.name, self.loop.time())
+                if access.basic_auth is not None or access.allow_networks:  # most tunnels have no rules
+                    access.check(self.conn.peer_ip, head, self.guard, tunnel.name, self.loop.time())
             except HttpError as error:
                 extra = error.headers
                 if error.status == 401:
