@@ -235,6 +235,18 @@ async def start_inspector(config: AgentConfig, inspect):
     return inspector
 
 
+async def serve_direct(relay, url: str) -> None:
+    """The embedded relay's tunnel also at 127.0.0.1:PORT, for clients that can't resolve NAME.localhost."""
+    name = url.split("//", 1)[1].split(".", 1)[0]
+    try:
+        port = await relay.serve_one_tunnel(name, first_port=relay.port + 1, attempts=EMBEDDED_PORT_ATTEMPTS)
+    except OSError as error:
+        stderr.print(f"no direct address for clients that can't resolve *.localhost: {error.strerror or error}")
+        return
+    stderr.print(f"also at http://127.0.0.1:{port} for clients that can't resolve *.localhost "
+                 "(Node's ws, Python, wscat): every request there goes to this tunnel")
+
+
 async def run_http(config: AgentConfig, inspect=None) -> int:
     from .agent.client import Agent
 
@@ -252,6 +264,8 @@ async def run_http(config: AgentConfig, inspect=None) -> int:
 
     def show_url(url: str) -> None:
         print(url, flush=True)
+        if relay is not None:
+            asyncio.get_running_loop().create_task(serve_direct(relay, url))
 
     inspector = None
     try:

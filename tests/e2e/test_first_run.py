@@ -132,3 +132,23 @@ def test_the_embedded_relay_says_its_url_is_local_and_which_guards_are_on(procs)
     output = agent.output()
     assert "works on this machine only" in output and "--relay URL" in output
     assert "visitors must log in (--basic-auth)" in output and "127.0.0.0/8 (--allow-ip)" in output
+
+
+def test_the_embedded_relay_gives_clients_that_cant_resolve_localhost_names_an_address(procs):
+    """Node's ws, Python and wscat don't resolve NAME.localhost: a direct 127.0.0.1 address reaches the tunnel."""
+    import urllib.request
+
+    from websockets.sync.client import connect as ws_connect
+
+    origin = start_origin(procs)
+    agent = procs.start(PORTWAY + ["http", str(origin), "--no-inspect"], "embedded")
+    agent.wait_for_line(r"^http://[a-z0-9-]+\.localhost:\d+$")
+    port = int(agent.wait_for_line(r"also at http://127\.0\.0\.1:(\d+) for clients").group(1))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as answer:
+        assert answer.read() == b"hello from origin"
+    with ws_connect(f"ws://127.0.0.1:{port}/", open_timeout=10) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=10) == "Echo: hello"
+    with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/name", headers={"Host": "evil.example"}),
+                                timeout=10) as answer:
+        assert answer.status == 200  # any valid Host: this address serves the one tunnel

@@ -74,3 +74,14 @@ def test_random_names_are_valid_and_free():
         name = random_name(taken, rng)
         assert validate_name(name) == name and name not in taken
         taken.add(name)
+
+
+def test_one_tunnel_takes_every_valid_host_and_still_refuses_bad_ones():
+    from portway.proto.routing import OneTunnel
+
+    router = OneTunnel("quiet-river", "localhost")
+    for host in ("127.0.0.1:8001", "evil.example", "localhost", "[::1]:8001"):
+        assert router.route(host) == ToTunnel("quiet-river")
+    for host in ("", "a:99999", "[alpha]beta"):
+        with pytest.raises(HttpError):
+            router.route(host)

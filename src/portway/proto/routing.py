@@ -69,6 +69,19 @@ def _check_port(port: str) -> None:
         raise HttpError(400, "the Host header has an invalid port")
 
 
+class OneTunnel:
+    """Every valid Host goes to one tunnel: the embedded relay's direct address, for clients that can't resolve
+    `NAME.localhost` (Node's `ws`, Python, `wscat`). The Host is still checked, like any other route's."""
+
+    def __init__(self, name: str, domain: str) -> None:
+        self.domain = domain
+        self._route = ToTunnel(name)
+
+    def route(self, host_header: str) -> Route:
+        hostname_of(host_header)
+        return self._route
+
+
 def _is_ip(hostname: str) -> bool:
     try:
         ipaddress.ip_address(hostname)

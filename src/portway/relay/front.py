@@ -18,7 +18,7 @@ from ..errors import ConduitReset, HttpError, VisitorGone
 from ..proto import exchange, http1
 from ..proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseHead, Switched
 from ..proto.pages import error_response
-from ..proto.routing import NotServed, Router, ToRelay, ToTunnel
+from ..proto.routing import NotServed, OneTunnel, Router, ToRelay, ToTunnel
 from ..link.connection import Connection
 from ..link.deadlines import Deadline
 from .access_log import AccessLog
@@ -41,7 +41,7 @@ class FrontServices:
     endpoints (for requests to the relay's host), and where counts and log lines go."""
 
     config: "RelayConfig"
-    router: Router
+    router: Router | OneTunnel
     registry: "Registry"
     serve_own: Callable[["VisitorConnection", RequestHead], Awaitable[bool]]
     counters: RelayCounters

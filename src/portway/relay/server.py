@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import errno
 import ipaddress
 import logging
 import ssl
@@ -17,7 +19,7 @@ from ..proto.control import LINK_PATH
 from ..proto.http1 import RequestHead
 from ..proto.names import SYSTEM_NAMES
 from ..proto.pages import error_response, json_response, landing_page
-from ..proto.routing import Router
+from ..proto.routing import OneTunnel, Router
 from .agents import AgentLinks, NameClaims
 from .access_log import AccessLog
 from .front import FrontServices, VisitorConnection
@@ -51,6 +53,7 @@ class Relay:
         self.connections_per_ip: dict[str, int] = {}
         self.deadlines: DeadlineSweeper | None = None
         self.metrics_server: asyncio.base_events.Server | None = None
+        self.extra_servers: list[asyncio.base_events.Server] = []
         access_log = AccessLog(sys.stderr, config.log_format) if config.access_log else None
         self.front = FrontServices(config, self.router, self.registry, self.serve_own, self.counters, guard,
                                    access_log)
@@ -91,6 +94,8 @@ class Relay:
             self.server.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
+        for server in self.extra_servers:
+            server.close()
         if self.deadlines is not None:
             self.deadlines.close()
         for tunnel in self.registry:
@@ -118,12 +123,30 @@ class Relay:
                 hosts.append(host)
         return hosts or [self.config.bind]
 
-    def _new_connection(self) -> Connection:
+    def _new_connection(self, front: FrontServices | None = None) -> Connection:
         conn = Connection()
-        asyncio.get_running_loop().create_task(self._serve(conn))
+        asyncio.get_running_loop().create_task(self._serve(conn, front or self.front))
         return conn
 
-    async def _serve(self, conn: Connection) -> None:
+    async def serve_one_tunnel(self, name: str, host: str = "127.0.0.1", first_port: int = 0,
+                               attempts: int = 1) -> int:
+        """A listener of its own where every request goes to tunnel `name`, whatever its Host names (the
+        embedded relay's address for clients that can't resolve `NAME.localhost`); returns its port."""
+        front = dataclasses.replace(self.front, router=OneTunnel(name, self.config.domain))
+        loop = asyncio.get_running_loop()
+        for offset in range(attempts):
+            try:
+                server = await loop.create_server(lambda: self._new_connection(front), host,
+                                                  first_port + offset if first_port else 0, reuse_address=True)
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE or offset == attempts - 1:
+                    raise
+                continue
+            self.extra_servers.append(server)
+            return server.sockets[0].getsockname()[1]
+        raise OSError(errno.EADDRINUSE, "no free port")
+
+    async def _serve(self, conn: Connection, front: FrontServices) -> None:
         await asyncio.sleep(0)  # connection_made runs right after the factory returns
         address = conn.peer_ip
         count = self.connections_per_ip.get(address, 0)
@@ -132,7 +155,7 @@ class Relay:
             conn.close()
             return
         self.connections_per_ip[address] = count + 1
-        visitor = VisitorConnection(conn, self.scheme, self.front)
+        visitor = VisitorConnection(conn, self.scheme, front)
         self.deadlines.watch(visitor.deadline)
         try:
             await visitor.serve()
