@@ -190,6 +190,8 @@ async def run_server(config: RelayConfig) -> int:
         host, port = relay.metrics_address
         stderr.print(f"metrics: http://{host}:{port}/metrics" if ":" not in host
                      else f"metrics: http://[{host}]:{port}/metrics")
+    if relay.certificates is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, relay.certificates.reload)
     print(f"listening on {config.bind}:{relay.port}", flush=True)
     try:
         await asyncio.Event().wait()

@@ -181,6 +181,9 @@ RELAY_SETTINGS = (
     Setting("tls_cert", "--tls-cert", text, None, "certificate chain (PEM): serve HTTPS/WSS and TLS to agents",
             "FILE"),
     Setting("tls_key", "--tls-key", text, None, "private key (PEM) for --tls-cert", "FILE"),
+    Setting("tls_reload_interval", "--tls-reload-interval", seconds, 10.0,
+            "seconds between checks of --tls-cert/--tls-key for a new certificate (SIGHUP reloads at once)",
+            "SECONDS"),
     Setting("head_timeout", "--head-timeout", seconds, 15.0,
             "seconds a request head may take to arrive once started", "SECONDS"),
     Setting("idle_timeout", "--idle-timeout", seconds, 75.0,
@@ -280,6 +283,7 @@ class RelayConfig:
     open_relay: bool = False  # knowingly run without tokens on a non-loopback address
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_reload_interval: float = 10.0  # how often the certificate files are checked for a renewal
     metrics: tuple[str, int] | None = None  # (host, port) of a Prometheus listener of its own; None: off
     access_log: bool = False  # a line per request on stderr (the CLI turns it on)
     log_format: str = "text"  # or "json": one object per line
@@ -287,7 +291,7 @@ class RelayConfig:
 
     def __post_init__(self) -> None:
         for name in ("idle_timeout", "head_timeout", "response_timeout", "linger_timeout", "pool_wait_timeout",
-                     "grace_period", "lt_grace_period", "auth_failure_window"):
+                     "grace_period", "lt_grace_period", "auth_failure_window", "tls_reload_interval"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigurationError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
         if self.max_connections_per_ip < 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -425,3 +426,55 @@ def test_agent_survives_a_relay_that_opens_and_resets_a_stream_at_once(procs, or
         received = received[HEADER.size + (length if kind == DATA else 0):]
     assert (WINDOW_UPDATE, 6, ACK) in kinds
     assert_clean_log(agent)
+
+
+def served_certificate(relay, ca_file) -> bytes:
+    context = ssl.create_default_context(cafile=str(ca_file))
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=ANSWER_TIMEOUT) as raw:
+        with context.wrap_socket(raw, server_hostname=DOMAIN) as sock:
+            return sock.getpeercert(binary_form=True)
+
+
+@pytest.fixture
+def renewable(tmp_path):
+    """A CA and a way to (re)issue the relay's certificate files in place, as certbot renews them."""
+    trustme = pytest.importorskip("trustme")
+    authority = trustme.CA()
+    paths = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "cert.pem", "key": tmp_path / "key.pem"}
+    authority.cert_pem.write_to_path(str(paths["ca"]))
+
+    def issue() -> None:
+        cert = authority.issue_cert("127.0.0.1", DOMAIN, f"*.{DOMAIN}")
+        cert.private_key_pem.write_to_path(str(paths["key"]))
+        cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+
+    issue()
+    paths["issue"] = issue
+    return paths
+
+
+def test_a_renewed_certificate_is_served_after_sighup_without_a_restart(procs, renewable):
+    relay = launch_relay(procs, "--tls-cert", str(renewable["cert"]), "--tls-key", str(renewable["key"]),
+                         "--tls-reload-interval", "3600")
+    first = served_certificate(relay, renewable["ca"])
+    renewable["issue"]()
+    relay.proc.popen.send_signal(signal.SIGHUP)
+    relay.proc.wait_for_line(r"TLS certificate reloaded")
+    assert served_certificate(relay, renewable["ca"]) != first
+    assert relay.proc.popen.poll() is None  # same process
+
+
+def test_changed_certificate_files_are_picked_up_and_a_bad_one_keeps_the_last_good(procs, renewable):
+    relay = launch_relay(procs, "--tls-cert", str(renewable["cert"]), "--tls-key", str(renewable["key"]),
+                         "--tls-reload-interval", "0.2")
+    first = served_certificate(relay, renewable["ca"])
+    renewable["issue"]()
+    relay.proc.wait_for_line(r"TLS certificate reloaded .*the files changed")
+    second = served_certificate(relay, renewable["ca"])
+    assert second != first
+    kept_before = relay.proc.output().count("keeping the current TLS certificate")  # a half-written renewal may too
+    renewable["cert"].write_text("not a certificate\n")
+    wait_until(lambda: relay.proc.output().count("keeping the current TLS certificate") > kept_before,
+               what="the relay to refuse the broken certificate file")
+    assert served_certificate(relay, renewable["ca"]) == second
+    assert_clean_log(relay.proc)

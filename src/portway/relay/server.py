@@ -22,6 +22,7 @@ from ..proto.pages import error_response, json_response, landing_page
 from ..proto.routing import OneTunnel, Router
 from .agents import AgentLinks, NameClaims
 from .access_log import AccessLog
+from .certificates import CertificateFiles
 from .front import FrontServices, VisitorConnection
 from .localtunnel import LocalTunnelService
 from .metrics import RelayCollector, RelayCounters, serve_metrics
@@ -42,6 +43,7 @@ class Relay:
         self.registry = MemoryRegistry()
         self.server: asyncio.base_events.Server | None = None
         self.ssl_context: ssl.SSLContext | None = None
+        self.certificates: CertificateFiles | None = None
         self.port = config.port
         self.counters = RelayCounters()
         throttle = FailureThrottle(config.auth_failures_per_address, config.auth_failure_window)
@@ -62,8 +64,9 @@ class Relay:
     async def start(self) -> None:
         check_secure_default(self.config)
         if self.config.tls_cert:
-            self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self.ssl_context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+            self.certificates = CertificateFiles(self.config.tls_cert, self.config.tls_key)
+            self.ssl_context = self.certificates.context
+            self.certificates.watch(self.config.tls_reload_interval)
         loop = asyncio.get_running_loop()
         config = self.config
         self.deadlines = DeadlineSweeper(loop, resolution_for(config.idle_timeout, config.head_timeout,
@@ -94,6 +97,8 @@ class Relay:
             self.server.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
+        if self.certificates is not None:
+            self.certificates.close()
         for server in self.extra_servers:
             server.close()
         if self.deadlines is not None:
