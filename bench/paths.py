@@ -68,21 +68,25 @@ def setup_direct(reg: Registry, origin_port: int) -> Path:
 # Every visitor of the benchmark comes from 127.0.0.1, so the relay's per-address cap on concurrent
 # visitor connections (a defence, default 256) would turn most of the 1,000 streams into 429s.
 VISITOR_CAP = 4096
-_relay_help: str | None = None
+_help_texts: dict[str, str] = {}
+
+
+def _help(command: str) -> str:
+    """`portway COMMAND --help`, once: the flags this checkout's portway has (older ones lack newer flags)."""
+    if command not in _help_texts:
+        try:
+            _help_texts[command] = subprocess.run(PORTWAY + [command, "--help"], capture_output=True, text=True,
+                                                  timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            _help_texts[command] = ""
+    return _help_texts[command]
 
 
 def _relay_extra_args() -> list[str]:
-    global _relay_help
-    if _relay_help is None:
-        try:
-            _relay_help = subprocess.run(PORTWAY + ["server", "--help"], capture_output=True, text=True,
-                                         timeout=30).stdout
-        except (OSError, subprocess.SubprocessError):
-            _relay_help = ""
     extra = []
-    if "--max-connections-per-ip" in _relay_help:
+    if "--max-connections-per-ip" in _help("server"):
         extra += ["--max-connections-per-ip", str(VISITOR_CAP)]
-    if "--no-access-log" in _relay_help:
+    if "--no-access-log" in _help("server"):
         extra.append("--no-access-log")  # the data path is measured, like the peers' (none logs per request)
     return extra
 
@@ -95,19 +99,9 @@ def _start_relay(reg: Registry, label: str) -> tuple[Proc, int]:
     return relay, port
 
 
-_agent_help: str | None = None
-
-
 def _agent_inspect_args(inspect: bool) -> list[str]:
     """The inspector on a free port, or off; nothing for an agent that predates it."""
-    global _agent_help
-    if _agent_help is None:
-        try:
-            _agent_help = subprocess.run(PORTWAY + ["http", "--help"], capture_output=True, text=True,
-                                         timeout=30).stdout
-        except (OSError, subprocess.SubprocessError):
-            _agent_help = ""
-    if "--no-inspect" not in _agent_help:
+    if "--no-inspect" not in _help("http"):
         if inspect:
             raise Skip("this portway has no inspector")
         return []
