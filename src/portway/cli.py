@@ -237,6 +237,8 @@ async def start_inspector(config: AgentConfig, inspect):
 
 async def run_http(config: AgentConfig, inspect=None) -> int:
     from .agent.client import Agent
+    from .agent.console import AgentConsole, Tally
+    from .agent.metrics import AgentCollector, exposition
 
     relay = None
     relay_url = config.relay
@@ -250,10 +252,8 @@ async def run_http(config: AgentConfig, inspect=None) -> int:
     if config.allow_ip:
         stderr.print(f"visitors only from {', '.join(config.allow_ip)} (--allow-ip)")
 
-    def show_url(url: str) -> None:
-        print(url, flush=True)
-
     inspector = None
+    console = None
     try:
         if inspect is not None:
             try:
@@ -261,15 +261,33 @@ async def run_http(config: AgentConfig, inspect=None) -> int:
             except OSError as error:
                 return fail(f"cannot serve the inspector on {inspect.host}:{inspect.port}: "
                             f"{error.strerror or error}", 1)
-        agent = Agent(config, relay_url, on_url=show_url, on_status=lambda text: stderr.print(escape(text)))
+        tally = None
+        if inspector is not None:
+            tally = Tally()
+            inspector.store.listen(tally.on_event)
+        console = AgentConsole(stderr, relay_url, f"{config.local_host}:{config.port}", tally,
+                               live=stderr.is_terminal, log_format=config.log_format)
+
+        def show_url(url: str) -> None:
+            console.url(url)
+            if not (console.live_mode and sys.stdout.isatty()):  # on the display's terminal, the display shows it
+                print(url, flush=True)
+
+        agent = Agent(config, relay_url, on_url=show_url, on_status=console.status)
+        console.agent = agent
         if inspector is not None:
             agent.new_tap = inspector.tap
+            collector = AgentCollector(tally, agent)
+            inspector.metrics = lambda: exposition(collector)
+        console.start()
         await agent.run()
     except ValueError as error:
         return fail(str(error), 2)
     except RegistrationError as error:
         return fail(error.message, 1)
     finally:
+        if console is not None:
+            console.stop()
         if inspector is not None:
             await inspector.close()
         if relay is not None:
