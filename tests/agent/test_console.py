@@ -72,6 +72,14 @@ def test_a_finished_request_is_counted_once_with_its_status_duration_and_size():
     assert tally.duration.observations == 1
 
 
+def test_the_inspectors_replays_are_not_tunnel_traffic():
+    store, tally = tallied()
+    capture = StreamCapture(store, store.new_connection(), replay_of=1)
+    capture.to_service([request("GET", "/again")], 1.0)
+    capture.to_visitor(response(200, b"ok"), 1.1)
+    assert tally.requests == 0 and tally.in_progress == 0 and not tally.recent
+
+
 def test_requests_in_progress_and_unanswered_ones():
     store, tally = tallied()
     capture = http_exchange(store, status=None)

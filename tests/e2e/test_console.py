@@ -81,9 +81,9 @@ def screen_agent(procs, origin):
     pytest.importorskip("pexpect")
     screens = []
 
-    def start(relay, name: str) -> Screen:
+    def start(relay, name: str, *extra: str) -> Screen:
         screen = Screen(PORTWAY + ["http", str(origin), "--relay", relay.url, "--name", name,
-                                   "--inspect", "127.0.0.1:0"])
+                                   "--inspect", "127.0.0.1:0", *extra])
         screens.append(screen)
         return screen
 
@@ -124,6 +124,12 @@ def test_a_lost_link_shows_in_the_view_and_so_does_the_reconnect(procs, screen_a
     screen.wait_for(r"link\s+connected, 1 reconnect\(s\)")
     assert visit(relay, "flaky", path="/after")[0] in (200, 404)
     screen.wait_for(r"GET\s+/after\s+\d{3}")
+
+
+def test_the_link_rtt_shows_once_a_keepalive_ping_measured_it(procs, screen_agent):
+    relay = start_relay(procs)
+    screen = screen_agent(relay, "pinged", "--keepalive-interval", "0.2")
+    screen.wait_for(r"link\s+connected, rtt [0-9.]+ms", what="the link's RTT")
 
 
 def test_without_a_terminal_a_plain_line_per_request(procs, relay, origin):

@@ -76,7 +76,7 @@ class Tally:
         self.ws_messages = {VISITOR: 0, SERVICE: 0}  # counted when the WebSocket closes
         self.recent: deque[Finished] = deque(maxlen=recent)
         self.listeners: list[Callable[[Finished], None]] = []
-        self._pending: dict[int, Exchange] = {}
+        self._pending: dict[int, Exchange] = {}  # by the store's id
         self._websockets: set[int] = set()
         self._times: deque[float] = deque()  # when the last requests finished (clock), for the rate
 
@@ -101,7 +101,9 @@ class Tally:
 
     # the store's listener
     def on_event(self, event: str, exchange: Exchange) -> None:
-        key = id(exchange)
+        if exchange.replay_of is not None:
+            return  # the inspector's own replays never crossed the tunnel
+        key = exchange.id
         if event == "added":
             self._pending[key] = exchange
         elif event == "evicted":  # let go by the store: nothing more will be heard of it
@@ -228,7 +230,7 @@ def summary_lines(urls: list[str], target: str, relay: str, link: LinkView, tall
         state += f", {link.reconnects} reconnect(s)"
     lines.append(f"link      {state}")
     if tally is None:
-        lines.append("requests  not shown: the inspector is off (--no-inspect)")
+        lines.append("requests  not shown: the inspector is off (--no-inspect, or it could not start)")
         return lines
     lines.append(f"open      {tally.in_progress} request(s), {tally.websockets_open} WebSocket(s)")
     lines.append(f"requests  {tally.requests} total, {tally.rate():.1f}/s")
@@ -284,11 +286,8 @@ class AgentConsole:
             self.console.print(escape(text))
 
     def request_done(self, done: Finished) -> None:
-        if self._live is not None:
-            self._live.refresh()
-            return
         if self.live_mode:
-            return  # the display is stopped (shutting down)
+            return  # the display's next refresh (4 a second) shows it; none after it stopped
         line = json_line(done) if self.log_format == "json" else plain_line(done)
         self.console.file.write(line + "\n")
         self.console.file.flush()
