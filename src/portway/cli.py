@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(_run(lambda: run_http(config, inspector_config(config))))
 
 
+def verbose_logging() -> bool:
+    """-v: log lines go straight to stderr, which a live view would overwrite; the console stays line by line."""
+    return logging.getLogger().isEnabledFor(logging.INFO)
+
+
 def inspector_config(config: AgentConfig):
     """The inspector's settings from `--inspect ADDR` / `--no-inspect`; None when it is off."""
     from .inspector.app import InspectorConfig
@@ -266,7 +271,7 @@ async def run_http(config: AgentConfig, inspect=None) -> int:
             tally = Tally()
             inspector.store.listen(tally.on_event)
         console = AgentConsole(stderr, relay_url, f"{config.local_host}:{config.port}", tally,
-                               live=stderr.is_terminal, log_format=config.log_format)
+                               live=stderr.is_terminal and not verbose_logging(), log_format=config.log_format)
 
         def show_url(url: str) -> None:
             console.url(url)
