@@ -17,13 +17,14 @@ ALLOWED = {
     "proto": {"errors"},
     "policy": {"proto", "errors", "auth"},
     "link": {"proto", "errors"},
-    "relay": {"link", "policy", "proto", "errors", "auth", "config"},
-    "agent": {"link", "proto", "errors", "config", "inspector"},
+    "relay": {"link", "policy", "proto", "errors", "auth", "config", "metrics"},
+    "agent": {"link", "proto", "errors", "config", "inspector", "metrics"},
     "inspector": {"link", "proto", "errors", "config"},
     "auth": {"proto", "errors"},
     "config": {"proto", "errors", "auth"},
     "errors": set(),
     "runtime": set(),
+    "metrics": set(),
 }
 
 

@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(_run(lambda: run_http(config, inspector_config(config))))
 
 
+def verbose_logging() -> bool:
+    """-v: log lines go straight to stderr, which a live view would overwrite; the console stays line by line."""
+    return logging.getLogger().isEnabledFor(logging.INFO)
+
+
 def inspector_config(config: AgentConfig):
     """The inspector's settings from `--inspect ADDR` / `--no-inspect`; None when it is off."""
     from .inspector.app import InspectorConfig
@@ -237,20 +242,22 @@ async def start_inspector(config: AgentConfig, inspect):
     return inspector
 
 
-async def serve_direct(relay, url: str) -> None:
+async def serve_direct(relay, url: str, say: Callable[[str], None]) -> None:
     """The embedded relay's tunnel also at 127.0.0.1:PORT, for clients that can't resolve NAME.localhost."""
     name = url.split("//", 1)[1].split(".", 1)[0]
     try:
         port = await relay.serve_one_tunnel(name, first_port=relay.port + 1, attempts=EMBEDDED_PORT_ATTEMPTS)
     except OSError as error:
-        stderr.print(f"no direct address for clients that can't resolve *.localhost: {error.strerror or error}")
+        say(f"no direct address for clients that can't resolve *.localhost: {error.strerror or error}")
         return
-    stderr.print(f"also at http://127.0.0.1:{port} for clients that can't resolve *.localhost "
-                 "(Node's ws, Python, wscat): every request there goes to this tunnel")
+    say(f"also at http://127.0.0.1:{port} for clients that can't resolve *.localhost (Node's ws, Python, wscat): "
+        "every request there goes to this tunnel")
 
 
 async def run_http(config: AgentConfig, inspect=None) -> int:
     from .agent.client import Agent
+    from .agent.console import AgentConsole, Tally
+    from .agent.metrics import AgentCollector, exposition
 
     relay = None
     relay_url = config.relay
@@ -264,12 +271,8 @@ async def run_http(config: AgentConfig, inspect=None) -> int:
     if config.allow_ip:
         stderr.print(f"visitors only from {', '.join(config.allow_ip)} (--allow-ip)")
 
-    def show_url(url: str) -> None:
-        print(url, flush=True)
-        if relay is not None:
-            asyncio.get_running_loop().create_task(serve_direct(relay, url))
-
     inspector = None
+    console = None
     try:
         if inspect is not None:
             try:
@@ -277,15 +280,35 @@ async def run_http(config: AgentConfig, inspect=None) -> int:
             except OSError as error:
                 return fail(f"cannot serve the inspector on {inspect.host}:{inspect.port}: "
                             f"{error.strerror or error}", 1)
-        agent = Agent(config, relay_url, on_url=show_url, on_status=lambda text: stderr.print(escape(text)))
+        tally = None
+        if inspector is not None:
+            tally = Tally()
+            inspector.store.listen(tally.on_event)
+        console = AgentConsole(stderr, relay_url, f"{config.local_host}:{config.port}", tally,
+                               live=stderr.is_terminal and not verbose_logging(), log_format=config.log_format)
+
+        def show_url(url: str) -> None:
+            console.url(url)
+            if not (console.live_mode and sys.stdout.isatty()):  # on the display's terminal, the display shows it
+                print(url, flush=True)
+            if relay is not None:
+                asyncio.get_running_loop().create_task(serve_direct(relay, url, console.status))
+
+        agent = Agent(config, relay_url, on_url=show_url, on_status=console.status)
+        console.agent = agent
         if inspector is not None:
             agent.new_tap = inspector.tap
+            collector = AgentCollector(tally, agent)
+            inspector.metrics = lambda: exposition(collector)
+        console.start()
         await agent.run()
     except ValueError as error:
         return fail(str(error), 2)
     except RegistrationError as error:
         return fail(error.message, 1)
     finally:
+        if console is not None:
+            console.stop()
         if inspector is not None:
             await inspector.close()
         if relay is not None:

@@ -230,6 +230,9 @@ AGENT_SETTINGS = (
             "serve the inspector on ADDR: PORT, HOST:PORT or [V6]:PORT, which must be free "
             "(default 127.0.0.1:4040, or the next free port)", "ADDR"),
     Setting("no_inspect", "--no-inspect", switch, False, "run without the inspector", is_flag=True),
+    Setting("log_format", "--log-format", log_format, "text",
+            "when stderr is not a terminal, a line per request as text or one JSON object per line (text, json)",
+            "FORMAT"),
     *KEEPALIVE,
 )
 
@@ -316,9 +319,11 @@ class AgentConfig:
     wait_for_relay: bool = True  # an unreachable relay at start is retried, not a reason to exit
     inspect: tuple[str, int] | None = None  # the inspector's address; None: the default one, or the next free
     no_inspect: bool = False
+    log_format: str = "text"  # stderr not a terminal: a line per request, text or "json" (one object per line)
     mux: MuxConfig = field(default_factory=MuxConfig)
 
     def __post_init__(self) -> None:
+        log_format(self.log_format)
         if not 1 <= self.port <= 65535:
             raise ConfigurationError(f"the local port must be 1-65535, got {self.port}")
 

@@ -39,6 +39,8 @@ class Agent:
     stream to a new connection to the local service."""
 
     new_tap: Callable[[], object] | None = None  # the inspector's: a tap for each stream's bridge
+    session: MuxSession | None = None  # the current link (closed while reconnecting); None before the first
+    reconnects = 0  # links re-established after one dropped
 
     def __init__(self, config: AgentConfig, relay_url: str, on_url: Callable[[str], None],
                  on_status: Callable[[str], None]) -> None:
@@ -85,6 +87,7 @@ class Agent:
                 self.on_url(registered.url)
                 self.on_status(f"forwarding {registered.url} → {self.local_target}")
             else:
+                self.reconnects += 1
                 self.on_status(f"reconnected: {registered.url}")
             first = False
             delay = RECONNECT_MIN_DELAY
@@ -122,6 +125,7 @@ class Agent:
         session.connection_made(transport)
         if granted.link_bytes:
             session.data_received(granted.link_bytes)
+        self.session = session
         return Registered(grant.name, grant.url, grant.resume_key, session)
 
     async def serve_stream(self, stream: MuxStream) -> None:

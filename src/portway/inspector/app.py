@@ -11,6 +11,7 @@ import asyncio
 import errno
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ..config import DEFAULT_INSPECT
 from .capture import Limits, StreamCapture
@@ -83,6 +84,7 @@ class Inspector:
         self.limits = Limits(max_body=config.max_body)
         self.web = WebServer(self)
         self.port = 0
+        self.metrics: Callable[[], bytes] | None = None  # the agent's Prometheus exposition, at /metrics
         self._epoch = time.time() - time.monotonic()
 
     def now(self) -> float:

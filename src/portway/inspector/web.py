@@ -47,6 +47,7 @@ PUSH_DELAY = 0.1  # changes are pushed at most this often, coalesced
 PUSH_MAX_BUFFERED = 1024 * 1024  # a page that stops reading its event stream is dropped past this
 KEEPALIVE_INTERVAL = 20.0  # a comment line on every event stream, so idle ones stay open
 
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -268,6 +269,11 @@ class WebServer:
             return await self._send(writer, 200, self._static[path], STATIC[path][1], head_only=method == "HEAD")
         if path == "/api/events" and method == "GET":
             return await self._event_stream(reader, writer)
+        if path == "/metrics" and self.inspector.metrics is not None:
+            if method not in ("GET", "HEAD"):
+                return await self._send_json(writer, 405, {"error": "method not allowed"})
+            return await self._send(writer, 200, self.inspector.metrics(), METRICS_TYPE,
+                                    head_only=method == "HEAD")
         route = self._route(method, path)
         if route is None:
             return await self._send_json(writer, 404 if not path.startswith("/api/") or method == "GET" else 405,

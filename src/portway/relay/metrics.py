@@ -9,21 +9,19 @@ only for tunnels registered at scrape time, never per visitor or per path.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from ..metrics import DURATION_BUCKETS, STATUS_CLASSES, Histogram, exposition  # noqa: F401 (exposition: re-exported)
 
 if TYPE_CHECKING:
     from .registry import Registry
 
 log = logging.getLogger(__name__)
 
-STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 MAX_SCRAPE_REQUEST = 8192  # bytes of request head the metrics listener reads before giving up
 
 
@@ -40,30 +38,6 @@ class TunnelCounters:
         self.websockets_open = 0
         self.websockets_total = 0
         self.pool_waits = 0  # visitors that waited for a free pool socket (localtunnel tunnels)
-
-
-class Histogram:
-    """Bucket counts for one unlabelled histogram, kept as plain integers."""
-
-    __slots__ = ("bounds", "counts", "total", "observations")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.total = 0.0
-        self.observations = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
-        self.observations += 1
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        buckets, running = [], 0
-        for bound, count in zip((*map(repr, self.bounds), "+Inf"), self.counts):
-            running += count
-            buckets.append((bound, running))
-        return buckets
 
 
 class RelayCounters:
@@ -146,12 +120,6 @@ class RelayCollector(Collector):
         for peer, count in counters.protocol_errors.items():
             errors.add_metric([peer], count)
         yield errors
-
-
-def exposition(collector: Collector) -> bytes:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    return generate_latest(registry)
 
 
 async def serve_metrics(host: str, port: int, collector: Collector) -> asyncio.base_events.Server:

@@ -1,0 +1,42 @@
+"""Prometheus plumbing shared by the relay's metrics (relay/metrics.py) and the agent's (agent/metrics.py):
+plain-integer histograms, the status classes and duration buckets, and the text exposition of a collector."""
+
+from __future__ import annotations
+
+import bisect
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
+
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Histogram:
+    """Bucket counts for one unlabelled histogram, kept as plain integers."""
+
+    __slots__ = ("bounds", "counts", "total", "observations")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.observations = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.observations += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        buckets, running = [], 0
+        for bound, count in zip((*map(repr, self.bounds), "+Inf"), self.counts):
+            running += count
+            buckets.append((bound, running))
+        return buckets
+
+
+def exposition(collector: Collector) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return generate_latest(registry)
