@@ -85,3 +85,61 @@ def test_one_tunnel_takes_every_valid_host_and_still_refuses_bad_ones():
     for host in ("", "a:99999", "[alpha]beta"):
         with pytest.raises(HttpError):
             router.route(host)
+
+
+# ------------------------------------------------------------------------ mutation-testing survivors (issue 18)
+
+@pytest.mark.parametrize("domain", ["Example.COM", "example.com.", "EXAMPLE.com."])
+def test_the_relays_domain_is_matched_however_it_was_configured(domain):
+    router = Router(domain, SYSTEM_NAMES)
+    assert router.domain == "example.com"
+    assert router.route("quiet-river.example.com") == ToTunnel("quiet-river")
+    assert router.route("example.com") == ToRelay()
+    assert router.route("quiet-river.example.comx") == NotServed("quiet-river.example.comx")
+
+
+@pytest.mark.parametrize("host, hostname", [
+    ("  a.example.com  ", "a.example.com"), ("\ta.example.com:80 ", "a.example.com"), (" [::1]:80 ", "::1"),
+    ("[::FFFF:1.2.3.4]:", "::ffff:1.2.3.4"), ("a.example.com:65535", "a.example.com"), ("a.example.com:99999", None),
+    ("a.example.com:1", "a.example.com"), ("[::1]:65536", None), ("[::1]:x", None), ("[::1]:", "::1"),
+])
+def test_host_header_edges(host, hostname):
+    if hostname is None:
+        with pytest.raises(HttpError) as refused:
+            hostname_of(host)
+        assert refused.value.status == 400
+    else:
+        assert hostname_of(host) == hostname
+
+
+def test_a_repeated_host_header_value_routes_the_same_from_the_cache():
+    router = Router("example.com", SYSTEM_NAMES)
+    for _ in range(3):
+        assert router.route("Quiet-River.example.com") == ToTunnel("quiet-river")
+        assert router.route("evil.com") == NotServed("evil.com")
+        assert router.route("www.example.com") == ToRelay()
+        with pytest.raises(HttpError):
+            router.route("a.example.com:x")
+
+
+def test_routes_stay_right_after_the_cache_is_emptied():
+    router = Router("example.com", SYSTEM_NAMES)
+    for i in range(Router.CACHE_SIZE + 10):
+        assert router.route(f"n{i}.example.com") == ToTunnel(f"n{i}")
+    assert router.route("n0.example.com") == ToTunnel("n0")
+
+
+def test_one_tunnel_keeps_the_domain_it_announces():
+    from portway.proto.routing import OneTunnel
+
+    assert OneTunnel("quiet-river", "localhost").domain == "localhost"
+
+
+@pytest.mark.parametrize("host", ["10.1.2.3", "[fe80::1]", "[2001:db8::1]:443", "0.0.0.0"])
+def test_any_ip_literal_reaches_the_relay_itself(host):
+    assert router.route(host) == ToRelay()
+
+
+@pytest.mark.parametrize("name", sorted(SYSTEM_NAMES))
+def test_every_system_name_is_the_relay_not_a_tunnel(name):
+    assert router.route(f"{name}.example.com") == ToRelay()
