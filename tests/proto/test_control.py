@@ -41,12 +41,17 @@ def test_what_the_agent_asks_is_what_the_relay_reads(name, token, resume_key, ba
     (b"", 426),
     (b"Upgrade: portway-mux\r\nConnection: Upgrade\r\nPortway-Basic-Auth: !!notbase64\r\n", 400),
     (b"Upgrade: portway-mux\r\nConnection: Upgrade\r\nPortway-Basic-Auth: bm9jb2xvbg==\r\n", 400),  # "nocolon"
+    # base64 with junk in it is refused, not read leniently as "u:p"
+    (b"Upgrade: portway-mux\r\nConnection: Upgrade\r\nPortway-Basic-Auth: dTpw!!\r\n", 400),
+    (b"Upgrade: portway-mux\r\nConnection: Upgrade\r\nPortway-Basic-Auth: dT*pw\r\n", 400),
+    (b"Upgrade: portway-mux\r\nConnection: Upgrade\r\nPortway-Basic-Auth: //8=\r\n", 400),  # not UTF-8
 ])
 def test_malformed_link_requests_are_refused(extra, status):
     head = RequestParser().feed(b"GET /_portway/agent HTTP/1.1\r\nHost: r\r\n" + extra + b"\r\n")[0]
     with pytest.raises(HttpError) as refused:
         LinkRequest.parse(head, "")
-    assert refused.value.status == status
+    # the agent prints the message: it must say something
+    assert refused.value.status == status and isinstance(refused.value.message, str) and refused.value.message
 
 
 def split_feed(raw: bytes, cut: int):
@@ -206,3 +211,25 @@ def test_a_connection_closed_before_any_answer_is_not_a_relay():
     with pytest.raises(RegistrationError) as refused:
         handshake.receive_data(b"")
     assert refused.value.status == 502 and refused.value.message == NOT_A_RELAY
+
+
+def test_a_refusal_closes_the_connection():
+    assert b"\r\nConnection: close\r\n" in refusal(401, "no")
+
+
+@pytest.mark.parametrize("body", [b"<html><p>secret from a stranger</p></html>", b"\xff\xfe<p>x</p>\x80"])
+def test_a_foreign_page_is_never_quoted_even_with_a_paragraph_or_bad_utf8(body):
+    raw = b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    with pytest.raises(RegistrationError) as refused:
+        AgentHandshake().receive_data(raw)
+    assert refused.value.message == "HTTP 404: " + NOT_A_RELAY
+
+
+def test_the_first_paragraph_of_a_relay_page_is_its_message():
+    from portway.proto.pages import PAGE_SIGNATURE
+
+    body = ("<h1>t</h1><p>first &amp; real</p><p>second</p>" + PAGE_SIGNATURE).encode() + b"\xff"
+    raw = b"HTTP/1.1 503 Unavailable\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    with pytest.raises(RegistrationError) as refused:
+        AgentHandshake().receive_data(raw)
+    assert (refused.value.status, refused.value.message) == (503, "first & real")
