@@ -624,3 +624,20 @@ def test_simple_response():
     assert raw == (b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: 4\r\n"
                    b"Cache-Control: no-store\r\nConnection: keep-alive\r\nX-A: 1\r\n\r\nnope")
     assert b"\r\nConnection: close\r\n" in http1.simple_response(500, "E", b"", close=True, content_type="text/plain")
+
+
+def test_an_unfinished_response_head_may_reach_the_limit_but_not_pass_it():
+    start = b"HTTP/1.1 200 OK\r\nX: "
+    parser = http1.ResponseParser("GET", max_head_bytes=40)
+    assert parser.feed(start + b"v" * (40 - len(start))) == []
+    with pytest.raises(HttpError) as refused:
+        parser.feed(b"v")
+    assert refused.value.status == 502
+
+
+def test_a_finished_response_head_is_measured_by_its_fields():
+    raw = b"HTTP/1.1 200 OK\r\nX: " + b"v" * 50 + b"\r\nContent-Length: 0\r\n\r\n"
+    size = len(b"OK") + len(b"X") + 50 + 4 + len(b"Content-Length") + 1 + 4  # reason, then name + value + 4 each
+    assert http1.ResponseParser("GET", max_head_bytes=size).feed(raw)[-1] is MESSAGE_END
+    with pytest.raises(HttpError):
+        http1.ResponseParser("GET", max_head_bytes=size - 1).feed(raw)
