@@ -442,7 +442,7 @@ def test_http_1_0_is_served_and_other_versions_are_not():
 
 @pytest.mark.parametrize("target, host, origin_form", [
     (b"http://a.x/p?q=1", b"a.x", b"/p?q=1"), (b"http://A.X", b"a.x", b"/"), (b"http://a.x:80", b"a.x:80", b"/"),
-    (b"http://a.x/", b"A.x", b"/"),
+    (b"http://a.x/", b"A.x", b"/"), (b"http://a.x?q=1", b"a.x", b"/?q=1"), (b"HTTP://A.X/p", b"a.x", b"/p"),
 ])
 def test_absolute_form_targets_become_origin_form(target, host, origin_form):
     (head, *_) = feed_all_ways(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
@@ -450,7 +450,8 @@ def test_absolute_form_targets_become_origin_form(target, host, origin_form):
 
 
 @pytest.mark.parametrize("target, host", [(b"http://a.x:81/", b"a.x:80"), (b"http://a.x:80/", b"a.x"),
-                                          (b"http://a.x/", b"a.x:80"), (b"http://a.xy/", b"a.x")])
+                                          (b"http://a.x/", b"a.x:80"), (b"http://a.xy/", b"a.x"),
+                                          (b"http:///p", b"a.x")])
 def test_absolute_form_naming_another_authority_is_refused(target, host):
     with pytest.raises(HttpError) as refused:
         RequestParser().feed(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
