@@ -683,3 +683,34 @@ def test_each_header_only_the_relay_may_write_is_dropped_from_the_visitors_head(
                        BodyFraming.NONE, 0, True, None)
     wire = http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="http")
     assert b"6.6.6.6" not in wire and b"X-Kept: 1\r\n" in wire and wire.count(b"\r\nHost:") == 1
+
+
+def test_a_reason_phrase_split_across_reads_is_kept_whole():
+    raw = b"HTTP/1.1 404 Not Found Here\r\nContent-Length: 0\r\n\r\n"
+    parser = http1.ResponseParser("GET")
+    events = [event for i in range(len(raw)) for event in parser.feed(raw[i:i + 1])]
+    assert events[0].reason == b"Not Found Here" and events[-1] is MESSAGE_END
+
+
+def test_a_close_delimited_response_is_complete_after_eof():
+    parser, events = response_events(b"HTTP/1.1 200 OK\r\n\r\nabc", eof=True)
+    assert parser.complete and events[-1] is MESSAGE_END and parser.feed_eof() == []
+
+
+def test_a_new_request_parser_is_not_mid_message():
+    assert not RequestParser().mid_message
+
+
+@pytest.mark.parametrize("side", ["request", "response"])
+def test_a_trailer_section_may_reach_the_limit_but_not_pass_it(side):
+    def feed(value_size, limit):  # counted: name + value + 4
+        trailer = b"0\r\nX-T: " + b"t" * value_size + b"\r\n\r\n"
+        if side == "request":
+            return RequestParser(max_head_bytes=limit).feed(
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + trailer)
+        return http1.ResponseParser("GET", max_head_bytes=limit).feed(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + trailer)
+
+    assert feed(93, 100)[-1] is MESSAGE_END
+    with pytest.raises(HttpError):
+        feed(94, 100)
