@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from portway.errors import HttpError, RegistrationError
-from portway.proto.control import AgentHandshake, Granted, LinkGrant, LinkRequest, refusal
+from portway.proto.control import NOT_A_RELAY, AgentHandshake, Granted, LinkGrant, LinkRequest, refusal
 from portway.proto.http1 import RequestParser
 
 
@@ -41,12 +41,17 @@ def test_what_the_agent_asks_is_what_the_relay_reads(name, token, resume_key, ba
     (b"", 426),
     (b"Upgrade: portway-mux\r\nConnection: Upgrade\r\nPortway-Basic-Auth: !!notbase64\r\n", 400),
     (b"Upgrade: portway-mux\r\nConnection: Upgrade\r\nPortway-Basic-Auth: bm9jb2xvbg==\r\n", 400),  # "nocolon"
+    # base64 with junk in it is refused, not read leniently as "u:p"
+    (b"Upgrade: portway-mux\r\nConnection: Upgrade\r\nPortway-Basic-Auth: dTpw!!\r\n", 400),
+    (b"Upgrade: portway-mux\r\nConnection: Upgrade\r\nPortway-Basic-Auth: dT*pw\r\n", 400),
+    (b"Upgrade: portway-mux\r\nConnection: Upgrade\r\nPortway-Basic-Auth: //8=\r\n", 400),  # not UTF-8
 ])
 def test_malformed_link_requests_are_refused(extra, status):
     head = RequestParser().feed(b"GET /_portway/agent HTTP/1.1\r\nHost: r\r\n" + extra + b"\r\n")[0]
     with pytest.raises(HttpError) as refused:
         LinkRequest.parse(head, "")
-    assert refused.value.status == status
+    # the agent prints the message: it must say something
+    assert refused.value.status == status and isinstance(refused.value.message, str) and refused.value.message
 
 
 def split_feed(raw: bytes, cut: int):
@@ -106,3 +111,125 @@ def test_a_foreign_web_page_is_not_printed_but_the_relays_own_pages_are():
     with pytest.raises(RegistrationError) as refused:
         AgentHandshake().receive_data(error_response(429, "Too many connections from <your> address.", close=True))
     assert (refused.value.status, refused.value.message) == (429, "Too many connections from <your> address.")
+
+
+# ------------------------------------------------------------------------ mutation-testing survivors (issue 18)
+
+def link_head(extra: bytes):
+    return RequestParser().feed(b"GET /_portway/agent HTTP/1.1\r\nHost: r\r\n" + extra + b"\r\n")[0]
+
+
+UPGRADE = b"Upgrade: portway-mux\r\nConnection: Upgrade\r\n"
+
+
+@pytest.mark.parametrize("upgrade", [b"Portway-Mux", b"PORTWAY-MUX", b" portway-mux "])
+def test_the_link_upgrade_is_recognised_in_any_case(upgrade):
+    head = link_head(b"Upgrade: " + upgrade + b"\r\nConnection: Upgrade\r\n")
+    assert LinkRequest.parse(head, "name=quiet-river").name == "quiet-river"
+
+
+def test_the_relay_reads_each_field_the_way_agents_spell_it():
+    head = link_head(UPGRADE + b"Authorization: BEARER  tok-1 \r\nPortway-Resume:  key-9 \r\n"
+                     b"Portway-Basic-Auth:  dTpwOnE= \r\nPortway-Allow-Ip: 10.0.0.0/8, ,::1/128,\r\n")
+    request = LinkRequest.parse(head, "name=a&name=b")
+    assert request == LinkRequest("a", "tok-1", "key-9", "u:p:q", ("10.0.0.0/8", "::1/128"))
+
+
+@pytest.mark.parametrize("authorization", [b"Basic dTpw", b"Bearertok", b"Token tok"])
+def test_only_a_bearer_authorization_is_a_token(authorization):
+    head = link_head(UPGRADE + b"Authorization: " + authorization + b"\r\n")
+    assert LinkRequest.parse(head, "").token is None
+
+
+def test_a_request_without_options_asks_for_nothing():
+    request = LinkRequest.parse(link_head(UPGRADE), "")
+    assert request == LinkRequest()
+    assert LinkRequest().encode("r:1") == (b"GET /_portway/agent HTTP/1.1\r\nHost: r:1\r\n"
+                                         b"Upgrade: portway-mux\r\nConnection: Upgrade\r\n\r\n")
+
+
+def test_a_name_is_quoted_into_the_target():
+    raw = LinkRequest("a b&name=c").encode("r")
+    assert raw.startswith(b"GET /_portway/agent?name=a%20b%26name%3Dc HTTP/1.1\r\n")
+    assert parsed(LinkRequest("a b&name=c")).name == "a b&name=c"
+
+
+def test_a_refusal_whose_body_arrives_in_pieces_is_read_whole():
+    raw = refusal(409, "tunnel name 'quiet-river' is already in use")
+    body_start = raw.index(b"\r\n\r\n") + 4
+    handshake = AgentHandshake()
+    for i in range(body_start):
+        assert handshake.receive_data(raw[i:i + 1]) is None
+    with pytest.raises(RegistrationError) as refused:
+        for i in range(body_start, len(raw)):
+            handshake.receive_data(raw[i:i + 1])
+    assert (refused.value.status, refused.value.message) == (409, "tunnel name 'quiet-river' is already in use")
+
+
+def test_a_grant_is_read_whatever_the_case_and_spacing_of_its_fields():
+    raw = (b"HTTP/1.1 101 Switching Protocols\r\nUPGRADE: portway-mux\r\nConnection: Upgrade\r\n"
+           b"PORTWAY-NAME:  quiet-river \r\nportway-url: http://q.localhost\r\nPortway-Resume: kkk\r\n\r\n")
+    assert AgentHandshake().receive_data(raw) == Granted(LinkGrant("quiet-river", "http://q.localhost", "kkk"), b"")
+
+
+@pytest.mark.parametrize("missing", ["Portway-Name", "Portway-Url", "Portway-Resume"])
+def test_a_grant_without_one_of_its_fields_names_it(missing):
+    raw = b"\r\n".join(line for line in GRANT.encode().split(b"\r\n") if not line.startswith(missing.encode()))
+    with pytest.raises(RegistrationError) as refused:
+        AgentHandshake().receive_data(raw)
+    assert refused.value.status == 502 and missing.lower() in refused.value.message
+
+
+def test_a_grant_carries_the_protocol_headers_the_agent_checks():
+    lines = GRANT.encode().split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 101 Switching Protocols"
+    assert b"Upgrade: portway-mux" in lines and b"Connection: Upgrade" in lines
+    assert GRANT.encode().endswith(b"\r\n\r\n")
+
+
+@pytest.mark.parametrize("body", [b'["message"]', b'{"msg": "x"}', b"42", b"not json"])
+def test_a_json_answer_without_a_message_is_not_printed(body):
+    raw = b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    with pytest.raises(RegistrationError) as refused:
+        AgentHandshake().receive_data(raw)
+    assert refused.value.status == 403 and refused.value.message == "HTTP 403: " + NOT_A_RELAY
+
+
+def test_a_relay_page_without_a_paragraph_is_not_printed():
+    from portway.proto.pages import PAGE_SIGNATURE
+
+    body = b"<html><h1>x</h1>" + PAGE_SIGNATURE.encode() + b"</html>"
+    raw = b"HTTP/1.1 500 Oops\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    with pytest.raises(RegistrationError) as refused:
+        AgentHandshake().receive_data(raw)
+    assert refused.value.message == "HTTP 500: " + NOT_A_RELAY
+
+
+def test_a_connection_closed_before_any_answer_is_not_a_relay():
+    handshake = AgentHandshake()
+    assert handshake.receive_data(b"HTTP/1.1 101 Swi") is None
+    with pytest.raises(RegistrationError) as refused:
+        handshake.receive_data(b"")
+    assert refused.value.status == 502 and refused.value.message == NOT_A_RELAY
+
+
+def test_a_refusal_closes_the_connection():
+    assert b"\r\nConnection: close\r\n" in refusal(401, "no")
+
+
+@pytest.mark.parametrize("body", [b"<html><p>secret from a stranger</p></html>", b"\xff\xfe<p>x</p>\x80"])
+def test_a_foreign_page_is_never_quoted_even_with_a_paragraph_or_bad_utf8(body):
+    raw = b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    with pytest.raises(RegistrationError) as refused:
+        AgentHandshake().receive_data(raw)
+    assert refused.value.message == "HTTP 404: " + NOT_A_RELAY
+
+
+def test_the_first_paragraph_of_a_relay_page_is_its_message():
+    from portway.proto.pages import PAGE_SIGNATURE
+
+    body = ("<h1>t</h1><p>first &amp; real</p><p>second</p>" + PAGE_SIGNATURE).encode() + b"\xff"
+    raw = b"HTTP/1.1 503 Unavailable\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    with pytest.raises(RegistrationError) as refused:
+        AgentHandshake().receive_data(raw)
+    assert (refused.value.status, refused.value.message) == (503, "first & real")
