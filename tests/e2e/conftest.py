@@ -245,3 +245,36 @@ def assert_websocket_echo(relay: Relay, name: str) -> None:
         ws.send(blob)
         echoed = ws.recv(timeout=30)
         assert hashlib.sha256(echoed).digest() == hashlib.sha256(blob).digest()
+
+
+def prometheus_sees(procs: Processes, target_port: int, query: str, expected: str, timeout: float = 60.0) -> None:
+    """Start a real Prometheus (Debian's package) scraping 127.0.0.1:target_port every second, and wait until
+    `query` answers `expected` through its HTTP API."""
+    import json
+    import tempfile
+    import urllib.parse
+    import urllib.request
+
+    prometheus = shutil.which("prometheus")
+    assert prometheus, "prometheus (Debian's package) is needed: run `bash scripts/test.sh`"
+    with tempfile.TemporaryDirectory() as state:
+        config = Path(state) / "prometheus.yml"
+        config.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: portway\n"
+                          f"    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n")
+        web_port = free_port()
+        server = procs.start([prometheus, f"--config.file={config}", f"--storage.tsdb.path={state}/data",
+                              f"--web.listen-address=127.0.0.1:{web_port}"], "prometheus")
+        url = f"http://127.0.0.1:{web_port}/api/v1/query?query={urllib.parse.quote(query)}"
+
+        def answer():
+            try:
+                with urllib.request.urlopen(url, timeout=5) as reply:
+                    result = json.load(reply)["data"]["result"]
+            except OSError:
+                return None
+            return result[0]["value"][1] if result else None
+
+        try:
+            assert wait_until(answer, timeout=timeout, interval=0.5, what=f"Prometheus to answer {query}") == expected
+        finally:
+            server.kill()

@@ -11,14 +11,11 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
-import urllib.request
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import PORTWAY, ROOT, free_port, start_agent, start_relay, wait_until, ws_open
+from .conftest import PORTWAY, ROOT, prometheus_sees, start_agent, start_relay, wait_until, ws_open
 from .test_inspector import visit
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
@@ -207,8 +204,7 @@ def test_the_agent_metrics_count_the_traffic(metered):
 
 def test_promtool_accepts_the_agent_exposition(metered):
     promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool (Debian's prometheus package) is not installed")
+    assert promtool, "promtool (Debian's prometheus package) is needed: run `bash scripts/test.sh`"
     _, port, _ = metered
     checked = subprocess.run([promtool, "check", "metrics"], input=scrape(port)[1], capture_output=True, text=True,
                              timeout=30)
@@ -216,28 +212,5 @@ def test_promtool_accepts_the_agent_exposition(metered):
 
 
 def test_a_real_prometheus_scrapes_the_agent(metered):
-    prometheus = shutil.which("prometheus")
-    if prometheus is None:
-        pytest.skip("prometheus (Debian's package) is not installed")
     _, port, procs = metered
-    with tempfile.TemporaryDirectory() as state:
-        config = Path(state) / "prometheus.yml"
-        config.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: agent\n"
-                          f"    static_configs:\n      - targets: ['127.0.0.1:{port}']\n")
-        web_port = free_port()
-        server = procs.start([prometheus, f"--config.file={config}", f"--storage.tsdb.path={state}/data",
-                              f"--web.listen-address=127.0.0.1:{web_port}"], "prometheus")
-        try:
-            def requests_2xx():
-                query = (f"http://127.0.0.1:{web_port}/api/v1/query?query="
-                         "portway_agent_requests_total%7Bstatus_class%3D%222xx%22%7D")
-                try:
-                    with urllib.request.urlopen(query, timeout=5) as answer:
-                        result = json.load(answer)["data"]["result"]
-                except OSError:
-                    return None
-                return result[0]["value"][1] if result else None
-
-            assert wait_until(requests_2xx, timeout=60, interval=0.5, what="Prometheus to scrape the agent") == "2"
-        finally:
-            server.kill()
+    prometheus_sees(procs, port, 'portway_agent_requests_total{status_class="2xx"}', "2")

@@ -10,14 +10,12 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import urllib.request
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import Processes, free_port, start_origin, wait_until
+from .conftest import Processes, free_port, prometheus_sees, start_origin, wait_until
 from .test_security import get, launch_agent, launch_relay, talk
 
 BASIC = "user:secret"
@@ -114,31 +112,8 @@ def test_promtool_accepts_the_exposition(observed):
 
 
 def test_a_real_prometheus_scrapes_the_relay(observed):
-    prometheus = shutil.which("prometheus")
-    assert prometheus, "prometheus (Debian's package) is needed: run `bash scripts/test.sh`"
-    relay, metrics_port, procs = observed
-    with tempfile.TemporaryDirectory() as state:
-        config = Path(state) / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n"
-            "scrape_configs:\n  - job_name: relay\n    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{metrics_port}']\n")
-        web_port = free_port()
-        server = procs.start([prometheus, f"--config.file={config}", f"--storage.tsdb.path={state}/data",
-                              f"--web.listen-address=127.0.0.1:{web_port}"], "prometheus")
-        try:
-            def agent_links():
-                query = f"http://127.0.0.1:{web_port}/api/v1/query?query=portway_agent_links"
-                try:
-                    with urllib.request.urlopen(query, timeout=5) as answer:
-                        result = json.load(answer)["data"]["result"]
-                except OSError:
-                    return None
-                return result[0]["value"][1] if result else None
-
-            assert wait_until(agent_links, timeout=60, interval=0.5, what="Prometheus to scrape the relay") == "2"
-        finally:
-            server.kill()
+    _, metrics_port, procs = observed
+    prometheus_sees(procs, metrics_port, "portway_agent_links", "2")
 
 
 def test_the_relay_logs_a_line_per_request(observed):
