@@ -162,8 +162,32 @@ def read_status_kib(pid: int, key: str) -> int | None:
     return None
 
 
-def read_cpu_ticks(pid: int) -> int | None:
-    """utime + stime of one process, in clock ticks."""
+HAVE_SCHEDSTAT = os.path.exists("/proc/self/schedstat")
+
+
+def read_cpu_ns(pid: int) -> int | None:
+    """CPU time one process has run, in nanoseconds: the sum of its threads' on-CPU time from
+    /proc/PID/task/*/schedstat, exact where utime + stime counts 10 ms ticks (a 20 MB transfer through a
+    tunnel costs a few ticks, too coarse to divide by its megabytes). On a kernel without schedstat, the
+    ticks of /proc/PID/stat."""
+    if not HAVE_SCHEDSTAT:
+        return _read_stat_cpu_ns(pid)
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total = 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                total += int(fh.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended since the listing: its time went with it
+    return total
+
+
+def _read_stat_cpu_ns(pid: int) -> int | None:
+    """utime + stime of one process (clock ticks), in nanoseconds."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
             data = fh.read()
@@ -171,7 +195,7 @@ def read_cpu_ticks(pid: int) -> int | None:
         return None
     fields = data[data.rfind(")") + 2:].split()
     try:
-        return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+        return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // CLK_TCK  # fields 14 and 15 of stat(5)
     except (IndexError, ValueError):
         return None
 
@@ -216,21 +240,21 @@ class RoleStats:
     """What the monitor knows about one role (relay, agent, lt, sshd...) in one phase."""
 
     peak_rss_kib: int = 0
-    cpu_ticks: int = 0
+    cpu_ns: int = 0
 
 
 @dataclass
 class Role:
     name: str
     root_pid: int
-    # Last CPU tick count seen per pid in the tree (a pid that exits keeps its last value).
-    last_ticks: dict[int, int] = field(default_factory=dict)
+    # Last CPU time (ns) seen per pid in the tree (a pid that exits keeps its last value).
+    last_cpu_ns: dict[int, int] = field(default_factory=dict)
     hwm_reset_ok: bool = False
     phases: dict[str, RoleStats] = field(default_factory=dict)
-    ticks_at_phase_start: int = 0
+    cpu_ns_at_phase_start: int = 0
 
-    def total_ticks(self) -> int:
-        return sum(self.last_ticks.values())
+    def total_cpu_ns(self) -> int:
+        return sum(self.last_cpu_ns.values())
 
 
 class Monitor:
@@ -269,7 +293,7 @@ class Monitor:
             self.phase = phase
             for role in self.roles.values():
                 role.phases[phase] = RoleStats()
-                role.ticks_at_phase_start = role.total_ticks()
+                role.cpu_ns_at_phase_start = role.total_cpu_ns()
                 role.hwm_reset_ok = reset_hwm(role.root_pid)
                 self._sample_role(role)
 
@@ -282,7 +306,7 @@ class Monitor:
                 hwm = read_status_kib(role.root_pid, "VmHWM")
                 if hwm:
                     stats.peak_rss_kib = max(stats.peak_rss_kib, hwm)
-            stats.cpu_ticks = role.total_ticks() - role.ticks_at_phase_start
+            stats.cpu_ns = role.total_cpu_ns() - role.cpu_ns_at_phase_start
 
     def _sample_role(self, role: Role) -> None:
         rss = 0
@@ -290,9 +314,9 @@ class Monitor:
             kib = read_status_kib(pid, "VmRSS")
             if kib:
                 rss += kib
-            ticks = read_cpu_ticks(pid)
-            if ticks is not None:
-                role.last_ticks[pid] = ticks
+            cpu_ns = read_cpu_ns(pid)
+            if cpu_ns is not None:
+                role.last_cpu_ns[pid] = cpu_ns
         stats = role.phases.setdefault(self.phase, RoleStats())
         stats.peak_rss_kib = max(stats.peak_rss_kib, rss)
 
@@ -313,7 +337,7 @@ def summarize(role: Role, phase_prefix: str) -> dict:
     whole run, so a role idles through the other paths' phases; the shared origin counts per path."""
     own = {name[len(phase_prefix):]: st for name, st in role.phases.items() if name.startswith(phase_prefix)}
     phases = {
-        name: {"peak_rss_mib": round(st.peak_rss_kib / 1024, 1), "cpu_s": round(st.cpu_ticks / CLK_TCK, 2)}
+        name: {"peak_rss_mib": round(st.peak_rss_kib / 1024, 1), "cpu_s": round(st.cpu_ns / 1e9, 4)}
         for name, st in own.items()
     }
     # with --repeat, a case's later runs are phases "CASE#2", "CASE#3", ...
@@ -323,6 +347,6 @@ def summarize(role: Role, phase_prefix: str) -> dict:
         "peak_rss_mib": round(max((st.peak_rss_kib for st in own.values()), default=0) / 1024, 1),
         "peak_rss_mib_rest": round(max(rest, default=0) / 1024, 1),
         "peak_rss_mib_streams": round(max(streams) / 1024, 1) if streams else None,
-        "cpu_s": round(sum(st.cpu_ticks for st in own.values()) / CLK_TCK, 2),
+        "cpu_s": round(sum(st.cpu_ns for st in own.values()) / 1e9, 2),
         "phases": phases,
     }

@@ -282,11 +282,47 @@ def run_paths(selected: list[str], reg: Registry, mon: Monitor, origin, origin_p
             for role_key, info in roles.items():
                 if role_key.startswith(f"{key}:") or role_key == "origin":
                     out["resources"][role_key.split(":", 1)[-1]] = summarize(info, f"{key}/")
+            for name, case in out["cases"].items():
+                cost = cpu_per_unit(name, case, out["resources"])
+                if cost is not None:
+                    case["cpu_us_per_unit"] = cost
             out["wall_s"] = round(time.monotonic() - t_start, 2)
         for path in ready.values():
             reg.kill(path.procs)
             for fn in path.cleanup:
                 fn()
+
+
+# What a case's work is counted in, for the CPU each tunnel side spends per unit of it.
+CASE_UNITS = {"download": "MB", "upload": "MB", "ws_rtt": "round trip", "ws_1mib": "MB"}
+TUNNEL_ROLES = ("server", "client")  # the relay side and the agent side of every path (none for direct)
+
+
+def work_units(name: str, case: dict) -> float | None:
+    """How many units of work the (median) run of a case did: requests, MB moved or round trips."""
+    if name.startswith("get_c"):
+        return case.get("requests")
+    if name in ("download", "upload"):
+        return case["bytes"] / 1e6 if case.get("bytes") else None
+    if name == "ws_rtt":
+        return case.get("messages")
+    if name == "ws_1mib":
+        return case["messages"] * case["message_bytes"] / 1e6 if case.get("messages") else None
+    return None
+
+
+def cpu_per_unit(name: str, case: dict, resources: dict) -> dict | None:
+    """CPU µs the relay side (server) and the agent side (client) spent per unit of a case's work, measured
+    over the very run the table reports (its phase); None when the case failed or the path has no tunnel."""
+    units = work_units(name, case)
+    if case.get("error") or not units or not any(role in resources for role in TUNNEL_ROLES):
+        return None
+    phase = case.get("phase", name)
+    cost: dict = {"unit": CASE_UNITS.get(name, "request")}
+    for role in TUNNEL_ROLES:
+        cpu_s = resources.get(role, {}).get("phases", {}).get(phase, {}).get("cpu_s")
+        cost[role] = round(cpu_s / units * 1e6, 1) if cpu_s is not None else None
+    return cost
 
 
 def _brief(result: dict) -> str:
@@ -391,17 +427,24 @@ def build_table(results: dict, cfg: dict) -> tuple[str, list[str]]:
             s += f" / {res['peak_rss_mib_streams']:.0f}"
         return s
 
-    row = ["tunnel CPU µs/request, 50 conn"]
-    for k in keys:
-        r = prs[k].get("cases", {}).get("get_c50") or {}
-        res = prs[k].get("resources", {})
-        phase = r.get("phase", "get_c50")
-        cpu = [res[role]["phases"].get(phase, {}).get("cpu_s") for role in ("server", "client") if role in res]
-        if not cpu or None in cpu or not r.get("requests"):
-            row.append("–")
-        else:
-            row.append(f"{sum(cpu) / r['requests'] * 1e6:.0f}")
-    rows.append(row)
+    def cpu_row(label: str, case: str) -> list[str]:
+        row = [label]
+        for k in keys:
+            err = cell_error(k, case)
+            cost = prs[k]["cases"][case].get("cpu_us_per_unit") if not err else None
+            if err or not cost or None in (cost.get("server"), cost.get("client")):
+                row.append(err or "–")
+            else:
+                row.append(f"{_num(cost['server'] + cost['client'])} ({_num(cost['server'])} + "
+                           f"{_num(cost['client'])})")
+        return row
+
+    for c in CONCURRENCY:
+        rows.append(cpu_row(f"tunnel CPU µs/request, {c} conn", f"get_c{c}"))
+    rows.append(cpu_row("tunnel CPU µs/MB downloaded", "download"))
+    rows.append(cpu_row("tunnel CPU µs/MB uploaded", "upload"))
+    rows.append(cpu_row("tunnel CPU µs/WebSocket round trip", "ws_rtt"))
+    rows.append(cpu_row("tunnel CPU µs/MB, WebSocket 1 MiB messages", "ws_1mib"))
     rows.append(res_row("server peak RSS MiB (rest / streams)", "server", rss))
     rows.append(res_row("client peak RSS MiB (rest / streams)", "client", rss))
     rows.append(res_row("server CPU s", "server", lambda r: f"{r['cpu_s']:.1f}"))

@@ -43,5 +43,13 @@ def test_quick_benchmark_runs_every_case_on_direct_and_portway(procs: Processes,
     resources = results["paths"]["portway"]["resources"]
     for role in ("server", "client"):
         assert resources[role]["peak_rss_mib"] > 0 and resources[role]["cpu_s"] > 0, resources[role]
+    # CPU per unit of work, per side, for every case the tunnel ran but the many-streams one (no unit there)
+    portway_cases = results["paths"]["portway"]["cases"]
+    for name in CASES - {"streams"}:
+        cost = portway_cases[name]["cpu_us_per_unit"]
+        assert cost["server"] is not None and cost["client"] is not None and cost["server"] + cost["client"] > 0, \
+            (name, cost)
+    assert "cpu_us_per_unit" not in results["paths"]["direct"]["cases"]["get_c50"]  # no tunnel, no tunnel CPU
     table = results["table_markdown"]
     assert "| GET req/s, 50 conn" in table and "Portway" in table
+    assert "| tunnel CPU µs/request, 10 conn" in table and "| tunnel CPU µs/MB uploaded" in table
