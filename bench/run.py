@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -502,6 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("wrk", "node"):
         if shutil.which(tool) is None:
             print(f"error: {tool} is not installed (bash scripts/test.sh installs everything)", file=sys.stderr)
+            return 2
+    for module, what in (("portway", "portway itself"), ("websockets", "the `websockets` package")):
+        if importlib.util.find_spec(module) is None:
+            print(f"error: {what} is not installed for {sys.executable}: run `pip install -e '.[test]'` here first "
+                  f"(or bash scripts/test.sh)", file=sys.stderr)
             return 2
     if not (ROOT / "node_modules" / "ws").is_dir():
         print("error: the benchmark's Node packages are missing: run `npm ci` here first (or bash scripts/test.sh)",
