@@ -294,7 +294,8 @@ def test_start_runs_one_named_http_tunnel(tmp_path):
 
 
 @pytest.mark.parametrize("names, expected", [
-    ([], r"^tcp tunnels \(db\) are not available yet in this version of portway"),
+    ([], r"^tcp tunnels \(db\) are not available yet in this version of portway: start one of its http "
+         r"tunnels by name \(web, api-demo\)$"),
     (["db"], r"^tcp tunnels \(db\) are not available yet"),
     (["web", "api-demo"], r"^running several tunnels at once \(web, api-demo\) is not available yet in this version "
                           r"of portway: start one by its name, e.g. `portway start web`$"),
@@ -326,7 +327,8 @@ def test_the_default_file_is_in_the_folder_then_in_the_users_config(tmp_path):
 def test_check_tells_a_relay_file_from_an_agent_file(tmp_path):
     relay = write(tmp_path, 'port = 9001\ndomain = "t.example"\ntokens = ["a"]\n', "relay.toml")
     agent = write(tmp_path, TWO_HTTP_ONE_TCP)
-    assert check(relay, {}) == f"{relay}: ok — a relay's file: listens on 127.0.0.1:9001, tunnels at NAME.t.example, 1 token"
+    assert check(relay, {}) == \
+        f"{relay}: ok — a relay's file: listens on 127.0.0.1:9001, tunnels at NAME.t.example, 1 token"
     assert check(agent, {}) == f"{agent}: ok — an agent's file: 2 http tunnels, 1 tcp tunnel"
     assert refused(check, relay, {}, relay=False).startswith(f"unknown key 'port' in {relay}")
     assert refused(check, agent, {}, relay=True).startswith(f"unknown key 'relay' in {agent}")
@@ -357,3 +359,9 @@ def test_the_readme_lists_every_file_key():
     keys |= {key for table in TUNNEL_KEYS.values() for key in table}
     for key in keys:
         assert f"`{key}`" in section, key
+
+
+def test_a_file_of_tcp_tunnels_only_says_there_is_nothing_to_run_instead(tmp_path):
+    path = str(write(tmp_path, '[tunnels.db]\nproto = "tcp"\nport = 5432\n'))
+    assert refused(start, "--config", path).endswith("not available yet in this version of portway: it has no http "
+                                                     "tunnel")

@@ -197,8 +197,10 @@ def start_config(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentC
     selected = agent_file.select(args.names)
     tcp = [tunnel.name for tunnel in selected if not isinstance(tunnel, HttpTunnel)]
     if tcp:
+        http = [tunnel.name for tunnel in agent_file.tunnels if isinstance(tunnel, HttpTunnel)]
+        instead = f"start one of its http tunnels by name ({', '.join(http)})" if http else "it has no http tunnel"
         raise ConfigurationError(f"tcp tunnels ({', '.join(tcp)}) are not available yet in this version of "
-                                 "portway: start an http tunnel of the file by its name")
+                                 f"portway: {instead}")
     if len(selected) > 1:
         names = ", ".join(tunnel.name for tunnel in selected)
         raise ConfigurationError(f"running several tunnels at once ({names}) is not available yet in this "
