@@ -49,7 +49,7 @@ def server(*argv: str, environ: dict[str, str] | None = None):
 
 
 def start(*argv: str, environ: dict[str, str] | None = None) -> AgentConfig:
-    return start_config(build_parser().parse_args(["start", *argv]), environ or {})
+    return start_config(build_parser().parse_args(["start", *argv]), environ or {})[1]
 
 
 def refused(call, *args, **kwargs) -> str:

@@ -147,7 +147,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(fail(str(error), 2))
         return
     try:
-        config = start_config(args, os.environ) if args.command == "start" else config_from(args, os.environ)
+        if args.command == "start":
+            path, config = start_config(args, os.environ)
+            stderr.print(f"tunnel {escape(str(config.name))} of {escape(str(path))}")
+        else:
+            config = config_from(args, os.environ)
     except ConfigurationError as error:
         sys.exit(fail(str(error), 2))
     if isinstance(config, RelayConfig):
@@ -189,9 +193,9 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> RelayCo
     return agent_config(port, load(AGENT_SETTINGS, given, environ))
 
 
-def start_config(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConfig:
-    """The config `portway start` runs with: the selected tunnels of the agent's file, which (for now) must be
-    exactly one http tunnel; several over one link and tcp tunnels are refused, not approximated."""
+def start_config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Path, AgentConfig]:
+    """The agent's file `portway start` reads and the config it runs with: the file's selected tunnels, which (for
+    now) must be exactly one http tunnel; several over one link and tcp tunnels are refused, not approximated."""
     path = args.config_file if args.config_file is not None else default_agent_file(environ, Path.cwd())
     agent_file = read_agent_file(path)
     selected = agent_file.select(args.names)
@@ -206,7 +210,7 @@ def start_config(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentC
         raise ConfigurationError(f"running several tunnels at once ({names}) is not available yet in this "
                                  f"version of portway: start one by its name, e.g. `portway start "
                                  f"{selected[0].name}`")
-    return agent_file.agent_config(selected[0], given_flags(args), environ)
+    return path, agent_file.agent_config(selected[0], given_flags(args), environ)
 
 
 def read_secret() -> str:

@@ -4,6 +4,7 @@ through a real relay with the file's settings, `portway server --config` listens
 from __future__ import annotations
 
 import base64
+import re
 import http.client
 import subprocess
 from pathlib import Path
@@ -72,6 +73,7 @@ proto = "http"
 port = 1
 """, encoding="utf-8")
     agent = procs.start(PORTWAY + ["start", "from-file"], "agent from file", cwd=tmp_path)
+    agent.wait_for_line(rf"^tunnel from-file of {re.escape(str(tmp_path.resolve() / 'portway.toml'))}$")
     agent.wait_for_line(rf"^http://from-file\.localhost:{relay.port}$")
     assert get(relay, "from-file")[0] == 401
     login = base64.b64encode(b"demo:pw").decode()
