@@ -140,8 +140,9 @@ def test_every_relay_setting_has_a_key_in_a_file():
     ('idle_timeout = -1\n', r"^{path}: idle_timeout = -1: must be a positive number of seconds$"),
     ('idle_timeout = nan\n', r"^{path}: idle_timeout = nan: must be a positive number of seconds$"),
     ('access_log = "yes"\n', r"^{path}: 'access_log' must be true or false, not \"yes\"$"),
-    ('tokens = "a"\n', r"^{path}: 'tokens' must be an array of strings, e.g. tokens = \[\"SECRET\"\], not \"a\"$"),
-    ('tokens = [1]\n', r"^{path}: 'tokens' must be an array of strings"),
+    ('tokens = "a"\n', r"^{path}: 'tokens' must be an array, each item a string, e.g. tokens = \[\"SECRET\"\], "
+                      r"not \"a\"$"),
+    ('tokens = [1]\n', r"^{path}: 'tokens' must be an array, each item a string"),
     ('log_format = "xml"\n', r"^{path}: log_format = \"xml\": must be text or json$"),
     ('metrics = "nowhere"\n', r"^{path}: metrics = \"nowhere\": must be HOST:PORT$"),
     ('[port]\n', r"^{path}: 'port' must be an integer, not a table$"),
@@ -253,7 +254,8 @@ TUNNEL = '[tunnels.web]\nproto = "http"\nport = 8080\n'
     ('[tunnels.db]\nproto = "tcp"\nport = 1\nremote_port = 0\n',
      r"^{path}: 'tunnels.db.remote_port' must be a port number \(1-65535\), not 0$"),
     (TUNNEL + 'basic_auth = "nocolon"\n', r"^{path}: tunnels.web.basic_auth = \"nocolon\": must be USER:PASS$"),
-    (TUNNEL + 'allow_ip = "10.0.0.0/8"\n', r"^{path}: 'tunnels.web.allow_ip' must be an array of strings"),
+    (TUNNEL + 'allow_ip = "10.0.0.0/8"\n', r"^{path}: 'tunnels.web.allow_ip' must be an array, each item a string, "
+                                             r"e.g. allow_ip = \[\"CIDR\"\], not \"10.0.0.0/8\"$"),
     (TUNNEL + 'allow_ip = ["10.0.0.0/33"]\n', r"^{path}: tunnels.web.allow_ip = \"10.0.0.0/33\": "),
     (TUNNEL + 'no_inspect = 1\n', r"^{path}: 'tunnels.web.no_inspect' must be true or false, not 1$"),
     (TUNNEL + 'name = 5\n', r"^{path}: 'tunnels.web.name' must be a string, not 5$"),

@@ -112,8 +112,8 @@ def setting_value(setting: Setting, raw: Any, path: Path, key: str) -> Any:
     types, described = TOML_TYPES.get(setting.parse, STRING)
     if setting.repeatable:
         if not isinstance(raw, list) or any(type(item) not in types for item in raw):
-            raise ConfigurationError(f"{path}: '{key}' must be an array of {described.removeprefix('a ')}s, "
-                                     f"e.g. {key} = [{toml_value(setting.metavar or 'value')}], "
+            raise ConfigurationError(f"{path}: '{key}' must be an array, each item {described}, "
+                                     f"e.g. {setting.key} = [{toml_value(setting.metavar or 'value')}], "
                                      f"not {toml_value(raw)}")
         return tuple(_parsed(setting, item, path, key) for item in raw)
     if type(raw) not in types:  # type(), not isinstance(): a boolean is not an integer here
