@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(start, AGENT_WIDE)
 
     config = commands.add_parser("config", help="work with config files")
-    config_commands = config.add_subparsers(dest="config_command", required=True)
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="check")
     config_check = config_commands.add_parser("check", help="validate a config file without starting anything")
     config_check.add_argument("file", type=Path, metavar="FILE")
     kind = config_check.add_mutually_exclusive_group()
