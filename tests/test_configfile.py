@@ -302,6 +302,7 @@ def test_start_runs_one_named_http_tunnel(tmp_path):
     (["web", "api-demo"], r"^running several tunnels at once \(web, api-demo\) is not available yet in this version "
                           r"of portway: start one by its name, e.g. `portway start web`$"),
     (["nope"], r"^no tunnel named 'nope' in .*; its tunnels: api-demo, db, web$"),
+    (["wbe"], r"^no tunnel named 'wbe' in .* \(did you mean 'web'\?\); its tunnels: api-demo, db, web$"),
 ])
 def test_start_refuses_what_this_version_cannot_run(tmp_path, names, expected):
     path = str(write(tmp_path, TWO_HTTP_ONE_TCP))

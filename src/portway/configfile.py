@@ -205,7 +205,9 @@ class AgentFile:
         for name in names:
             folded = name.lower()
             if folded not in known:
-                raise ConfigurationError(f"no tunnel named '{name}' in {self.path}; its tunnels: "
+                close = difflib.get_close_matches(folded, known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigurationError(f"no tunnel named '{name}' in {self.path}{hint}; its tunnels: "
                                          f"{', '.join(sorted(known))}")
             wanted.add(folded)
         return tuple(tunnel for tunnel in self.tunnels if not wanted or tunnel.name in wanted)
