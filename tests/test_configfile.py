@@ -338,6 +338,8 @@ def test_check_tells_a_relay_file_from_an_agent_file(tmp_path):
     shared = write(tmp_path, "keepalive_interval = 5\n", "shared.toml")
     assert refused(check, shared, {}) == f"{shared} defines no tunnels: add a [tunnels.NAME] table with proto and port"
     assert check(shared, {}, relay=True).endswith("no tokens")
+    mixed = write(tmp_path, 'relay = "http://127.0.0.1:9"\nport = 8080\n[tunnel.web]\n', "mixed.toml")
+    assert refused(check, mixed, {}).startswith(f"unknown key 'port' in {mixed}; allowed at the top level: ")
 
 
 def test_check_validates_with_the_environment_it_would_run_with(tmp_path):

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_check.add_argument("file", type=Path, metavar="FILE")
     kind = config_check.add_mutually_exclusive_group()
     kind.add_argument("--relay", dest="relay_file", action="store_const", const=True,
-                      help="check FILE as a relay's (default: a file with no [tunnels] and a relay-only key is one)")
+                      help="check FILE as a relay's (default: decided by its keys, see the README)")
     kind.add_argument("--agent", dest="relay_file", action="store_const", const=False,
                       help="check FILE as an agent's")
     for command in (server, http, hash_token, start, config_check):

@@ -316,10 +316,13 @@ def default_agent_file(environ: Mapping[str, str], cwd: Path) -> Path:
 
 
 def is_relay_file(document: Mapping[str, Any]) -> bool:
-    """How `portway config check` tells the two apart: a relay's file has no tunnels and sets at least one key
-    only a relay has (`port`, `domain`, `tokens`…); anything else is checked as an agent's."""
-    relay_only = {setting.key for setting in RELAY_SETTINGS} - {setting.key for setting in AGENT_SETTINGS}
-    return "tunnels" not in document and any(key in relay_only for key in document)
+    """How `portway config check` tells the two apart: a relay's file sets at least one key only a relay has
+    (`port`, `domain`, `tokens`…) and none only an agent has (`tunnels`, `relay`, `token`…); anything else is
+    checked as an agent's."""
+    relay_keys = {setting.key for setting in RELAY_SETTINGS}
+    agent_keys = {setting.key for setting in AGENT_SETTINGS} | {"tunnels"}
+    return any(key in relay_keys - agent_keys for key in document) and \
+        not any(key in agent_keys - relay_keys for key in document)
 
 
 def check(path: Path, environ: Mapping[str, str], relay: bool | None = None) -> str:
