@@ -4,21 +4,28 @@ variables; every mistake in a file is one line naming the file and the key, and 
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
+from typing import Iterable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from portway.cli import build_parser, config_from, start_config
-from portway.config import AGENT_SETTINGS, RELAY_SETTINGS, AgentConfig
+from portway.config import AGENT_SETTINGS, RELAY_SETTINGS, AgentConfig, load, relay_config
 from portway.configfile import (
     AGENT_WIDE,
     TUNNEL_KEYS,
     HttpTunnel,
     TcpTunnel,
+    agent_file,
     check,
     default_agent_file,
     read_agent_file,
+    read_toml,
     relay_file_values,
+    relay_values,
 )
 from portway.errors import ConfigurationError
 from portway.proto.mux import MuxConfig
@@ -370,3 +377,70 @@ def test_a_file_of_tcp_tunnels_only_says_there_is_nothing_to_run_instead(tmp_pat
     path = str(write(tmp_path, '[tunnels.db]\nproto = "tcp"\nport = 5432\n'))
     assert refused(start, "--config", path).endswith("not available yet in this version of portway: it has no http "
                                                      "tunnel")
+
+
+# ----------------------------------------------------------------------------------------------- never a traceback
+
+# Documents near valid ones (each key's value often a good one) and far from them (any TOML value, any key).
+_SCALARS = st.one_of(st.booleans(), st.integers(-2**64, 2**64), st.floats(), st.text(max_size=12), st.datetimes(),
+                     st.dates())
+_ANY = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.text(max_size=8), inner, max_size=3), max_leaves=6)
+_GOOD = {
+    **tomllib.loads(RELAY_FILE), "relay": "http://127.0.0.1:9", "token": "t", "name": "front-end", "proto": "tcp",
+    "local_host": "::1", "basic_auth": "u:p", "allow_ip": ["10.0.0.0/8"], "ca_file": "ca.pem",
+    "wait_for_relay": False, "inspect": 4041, "no_inspect": True, "port": "127.0.0.1:8080", "remote_port": 20001,
+}
+
+
+def _mostly(usual: st.SearchStrategy, rarely: st.SearchStrategy) -> st.SearchStrategy:
+    """`usual` nine times in ten, else `rarely`."""
+    return st.integers(0, 9).flatmap(lambda draw: usual if draw else rarely)
+
+
+def _table(keys: Iterable[str], **required: st.SearchStrategy) -> st.SearchStrategy:
+    """Tables of some of `keys`, each value mostly a good one."""
+    return st.fixed_dictionaries(required, optional={key: _mostly(st.just(_GOOD[key]), _ANY) for key in keys})
+
+
+_TUNNEL_TABLE = st.sampled_from(sorted(TUNNEL_KEYS)).flatmap(lambda proto: _table(
+    TUNNEL_KEYS[proto][2:], proto=st.just(proto), port=_mostly(st.just(_GOOD["port"]), _ANY)))
+_TUNNELS = st.dictionaries(_mostly(st.sampled_from(["web", "app", "db", "Web", "api", "x_y"]), st.text(max_size=6)),
+                           _mostly(_TUNNEL_TABLE, _ANY), min_size=1, max_size=4)
+_AGENT_DOCUMENT = st.builds(
+    lambda top, tunnels: {**top, **tunnels},
+    st.just({}) | _table([setting.key for setting in AGENT_WIDE]),
+    _mostly(st.fixed_dictionaries({"tunnels": _TUNNELS}), st.fixed_dictionaries({}, optional={"tunnels": _ANY})))
+_RELAY_DOCUMENT = _table([setting.key for setting in RELAY_SETTINGS if setting.key != "tokens_file"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(document=_AGENT_DOCUMENT)
+def test_any_agent_document_is_a_file_or_one_line(document):
+    path = Path("portway.toml")
+    try:
+        parsed = agent_file(document, path)
+        for tunnel in parsed.tunnels:
+            parsed.agent_config(tunnel, {}, {})
+    except ConfigurationError as error:
+        assert "\n" not in str(error) and str(error)
+
+
+@settings(max_examples=300, deadline=None)
+@given(document=_RELAY_DOCUMENT)
+def test_any_relay_document_is_a_config_or_one_line(document):
+    try:
+        relay_config(load(RELAY_SETTINGS, {}, {}, relay_values(document, Path("relay.toml"))))
+    except ConfigurationError as error:
+        assert "\n" not in str(error) and str(error)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=60))
+def test_any_text_is_a_document_or_one_line(tmp_path_factory, text):
+    path = tmp_path_factory.getbasetemp() / "any.toml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        read_toml(path)
+    except ConfigurationError as error:
+        assert "\n" not in str(error) and str(error).startswith(f"{path}: invalid TOML: ")
