@@ -112,6 +112,7 @@ def test_the_readme_lists_every_flag_and_its_variable():
     for setting in RELAY_SETTINGS + AGENT_SETTINGS:
         flag = f"--no-{setting.flag[2:]}" if setting.is_switch and setting.default else setting.flag
         assert f"`{flag}" in readme and f"`${setting.env}`" in readme, setting.key
+    assert "`--config FILE`" in readme and "portway start [--config FILE]" in readme
 
 
 def test_budget_flags_default_to_the_configured_values():

@@ -22,6 +22,7 @@ ALLOWED = {
     "inspector": {"link", "proto", "errors", "config"},
     "auth": {"proto", "errors"},
     "config": {"proto", "errors", "auth"},
+    "configfile": {"config", "errors"},
     "errors": set(),
     "runtime": set(),
     "metrics": set(),

@@ -1,4 +1,5 @@
-"""The `portway` command: `portway server …` runs a relay, `portway http PORT …` exposes a local port."""
+"""The `portway` command: `portway server …` runs a relay, `portway http PORT …` exposes a local port,
+`portway start` runs the tunnels of a config file, `portway config check FILE` validates one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Awaitable, Callable, Mapping
 
 from rich.console import Console
@@ -27,6 +29,15 @@ from .config import (
     load,
     local_target,
     relay_config,
+)
+from .configfile import (
+    AGENT_WIDE,
+    FILE_NAME,
+    HttpTunnel,
+    check,
+    default_agent_file,
+    read_agent_file,
+    relay_file_values,
 )
 from .errors import ConfigurationError, InsecureConfiguration, RegistrationError
 from .proto.mux import MuxConfig
@@ -84,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     server = commands.add_parser("server", help="run a relay on a public host")
+    server.add_argument("--config", dest="config_file", metavar="FILE", type=Path,
+                        help="TOML file of relay settings (keys: the settings' names); flags and variables win")
     add_settings(server, RELAY_SETTINGS)
 
     hash_token = commands.add_parser("hash-token", help="print the sha256 line for a token, for a --tokens file")
@@ -94,7 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("target", type=flag_type(Setting("target", "PORT", local_target, None, "")),
                       metavar="PORT", help="local port to expose, or HOST:PORT (the host overrides --local-host)")
     add_settings(http, AGENT_SETTINGS)
-    for command in (server, http, hash_token):
+
+    start = commands.add_parser("start", help="run the tunnels of a config file")
+    start.add_argument("--config", dest="config_file", metavar="FILE", type=Path,
+                       help=f"the agent's TOML file (default ./{FILE_NAME}, else "
+                            f"$XDG_CONFIG_HOME/portway/{FILE_NAME}, ~/.config/portway/{FILE_NAME} without it)")
+    start.add_argument("names", nargs="*", metavar="NAME", help="run only these tunnels (default: all)")
+    add_settings(start, AGENT_WIDE)
+
+    config = commands.add_parser("config", help="work with config files")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="check")
+    config_check = config_commands.add_parser("check", help="validate a config file without starting anything")
+    config_check.add_argument("file", type=Path, metavar="FILE")
+    kind = config_check.add_mutually_exclusive_group()
+    kind.add_argument("--relay", dest="relay_file", action="store_const", const=True,
+                      help="check FILE as a relay's (default: decided by its keys, see the README)")
+    kind.add_argument("--agent", dest="relay_file", action="store_const", const=False,
+                      help="check FILE as an agent's")
+    for command in (server, http, hash_token, start, config_check):
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="log what the relay/agent does")
     return parser
@@ -110,8 +140,18 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(fail("no token given (as an argument or on standard input)", 2))
         print(f'sha256 = "{hash_token(secret)}"')
         return
+    if args.command == "config":
+        try:
+            print(check(args.file, os.environ, args.relay_file))
+        except ConfigurationError as error:
+            sys.exit(fail(str(error), 2))
+        return
     try:
-        config = config_from(args, os.environ)
+        if args.command == "start":
+            path, config = start_config(args, os.environ)
+            stderr.print(f"tunnel {escape(str(config.name))} of {escape(str(path))}")
+        else:
+            config = config_from(args, os.environ)
     except ConfigurationError as error:
         sys.exit(fail(str(error), 2))
     if isinstance(config, RelayConfig):
@@ -136,15 +176,41 @@ def inspector_config(config: AgentConfig):
     return InspectorConfig(host=host, port=port, next_free=False)
 
 
+def given_flags(args: argparse.Namespace) -> dict[str, object]:
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in vars(args).items()}
+
+
 def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> RelayConfig | AgentConfig:
-    """The config of `portway server` or `portway http`: the flags given, over `environ`, over the defaults."""
-    given = {key: tuple(value) if isinstance(value, list) else value for key, value in vars(args).items()}
+    """The config of `portway server` or `portway http`: the flags given, over `environ`, over the config file
+    (`server --config`), over the defaults."""
+    given = given_flags(args)
     if args.command == "server":
-        return relay_config(load(RELAY_SETTINGS, given, environ))
+        from_file = relay_file_values(args.config_file) if args.config_file is not None else None
+        return relay_config(load(RELAY_SETTINGS, given, environ, from_file))
     host, port = args.target
     if host is not None:
         given["local_host"] = host
     return agent_config(port, load(AGENT_SETTINGS, given, environ))
+
+
+def start_config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Path, AgentConfig]:
+    """The agent's file `portway start` reads and the config it runs with: the file's selected tunnels, which (for
+    now) must be exactly one http tunnel; several over one link and tcp tunnels are refused, not approximated."""
+    path = args.config_file if args.config_file is not None else default_agent_file(environ, Path.cwd())
+    agent_file = read_agent_file(path)
+    selected = agent_file.select(args.names)
+    tcp = [tunnel.name for tunnel in selected if not isinstance(tunnel, HttpTunnel)]
+    if tcp:
+        http = [tunnel.name for tunnel in agent_file.tunnels if isinstance(tunnel, HttpTunnel)]
+        instead = f"start one of its http tunnels by name ({', '.join(http)})" if http else "it has no http tunnel"
+        raise ConfigurationError(f"tcp tunnels ({', '.join(tcp)}) are not available yet in this version of "
+                                 f"portway: {instead}")
+    if len(selected) > 1:
+        names = ", ".join(tunnel.name for tunnel in selected)
+        raise ConfigurationError(f"running several tunnels at once ({names}) is not available yet in this "
+                                 f"version of portway: start one by its name, e.g. `portway start "
+                                 f"{selected[0].name}`")
+    return path, agent_file.agent_config(selected[0], given_flags(args), environ)
 
 
 def read_secret() -> str:

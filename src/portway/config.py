@@ -1,9 +1,9 @@
 """Every setting of both roles in one place: its flag, its environment variable, its default and its check.
 
 Each role has a table of :class:`Setting`; the CLI builds its flags from the table, and :func:`load` turns what
-was given — flags over `PORTWAY_*` environment variables over the defaults (a config file will sit between the
-environment and the defaults) — into a frozen, validated :class:`RelayConfig` or :class:`AgentConfig`. A bad value
-is a :class:`~portway.errors.ConfigurationError` naming the flag and what it allows.
+was given — flags over `PORTWAY_*` environment variables over a config file (read by :mod:`portway.configfile`)
+over the defaults — into a frozen, validated :class:`RelayConfig` or :class:`AgentConfig`. A bad value is a
+:class:`~portway.errors.ConfigurationError` naming the flag, variable or file key and what it allows.
 """
 
 from __future__ import annotations
@@ -151,6 +151,7 @@ class Setting:
     repeatable: bool = False  # a list: the flag may be given many times, the variable holds a comma-separated list
     is_switch: bool = False  # --flag / --no-flag
     is_flag: bool = False  # a flag without a value that turns something on (or, named --no-…, off)
+    is_path: bool = False  # a file: a relative path in a config file is relative to that file's folder
 
     @property
     def env(self) -> str:
@@ -175,12 +176,12 @@ RELAY_SETTINGS = (
     Setting("tokens", "--token", text, (), "accept agents presenting this token (repeatable)", "SECRET",
             repeatable=True),
     Setting("tokens_file", "--tokens", text, None,
-            "TOML file of [[token]] entries: sha256, label, names (reserved), max_tunnels", "FILE"),
+            "TOML file of [[token]] entries: sha256, label, names (reserved), max_tunnels", "FILE", is_path=True),
     Setting("open_relay", "--open", switch, False,
             "allow running without tokens on a non-loopback address (anyone may open tunnels)", is_switch=True),
     Setting("tls_cert", "--tls-cert", text, None, "certificate chain (PEM): serve HTTPS/WSS and TLS to agents",
-            "FILE"),
-    Setting("tls_key", "--tls-key", text, None, "private key (PEM) for --tls-cert", "FILE"),
+            "FILE", is_path=True),
+    Setting("tls_key", "--tls-key", text, None, "private key (PEM) for --tls-cert", "FILE", is_path=True),
     Setting("tls_reload_interval", "--tls-reload-interval", seconds, 10.0,
             "seconds between checks of --tls-cert/--tls-key for a new certificate (SIGHUP reloads at once)",
             "SECONDS"),
@@ -222,7 +223,8 @@ AGENT_SETTINGS = (
             "visitors must log in with this user name and password", "USER:PASS"),
     Setting("allow_ip", "--allow-ip", network, (), "only visitors from these networks may connect (repeatable)",
             "CIDR", repeatable=True),
-    Setting("ca_file", "--ca", text, None, "CA certificate(s) to verify an https:// relay with", "FILE"),
+    Setting("ca_file", "--ca", text, None, "CA certificate(s) to verify an https:// relay with", "FILE",
+            is_path=True),
     Setting("wait_for_relay", "--wait-for-relay", switch, True,
             "when the relay can't be reached at start, keep trying (as after a dropped link) instead of exiting",
             is_switch=True),
@@ -237,9 +239,12 @@ AGENT_SETTINGS = (
 )
 
 
-def load(settings: tuple[Setting, ...], given: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+def load(settings: tuple[Setting, ...], given: Mapping[str, Any], environ: Mapping[str, str],
+         from_file: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The value of every setting: what was `given` (flags, already parsed), else its `PORTWAY_*` variable, else
-    its default. A variable that doesn't parse is a ConfigurationError naming it."""
+    its value `from_file` (a config file's, already parsed), else its default. A variable that doesn't parse is a
+    ConfigurationError naming it."""
+    from_file = from_file or {}
     values: dict[str, Any] = {}
     for setting in settings:
         if setting.key in given:
@@ -247,7 +252,7 @@ def load(settings: tuple[Setting, ...], given: Mapping[str, Any], environ: Mappi
             continue
         raw = environ.get(setting.env)
         if raw is None or raw == "":
-            values[setting.key] = setting.default
+            values[setting.key] = from_file.get(setting.key, setting.default)
             continue
         try:
             if setting.repeatable:
