@@ -28,7 +28,7 @@ from .config import (
     local_target,
     relay_config,
 )
-from .errors import ConfigurationError, InsecureConfiguration, RegistrationError
+from .errors import ConfigurationError, RegistrationError
 from .proto.mux import MuxConfig
 from .runtime import tune_for_serving
 
@@ -183,13 +183,15 @@ async def run_server(config: RelayConfig) -> int:
     relay = Relay(config)
     try:
         await relay.start()
-    except InsecureConfiguration as error:
+    except ConfigurationError as error:
         return fail(str(error), 2)
     except OSError as error:
         return fail(f"cannot listen on {config.bind}:{config.port}: {error.strerror or error}", 1)
     stderr.print(f"Portway relay on {config.bind}:{relay.port}; tunnels at {relay.public_url('NAME')}")
     tokens = f"{len(config.grants)} agent token(s)" if config.grants else "no tokens (open relay)"
     tls = "TLS on" if config.tls_cert else "no TLS"
+    if config.acme_email:
+        tls = f"TLS by ACME ({'a wildcard certificate through DNS-01' if config.acme_dns else 'per-name TLS-ALPN-01'})"
     stderr.print(f"{tokens}, {tls}, access log {config.log_format if config.access_log else 'off'}")
     if relay.metrics_address is not None:
         host, port = relay.metrics_address
