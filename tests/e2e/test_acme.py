@@ -181,7 +181,7 @@ def test_a_refused_dns_update_is_one_line_and_no_certificate(procs, tmp_path):
                              "--acme-dns", dns_server.update_url(secret=wrong))
     line = relay.proc.wait_for_line(r"ACME: could not get a certificate for .*").group(0)
     assert WILDCARD_NAMES.replace("\\", "") in line and str(dns_server.port) in line
-    assert "none in use yet; next try in 60 s" in line
+    assert "refused the TSIG key 'portway-test'" in line and line.endswith("none in use yet; next try in 60 s")
     assert "Traceback" not in relay.proc.output()
     assert "BEGIN" not in relay.proc.output() and wrong not in relay.proc.output()
     handshake_refused(relay, f"web.{DOMAIN}")

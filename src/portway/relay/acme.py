@@ -37,7 +37,8 @@ class CertificateStore:
 
     def prepare(self) -> None:
         try:
-            self.certificates.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # (parents get the umask's mode)
+            self.certificates.mkdir(mode=0o700, exist_ok=True)
         except OSError as error:
             raise ConfigurationError(f"cannot use {self.directory} for ACME state ({error.strerror}): "
                                      "pass --state-dir DIR, a directory the relay may write") from None

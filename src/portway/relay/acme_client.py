@@ -21,6 +21,7 @@ import dns.message
 import dns.name
 import dns.query
 import dns.rcode
+import dns.tsig
 import dns.tsigkeyring
 import dns.update
 import josepy as jose
@@ -155,6 +156,9 @@ class Rfc2136Solver:
         try:
             address = socket.getaddrinfo(self.target.host, self.target.port, type=socket.SOCK_STREAM)[0][4][0]
             response = dns.query.tcp(update, address, port=self.target.port, timeout=DNS_TIMEOUT)
+        except dns.tsig.PeerError as error:
+            raise AcmeFailure(f"the DNS server {where} refused the TSIG key {self.target.key_name!r} "
+                              f"({error}): check KEYNAME, SECRET and ?algorithm= in --acme-dns") from None
         except (OSError, dns.exception.DNSException) as error:
             raise AcmeFailure(f"the DNS update at {where} failed: {error or type(error).__name__}") from None
         if response.rcode() != dns.rcode.NOERROR:
