@@ -199,6 +199,8 @@ async def run_server(config: RelayConfig) -> int:
                      else f"metrics: http://[{host}]:{port}/metrics")
     if relay.certificates is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, relay.certificates.reload)
+    elif relay.acme is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, relay.acme.reload)
     print(f"listening on {config.bind}:{relay.port}", flush=True)
     try:
         await asyncio.Event().wait()

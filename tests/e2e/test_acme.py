@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -114,12 +115,16 @@ def test_a_wildcard_certificate_through_dns01_serves_every_tunnel_and_survives_a
     assert pebble.orders() == 1
 
     # a restart serves the stored certificate: no new order
-    relay.proc.kill(15)
+    relay.proc.kill(signal.SIGTERM)
     relay = start_acme_relay(procs, pebble, port, state, root, "--acme-dns", dns_server.update_url())
     relay.proc.wait_for_line(r"ACME: using the stored certificate for " + WILDCARD_NAMES)
     assert served_certificate(relay, f"web.{DOMAIN}").serial_number == certificate.serial_number
     answer = curl(relay, DOMAIN, "/api/status")
     assert answer.returncode == 0 and '"tunnels"' in answer.stdout, answer.stderr
+    # SIGHUP (systemctl reload) reads the stored certificates again; it doesn't stop the relay
+    relay.proc.popen.send_signal(signal.SIGHUP)
+    relay.proc.wait_for_line(r"ACME: reloaded the stored certificate for " + WILDCARD_NAMES)
+    assert curl(relay, f"web.{DOMAIN}", "/api/status").returncode == 0 and relay.proc.popen.poll() is None
     assert pebble.orders() == 1
     assert "obtained" not in relay.proc.output() and "Traceback" not in relay.proc.output()
 

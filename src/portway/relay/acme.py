@@ -133,12 +133,24 @@ class AcmeCertificates:
     def prepare(self) -> None:
         """Before the relay listens: the state directory, and the certificates stored there."""
         self.store.prepare()
+        self._load_stored("using the stored certificate")
+
+    def _load_stored(self, what: str) -> None:
         for key, issued in self.store.stored().items():
             if (key == WILDCARD) != self.wildcard:
                 continue  # the other mode's: kept on disk, not served
-            self._install(key, issued)
-            log.warning("ACME: using the stored certificate for %s (valid until %s)",
-                        ", ".join(certificate_names(key, self.domain)), _when(issued.not_after))
+            try:
+                self._install(key, issued)
+            except (OSError, ssl.SSLError) as error:
+                log.warning("ACME: ignoring the stored certificate for %s: %s", key, error)
+                continue
+            log.warning("ACME: %s for %s (valid until %s)", what, ", ".join(certificate_names(key, self.domain)),
+                        _when(issued.not_after))
+
+    def reload(self) -> None:
+        """SIGHUP (`systemctl reload`): read the stored certificates again, and plan their renewals anew."""
+        self._load_stored("reloaded the stored certificate")
+        self._schedule()
 
     def start(self) -> None:
         """Once the relay listens (TLS-ALPN-01 validations come to its port): the certificate the relay itself needs
