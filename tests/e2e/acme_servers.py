@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trustme
 
-from .conftest import Proc, Processes, free_port
+from .conftest import Proc, Processes, free_port, wait_until
 
 DOMAIN = "portway.test"  # a reserved name (RFC 6761): never a real lookup
 TSIG_KEY = "portway-test"
@@ -90,8 +90,11 @@ class Pebble:
             return reply.read().decode()
 
     def root(self) -> str:
-        """The root that issued the certificates (made anew at each start of pebble)."""
-        return self._get("/roots/0")
+        """The root that issued the certificates (made anew at each start of pebble); "" if pebble doesn't answer."""
+        try:
+            return self._get("/roots/0")
+        except OSError:
+            return ""
 
     def intermediate(self) -> str:
         return self._get("/intermediates/0")
@@ -133,4 +136,15 @@ def start_pebble(procs: Processes, directory: Path, dns_port: int, relay_port: i
     proc = procs.start([pebble, "-config", str(directory / "pebble.json"), "-dnsserver", f"127.0.0.1:{dns_port}"],
                        "pebble", env=env)
     proc.wait_for_line(r"ACME directory available")
-    return Pebble(proc, port, management_port, directory / "https-ca.pem")
+    started = Pebble(proc, port, management_port, directory / "https-ca.pem")
+    # pebble prints its addresses just before it listens on them: wait until both answer
+    wait_until(lambda: answers(started.directory, started.https_ca) and started.root(), what="pebble to answer")
+    return started
+
+
+def answers(url: str, ca: Path) -> bool:
+    try:
+        with urllib.request.urlopen(url, context=ssl.create_default_context(cafile=str(ca)), timeout=5):
+            return True
+    except OSError:
+        return False

@@ -111,6 +111,9 @@ def test_the_earliest_of_several_certificates_wakes_the_timer():
     assert plan.next_wakeup() == 20 * DAY
     plan.unscheduled("b.d")  # its tunnel is gone
     assert plan.next_wakeup() == 60 * DAY and plan.due(61 * DAY) == ["a.d"]
+    plan.started("b.d")  # the tunnel came back, a visit ordered it anew: renewed on time again
+    plan.installed("b.d", 61 * DAY, 91 * DAY)
+    assert plan.next_wakeup() == 60 * DAY and plan.due(81 * DAY) == ["a.d", "b.d"]
 
 
 KEY = f"shop.{DOMAIN}"

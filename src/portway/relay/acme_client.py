@@ -230,6 +230,13 @@ class AcmeAccount:
 
     def obtain(self, names: list[str], solver: Solver) -> Issued:
         """Order a certificate for `names` (the first is its subject) and answer its challenges with `solver`."""
+        try:
+            return self._obtain(names, solver)
+        except Exception:
+            self._client = None  # the next try starts afresh: directory, nonces, the account (which may be gone)
+            raise
+
+    def _obtain(self, names: list[str], solver: Solver) -> Issued:
         acme = self._connect()
         account_key = acme.net.key
         key_pem = _key_pem(ec.generate_private_key(ec.SECP256R1()))

@@ -94,6 +94,7 @@ class IssuancePlan:
         state = self.states.setdefault(key, _State())
         state.not_before, state.not_after = not_before, not_after
         state.in_flight, state.failures, state.retry_at = False, 0, None
+        state.scheduled = True  # renewed on time again (an unscheduled name back on demand included)
 
     def started(self, key: str) -> None:
         self.states.setdefault(key, _State()).in_flight = True
