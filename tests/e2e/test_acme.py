@@ -192,6 +192,40 @@ def test_a_refused_dns_update_is_one_line_and_no_certificate(procs, tmp_path):
     handshake_refused(relay, f"web.{DOMAIN}")
 
 
+def test_a_failed_renewal_keeps_the_last_good_certificate_in_use(procs, tmp_path):
+    dns_server, pebble, port, root = acme_world(procs, tmp_path, validity=12)
+    relay = start_acme_relay(procs, pebble, port, tmp_path / "state", root, "--acme-dns", dns_server.update_url())
+    relay.proc.wait_for_line(OBTAINED.format(WILDCARD_NAMES))
+    first = served_certificate(relay, DOMAIN)
+    dns_server.proc.kill()  # the DNS server is gone: the renewal (8 s after issue) can't set its TXT record
+    line = relay.proc.wait_for_line(r"ACME: could not get a certificate for .*", timeout=30).group(0)
+    assert str(dns_server.port) in line and line.endswith("the last good certificate stays in use; next try in 60 s")
+    # the same certificate is served (compared unverified: this short-lived one may be past its end by now)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=f"any.{DOMAIN}") as tls:
+            served = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+    assert served.serial_number == first.serial_number
+    assert "Traceback" not in relay.proc.output()
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ("state", r"cannot use .* for ACME state \(Not a directory\): pass --state-dir DIR"),
+    ("ca", r"--acme-ca .*missing\.pem: not a readable PEM CA certificate \(No such file or directory\)"),
+])
+def test_an_unusable_state_directory_or_acme_ca_is_one_line_at_start(procs, tmp_path, problem, expected):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    state = blocked if problem == "state" else tmp_path / "state"
+    extra = ["--acme-ca", str(tmp_path / "missing.pem")] if problem == "ca" else []
+    proc = procs.start(PORTWAY + ["server", "--port", "0", "--domain", DOMAIN, "--acme-email", EMAIL,
+                                  "--acme-directory", "https://127.0.0.1:9/dir", "--state-dir", str(state), *extra],
+                       "relay")
+    assert proc.wait_exit() == 2
+    assert len(proc.stderr) == 1 and re.search(expected, proc.stderr[0]), proc.stderr
+
+
 def test_chromium_opens_a_tunnel_over_https_with_the_acme_certificate(procs, tmp_path):
     from .test_inspector_browser import CHROMIUM
 

@@ -119,6 +119,7 @@ class AcmeCertificates:
         self.store = CertificateStore(store_directory(config.state_dir, config.acme_directory))
         self.account = AcmeAccount(config.acme_directory, config.acme_email, config.acme_ca, self.store.account_key)
         self.directory_url = config.acme_directory
+        self.ca_file = config.acme_ca
         self.challenges: dict[str, ssl.SSLContext] = {}  # name → its TLS-ALPN-01 context while validated
         self.solver = (Rfc2136Solver(config.acme_dns, self.domain) if config.acme_dns is not None
                        else TlsAlpnSolver(self.challenges, self.store.certificates))
@@ -131,7 +132,13 @@ class AcmeCertificates:
         self._timer: asyncio.TimerHandle | None = None
 
     def prepare(self) -> None:
-        """Before the relay listens: the state directory, and the certificates stored there."""
+        """Before the relay listens: --acme-ca, the state directory, and the certificates stored there."""
+        if self.ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=self.ca_file)
+            except (OSError, ssl.SSLError) as error:
+                raise ConfigurationError(f"--acme-ca {self.ca_file}: not a readable PEM CA certificate "
+                                         f"({getattr(error, 'strerror', None) or error})") from None
         self.store.prepare()
         self._load_stored("using the stored certificate")
 
