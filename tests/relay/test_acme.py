@@ -29,7 +29,8 @@ SECRET = "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"
 # ------------------------------------------------------------------------------------------------- settings
 
 def test_an_rfc2136_url_in_full():
-    target = DnsUpdateTarget.parse("rfc2136://acme-key:ab%2Fc%2Bd==@ns1.example.net:5353/example.com?algorithm=HMAC-SHA512")
+    target = DnsUpdateTarget.parse(
+        "rfc2136://acme-key:ab%2Fc%2Bd==@ns1.example.net:5353/example.com?algorithm=HMAC-SHA512")
     assert (target.key_name, target.secret, target.host, target.port, target.zone, target.algorithm) == \
         ("acme-key", "ab/c+d==", "ns1.example.net", 5353, "example.com", "hmac-sha512")
     assert "ab/c" not in str(target) and "ab/c" not in repr(target)  # the secret never shows

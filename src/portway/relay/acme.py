@@ -218,7 +218,8 @@ class AcmeCertificates:
         except Exception as error:  # noqa: BLE001 - any failure: logged in one line, retried later
             now = time.time()
             retry_at = self.plan.failed(key, now)
-            kept = "the last good certificate stays in use" if key in self.contexts else "none in use yet"
+            kept = ("the last good certificate stays in use" if self.plan.has_certificate(key)
+                    else "none in use yet")
             log.warning("ACME: could not get a certificate for %s: %s; %s; next try in %s", ", ".join(names),
                         describe(error, self.directory_url), kept, _duration(retry_at - now))
         else:
