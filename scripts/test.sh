@@ -3,7 +3,8 @@
 #
 # Idempotent. On a Debian 12 machine (as root) it first installs whatever the tests need
 # and is missing, then runs pytest with the given arguments and exits with pytest's status:
-#   - Debian packages: redis-server, wrk, chromium, openssh-server, prometheus, systemd (only the missing ones;
+#   - Debian packages: redis-server, wrk, chromium, openssh-server, prometheus, systemd, pebble (Let's Encrypt's
+#     test CA), bind9 and curl (only the missing ones;
 #     nodejs only when `node` is missing; npm is never installed through apt)
 #   - the Python package with its test extras:  pip install -e '.[test]'
 #   - the pinned Node test tools (ws, localtunnel) from package-lock.json:  npm ci
@@ -25,6 +26,9 @@ have chromium || missing+=(chromium)
 have sshd || missing+=(openssh-server)
 have promtool || missing+=(prometheus)
 have systemd-analyze || missing+=(systemd)
+have pebble || missing+=(pebble)
+have named || missing+=(bind9)
+have curl || missing+=(curl)
 have node || missing+=(nodejs)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 
@@ -39,7 +43,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
             exit 1
         fi
     fi
-    # Keep package scripts from starting system services (redis on 6379, sshd on 22):
+    # Keep package scripts from starting system services (redis on 6379, sshd on 22, named on 53):
     # the tests run their own instances on free ports.
     made_policy=0
     if [ ! -e /usr/sbin/policy-rc.d ]; then

@@ -130,8 +130,30 @@ def test_relative_paths_in_a_file_are_beside_it(tmp_path, monkeypatch):
     assert [grant.label for grant in server("--config", str(path), "--tls-key", "k.pem").grants] == ["alice"]
 
 
+# ACME gets the certificates itself, so its keys can't share a file with tls_cert/tls_key
+ACME_RELAY_FILE = """\
+domain = "t.example"
+acme_email = "me@t.example"
+acme_directory = "https://acme.t.example/dir"
+acme_ca = "acme-ca.pem"
+acme_dns = "rfc2136://key:c2VjcmV0@127.0.0.1:5353/t.example"
+state_dir = "state"
+"""
+
+
+def test_a_relay_file_sets_the_acme_settings_the_flags_set(tmp_path):
+    from_file = server("--config", str(write(tmp_path, ACME_RELAY_FILE, "relay.toml")))
+    assert from_file == server("--domain", "t.example", "--acme-email", "me@t.example",
+                               "--acme-directory", "https://acme.t.example/dir",
+                               "--acme-ca", str(tmp_path / "acme-ca.pem"),
+                               "--acme-dns", "rfc2136://key:c2VjcmV0@127.0.0.1:5353/t.example",
+                               "--state-dir", str(tmp_path / "state"))
+    assert from_file.acme_email == "me@t.example" and from_file.acme_dns is not None
+
+
 def test_every_relay_setting_has_a_key_in_a_file():
-    assert {line.split(" = ")[0] for line in RELAY_FILE.splitlines()} == {setting.key for setting in RELAY_SETTINGS}
+    keys = {line.split(" = ")[0] for line in (RELAY_FILE + ACME_RELAY_FILE).splitlines()}
+    assert keys == {setting.key for setting in RELAY_SETTINGS}
 
 
 # ----------------------------------------------------------------------------------------------- mistakes
@@ -387,7 +409,7 @@ _SCALARS = st.one_of(st.booleans(), st.integers(-2**64, 2**64), st.floats(), st.
 _ANY = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
     st.text(max_size=8), inner, max_size=3), max_leaves=6)
 _GOOD = {
-    **tomllib.loads(RELAY_FILE), "relay": "http://127.0.0.1:9", "token": "t", "name": "front-end", "proto": "tcp",
+    **tomllib.loads(RELAY_FILE), **tomllib.loads(ACME_RELAY_FILE), "relay": "http://127.0.0.1:9", "token": "t", "name": "front-end", "proto": "tcp",
     "local_host": "::1", "basic_auth": "u:p", "allow_ip": ["10.0.0.0/8"], "ca_file": "ca.pem",
     "wait_for_relay": False, "inspect": 4041, "no_inspect": True, "port": "127.0.0.1:8080", "remote_port": 20001,
 }
@@ -444,3 +466,10 @@ def test_any_text_is_a_document_or_one_line(tmp_path_factory, text):
         read_toml(path)
     except ConfigurationError as error:
         assert "\n" not in str(error) and str(error).startswith(f"{path}: invalid TOML: ")
+
+
+def test_a_tunnel_key_that_toml_must_quote_is_quoted_in_the_message(tmp_path):
+    path = write(tmp_path, '[tunnels."a\\nb"]\nproto = "http"\nport = 8080\n', "portway.toml")
+    with pytest.raises(ConfigurationError) as raised:
+        read_agent_file(path)
+    assert str(raised.value).startswith(f'{path}: [tunnels."a\\nb"]: ') and "\n" not in str(raised.value)

@@ -39,7 +39,7 @@ from .configfile import (
     read_agent_file,
     relay_file_values,
 )
-from .errors import ConfigurationError, InsecureConfiguration, RegistrationError
+from .errors import ConfigurationError, RegistrationError
 from .proto.mux import MuxConfig
 from .runtime import tune_for_serving
 
@@ -249,13 +249,15 @@ async def run_server(config: RelayConfig) -> int:
     relay = Relay(config)
     try:
         await relay.start()
-    except InsecureConfiguration as error:
+    except ConfigurationError as error:
         return fail(str(error), 2)
     except OSError as error:
         return fail(f"cannot listen on {config.bind}:{config.port}: {error.strerror or error}", 1)
     stderr.print(f"Portway relay on {config.bind}:{relay.port}; tunnels at {relay.public_url('NAME')}")
     tokens = f"{len(config.grants)} agent token(s)" if config.grants else "no tokens (open relay)"
     tls = "TLS on" if config.tls_cert else "no TLS"
+    if config.acme_email:
+        tls = f"TLS by ACME ({'a wildcard certificate through DNS-01' if config.acme_dns else 'per-name TLS-ALPN-01'})"
     stderr.print(f"{tokens}, {tls}, access log {config.log_format if config.access_log else 'off'}")
     if relay.metrics_address is not None:
         host, port = relay.metrics_address
@@ -263,6 +265,8 @@ async def run_server(config: RelayConfig) -> int:
                      else f"metrics: http://[{host}]:{port}/metrics")
     if relay.certificates is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, relay.certificates.reload)
+    elif relay.acme is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, relay.acme.reload)
     print(f"listening on {config.bind}:{relay.port}", flush=True)
     try:
         await asyncio.Event().wait()

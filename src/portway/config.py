@@ -8,10 +8,15 @@ over the defaults — into a frozen, validated :class:`RelayConfig` or :class:`A
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import math
+import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from .auth import Grant, hash_token, load_tokens_file
 from .errors import ConfigurationError, InvalidName
@@ -20,6 +25,8 @@ from .proto.names import validate_name
 
 DEFAULT_RELAY_PORT = 8000
 DEFAULT_INSPECT = ("127.0.0.1", 4040)  # the inspector's address, or the next free port after it
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1", "hmac-md5")
 
 
 # ----------------------------------------------------------------------------------------------- value checks
@@ -136,6 +143,60 @@ def switch(text: str) -> bool:
     raise ValueError("must be true or false")
 
 
+@dataclass(frozen=True)
+class DnsUpdateTarget:
+    """Where and how TXT records are set by RFC 2136 dynamic update: from
+    `rfc2136://KEYNAME:SECRET@HOST:PORT/ZONE?algorithm=hmac-sha256` (SECRET base64, percent-encoded where it has
+    `/` or `+`; PORT default 53; ZONE default: the relay's domain)."""
+
+    key_name: str
+    secret: str = field(repr=False)  # never in a log line or a traceback
+    host: str
+    port: int
+    zone: str | None
+    algorithm: str = "hmac-sha256"
+
+    @classmethod
+    def parse(cls, url: str) -> DnsUpdateTarget:
+        parts = urlsplit(url)
+        if parts.scheme != "rfc2136":
+            raise ValueError("must be rfc2136://KEYNAME:SECRET@HOST:PORT/ZONE")
+        if not parts.username or parts.password is None:
+            raise ValueError("rfc2136:// needs the TSIG key as KEYNAME:SECRET@ before the host")
+        if not parts.hostname:
+            raise ValueError("rfc2136:// needs the DNS server's HOST")
+        try:
+            port = parts.port or 53
+        except ValueError:
+            raise ValueError("rfc2136:// has a bad port") from None
+        secret = unquote(parts.password)
+        try:
+            base64.b64decode(secret, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("the TSIG secret must be base64 (percent-encode '/' as %2F and '+' as %2B)") from None
+        query = parse_qs(parts.query)
+        algorithm = query.pop("algorithm", ["hmac-sha256"])[-1].lower()
+        if query:
+            raise ValueError(f"rfc2136:// knows only ?algorithm=, not {', '.join(sorted(query))}")
+        if algorithm not in TSIG_ALGORITHMS:
+            raise ValueError(f"TSIG algorithm must be one of {', '.join(TSIG_ALGORITHMS)}")
+        zone = parts.path.strip("/") or None
+        return cls(unquote(parts.username), secret, parts.hostname, port, zone, algorithm)
+
+    def __str__(self) -> str:  # never the secret
+        return f"rfc2136://{self.key_name}@{self.host}:{self.port}/{self.zone or ''}"
+
+
+def rfc2136_url(text: str) -> DnsUpdateTarget:
+    return DnsUpdateTarget.parse(text)
+
+
+def email(text: str) -> str:
+    if "@" not in text.strip("@"):
+        raise ValueError("must be an e-mail address")
+    return text
+
+
 # ----------------------------------------------------------------------------------------------- settings
 
 @dataclass(frozen=True)
@@ -185,6 +246,21 @@ RELAY_SETTINGS = (
     Setting("tls_reload_interval", "--tls-reload-interval", seconds, 10.0,
             "seconds between checks of --tls-cert/--tls-key for a new certificate (SIGHUP reloads at once)",
             "SECONDS"),
+    Setting("acme_email", "--acme-email", email, None,
+            "get certificates for DOMAIN and its tunnels by ACME (Let's Encrypt by default), with this contact "
+            "address: a wildcard one through --acme-dns, else one per tunnel name on its first visit (TLS-ALPN-01)",
+            "ADDRESS"),
+    Setting("acme_directory", "--acme-directory", text, LETS_ENCRYPT,
+            "the ACME server's directory URL (default: Let's Encrypt's production)", "URL"),
+    Setting("acme_ca", "--acme-ca", text, None,
+            "CA certificate(s) to verify the ACME server's own HTTPS with (a private or test CA)", "FILE",
+            is_path=True),
+    Setting("acme_dns", "--acme-dns", rfc2136_url, None,
+            "get one wildcard certificate through DNS-01, setting the TXT record by RFC 2136 dynamic update: "
+            "rfc2136://KEYNAME:SECRET@HOST:PORT/ZONE[?algorithm=hmac-sha256]", "URL"),
+    Setting("state_dir", "--state-dir", text, None,
+            "directory for the ACME account key and certificates (default: $STATE_DIRECTORY under systemd, else "
+            "$XDG_STATE_HOME/portway or ~/.local/state/portway)", "DIR", is_path=True),
     Setting("head_timeout", "--head-timeout", seconds, 15.0,
             "seconds a request head may take to arrive once started", "SECONDS"),
     Setting("idle_timeout", "--idle-timeout", seconds, 75.0,
@@ -292,6 +368,11 @@ class RelayConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_reload_interval: float = 10.0  # how often the certificate files are checked for a renewal
+    acme_email: str | None = None  # ACME on: the account's contact address
+    acme_directory: str = LETS_ENCRYPT
+    acme_ca: str | None = None  # trust this CA for the ACME server's HTTPS (else the system store)
+    acme_dns: DnsUpdateTarget | None = None  # wildcard through DNS-01; None: per-name through TLS-ALPN-01
+    state_dir: str | None = None  # None: see default_state_dir()
     metrics: tuple[str, int] | None = None  # (host, port) of a Prometheus listener of its own; None: off
     access_log: bool = False  # a line per request on stderr (the CLI turns it on)
     log_format: str = "text"  # or "json": one object per line
@@ -306,6 +387,13 @@ class RelayConfig:
             raise ConfigurationError("max_connections_per_ip must be at least 1")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigurationError("--tls-cert and --tls-key go together")
+        if self.acme_email and self.tls_cert:
+            raise ConfigurationError("--acme-email gets the certificates itself: drop --tls-cert/--tls-key, or it")
+        if (self.acme_dns or self.acme_ca) and not self.acme_email:
+            raise ConfigurationError("--acme-dns and --acme-ca need --acme-email (which turns ACME on)")
+        if self.acme_email and (self.domain == "localhost" or "." not in self.domain.strip(".")):
+            raise ConfigurationError(f"ACME needs a public --domain (a DNS name like tunnels.example.com), "
+                                     f"not {self.domain!r}")
         log_format(self.log_format)
 
 
@@ -331,6 +419,15 @@ class AgentConfig:
         log_format(self.log_format)
         if not 1 <= self.port <= 65535:
             raise ConfigurationError(f"the local port must be 1-65535, got {self.port}")
+
+
+def default_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where the relay keeps its state without --state-dir: systemd's StateDirectory= (it sets $STATE_DIRECTORY),
+    else the XDG state directory."""
+    if environ.get("STATE_DIRECTORY"):
+        return Path(environ["STATE_DIRECTORY"].split(":")[0])
+    base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "portway"
 
 
 def _mux_config(values: Mapping[str, Any]) -> MuxConfig:

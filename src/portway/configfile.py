@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from .config import (
 from .errors import ConfigurationError
 
 FILE_NAME = "portway.toml"
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # TOML's bare keys; any other is written quoted
 
 # A setting's value in TOML, by its parser: the types it may have and how to name them. Anything else is a string.
 NUMBER = ((int, float), "a number")
@@ -96,6 +98,12 @@ def toml_value(value: Any) -> str:
     return str(value)
 
 
+def toml_key(key: str) -> str:
+    """`key` as it would be written in the file: bare when TOML allows, else quoted (so a key holding a line break
+    or a quote still makes a one-line message)."""
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+
+
 def check_keys(table: Mapping[str, Any], allowed: Iterable[str], path: Path, prefix: str, what: str) -> None:
     """Every key of `table` is one of `allowed`; else an error with the nearest allowed key, if one is close."""
     allowed = list(allowed)
@@ -103,7 +111,7 @@ def check_keys(table: Mapping[str, Any], allowed: Iterable[str], path: Path, pre
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigurationError(f"unknown key '{prefix}{key}' in {path}{hint}; allowed {what}: "
+            raise ConfigurationError(f"unknown key '{prefix}{toml_key(key)}' in {path}{hint}; allowed {what}: "
                                      f"{', '.join(allowed)}")
 
 
@@ -243,9 +251,9 @@ def agent_file(document: Mapping[str, Any], path: Path) -> AgentFile:
         tunnel = _tunnel(key, table, path)
         for other in tunnels:
             if other.name == tunnel.name:
-                raise ConfigurationError(f"{path}: tunnels.{other.key} and tunnels.{key} have the same name, "
-                                         f"'{tunnel.name}'; a name can be used once (set name = \"…\" to rename "
-                                         "one)")
+                raise ConfigurationError(f"{path}: tunnels.{toml_key(other.key)} and tunnels.{toml_key(key)} have "
+                                         f"the same name, '{tunnel.name}'; a name can be used once "
+                                         "(set name = \"…\" to rename one)")
         tunnels.append(tunnel)
     if not tunnels:
         raise ConfigurationError(f"{path} defines no tunnels: add a [tunnels.NAME] table with proto and port")
@@ -253,9 +261,9 @@ def agent_file(document: Mapping[str, Any], path: Path) -> AgentFile:
 
 
 def _tunnel(key: str, table: Any, path: Path) -> Tunnel:
-    prefix = f"tunnels.{key}."
+    prefix = f"tunnels.{toml_key(key)}."
     if not isinstance(table, dict):
-        raise ConfigurationError(f"{path}: 'tunnels.{key}' must be a table, [tunnels.{key}], "
+        raise ConfigurationError(f"{path}: '{prefix[:-1]}' must be a table, [{prefix[:-1]}], "
                                  f"not {toml_value(table)}")
     proto = table.get("proto")
     if proto not in PROTOCOLS:
@@ -292,7 +300,7 @@ def _name(key: str, raw: Any, path: Path, prefix: str) -> str:
         try:
             return tunnel_name(key)
         except ValueError as error:
-            raise ConfigurationError(f"{path}: [tunnels.{key}]: the table's key is the tunnel's name unless "
+            raise ConfigurationError(f"{path}: [tunnels.{toml_key(key)}]: the table's key is the tunnel's name unless "
                                      f"name = \"…\" says otherwise, and {error}") from None
     if not isinstance(raw, str):
         raise ConfigurationError(f"{path}: '{prefix}name' must be a string, not {toml_value(raw)}")

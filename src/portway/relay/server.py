@@ -22,6 +22,7 @@ from ..proto.pages import error_response, json_response, landing_page
 from ..proto.routing import OneTunnel, Router
 from .agents import AgentLinks, NameClaims
 from .access_log import AccessLog
+from .acme import AcmeCertificates
 from .certificates import CertificateFiles
 from .front import FrontServices, VisitorConnection
 from .localtunnel import LocalTunnelService
@@ -44,6 +45,7 @@ class Relay:
         self.server: asyncio.base_events.Server | None = None
         self.ssl_context: ssl.SSLContext | None = None
         self.certificates: CertificateFiles | None = None
+        self.acme: AcmeCertificates | None = None
         self.port = config.port
         self.counters = RelayCounters()
         throttle = FailureThrottle(config.auth_failures_per_address, config.auth_failure_window)
@@ -67,6 +69,10 @@ class Relay:
             self.certificates = CertificateFiles(self.config.tls_cert, self.config.tls_key)
             self.ssl_context = self.certificates.context
             self.certificates.watch(self.config.tls_reload_interval)
+        elif self.config.acme_email:
+            self.acme = AcmeCertificates(self.config, lambda name: self.registry.get(name) is not None)
+            self.acme.prepare()
+            self.ssl_context = self.acme.context
         loop = asyncio.get_running_loop()
         config = self.config
         self.deadlines = DeadlineSweeper(loop, resolution_for(config.idle_timeout, config.head_timeout,
@@ -78,6 +84,8 @@ class Relay:
             reuse_address=True, backlog=1024, **handshake,
         )
         self.port = self.server.sockets[0].getsockname()[1]
+        if self.acme is not None:
+            self.acme.start()
         if config.metrics is not None:
             collector = RelayCollector(self.counters, self.registry, self.visitor_connections)
             host, port = config.metrics
@@ -99,6 +107,8 @@ class Relay:
             self.metrics_server.close()
         if self.certificates is not None:
             self.certificates.close()
+        if self.acme is not None:
+            self.acme.close()
         for server in self.extra_servers:
             server.close()
         if self.deadlines is not None:
