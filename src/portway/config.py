@@ -159,9 +159,11 @@ class Setting:
 
 KEEPALIVE = (
     Setting("keepalive_interval", "--keepalive-interval", seconds, MuxConfig.keepalive_interval,
-            "seconds without hearing from the other end of the agent link before pinging it", "SECONDS"),
+            "seconds without hearing from the other end of the agent link before pinging it; below "
+            "--keepalive-timeout (default: a third of it)", "SECONDS"),
     Setting("keepalive_timeout", "--keepalive-timeout", seconds, MuxConfig.keepalive_timeout,
-            "seconds a ping may go unanswered before the agent link is declared dead", "SECONDS"),
+            "seconds the other end of the agent link may stay silent before the link is declared dead (it is "
+            "pinged well before): the bound for noticing a dead link or a frozen peer (default 10)", "SECONDS"),
 )
 
 RELAY_SETTINGS = (
@@ -330,6 +332,10 @@ class AgentConfig:
 
 def _mux_config(values: Mapping[str, Any]) -> MuxConfig:
     extra = {"link_window": values["link_window"]} if "link_window" in values else {}
+    interval, timeout = values["keepalive_interval"], values["keepalive_timeout"]
+    if interval is not None and interval >= timeout:
+        raise ConfigurationError(f"--keepalive-interval ({interval:g}) must be below --keepalive-timeout "
+                                 f"({timeout:g}): a pinged peer needs time to answer before the link is declared dead")
     try:
         return MuxConfig(keepalive_interval=values["keepalive_interval"],
                          keepalive_timeout=values["keepalive_timeout"], **extra)

@@ -196,7 +196,9 @@ class VisitorConnection:
                         self.counters.auth_failures["basic"] += 1
                 return await self.refuse(head, error.status, error.message, extra_headers=extra)
             if not tunnel.online:
-                return await self.refuse(head, 502, f"The agent for tunnel {tunnel.name!r} is not connected.")
+                # the name is held for an agent whose link dropped (its grace period): it is on its way back
+                return await self.refuse(head, 502, f"The agent for tunnel {tunnel.name!r} is not connected (agent "
+                                         "reconnecting); try again in a moment.", [("Retry-After", "2")])
             return await self.exchange(head, tunnel)
         finally:
             duration = self.loop.time() - started

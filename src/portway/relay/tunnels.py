@@ -138,7 +138,7 @@ class AgentTunnel(Tunnel):
     async def _new_conduit(self):
         session = self.session
         if session is None or session.closed.done():
-            raise HttpError(502, f"the agent for tunnel {self.name!r} is not connected")
+            raise HttpError(502, f"the agent for tunnel {self.name!r} is not connected (agent reconnecting)")
         try:
             return session.open_stream()
         except MuxClosedError:
