@@ -157,6 +157,10 @@ class Setting:
         return "PORTWAY_" + self.key.upper()
 
 
+DRAIN = Setting("drain_timeout", "--drain-timeout", seconds, 30.0,
+                "on SIGTERM or Ctrl-C, seconds the exchanges in flight may take to finish before they are cut (a "
+                "second signal stops at once)", "SECONDS")
+
 KEEPALIVE = (
     Setting("keepalive_interval", "--keepalive-interval", seconds, MuxConfig.keepalive_interval,
             "seconds without hearing from the other end of the agent link before pinging it; below "
@@ -172,8 +176,9 @@ RELAY_SETTINGS = (
     Setting("domain", "--domain", text, "localhost", "base domain: tunnels are NAME.DOMAIN"),
     Setting("public_port", "--public-port", port_number, None,
             "port shown in tunnel URLs when a proxy or NAT maps it (default: --port)", "PORT"),
-    Setting("grace_period", "--grace-period", seconds, 10.0, "seconds a disconnected agent keeps its name",
-            "SECONDS"),
+    Setting("grace_period", "--grace-period", seconds, 300.0,
+            "seconds an agent whose link dropped keeps its name while it reconnects; nobody else can take it "
+            "meanwhile (an agent stopped on purpose frees it at once)", "SECONDS"),
     Setting("tokens", "--token", text, (), "accept agents presenting this token (repeatable)", "SECRET",
             repeatable=True),
     Setting("tokens_file", "--tokens", text, None,
@@ -210,6 +215,7 @@ RELAY_SETTINGS = (
     Setting("access_log", "--access-log", switch, True, "a line per visitor request on stderr", is_switch=True),
     Setting("log_format", "--log-format", log_format, "text",
             "access log lines as text or one JSON object per line (text, json)", "FORMAT"),
+    DRAIN,
     *KEEPALIVE,
 )
 
@@ -235,6 +241,7 @@ AGENT_SETTINGS = (
     Setting("log_format", "--log-format", log_format, "text",
             "when stderr is not a terminal, a line per request as text or one JSON object per line (text, json)",
             "FORMAT"),
+    DRAIN,
     *KEEPALIVE,
 )
 
@@ -276,7 +283,8 @@ class RelayConfig:
     response_timeout: float = 120.0  # the origin must start answering within this, else 504; nor fall silent
     linger_timeout: float = 2.0  # after answering a request not yet fully received, discard its rest this long
     pool_wait_timeout: float = 10.0  # how long a visitor waits for a free conduit before a 503
-    grace_period: float = 10.0  # an agent that drops keeps its name this long to reconnect
+    grace_period: float = 300.0  # an agent that drops keeps its name this long to reconnect (its lease)
+    drain_timeout: float = 30.0  # on SIGTERM, exchanges in flight may take this long to finish
     lt_grace_period: float = 5.0  # an lt tunnel whose last pool socket went keeps its name this long
     max_connections_per_ip: int = 256  # concurrent visitor connections from one address
     # Failed logins (agent tokens, tunnels' basic auth) are remembered this long; past the limits below an
@@ -296,7 +304,7 @@ class RelayConfig:
 
     def __post_init__(self) -> None:
         for name in ("idle_timeout", "head_timeout", "response_timeout", "linger_timeout", "pool_wait_timeout",
-                     "grace_period", "lt_grace_period", "auth_failure_window", "tls_reload_interval"):
+                     "grace_period", "drain_timeout", "lt_grace_period", "auth_failure_window", "tls_reload_interval"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigurationError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
         if self.max_connections_per_ip < 1:
@@ -322,6 +330,7 @@ class AgentConfig:
     inspect: tuple[str, int] | None = None  # the inspector's address; None: the default one, or the next free
     no_inspect: bool = False
     log_format: str = "text"  # stderr not a terminal: a line per request, text or "json" (one object per line)
+    drain_timeout: float = 30.0  # on SIGTERM, streams in flight may take this long to finish
     mux: MuxConfig = field(default_factory=MuxConfig)
 
     def __post_init__(self) -> None:

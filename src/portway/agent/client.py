@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0  # seconds a connect to the relay (TCP, and TLS) may take: a black-holed network never refuses
 HANDSHAKE_TIMEOUT = 15.0  # seconds the relay may take to answer a link request
+DRAIN_CHECK = 0.1  # seconds between looks at the streams still in flight while stopping gracefully
 PROBE_INTERVAL = 1.0  # while the relay can't be reached, a bare TCP connect tries it this often...
 PROBE_TIMEOUT = 1.0  # ...and waits this long for it: a relay back (or a network back) is dialled within ~2 s
 
@@ -116,6 +117,8 @@ class Agent:
                 registered.session.go_away()
                 registered.session.close()
                 raise
+            if registered.session.go_away_received:
+                reason += ", the relay went away (restarting?)"
             self.on_status(f"link to relay lost ({reason}); reconnecting")
             if not backoff.link_down(loop.time()):
                 # it dropped soon after it came up: don't redial a flapping link or a failing relay in a loop
@@ -123,6 +126,23 @@ class Agent:
                 self.on_status(retry_status(delay, backoff.attempt, f"link lost soon after it came up ({reason})",
                                             reconnecting=True))
                 await self.wait_before_retry(delay, probe=False)
+
+    def streams_in_flight(self) -> int:
+        session = self.session
+        return 0 if session is None or session.closed.done() else len(session.streams)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop gracefully: tell the relay no new streams will be taken (GO_AWAY), and give the streams in flight
+        up to `timeout` seconds to finish. The caller then stops `run()`, which closes the link."""
+        session = self.session
+        if session is None or session.closed.done():
+            return
+        session.go_away()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # streams end inside bridge callbacks, with nothing to await: look again every DRAIN_CHECK seconds
+        while session.streams and not session.closed.done() and loop.time() < deadline:
+            await asyncio.sleep(min(DRAIN_CHECK, deadline - loop.time()))
 
     async def wait_before_retry(self, delay: float, probe: bool) -> None:
         """Wait `delay` seconds. With `probe` (the relay could not be reached), try a bare TCP connect to it every

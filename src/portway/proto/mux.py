@@ -307,6 +307,11 @@ class Mux:
         return self._closed
 
     @property
+    def going_away(self) -> bool:
+        """True once either end sent GO_AWAY: the streams open now may finish, no new one can open."""
+        return self._go_away_sent or self._go_away_received
+
+    @property
     def stream_count(self) -> int:
         """Streams alive in either direction, including those still waiting to be accepted."""
         return len(self._streams)

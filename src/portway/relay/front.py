@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from ..auth import BasicAuthGuard
@@ -47,6 +47,7 @@ class FrontServices:
     counters: RelayCounters
     guard: BasicAuthGuard
     access_log: AccessLog | None = None
+    draining: asyncio.Event = field(default_factory=asyncio.Event)  # set when the relay stops gracefully
 
 
 class VisitorConnection:
@@ -65,6 +66,9 @@ class VisitorConnection:
         self.counters = services.counters
         self.guard = services.guard
         self.access_log = services.access_log
+        self.draining = services.draining
+        self.idle = False  # waiting for the first byte of a request: a draining relay closes it at once
+        self.carries_agent_link = False  # became an agent's link (agents.py): not an exchange a drain waits for
         # what the request being served came to: its answer's status and the bytes each way (for metrics)
         self.status = 0
         self.bytes_in = 0
@@ -102,13 +106,16 @@ class VisitorConnection:
         deadline = self.deadline
         deadline.arm(config.idle_timeout, self.conn.close)
         started = False
+        self.idle = True
         try:
             while not self.pending:
                 await self._read_and_parse()
+                self.idle = False
                 if not started and not self.pending:
                     started = True
                     deadline.arm(config.head_timeout, self._head_timed_out)
         finally:
+            self.idle = False
             deadline.disarm()
         head = self.pending.popleft()
         assert isinstance(head, RequestHead)
@@ -124,7 +131,8 @@ class VisitorConnection:
             try:
                 while True:
                     head = await self.next_head()
-                    if not await self.handle(head):
+                    # a draining relay finishes the exchange under way, then closes: no new one starts
+                    if not await self.handle(head) or self.draining.is_set():
                         break
             except HttpError as error:
                 self.counters.protocol_errors["visitor"] += 1

@@ -53,6 +53,8 @@ class Relay:
         self.agents = AgentLinks(config, self.registry, self.claims, self.public_url)
         self.localtunnel = LocalTunnelService(config, self.registry, self.claims, self.public_url, self.listen_hosts)
         self.connections_per_ip: dict[str, int] = {}
+        self.visitors: set[VisitorConnection] = set()
+        self._exchanges_done = asyncio.Event()  # set, while draining, once no visitor connection is busy
         self.deadlines: DeadlineSweeper | None = None
         self.metrics_server: asyncio.base_events.Server | None = None
         self.extra_servers: list[asyncio.base_events.Server] = []
@@ -91,6 +93,32 @@ class Relay:
 
     def visitor_connections(self) -> int:
         return sum(self.connections_per_ip.values())
+
+    def exchanges_in_flight(self) -> int:
+        """Visitor connections in the middle of something (a head, an exchange, a WebSocket), agent links aside."""
+        return sum(1 for visitor in self.visitors if not visitor.carries_agent_link and not visitor.idle)
+
+    async def drain(self, timeout: float) -> int:
+        """Stop gracefully: stop accepting connections, close idle ones, tell every agent no new streams will
+        come (GO_AWAY), and give the exchanges in flight up to `timeout` seconds to finish. Returns how many were
+        still going when it gave up (0: all finished). The caller then closes the relay."""
+        self.front.draining.set()
+        for server in (self.server, *self.extra_servers):
+            if server is not None:
+                server.close()
+        for visitor in list(self.visitors):
+            if visitor.idle:
+                visitor.conn.close()
+        for tunnel in self.registry:
+            if isinstance(tunnel, AgentTunnel) and tunnel.online:
+                tunnel.drop_idle()
+                tunnel.session.go_away()
+        if self.exchanges_in_flight():
+            try:
+                await asyncio.wait_for(self._exchanges_done.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return self.exchanges_in_flight()
 
     async def close(self) -> None:
         if self.server is not None:
@@ -162,9 +190,13 @@ class Relay:
         self.connections_per_ip[address] = count + 1
         visitor = VisitorConnection(conn, self.scheme, front)
         self.deadlines.watch(visitor.deadline)
+        self.visitors.add(visitor)
         try:
             await visitor.serve()
         finally:
+            self.visitors.discard(visitor)
+            if self.front.draining.is_set() and not self.exchanges_in_flight():
+                self._exchanges_done.set()
             self.deadlines.unwatch(visitor.deadline)
             remaining = self.connections_per_ip[address] - 1
             if remaining:

@@ -132,6 +132,13 @@ class AgentTunnel(Tunnel):
     def online(self) -> bool:
         return self.session is not None and not self.session.closed.done()
 
+    def release(self, conduit, reusable: bool) -> None:
+        # a link going away (either end sent GO_AWAY) carries the exchanges in flight, no new ones: don't pool
+        session = self.session
+        if session is not None and session.mux.going_away:
+            reusable = False
+        super().release(conduit, reusable)
+
     async def join(self, conn: Connection, conduit, unread: bytes) -> None:
         await StreamBridge.take_over(conn, conduit, unread).closed
 
