@@ -196,7 +196,13 @@ RELAY_SETTINGS = (
     Setting("idle_timeout", "--idle-timeout", seconds, 75.0,
             "seconds an idle keep-alive visitor connection is kept", "SECONDS"),
     Setting("max_connections_per_ip", "--max-connections-per-ip", count, 256,
-            "concurrent visitor connections allowed from one address", "N"),
+            "HTTP connections open at once from one address (heads being read, exchanges, idle keep-alive ones: "
+            "an idle one is closed to make room), then 429; WebSockets and agent links count apart", "N"),
+    Setting("max_upgraded_per_ip", "--max-upgraded-per-ip", count, 4096,
+            "WebSockets and agent links open at once from one address (an office behind one NAT address holds "
+            "many), then 429", "N"),
+    Setting("max_connection_rate_per_ip", "--max-connection-rate-per-ip", count, 1000,
+            "new connections per second from one address, in bursts of up to twice that, then 429", "N"),
     Setting("auth_failure_window", "--auth-failure-window", seconds, 60.0,
             "seconds failed logins (agent tokens, tunnels' basic auth) count: past 10 from one address, or 100 on "
             "one basic-auth tunnel, logins are refused with 429", "SECONDS"),
@@ -286,7 +292,9 @@ class RelayConfig:
     grace_period: float = 300.0  # an agent that drops keeps its name this long to reconnect (its lease)
     drain_timeout: float = 30.0  # on SIGTERM, exchanges in flight may take this long to finish
     lt_grace_period: float = 5.0  # an lt tunnel whose last pool socket went keeps its name this long
-    max_connections_per_ip: int = 256  # concurrent visitor connections from one address
+    max_connections_per_ip: int = 256  # HTTP connections (heads, exchanges, idle keep-alive) from one address
+    max_upgraded_per_ip: int = 4096  # established WebSockets and agent links from one address
+    max_connection_rate_per_ip: int = 1000  # new connections per second from one address (bursts of twice that)
     # Failed logins (agent tokens, tunnels' basic auth) are remembered this long; past the limits below an
     # address (or, for basic auth, a whole tunnel) is refused with 429 until the window has moved on.
     auth_failure_window: float = 60.0
@@ -307,8 +315,9 @@ class RelayConfig:
                      "grace_period", "drain_timeout", "lt_grace_period", "auth_failure_window", "tls_reload_interval"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigurationError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
-        if self.max_connections_per_ip < 1:
-            raise ConfigurationError("max_connections_per_ip must be at least 1")
+        for name in ("max_connections_per_ip", "max_upgraded_per_ip", "max_connection_rate_per_ip"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be at least 1")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigurationError("--tls-cert and --tls-key go together")
         log_format(self.log_format)

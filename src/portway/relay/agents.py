@@ -92,6 +92,7 @@ class AgentLinks:
         link_bytes = (switched[0].trailing if switched else b"") + (conn.take_buffered() if conn.has_unread else b"")
         grant = LinkGrant(name, self.public_url(name), secrets.token_urlsafe(24))
         conn.write(grant.encode())
+        visitor.mark_upgraded()
         session = MuxSession(Role.SERVER, self.config.mux)
         existing = self.registry.get(name)
         if isinstance(existing, AgentTunnel):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from ..auth import BasicAuthGuard
+from ..policy.admission import Admission
 from ..errors import ConduitReset, HttpError, VisitorGone
 from ..proto import exchange, http1
 from ..proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseHead, Switched
@@ -48,6 +49,7 @@ class FrontServices:
     guard: BasicAuthGuard
     access_log: AccessLog | None = None
     draining: asyncio.Event = field(default_factory=asyncio.Event)  # set when the relay stops gracefully
+    admission: Admission | None = None  # per-address caps: an upgrade moves a connection to its own count
 
 
 class VisitorConnection:
@@ -67,7 +69,10 @@ class VisitorConnection:
         self.guard = services.guard
         self.access_log = services.access_log
         self.draining = services.draining
+        self.admission = services.admission
         self.idle = False  # waiting for the first byte of a request: a draining relay closes it at once
+        self.served = 0  # requests handled: an idle connection that served one is a keep-alive one
+        self.upgraded = False  # switched protocols (a WebSocket, an agent link): counted as upgraded
         self.carries_agent_link = False  # became an agent's link (agents.py): not an exchange a drain waits for
         # what the request being served came to: its answer's status and the bytes each way (for metrics)
         self.status = 0
@@ -121,6 +126,19 @@ class VisitorConnection:
         assert isinstance(head, RequestHead)
         return head
 
+    def upgrade_refusal(self) -> str | None:
+        """Why this connection may not become an upgraded one (the address holds too many), or None."""
+        if self.admission is None:
+            return None
+        refusal = self.admission.may_upgrade(self.conn.peer_ip)
+        return None if refusal is None else refusal.value
+
+    def mark_upgraded(self) -> None:
+        """The connection switched protocols: from now on it counts against the address's upgraded cap."""
+        if not self.upgraded and self.admission is not None:
+            self.admission.upgraded(self.conn.peer_ip)
+        self.upgraded = True
+
     def _head_timed_out(self) -> None:
         self.send_error(408, "The request head did not arrive in time.", close=True)
         self.conn.close()
@@ -131,6 +149,7 @@ class VisitorConnection:
             try:
                 while True:
                     head = await self.next_head()
+                    self.served += 1
                     # a draining relay finishes the exchange under way, then closes: no new one starts
                     if not await self.handle(head) or self.draining.is_set():
                         break
@@ -203,6 +222,8 @@ class VisitorConnection:
                     if head.header(b"authorization") is not None:
                         self.counters.auth_failures["basic"] += 1
                 return await self.refuse(head, error.status, error.message, extra_headers=extra)
+            if head.upgrade is not None and (refused := self.upgrade_refusal()) is not None:
+                return await self.refuse(head, 429, refused)
             if not tunnel.online:
                 # the name is held for an agent whose link dropped (its grace period): it is on its way back
                 return await self.refuse(head, 502, f"The agent for tunnel {tunnel.name!r} is not connected (agent "
@@ -456,6 +477,7 @@ class VisitorConnection:
         unread = leftover[0].trailing if leftover else b""
         self.pending.clear()
         self.switched = True
+        self.mark_upgraded()
         counters = tunnel.counters
         counters.websockets_open += 1
         counters.websockets_total += 1
