@@ -353,6 +353,28 @@ def test_tls_relay_serves_https_to_visitors_and_tls_to_agents(procs, tls_relay, 
     assert_clean_log(tls_relay.proc)
 
 
+def test_tls_visitors_are_counted_by_their_own_address(procs, ca):
+    """The per-address limits see a TLS visitor's address (known once its handshake is done), not one shared
+    count for all of them."""
+    relay = launch_relay(procs, "--tls-cert", str(ca["cert"]), "--tls-key", str(ca["key"]),
+                         "--max-connections-per-ip", "1")
+    context = ssl.create_default_context(cafile=str(ca["ca"]))
+    status = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n\r\n".encode()
+
+    def visit_from(source: str):
+        raw = socket.create_connection(("127.0.0.1", relay.port), timeout=ANSWER_TIMEOUT, source_address=(source, 0))
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(status)
+            return read_outcome(sock, responses=1).statuses
+
+    raw = socket.create_connection(("127.0.0.1", relay.port), timeout=ANSWER_TIMEOUT)
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as held:
+        held.sendall(status[:20])  # a head under way holds the address's only slot
+        wait_until(lambda: visit_from("127.0.0.1") == [429], 10, what="the held connection to count")
+        assert visit_from("127.0.0.2") == [200]
+    assert_clean_log(relay.proc)
+
+
 def test_a_tls_visitor_closing_its_connection_is_no_warning(procs, tls_relay, ca, origin):
     """asyncio warns for every TLS connection whose protocol asks to stay half-open after the peer's EOF."""
     launch_agent(procs, tls_relay, origin.port, "--ca", str(ca["ca"]), name="closer", scheme="https",

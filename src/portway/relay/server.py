@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import ssl
 import sys
+from typing import Callable
 
 from ..auth import BasicAuthGuard, FailureThrottle, TokenBook
 from ..config import RelayConfig
@@ -162,9 +163,9 @@ class Relay:
         return hosts or [self.config.bind]
 
     def _new_connection(self, front: FrontServices | None = None) -> Connection:
-        conn = Connection()
-        asyncio.get_running_loop().create_task(self._serve(conn, front or self.front))
-        return conn
+        loop = asyncio.get_running_loop()
+        front = front or self.front
+        return _ServedConnection(lambda conn: loop.create_task(self._serve(conn, front)))
 
     async def serve_one_tunnel(self, name: str, host: str = "127.0.0.1", first_port: int = 0,
                                attempts: int = 1) -> int:
@@ -185,7 +186,6 @@ class Relay:
         raise OSError(errno.EADDRINUSE, "no free port")
 
     async def _serve(self, conn: Connection, front: FrontServices) -> None:
-        await asyncio.sleep(0)  # connection_made runs right after the factory returns
         address = conn.peer_ip
         loop = asyncio.get_running_loop()
         refused = self.admission.admit(address, loop.time())
@@ -244,6 +244,19 @@ class Relay:
 
     def status(self) -> dict:
         return {"tunnels": len(self.registry)}
+
+
+class _ServedConnection(Connection):
+    """A visitor's connection, served from the moment it is made: for TLS only once the handshake is done (a
+    handshake that fails is never served), so its peer address is known to the per-address limits."""
+
+    def __init__(self, serve: Callable[[Connection], object]) -> None:
+        super().__init__()
+        self._serve = serve
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._serve(self)
 
 
 def check_secure_default(config: RelayConfig) -> None:
