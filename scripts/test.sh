@@ -3,8 +3,8 @@
 #
 # Idempotent. On a Debian 12 machine (as root) it first installs whatever the tests need
 # and is missing, then runs pytest with the given arguments and exits with pytest's status:
-#   - Debian packages: redis-server, wrk, chromium, openssh-server, prometheus, systemd (only the missing ones;
-#     nodejs only when `node` is missing; npm is never installed through apt)
+#   - Debian packages: redis-server, wrk, chromium, openssh-server, prometheus, systemd, iproute2, nftables
+#     (only the missing ones; nodejs only when `node` is missing; npm is never installed through apt)
 #   - the Python package with its test extras:  pip install -e '.[test]'
 #   - the pinned Node test tools (ws, localtunnel) from package-lock.json:  npm ci
 # It never starts services; the end-to-end tests start redis, origins, relays... themselves.
@@ -25,6 +25,8 @@ have chromium || missing+=(chromium)
 have sshd || missing+=(openssh-server)
 have promtool || missing+=(prometheus)
 have systemd-analyze || missing+=(systemd)
+have ip || missing+=(iproute2)   # the NAT test-bed (tests/e2e/test_netlab.py, as root): network namespaces
+have nft || missing+=(nftables)  # ...and its NAT router
 have node || missing+=(nodejs)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 
