@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from ..auth import BasicAuthGuard
-from ..policy.admission import Admission
 from ..errors import ConduitReset, HttpError, VisitorGone
+from ..policy.admission import Admission
 from ..proto import exchange, http1
 from ..proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseHead, Switched
 from ..proto.pages import error_response
