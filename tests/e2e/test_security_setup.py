@@ -14,8 +14,10 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
@@ -264,7 +266,9 @@ def test_idle_keep_alive_connections_make_room_at_the_cap(procs):
 def test_many_websockets_from_one_address_do_not_lock_it_out(procs):
     """An office behind one NAT address: 300 open WebSockets through a tunnel (more than the HTTP cap of 256),
     and a plain request from the same address is still served; WebSockets have their own, larger cap."""
-    relay = launch_relay(procs, "--max-upgraded-per-ip", "301")  # the agent's link, from this address too, is one
+    metrics_port = free_port()
+    # the agent's link, from this address too, is one of the 301
+    relay = launch_relay(procs, "--max-upgraded-per-ip", "301", "--metrics", f"127.0.0.1:{metrics_port}")
     origin = start_origin(procs)
     launch_agent(procs, relay, origin, "--no-inspect", name="office")
     host = relay.host("office")
@@ -277,9 +281,18 @@ def test_many_websockets_from_one_address_do_not_lock_it_out(procs):
         over = talk(relay.port, (f"GET / HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
         assert over.statuses == [429] and b"Too many open WebSockets" in over.responses[0].body
+        assert refused_by_limit(metrics_port) == {"connections": 0, "rate": 0, "upgraded": 1}
         sockets[-1].close()
         wait_until(lambda: websocket_echoes(relay.port, host), 10, what="the closed WebSocket's slot to free up")
     assert_clean_log(relay.proc)
+
+
+def refused_by_limit(metrics_port: int) -> dict[str, float]:
+    """The relay's portway_refused_connections_total, by limit."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=ANSWER_TIMEOUT) as answer:
+        text = answer.read().decode()
+    return {sample.labels["limit"]: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == "portway_refused_connections_total"}
 
 
 def open_websocket(port: int, host: str):
@@ -298,7 +311,8 @@ def websocket_echoes(port: int, host: str) -> bool:
 
 
 def test_new_connections_from_one_address_are_rate_limited(procs):
-    relay = launch_relay(procs, "--max-connection-rate-per-ip", "1")  # bursts of 2, then one a second
+    metrics_port = free_port()
+    relay = launch_relay(procs, "--max-connection-rate-per-ip", "1", "--metrics", f"127.0.0.1:{metrics_port}")  # bursts of 2
     status = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n\r\n".encode()
     outcomes = [talk(relay.port, status) for _ in range(6)]
     assert [outcome.statuses for outcome in outcomes[:2]] == [[200], [200]]
@@ -306,6 +320,7 @@ def test_new_connections_from_one_address_are_rate_limited(procs):
     assert refused, "six connections within a few seconds from one address, none refused"
     assert all(b"slow down" in outcome.responses[0].body and outcome.closed for outcome in refused)
     assert talk(relay.port, status, source="127.0.0.2").statuses == [200]
+    assert refused_by_limit(metrics_port)["rate"] == len(refused)
     wait_until(lambda: talk(relay.port, status).statuses == [200], 10, what="a token to come back")
     assert_clean_log(relay.proc)
 

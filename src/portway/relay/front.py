@@ -223,6 +223,7 @@ class VisitorConnection:
                         self.counters.auth_failures["basic"] += 1
                 return await self.refuse(head, error.status, error.message, extra_headers=extra)
             if head.upgrade is not None and (refused := self.upgrade_refusal()) is not None:
+                self.counters.refused_connections["upgraded"] += 1
                 return await self.refuse(head, 429, refused)
             if not tunnel.online:
                 # the name is held for an agent whose link dropped (its grace period): it is on its way back

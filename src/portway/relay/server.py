@@ -192,6 +192,7 @@ class Relay:
         if refused is Refusal.CONNECTIONS and self._close_an_idle_keep_alive(address):
             refused = self.admission.admit(address, loop.time(), make_room=True)
         if refused is not None:
+            self.counters.refused_connections[refused.name.lower()] += 1
             conn.write(error_response(429, refused.value, close=True))
             conn.close()
             return
