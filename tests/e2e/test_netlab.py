@@ -1,4 +1,4 @@
-"""An agent behind a real NAT whose link is cut, on the team's NAT test-bed (`../shared/netlab/netlab.sh`, network
+"""An agent behind a real NAT whose link is cut, on the team's NAT test-bed (`tests/e2e/netlab.sh`, copied from the team recipe, network
 namespaces: relay and visitor on an "internet" bridge, agent and local service on a home LAN behind a NAT router).
 
 Unlike the loopback proxy, a cut here is a real outage: the agent's packets go nowhere, its connects fail or time
@@ -20,7 +20,7 @@ from .conftest import ROOT, Proc
 
 pytestmark = pytest.mark.netlab
 
-NETLAB = Path(os.environ.get("NETLAB_SH", ROOT.parent / "shared" / "netlab" / "netlab.sh"))
+NETLAB = Path(os.environ.get("NETLAB_SH", Path(__file__).with_name("netlab.sh")))  # the team's recipe, copied in
 RELAY_IP, HOME_IP = "203.0.113.10", "198.51.100.10"
 KEEPALIVE_TIMEOUT = 3.0
 SLACK = 8.0  # namespaces, NAT and a busy 2-core machine
