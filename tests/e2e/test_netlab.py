@@ -1,4 +1,5 @@
-"""An agent behind a real NAT whose link is cut, on the team's NAT test-bed (`tests/e2e/netlab.sh`, network namespaces: relay and visitor on an "internet" bridge, agent and local service on a home LAN behind a NAT router).
+"""An agent behind a real NAT whose link is cut, on the team's NAT test-bed (`tests/e2e/netlab.sh`, network
+namespaces: relay and visitor on an "internet" bridge, agent and local service on a home LAN behind a NAT router).
 
 Unlike the loopback proxy, a cut here is a real outage: the agent's packets go nowhere, its connects fail or time
 out instead of being refused. Needs root and `ip netns` (and nftables); skipped elsewhere with the reason. The bed
