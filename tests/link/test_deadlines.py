@@ -57,3 +57,28 @@ def test_sweeper_stops_ticking_when_nothing_is_watched():
         sweeper.close()
 
     asyncio.run(main())
+
+
+def test_a_failing_action_is_reported_and_the_others_still_fire_then_and_later():
+    async def main():
+        loop = asyncio.get_running_loop()
+        reported: list[str] = []
+        loop.set_exception_handler(lambda loop, context: reported.append(context["message"]))
+        sweeper = DeadlineSweeper(loop, 0.05)
+        fired: list[str] = []
+
+        def fail() -> None:
+            raise RuntimeError("bug in an action")
+
+        failing, together, later = Deadline(loop), Deadline(loop), Deadline(loop)
+        for deadline in (failing, together, later):
+            sweeper.watch(deadline)
+        failing.arm(0.1, fail)
+        together.arm(0.1, lambda: fired.append("together"))
+        await _until(lambda: fired and reported)
+        later.arm(0.1, lambda: fired.append("later"))  # the sweeper kept ticking past the failure
+        await _until(lambda: fired == ["together", "later"])
+        assert reported == ["a deadline's action failed"]
+        sweeper.close()
+
+    asyncio.run(main())

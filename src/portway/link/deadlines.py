@@ -51,7 +51,10 @@ class DeadlineSweeper:
         due = [item for item in self._watched if item.expires_at <= now]
         for item in due:
             item.expires_at = NEVER
-            item.expire()
+            try:
+                item.expire()
+            except Exception as error:  # noqa: BLE001 - one failing action must not stop every other deadline
+                self._loop.call_exception_handler({"message": "a deadline's action failed", "exception": error})
         self._timer = self._loop.call_later(self.resolution, self._sweep) if self._watched else None
 
 
