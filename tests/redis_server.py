@@ -62,3 +62,41 @@ def redis_server():
     server.start()
     yield server
     server.stop()
+
+
+class SentinelServer:
+    """A Redis Sentinel (`redis-server --sentinel`) watching `master` as service `service`."""
+
+    def __init__(self, master: RedisServer, folder, service: str = "portway-master") -> None:
+        self.master = master
+        self.service = service
+        self.port = free_port()
+        self.config = folder / "sentinel.conf"  # the sentinel rewrites its config file: one of its own
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.config.write_text(f"port {self.port}\nbind 127.0.0.1\n"
+                               f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 1\n")
+        self.proc = subprocess.Popen([self.master.binary, str(self.config), "--sentinel"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2) as client:
+                    if client.sentinel_get_master_addr_by_name(self.service):
+                        return
+            except redis.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"redis sentinel did not start on port {self.port}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None

@@ -4,7 +4,9 @@ is, and losing Redis leaves established tunnels serving while new ones are refus
 
 from __future__ import annotations
 
+import base64
 import http.client
+import json
 import signal
 
 import pytest
@@ -56,6 +58,19 @@ def register(relay: Relay, name: str) -> tuple[int, bytes]:
         conn.close()
 
 
+def lt_register(relay: Relay, name: str) -> tuple[int, dict]:
+    """A localtunnel client's registration of `name` (`lt -h http://:TOKEN@relay --subdomain NAME`)."""
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
+    try:
+        credentials = base64.b64encode(f":{TOKEN}".encode()).decode()
+        conn.request("GET", f"/{name}", headers={"Host": f"localhost:{relay.port}",
+                                                 "Authorization": f"Basic {credentials}"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
 def refused_agent(procs: Processes, relay: Relay, origin: int, name: str) -> str:
     """Start an agent that the relay must refuse; its one line of output, once it has exited."""
     proc = procs.start(PORTWAY + ["http", str(origin), "--relay", relay.url, "--name", name, "--token", TOKEN,
@@ -79,6 +94,7 @@ def test_two_nodes_share_names_quotas_and_survive_losing_redis(procs, redis_serv
 
     output = refused_agent(procs, node_b, origin, "web")
     assert "tunnel name 'web' is already in use (on relay node node-a)" in output
+    assert lt_register(node_b, "web")[1] == {"message": "name web is taken"}  # lt clients meet the same lease
 
     shop, _ = start_agent(procs, node_b, origin, "--token", TOKEN, "--no-inspect", name="shop")  # the second name
     assert get(node_b, "shop")[0] == 200
@@ -103,3 +119,8 @@ def test_two_nodes_share_names_quotas_and_survive_losing_redis(procs, redis_serv
         wait_until(lambda: not client.exists("portway:lease:shop"), what="the lease on 'shop' released")
     start_agent(procs, node_b, origin, "--token", TOKEN, "--no-inspect", name="fresh")  # no node was restarted
     assert get(node_b, "fresh")[0] == 200
+
+    node_a.proc.kill(signal.SIGTERM)  # a node stopped on purpose releases its leases rather than letting them lapse
+    node_a.proc.wait_exit()
+    with redis_server.client() as client:
+        assert not client.exists("portway:lease:web")

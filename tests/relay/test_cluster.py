@@ -16,7 +16,7 @@ from portway.relay.metrics import RelayCounters
 from portway.relay.naming import NameClaims
 from portway.relay.registry import REGISTRY_UNAVAILABLE
 from portway.relay.tunnels import AgentTunnel
-from tests.redis_server import redis_server  # noqa: F401 (a fixture)
+from tests.redis_server import SentinelServer, redis_server  # noqa: F401 (a fixture)
 from tests.relay.test_registry_contract import FakeTunnel, eventually, taken
 
 
@@ -309,3 +309,20 @@ def test_bad_cluster_urls_are_refused(url):
 def test_a_plain_url_keeps_its_password_out_of_logs():
     target = ClusterTarget.parse("redis://:secret@127.0.0.1:6379/2")
     assert str(target) == "redis://127.0.0.1:6379/2" and "secret" not in repr(target)
+
+
+def test_a_node_finds_its_redis_through_a_sentinel(redis, tmp_path):
+    sentinel = SentinelServer(redis, tmp_path)
+    sentinel.start()
+    try:
+        async def scenario(nodes):
+            through_sentinel = RedisRegistry(sentinel.url, "node-s", "127.0.0.1:9200")
+            nodes.made.append(through_sentinel)
+            await through_sentinel.start()
+            await taken(through_sentinel, "watched", owner="alice")
+            plain = nodes.node("node-p")
+            assert await plain.held_elsewhere("watched") == "node-s"
+
+        with_nodes(redis, scenario)
+    finally:
+        sentinel.stop()

@@ -24,7 +24,7 @@ import secrets
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
@@ -262,6 +262,11 @@ class RedisRegistry(MemoryRegistry):
         for task in self._background:
             task.cancel()
         await self.redis.aclose()
+        pool = self.redis.connection_pool
+        await pool.disconnect()  # a Sentinel's master client doesn't own its pool: aclose() leaves it open
+        if isinstance(pool, SentinelConnectionPool):
+            for sentinel in pool.sentinel_manager.sentinels:
+                await sentinel.aclose()
 
     async def _keep_leases(self) -> None:
         while True:
