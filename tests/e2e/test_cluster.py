@@ -124,3 +124,12 @@ def test_two_nodes_share_names_quotas_and_survive_losing_redis(procs, redis_serv
     node_a.proc.wait_exit()
     with redis_server.client() as client:
         assert not client.exists("portway:lease:web")
+
+
+def test_a_node_that_cannot_reach_its_redis_stops_with_one_line(procs):
+    port = free_port()  # nothing listens there
+    proc = procs.start(PORTWAY + ["server", "--port", str(free_port()), "--cluster", f"redis://127.0.0.1:{port}/0",
+                                  "--node-id", "node-a", "--advertise", "127.0.0.1:1"], "relay")
+    assert proc.wait_exit() == 2
+    lines = [line for line in proc.output().splitlines() if line.strip()]
+    assert len(lines) == 1 and f"cannot reach the cluster registry at redis://127.0.0.1:{port}/0" in lines[0]

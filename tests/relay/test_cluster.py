@@ -9,12 +9,12 @@ import asyncio
 import pytest
 
 from portway.auth import FailureThrottle, Grant, TokenBook, hash_token
-from portway.config import ClusterTarget
+from portway.config import ClusterTarget, RelayConfig, host_port, node_id
 from portway.errors import ConfigurationError, HttpError
 from portway.relay.cluster import RedisRegistry
 from portway.relay.metrics import RelayCounters
 from portway.relay.naming import NameClaims
-from portway.relay.registry import REGISTRY_UNAVAILABLE
+from portway.relay.registry import REGISTRY_UNAVAILABLE, RemoteLease
 from portway.relay.tunnels import AgentTunnel
 from tests.redis_server import SentinelServer, redis_server  # noqa: F401 (a fixture)
 from tests.relay.test_registry_contract import FakeTunnel, eventually, taken
@@ -80,12 +80,13 @@ def test_a_name_held_by_a_node_is_refused_on_another_and_located(redis):
         assert (lease["node"], lease["owner"], lease["kind"]) == ("node-a", "alice", "portway")
         refused = await refusal(b.lease("web", owner="bob", kind="portway", max_tunnels=0))
         assert (refused.status, refused.message) == (409, "tunnel name 'web' is already in use (on relay node node-a)")
-        assert await b.held_elsewhere("web") == "node-a"
+        assert await b.held_elsewhere("web") == RemoteLease("node-a", "127.0.0.1:9100", "portway",
+                                                            int(lease["epoch"]))
         assert await a.held_elsewhere("web") is None
         a.remove(tunnel)  # released in Redis too: B may have it now
         await eventually(lambda: not lease_of(redis, "web"))
         await taken(b, "web", owner="bob")
-        assert await a.held_elsewhere("web") == "node-b"
+        assert (await a.held_elsewhere("web")).node == "node-b"
 
     with_nodes(redis, scenario)
 
@@ -321,8 +322,24 @@ def test_a_node_finds_its_redis_through_a_sentinel(redis, tmp_path):
             await through_sentinel.start()
             await taken(through_sentinel, "watched", owner="alice")
             plain = nodes.node("node-p")
-            assert await plain.held_elsewhere("watched") == "node-s"
+            assert (await plain.held_elsewhere("watched")).node == "node-s"
 
         with_nodes(redis, scenario)
     finally:
         sentinel.stop()
+
+
+def test_cluster_settings_go_together():
+    target = ClusterTarget.parse("redis://127.0.0.1:6379/0")
+    with pytest.raises(ConfigurationError, match="--cluster needs --node-id ID and --advertise HOST:PORT"):
+        RelayConfig(cluster=target, node_id="node-a")
+    with pytest.raises(ConfigurationError, match="go with --cluster"):
+        RelayConfig(node_id="node-a")
+    assert RelayConfig(cluster=target, node_id="node-a", advertise="10.0.0.1:8000").cluster == target
+
+
+@pytest.mark.parametrize("parse, bad", [(node_id, ""), (node_id, "a b"), (node_id, "x" * 65), (node_id, "nœud"),
+                                        (host_port, "10.0.0.1"), (host_port, ":8000"), (host_port, "h:0")])
+def test_node_ids_and_advertised_addresses_are_checked(parse, bad):
+    with pytest.raises(ValueError):
+        parse(bad)

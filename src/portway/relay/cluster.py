@@ -30,7 +30,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..config import ClusterTarget
 from ..errors import ConfigurationError, HttpError
-from .registry import MemoryRegistry, registry_unavailable
+from .registry import MemoryRegistry, RemoteLease, registry_unavailable
 from .tunnels import AgentTunnel, Tunnel
 
 log = logging.getLogger(__name__)
@@ -290,11 +290,12 @@ class RedisRegistry(MemoryRegistry):
                                  "over the cluster")
         self._epochs[name] = int(detail)
 
-    async def held_elsewhere(self, name: str) -> str | None:
-        node = await self.ask(self.redis.hget(self._lease_key(name), "node"))
+    async def held_elsewhere(self, name: str) -> RemoteLease | None:
+        node, advertise, kind, epoch = await self.ask(
+            self.redis.hmget(self._lease_key(name), "node", "advertise", "kind", "epoch"))
         if node is None or node.decode() == self.node_id:
             return None
-        return node.decode()
+        return RemoteLease(node.decode(), (advertise or b"").decode(), (kind or b"").decode(), int(epoch or 0))
 
     async def renew(self) -> None:
         """One heartbeat: extend every lease this node holds, re-create those Redis lost, and drop the tunnels

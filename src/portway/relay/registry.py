@@ -9,13 +9,14 @@ several relay nodes share their names through Redis.
 The interface has two halves. The synchronous one is this node's own tunnels (the `Tunnel` objects it serves),
 asked on every visitor request and never waiting on the network. The asynchronous one is where a shared store
 is asked: `lease` takes a name for this node (atomically, across the cluster) once the claim policy has allowed
-it, `held_elsewhere` says which node serves a name this one doesn't, and `failures` is the failed-token count
+it, `held_elsewhere` says which other node holds a name (and where), and `failures` is the failed-token count
 per address that must be global. For the memory registry these answer at once: one process sees everything.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 from ..errors import HttpError
@@ -27,6 +28,17 @@ REGISTRY_UNAVAILABLE = "registry unavailable: this relay can't reach the cluster
 def registry_unavailable() -> HttpError:
     """The refusal of anything that needs the shared registry while it can't be reached."""
     return HttpError(503, REGISTRY_UNAVAILABLE)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteLease:
+    """A name held by another node of the cluster: which node, where the nodes reach it, what kind of tunnel, and
+    the lease's epoch."""
+
+    node: str
+    advertise: str
+    kind: str
+    epoch: int
 
 
 class SharedFailures(Protocol):
@@ -84,8 +96,8 @@ class Registry(Protocol):
         Atomic: of two nodes leasing one name at once, one wins. HttpError 409 (held by another node), 403
         (the token's quota) or 503 (the registry can't be reached); add() then registers the tunnel."""
 
-    async def held_elsewhere(self, name: str) -> str | None:
-        """The id of the node that holds `name` when it isn't this one, or None; HttpError(503) when the
+    async def held_elsewhere(self, name: str) -> RemoteLease | None:
+        """The lease of the node that holds `name` when it isn't this one, or None; HttpError(503) when the
         registry can't be reached."""
 
 
@@ -107,7 +119,7 @@ class MemoryRegistry:
     async def lease(self, name: str, *, owner: str, kind: str, max_tunnels: int) -> None:
         return None  # one process: the claim policy saw every name and quota, and nothing ran in between
 
-    async def held_elsewhere(self, name: str) -> str | None:
+    async def held_elsewhere(self, name: str) -> RemoteLease | None:
         return None
 
     def get(self, name: str) -> Tunnel | None:
