@@ -11,7 +11,7 @@ import pytest
 from portway.auth import FailureThrottle, Grant, TokenBook, hash_token
 from portway.config import ClusterTarget, RelayConfig, host_port, node_id
 from portway.errors import ConfigurationError, HttpError
-from portway.relay.cluster import RedisRegistry
+from portway.relay.cluster import MAX_LOOKUPS, RedisRegistry
 from portway.relay.metrics import RelayCounters
 from portway.relay.naming import NameClaims
 from portway.relay.registry import REGISTRY_UNAVAILABLE, RemoteLease
@@ -343,3 +343,17 @@ def test_cluster_settings_go_together():
 def test_node_ids_and_advertised_addresses_are_checked(parse, bad):
     with pytest.raises(ValueError):
         parse(bad)
+
+
+def test_lookups_for_visitors_are_bounded_and_leave_room_for_registrations(redis):
+    async def scenario(nodes):
+        a, b = nodes.node("node-a"), nodes.node("node-b")
+        await taken(a, "web")
+        lookups = await asyncio.gather(*(b.held_elsewhere("web") for _ in range(MAX_LOOKUPS + 20)),
+                                       return_exceptions=True)
+        refused = [outcome for outcome in lookups if isinstance(outcome, HttpError)]
+        assert len(refused) == 20 and all(outcome.status == 503 for outcome in refused)
+        assert all(outcome.node == "node-a" for outcome in lookups if not isinstance(outcome, HttpError))
+        await taken(b, "mine")  # and the pool still has room for a registration
+
+    with_nodes(redis, scenario)

@@ -39,12 +39,15 @@ KEY_PREFIX = "portway:"
 DEFAULT_LEASE_TTL = 10.0  # seconds a lease outlives its node's last heartbeat (renewed every third of it)
 DEFAULT_CALL_TIMEOUT = 1.0  # seconds any one Redis call may take before the registry counts as unavailable
 FENCE_TTL = 86_400.0  # seconds a name's highest epoch is remembered after its last lease
+MAX_CONNECTIONS = 128  # to Redis, at once; one more call is refused (503) rather than queued
+MAX_LOOKUPS = 64  # visitor lookups of names held elsewhere at once: a flood of unknown hosts leaves room for the rest
 
 
 def connect(target: ClusterTarget, timeout: float) -> Redis:
     """A client for `target` whose every connect, read and write gives up after `timeout` seconds, never retried
     (the caller decides what a failure means)."""
-    bounded = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
+    bounded = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0),
+               "max_connections": MAX_CONNECTIONS}
     if not target.sentinels:
         return Redis.from_url(target.url, **bounded)
     sentinel = Sentinel(list(target.sentinels), sentinel_kwargs={"socket_timeout": timeout,
@@ -210,6 +213,7 @@ class RedisRegistry(MemoryRegistry):
         self._epochs: dict[str, int] = {}  # name -> the epoch of this node's lease on it, as last seen
         self._heartbeat: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
+        self._lookups = 0  # held_elsewhere() calls waiting on Redis
 
     @property
     def _ttl_ms(self) -> int:
@@ -291,8 +295,14 @@ class RedisRegistry(MemoryRegistry):
         self._epochs[name] = int(detail)
 
     async def held_elsewhere(self, name: str) -> RemoteLease | None:
-        node, advertise, kind, epoch = await self.ask(
-            self.redis.hmget(self._lease_key(name), "node", "advertise", "kind", "epoch"))
+        if self._lookups >= MAX_LOOKUPS:
+            raise registry_unavailable()
+        self._lookups += 1
+        try:
+            node, advertise, kind, epoch = await self.ask(
+                self.redis.hmget(self._lease_key(name), "node", "advertise", "kind", "epoch"))
+        finally:
+            self._lookups -= 1
         if node is None or node.decode() == self.node_id:
             return None
         return RemoteLease(node.decode(), (advertise or b"").decode(), (kind or b"").decode(), int(epoch or 0))
