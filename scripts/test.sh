@@ -4,7 +4,7 @@
 # Idempotent. On a Debian 12 machine (as root) it first installs whatever the tests need
 # and is missing, then runs pytest with the given arguments and exits with pytest's status:
 #   - Debian packages: redis-server, wrk, chromium, openssh-server, prometheus, systemd, pebble (Let's Encrypt's
-#     test CA), bind9 and curl (only the missing ones;
+#     test CA), bind9, curl, iproute2 and nftables (only the missing ones;
 #     nodejs only when `node` is missing; npm is never installed through apt)
 #   - the Python package with its test extras:  pip install -e '.[test]'
 #   - the pinned Node test tools (ws, localtunnel) from package-lock.json:  npm ci
@@ -29,6 +29,8 @@ have systemd-analyze || missing+=(systemd)
 have pebble || missing+=(pebble)
 have named || missing+=(bind9)
 have curl || missing+=(curl)
+have ip || missing+=(iproute2)   # the NAT test-bed (tests/e2e/test_netlab.py, as root): network namespaces
+have nft || missing+=(nftables)  # ...and its NAT router
 have node || missing+=(nodejs)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 

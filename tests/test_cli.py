@@ -23,17 +23,24 @@ def config(*argv: str, environ: dict[str, str] | None = None):
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_keepalive_flags_reach_the_mux_config(command):
-    built = config(*command, "--keepalive-interval", "2.5", "--keepalive-timeout", "0.5")
-    assert (built.mux.keepalive_interval, built.mux.keepalive_timeout) == (2.5, 0.5)
+    built = config(*command, "--keepalive-interval", "0.5", "--keepalive-timeout", "2.5")
+    assert (built.mux.keepalive_interval, built.mux.keepalive_timeout) == (0.5, 2.5)
     default = config(*command).mux
-    assert default == MuxConfig() and (default.keepalive_interval, default.keepalive_timeout) == (30.0, 10.0)
+    assert default == MuxConfig() and (default.keepalive_interval, default.keepalive_timeout) == (None, 10.0)
+    assert config(*command, "--keepalive-timeout", "6").mux.ping_after == 2.0
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_keepalive_from_the_environment_and_the_flag_wins(command):
-    environ = {"PORTWAY_KEEPALIVE_INTERVAL": "7", "PORTWAY_KEEPALIVE_TIMEOUT": "3"}
-    assert config(*command, environ=environ).mux == MuxConfig(keepalive_interval=7.0, keepalive_timeout=3.0)
+    environ = {"PORTWAY_KEEPALIVE_INTERVAL": "3", "PORTWAY_KEEPALIVE_TIMEOUT": "7"}
+    assert config(*command, environ=environ).mux == MuxConfig(keepalive_interval=3.0, keepalive_timeout=7.0)
     assert config(*command, "--keepalive-timeout", "4", environ=environ).mux.keepalive_timeout == 4.0
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_keepalive_interval_not_below_the_timeout_is_refused_naming_both(command):
+    with pytest.raises(ConfigurationError, match=r"--keepalive-interval \(30\) must be below --keepalive-timeout \(10\)"):
+        config(*command, "--keepalive-interval", "30")
 
 
 def test_every_relay_setting_reaches_the_config_from_its_flag_and_its_variable():

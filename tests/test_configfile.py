@@ -80,6 +80,9 @@ open_relay = true
 head_timeout = 2
 idle_timeout = 4.5
 max_connections_per_ip = 9
+max_upgraded_per_ip = 12
+max_connection_rate_per_ip = 13
+drain_timeout = 8
 response_timeout = 5
 pool_wait_timeout = 6
 lt_grace_period = 7
@@ -89,7 +92,7 @@ log_format = "json"
 link_window = 64
 auth_failure_window = 2.5
 tls_reload_interval = 11
-keepalive_interval = 2.5
+keepalive_interval = 0.25
 keepalive_timeout = 0.5
 cluster = "redis://127.0.0.1:6390/2"
 node_id = "node-a"
@@ -102,10 +105,11 @@ tls_key = "key.pem"
 
 RELAY_FLAGS = ["--bind", "127.0.0.2", "--port", "9001", "--domain", "t.example", "--public-port", "443",
                "--grace-period", "3", "--token", "a", "--token", "b", "--open", "--head-timeout", "2",
-               "--idle-timeout", "4.5", "--max-connections-per-ip", "9", "--response-timeout", "5",
+               "--idle-timeout", "4.5", "--max-connections-per-ip", "9", "--max-upgraded-per-ip", "12",
+               "--max-connection-rate-per-ip", "13", "--drain-timeout", "8", "--response-timeout", "5",
                "--pool-wait-timeout", "6", "--lt-grace-period", "7", "--metrics", ":9100", "--no-access-log",
                "--log-format", "json", "--link-window", "64", "--auth-failure-window", "2.5",
-               "--tls-reload-interval", "11", "--keepalive-interval", "2.5", "--keepalive-timeout", "0.5",
+               "--tls-reload-interval", "11", "--keepalive-interval", "0.25", "--keepalive-timeout", "0.5",
                "--cluster", "redis://127.0.0.1:6390/2", "--node-id", "node-a", "--advertise", "10.0.0.1:9001",
                "--cluster-secret", "shh"]
 

@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigurationError as error:
         sys.exit(fail(str(error), 2))
     if isinstance(config, RelayConfig):
-        sys.exit(_run(lambda: run_server(config)))
-    sys.exit(_run(lambda: run_http(config, inspector_config(config))))
+        sys.exit(_run(lambda stop: run_server(config, stop)))
+    sys.exit(_run(lambda stop: run_http(config, inspector_config(config), stop)))
 
 
 def verbose_logging() -> bool:
@@ -222,17 +222,27 @@ def read_secret() -> str:
     return sys.stdin.readline().strip()
 
 
-def _run(make: Callable[[], Awaitable[int]]) -> int:
+def _run(make: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+    """Run a role until it returns. The first SIGINT or SIGTERM sets the event it is given (stop gracefully);
+    a second one cancels it (stop at once)."""
     tune_for_serving()
 
     async def guarded() -> int:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         assert task is not None
+        stop = asyncio.Event()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                task.cancel()
+            else:
+                stop.set()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, task.cancel)
+            loop.add_signal_handler(signum, on_signal)
         try:
-            return await make()
+            return await make(stop)
         except asyncio.CancelledError:
             return 0
 
@@ -243,7 +253,7 @@ def _run(make: Callable[[], Awaitable[int]]) -> int:
     return uvloop.run(guarded())
 
 
-async def run_server(config: RelayConfig) -> int:
+async def run_server(config: RelayConfig, stop: asyncio.Event | None = None) -> int:
     from .relay.server import Relay
 
     relay = Relay(config)
@@ -271,7 +281,12 @@ async def run_server(config: RelayConfig) -> int:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, relay.acme.reload)
     print(f"listening on {config.bind}:{relay.port}", flush=True)
     try:
-        await asyncio.Event().wait()
+        await (stop or asyncio.Event()).wait()
+        busy = relay.exchanges_in_flight()
+        stderr.print(f"stopping: no new visitors; {busy} exchange(s) in flight get up to {config.drain_timeout:g} s to "
+                     "finish, agents were told to reconnect (a second signal stops at once)")
+        cut = await relay.drain(config.drain_timeout)
+        stderr.print(f"stopped: {cut} exchange(s) cut at the drain timeout" if cut else "stopped: all exchanges done")
     finally:
         await relay.close()
     return 0
@@ -326,7 +341,27 @@ async def serve_direct(relay, url: str, say: Callable[[str], None]) -> None:
         "every request there goes to this tunnel")
 
 
-async def run_http(config: AgentConfig, inspect=None) -> int:
+async def serve_until_stopped(agent, config: AgentConfig, stop: asyncio.Event, say: Callable[[str], None]) -> None:
+    """Run the agent until it fails or `stop` is set; then it takes no new streams and gives those in flight up
+    to --drain-timeout before it leaves (the relay frees its name at once)."""
+    running = asyncio.get_running_loop().create_task(agent.run())
+    stopping = asyncio.get_running_loop().create_task(stop.wait())
+    try:
+        await asyncio.wait((running, stopping), return_when=asyncio.FIRST_COMPLETED)
+        if running.done():
+            running.result()  # a refusal for good (RegistrationError) is raised here
+            return
+        busy = agent.streams_in_flight()
+        say(f"stopping: no new requests; {busy} in flight get up to {config.drain_timeout:g} s to finish "
+            "(a second signal stops at once)")
+        await agent.drain(config.drain_timeout)
+    finally:
+        for task in (running, stopping):
+            task.cancel()
+        await asyncio.gather(running, stopping, return_exceptions=True)
+
+
+async def run_http(config: AgentConfig, inspect=None, stop: asyncio.Event | None = None) -> int:
     from .agent.client import Agent
     from .agent.console import AgentConsole, Tally
     from .agent.metrics import AgentCollector, exposition
@@ -373,7 +408,7 @@ async def run_http(config: AgentConfig, inspect=None) -> int:
             collector = AgentCollector(tally, agent)
             inspector.metrics = lambda: exposition(collector)
         console.start()
-        await agent.run()
+        await serve_until_stopped(agent, config, stop or asyncio.Event(), console.status)
     except ValueError as error:
         return fail(str(error), 2)
     except RegistrationError as error:

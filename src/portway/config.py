@@ -280,11 +280,17 @@ class Setting:
         return "PORTWAY_" + self.key.upper()
 
 
+DRAIN = Setting("drain_timeout", "--drain-timeout", seconds, 30.0,
+                "on SIGTERM or Ctrl-C, seconds the exchanges in flight may take to finish before they are cut (a "
+                "second signal stops at once)", "SECONDS")
+
 KEEPALIVE = (
     Setting("keepalive_interval", "--keepalive-interval", seconds, MuxConfig.keepalive_interval,
-            "seconds without hearing from the other end of the agent link before pinging it", "SECONDS"),
+            "seconds without hearing from the other end of the agent link before pinging it; below "
+            "--keepalive-timeout (default: a third of it)", "SECONDS"),
     Setting("keepalive_timeout", "--keepalive-timeout", seconds, MuxConfig.keepalive_timeout,
-            "seconds a ping may go unanswered before the agent link is declared dead", "SECONDS"),
+            "seconds the other end of the agent link may stay silent before the link is declared dead (it is "
+            "pinged well before): the bound for noticing a dead link or a frozen peer (default 10)", "SECONDS"),
 )
 
 RELAY_SETTINGS = (
@@ -293,8 +299,9 @@ RELAY_SETTINGS = (
     Setting("domain", "--domain", text, "localhost", "base domain: tunnels are NAME.DOMAIN"),
     Setting("public_port", "--public-port", port_number, None,
             "port shown in tunnel URLs when a proxy or NAT maps it (default: --port)", "PORT"),
-    Setting("grace_period", "--grace-period", seconds, 10.0, "seconds a disconnected agent keeps its name",
-            "SECONDS"),
+    Setting("grace_period", "--grace-period", seconds, 300.0,
+            "seconds an agent whose link dropped keeps its name while it reconnects; nobody else can take it "
+            "meanwhile (an agent stopped on purpose frees it at once)", "SECONDS"),
     Setting("tokens", "--token", text, (), "accept agents presenting this token (repeatable)", "SECRET",
             repeatable=True),
     Setting("tokens_file", "--tokens", text, None,
@@ -327,7 +334,13 @@ RELAY_SETTINGS = (
     Setting("idle_timeout", "--idle-timeout", seconds, 75.0,
             "seconds an idle keep-alive visitor connection is kept", "SECONDS"),
     Setting("max_connections_per_ip", "--max-connections-per-ip", count, 256,
-            "concurrent visitor connections allowed from one address", "N"),
+            "HTTP connections open at once from one address (heads being read, exchanges, idle keep-alive ones: "
+            "an idle one is closed to make room), then 429; WebSockets and agent links count apart", "N"),
+    Setting("max_upgraded_per_ip", "--max-upgraded-per-ip", count, 4096,
+            "WebSockets and agent links open at once from one address (an office behind one NAT address holds "
+            "many), then 429", "N"),
+    Setting("max_connection_rate_per_ip", "--max-connection-rate-per-ip", count, 1000,
+            "new connections per second from one address, in bursts of up to twice that, then 429", "N"),
     Setting("auth_failure_window", "--auth-failure-window", seconds, 60.0,
             "seconds failed logins (agent tokens, tunnels' basic auth) count: past 10 from one address, or 100 on "
             "one basic-auth tunnel, logins are refused with 429", "SECONDS"),
@@ -357,6 +370,7 @@ RELAY_SETTINGS = (
     Setting("cluster_secret", "--cluster-secret", text, None,
             "a secret every --cluster node must share: a node started with another one refuses to join",
             "SECRET"),
+    DRAIN,
     *KEEPALIVE,
 )
 
@@ -383,6 +397,7 @@ AGENT_SETTINGS = (
     Setting("log_format", "--log-format", log_format, "text",
             "when stderr is not a terminal, a line per request as text or one JSON object per line (text, json)",
             "FORMAT"),
+    DRAIN,
     *KEEPALIVE,
 )
 
@@ -427,9 +442,12 @@ class RelayConfig:
     response_timeout: float = 120.0  # the origin must start answering within this, else 504; nor fall silent
     linger_timeout: float = 2.0  # after answering a request not yet fully received, discard its rest this long
     pool_wait_timeout: float = 10.0  # how long a visitor waits for a free conduit before a 503
-    grace_period: float = 10.0  # an agent that drops keeps its name this long to reconnect
+    grace_period: float = 300.0  # an agent that drops keeps its name this long to reconnect (its lease)
+    drain_timeout: float = 30.0  # on SIGTERM, exchanges in flight may take this long to finish
     lt_grace_period: float = 5.0  # an lt tunnel whose last pool socket went keeps its name this long
-    max_connections_per_ip: int = 256  # concurrent visitor connections from one address
+    max_connections_per_ip: int = 256  # HTTP connections (heads, exchanges, idle keep-alive) from one address
+    max_upgraded_per_ip: int = 4096  # established WebSockets and agent links from one address
+    max_connection_rate_per_ip: int = 1000  # new connections per second from one address (bursts of twice that)
     # Failed logins (agent tokens, tunnels' basic auth) are remembered this long; past the limits below an
     # address (or, for basic auth, a whole tunnel) is refused with 429 until the window has moved on.
     auth_failure_window: float = 60.0
@@ -460,11 +478,12 @@ class RelayConfig:
         if self.cluster is None and (self.node_id or self.advertise or self.cluster_secret):
             raise ConfigurationError("--node-id, --advertise and --cluster-secret go with --cluster")
         for name in ("idle_timeout", "head_timeout", "response_timeout", "linger_timeout", "pool_wait_timeout",
-                     "grace_period", "lt_grace_period", "auth_failure_window", "tls_reload_interval"):
+                     "grace_period", "drain_timeout", "lt_grace_period", "auth_failure_window", "tls_reload_interval"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigurationError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
-        if self.max_connections_per_ip < 1:
-            raise ConfigurationError("max_connections_per_ip must be at least 1")
+        for name in ("max_connections_per_ip", "max_upgraded_per_ip", "max_connection_rate_per_ip"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be at least 1")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigurationError("--tls-cert and --tls-key go together")
         if self.acme_email and self.tls_cert:
@@ -493,6 +512,7 @@ class AgentConfig:
     inspect: tuple[str, int] | None = None  # the inspector's address; None: the default one, or the next free
     no_inspect: bool = False
     log_format: str = "text"  # stderr not a terminal: a line per request, text or "json" (one object per line)
+    drain_timeout: float = 30.0  # on SIGTERM, streams in flight may take this long to finish
     mux: MuxConfig = field(default_factory=MuxConfig)
 
     def __post_init__(self) -> None:
@@ -512,6 +532,10 @@ def default_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
 
 def _mux_config(values: Mapping[str, Any]) -> MuxConfig:
     extra = {"link_window": values["link_window"]} if "link_window" in values else {}
+    interval, timeout = values["keepalive_interval"], values["keepalive_timeout"]
+    if interval is not None and interval >= timeout:
+        raise ConfigurationError(f"--keepalive-interval ({interval:g}) must be below --keepalive-timeout "
+                                 f"({timeout:g}): a pinged peer needs time to answer before the link is declared dead")
     try:
         return MuxConfig(keepalive_interval=values["keepalive_interval"],
                          keepalive_timeout=values["keepalive_timeout"], **extra)

@@ -3,14 +3,19 @@
 `black_hole()` is what a NAT that dropped its mapping, or a frozen peer, does to a connection: from then on the
 bytes of every connection already open are read and dropped in both directions, and nothing is closed (not even
 when one end gives up and closes: its FIN is lost too). Connections opened afterwards are forwarded normally, so
-an agent that notices can reconnect through the same proxy. One thread, one selector; `close()` ends both.
+an agent that notices can reconnect through the same proxy. `outage()` is a network gone altogether: the open
+connections are black-holed and new ones refused (the proxy stops listening) until `restore()`. `reset()` cuts
+every open connection with a TCP reset. One thread, one selector; `close()` ends both.
 """
 
 from __future__ import annotations
 
+import queue
 import selectors
 import socket
+import struct
 import threading
+from typing import Callable
 
 
 class _Pair:
@@ -36,6 +41,7 @@ class LinkProxy:
         self._pairs: list[_Pair] = []
         self._owner: dict[socket.socket, _Pair] = {}
         self._stopping = False
+        self._commands: queue.Queue[tuple[Callable[[], object], threading.Event, list]] = queue.Queue()
         self.accepted = 0  # connections accepted so far (each one is forwarded until black-holed)
         self.dropped_bytes = 0  # bytes read and thrown away by black-holed connections
         self._thread = threading.Thread(target=self._run, name="link proxy", daemon=True)
@@ -47,6 +53,50 @@ class LinkProxy:
             for pair in self._pairs:
                 pair.black_holed = True
             return len(self._pairs)
+
+    def outage(self) -> int:
+        """Black-hole every open connection and refuse new ones until restore(); returns how many were open."""
+        held = self.black_hole()
+        self._in_thread(self._stop_listening)
+        return held
+
+    def restore(self) -> None:
+        """Listen again on the same port after an outage(): new connections are forwarded."""
+        self._in_thread(self._listen_again)
+
+    def reset(self) -> int:
+        """Cut every open connection with a TCP reset, both ways; returns how many."""
+        return self._in_thread(self._reset_all)
+
+    def _in_thread(self, command: Callable[[], object]) -> object:
+        done = threading.Event()
+        result: list = []
+        self._commands.put((command, done, result))
+        self._wake_w.send(b"c")
+        assert done.wait(10), "the link proxy thread did not run the command"
+        return result[0]
+
+    def _stop_listening(self) -> None:
+        self._selector.unregister(self.listener)
+        self.listener.close()
+
+    def _listen_again(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.listener.setblocking(False)
+        self._selector.register(self.listener, selectors.EVENT_READ, None)
+
+    def _reset_all(self) -> int:
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for sock in pair.ends:
+                try:
+                    self._selector.unregister(sock)
+                except (KeyError, ValueError):
+                    pass
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
+                sock.close()
+        return len(pairs)
 
     def close(self) -> None:
         self._stopping = True
@@ -74,6 +124,11 @@ class LinkProxy:
             for key, _ in self._selector.select():
                 sock = key.fileobj
                 if sock is self._wake_r:
+                    self._wake_r.recv(64)
+                    while not self._commands.empty():
+                        command, done, result = self._commands.get()
+                        result.append(command())
+                        done.set()
                     continue
                 if sock is self.listener:
                     self._accept()
@@ -83,7 +138,7 @@ class LinkProxy:
     def _accept(self) -> None:
         try:
             visitor, _ = self.listener.accept()
-        except BlockingIOError:
+        except OSError:  # nothing to accept after all, or the listener was closed by an outage() meanwhile
             return
         upstream = socket.create_connection(self.target, timeout=10)
         for sock in (visitor, upstream):

@@ -56,9 +56,12 @@ def test_an_agent_started_before_its_relay_waits_for_it(procs):
     origin = start_origin(procs)
     agent = procs.start(PORTWAY + ["http", str(origin), "--relay", f"http://127.0.0.1:{port}", "--name", "early",
                                    "--no-inspect"], "early agent")
-    agent.wait_for_line(rf"relay at 127\.0\.0\.1:{port} unreachable .*retrying in")
+    agent.wait_for_line(rf"retrying in [0-9.]+ s \(attempt \d+\): the relay at 127\.0\.0\.1:{port} is unreachable")
+    # let the backoff grow past the probes' period: the relay is dialled when it listens, not when a delay ends
+    agent.wait_for_line(r"retrying in [0-9.]+ s \(attempt 4\)", timeout=30)
     procs.start(PORTWAY + ["server", "--port", str(port)], "late relay").wait_for_line("listening on")
-    agent.wait_for_line(rf"^http://early\.localhost:{port}$", timeout=45)
+    # within 5 s of listening (the probe's period plus its dial), whatever the backoff had reached
+    agent.wait_for_line(rf"^http://early\.localhost:{port}$", timeout=5 + 3)
 
 
 def test_an_agent_told_not_to_wait_exits_at_once():

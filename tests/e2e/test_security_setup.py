@@ -5,6 +5,7 @@ agent's command line. Every relay listens on 127.0.0.1 only; the secure-default 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,8 +14,11 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from .conftest import PORTWAY, ROOT, free_port, start_origin, wait_until
@@ -212,15 +216,18 @@ def test_tls_cert_without_key_is_refused(procs, tmp_path):
 # =============================================================================================== per-address limit
 
 def test_connections_per_address_are_capped(procs):
+    """Connections in the middle of a head (a slowloris, a flood of half-open requests) hold their slots: past
+    the cap the next one gets 429, another address is served, and a slot frees when one closes."""
     relay = launch_relay(procs, "--max-connections-per-ip", "3")
     status = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n\r\n".encode()
+    half_head = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n".encode()
     held = []
     try:
         for _ in range(3):
             sock = connect(relay.port)
             held.append(sock)
-            sock.sendall(status)
-            assert read_outcome(sock, responses=1).statuses == [200]
+            sock.sendall(half_head)
+        wait_until(lambda: talk(relay.port, status).statuses == [429], 10, what="the half-open heads to count")
         refused = talk(relay.port, status)
         assert refused.statuses == [429] and refused.closed
         assert b"Too many connections" in refused.responses[0].body
@@ -231,6 +238,90 @@ def test_connections_per_address_are_capped(procs):
     finally:
         for sock in held:
             sock.close()
+    assert_clean_log(relay.proc)
+
+
+def test_idle_keep_alive_connections_make_room_at_the_cap(procs):
+    """Idle keep-alive connections cost the relay little: at the cap one of them is closed for a newcomer
+    instead of locking the address out."""
+    relay = launch_relay(procs, "--max-connections-per-ip", "3")
+    status = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n\r\n".encode()
+    held = []
+    try:
+        for _ in range(3):
+            sock = connect(relay.port)
+            held.append(sock)
+            sock.sendall(status)
+            assert read_outcome(sock, responses=1).statuses == [200]
+        assert talk(relay.port, status).statuses == [200]
+        # one of the idle ones was closed to make room
+        closed = [sock for sock in held if read_outcome(sock, timeout=0.5).ending != "open"]
+        assert len(closed) >= 1
+    finally:
+        for sock in held:
+            sock.close()
+    assert_clean_log(relay.proc)
+
+
+def test_many_websockets_from_one_address_do_not_lock_it_out(procs):
+    """An office behind one NAT address: 300 open WebSockets through a tunnel (more than the HTTP cap of 256),
+    and a plain request from the same address is still served; WebSockets have their own, larger cap."""
+    metrics_port = free_port()
+    # the agent's link, from this address too, is one of the 301
+    relay = launch_relay(procs, "--max-upgraded-per-ip", "301", "--metrics", f"127.0.0.1:{metrics_port}")
+    origin = start_origin(procs)
+    launch_agent(procs, relay, origin, "--no-inspect", name="office")
+    host = relay.host("office")
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(open_websocket(relay.port, host)) for _ in range(300)]
+        sockets[0].send("still here")
+        assert sockets[0].recv(timeout=ANSWER_TIMEOUT) == "Echo: still here"
+        plain = talk(relay.port, f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert plain.statuses == [200]
+        over = talk(relay.port, (f"GET / HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        assert over.statuses == [429] and b"Too many open WebSockets" in over.responses[0].body
+        assert refused_by_limit(metrics_port) == {"connections": 0, "rate": 0, "upgraded": 1}
+        sockets[-1].close()
+        wait_until(lambda: websocket_echoes(relay.port, host), 10, what="the closed WebSocket's slot to free up")
+    assert_clean_log(relay.proc)
+
+
+def refused_by_limit(metrics_port: int) -> dict[str, float]:
+    """The relay's portway_refused_connections_total, by limit."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=ANSWER_TIMEOUT) as answer:
+        text = answer.read().decode()
+    return {sample.labels["limit"]: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == "portway_refused_connections_total"}
+
+
+def open_websocket(port: int, host: str):
+    return ws_connect(f"ws://{host}/", sock=socket.create_connection(("127.0.0.1", port), timeout=ANSWER_TIMEOUT),
+                      open_timeout=ANSWER_TIMEOUT)
+
+
+def websocket_echoes(port: int, host: str) -> bool:
+    """Whether a WebSocket to `host` is accepted now and echoes a message."""
+    try:
+        with open_websocket(port, host) as ws:
+            ws.send("again")
+            return ws.recv(timeout=ANSWER_TIMEOUT) == "Echo: again"
+    except InvalidStatus:  # refused (429): not yet
+        return False
+
+
+def test_new_connections_from_one_address_are_rate_limited(procs):
+    metrics_port = free_port()
+    relay = launch_relay(procs, "--max-connection-rate-per-ip", "1", "--metrics", f"127.0.0.1:{metrics_port}")  # bursts of 2
+    status = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n\r\n".encode()
+    outcomes = [talk(relay.port, status) for _ in range(6)]
+    assert [outcome.statuses for outcome in outcomes[:2]] == [[200], [200]]
+    refused = [outcome for outcome in outcomes if outcome.statuses == [429]]
+    assert refused, "six connections within a few seconds from one address, none refused"
+    assert all(b"slow down" in outcome.responses[0].body and outcome.closed for outcome in refused)
+    assert talk(relay.port, status, source="127.0.0.2").statuses == [200]
+    assert refused_by_limit(metrics_port)["rate"] == len(refused)
+    wait_until(lambda: talk(relay.port, status).statuses == [200], 10, what="a token to come back")
     assert_clean_log(relay.proc)
 
 
@@ -275,6 +366,28 @@ def test_tls_relay_serves_https_to_visitors_and_tls_to_agents(procs, tls_relay, 
     assert outcome.statuses == [200] and outcome.responses[0].body == b"origin GET /over-tls"
     assert origin.requests()[-1].header("X-Forwarded-Proto") == ["https"]
     assert_clean_log(tls_relay.proc)
+
+
+def test_tls_visitors_are_counted_by_their_own_address(procs, ca):
+    """The per-address limits see a TLS visitor's address (known once its handshake is done), not one shared
+    count for all of them."""
+    relay = launch_relay(procs, "--tls-cert", str(ca["cert"]), "--tls-key", str(ca["key"]),
+                         "--max-connections-per-ip", "1")
+    context = ssl.create_default_context(cafile=str(ca["ca"]))
+    status = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n\r\n".encode()
+
+    def visit_from(source: str):
+        raw = socket.create_connection(("127.0.0.1", relay.port), timeout=ANSWER_TIMEOUT, source_address=(source, 0))
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(status)
+            return read_outcome(sock, responses=1).statuses
+
+    raw = socket.create_connection(("127.0.0.1", relay.port), timeout=ANSWER_TIMEOUT)
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as held:
+        held.sendall(status[:20])  # a head under way holds the address's only slot
+        wait_until(lambda: visit_from("127.0.0.1") == [429], 10, what="the held connection to count")
+        assert visit_from("127.0.0.2") == [200]
+    assert_clean_log(relay.proc)
 
 
 def test_a_tls_visitor_closing_its_connection_is_no_warning(procs, tls_relay, ca, origin):

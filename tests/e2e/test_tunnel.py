@@ -225,7 +225,7 @@ def test_agent_killed_gives_502_at_once(procs, origin):
     """SIGKILL: the kernel closes the agent's end of the link and the relay hears it at once. The very next
     visitor gets a 502 saying the agent is gone, well before any of the relay's deadlines could have produced an
     answer. (A link that dies without a word is tests/e2e/test_keepalive.py's.)"""
-    deadlines = ["--keepalive-interval", "--keepalive-timeout", "--response-timeout"]
+    deadlines = ["--keepalive-timeout", "--response-timeout"]
     relay = start_relay(procs, *[arg for flag in deadlines for arg in (flag, str(SLOW_DEADLINES))])
     agent, name = start_agent(procs, relay, origin, name="seed")
     # Connection: close leaves no idle stream in the relay's pool (a request retried off a pooled stream whose

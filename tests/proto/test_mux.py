@@ -92,7 +92,7 @@ def test_config_defaults() -> None:
     config = MuxConfig()
     assert (config.initial_window, config.max_window, config.max_frame_size) == (256 * KiB, 4 * MiB, 64 * KiB)
     assert (config.accept_backlog, config.max_streams, config.max_control_frames_per_second) == (256, 4096, 2000)
-    assert (config.keepalive_interval, config.keepalive_timeout) == (30.0, 10.0)
+    assert (config.keepalive_interval, config.keepalive_timeout, config.ping_after) == (None, 10.0, 10.0 / 3)
     assert config.link_window == 32 * MiB
 
 
@@ -113,6 +113,9 @@ def test_config_defaults() -> None:
         {"keepalive_interval": 0.0},
         {"keepalive_timeout": -1.0},
         {"keepalive_timeout": float("nan")},
+        {"keepalive_timeout": float("inf")},
+        {"keepalive_interval": 10.0},  # not below the default timeout: no time left to answer
+        {"keepalive_interval": 2.0, "keepalive_timeout": 1.0},
     ],
 )
 def test_config_rejects_nonsense(kwargs: dict) -> None:
@@ -467,7 +470,7 @@ def test_credit_set_aside_for_a_stream_reset_before_it_sent_goes_to_the_next_one
     ids = streams_filling_the_link(pair, 6)
     client.data_to_send()
     assert client.receive_data(f.window_update(0, WINDOW), 0.0) == [WindowUpdated(ids[4])]
-    assert client.get_timer() == 30.0, "nothing is due while the woken stream may still use its credit"
+    assert client.get_timer() == MuxConfig().ping_after, "nothing is due while the woken stream may still use its credit"
     client.reset_stream(ids[4])
     assert client.get_timer() <= 0.0, "handle_timer is due at once"
     assert client.handle_timer(0.0) == [WindowUpdated(ids[5])]
@@ -601,7 +604,8 @@ def test_link_window_updates_are_checked_like_stream_ones() -> None:
 def test_every_byte_arrives_however_the_link_window_is_shared(sizes: list[int], reads: list[int], resets) -> None:
     """Senders that retry on WindowUpdated (like the glue) and a reader consuming in random bites: whatever
     the link window holds up, every stream not reset gets all its bytes through, and no credit is lost."""
-    pair = MuxPair(MuxConfig(link_window=LINK, max_window=1 * MiB))
+    # the clock stands still at SLOW: keepalive is out of this test's way
+    pair = MuxPair(MuxConfig(link_window=LINK, max_window=1 * MiB, keepalive_timeout=10 * SLOW))
     client, server = pair.client, pair.server
     ids = [pair.open_stream() for _ in sizes]
     payloads = {s: bytes([i]) * size for i, (s, size) in enumerate(zip(ids, sizes, strict=True))}
@@ -964,35 +968,85 @@ def test_stream_ids_run_out_cleanly() -> None:
 def test_keepalive_pings_a_quiet_peer_and_measures_rtt() -> None:
     pair = MuxPair(now=100.0)
     client, server = pair.client, pair.server
-    assert client.get_timer() == 130.0
-    assert client.handle_timer(129.9) == []
+    ping_at = 100.0 + 10.0 / 3
+    assert client.get_timer() == ping_at, "quiet for a third of keepalive_timeout: ping"
+    assert client.handle_timer(ping_at - 0.01) == []
     assert client.data_to_send() == b""
-    assert client.handle_timer(130.0) == []
+    assert client.handle_timer(ping_at) == []
     (ping,) = decode_all(client.data_to_send())
     assert (ping.type, ping.flags, ping.stream_id) == (FrameType.PING, Flag.SYN, 0)
-    assert client.get_timer() == 140.0, "an outstanding ping sets the deadline"
+    assert client.get_timer() == 110.0, "after the ping, the next deadline is the silence bound itself"
+    assert client.handle_timer(ping_at + 1) == [] and client.data_to_send() == b"", "one ping per silence"
 
-    assert server.receive_data(ping.encode(), 130.5) == []
+    assert server.receive_data(ping.encode(), 104.0) == []
     answer = server.data_to_send()
     assert decode_all(answer) == [Frame(FrameType.PING, Flag.ACK, 0, ping.length)]
-    assert client.receive_data(answer, 130.75) == [PingAcked(0.75)]
-    assert client.last_rtt == 0.75
-    assert client.get_timer() == 160.75, "anything received restarts the idle clock"
+    assert client.receive_data(answer, 104.25) == [PingAcked(104.25 - ping_at)]
+    assert client.last_rtt == 104.25 - ping_at
+    assert client.get_timer() == 104.25 + 10.0 / 3, "anything received restarts the idle clock"
 
 
-def test_keepalive_timeout_terminates_the_connection() -> None:
+def test_keepalive_timeout_bounds_the_silence_from_the_peers_last_word() -> None:
+    """The link dies keepalive_timeout after the peer was last heard: the bound a black-holed link or a frozen
+    peer is noticed within, whenever our ping went out."""
     client = started(Role.CLIENT, now=0.0)
-    client.handle_timer(30.0)
+    client.handle_timer(10.0 / 3)
     ping_only = client.data_to_send()
-    assert client.handle_timer(39.9) == []
-    (event,) = client.handle_timer(40.0)
+    assert client.handle_timer(9.99) == []
+    (event,) = client.handle_timer(10.0)
     assert isinstance(event, ConnectionTerminated)
-    assert event.code == GoAwayCode.INTERNAL_ERROR and "keepalive" in event.reason
+    assert event.code == GoAwayCode.INTERNAL_ERROR and "keepalive timeout" in event.reason
+    assert "nothing heard from the peer for 10s" in event.reason
     assert client.is_closed
     assert client.get_timer() is None
     assert client.handle_timer(100.0) == []
     assert [fr.type for fr in decode_all(ping_only)] == [FrameType.PING]
     assert client.data_to_send() == b"", "a dead peer is sent no GO_AWAY"
+
+
+def test_a_late_timer_still_declares_the_link_dead_without_pinging_first() -> None:
+    """A process that was descheduled (or frozen itself) past the whole bound does not grant the peer another
+    round: silence is measured from the peer's last word, not from our ping."""
+    client = started(Role.CLIENT, now=0.0)
+    (event,) = client.handle_timer(25.0)
+    assert isinstance(event, ConnectionTerminated)
+    assert client.data_to_send() == b""
+
+
+def test_sending_does_not_keep_a_silent_link_alive() -> None:
+    """Only what the peer says counts: a relay writing a request into a black hole learns nothing from it."""
+    pair = MuxPair(now=0.0)
+    client = pair.client
+    stream_id = client.open_stream()
+    client.send_data(stream_id, b"GET / HTTP/1.1\r\n\r\n")
+    client.data_to_send()
+    assert client.handle_timer(5.0) == []  # pings
+    client.send_data(stream_id, b"more")
+    assert client.get_timer() == 10.0
+    (event,) = client.handle_timer(10.0)
+    assert isinstance(event, ConnectionTerminated)
+
+
+def test_a_peer_that_answers_every_ping_keeps_an_idle_link_forever() -> None:
+    pair = MuxPair(now=0.0)
+    now = 0.0
+    for _ in range(50):
+        now = pair.client.get_timer()
+        assert pair.client.handle_timer(now) == []
+        assert pair.server.handle_timer(now) == []
+        pair.transfer(now=now + 0.05)
+    assert not pair.client.is_closed and not pair.server.is_closed
+    assert now > 100.0
+
+
+def test_an_explicit_keepalive_interval_sets_when_the_ping_goes_out() -> None:
+    config = MuxConfig(keepalive_interval=1.0, keepalive_timeout=4.0)
+    mux = Mux(Role.SERVER, config, now=0.0)
+    mux.data_to_send()
+    assert mux.get_timer() == 1.0
+    mux.handle_timer(1.0)
+    assert [fr.type for fr in decode_all(mux.data_to_send())] == [FrameType.PING]
+    assert mux.get_timer() == 4.0
 
 
 def test_explicit_ping_reports_rtt_and_unknown_answers_are_ignored() -> None:

@@ -27,7 +27,7 @@ FLOOD = 2500  # over the default budget of 2000 control frames per second
     {"max_window": MAX_WINDOW_SIZE},
     {"initial_window": WINDOW, "max_window": WINDOW},
     {"accept_backlog": 1, "max_streams": 1, "max_control_frames_per_second": 1},
-    {"keepalive_interval": 0.5, "keepalive_timeout": 0.25},
+    {"keepalive_interval": 0.25, "keepalive_timeout": 0.5},
 ])
 def test_config_accepts_the_limits_of_each_setting(kwargs: dict) -> None:
     config = MuxConfig(**kwargs)
@@ -41,6 +41,7 @@ def test_config_accepts_the_limits_of_each_setting(kwargs: dict) -> None:
     ({"accept_backlog": 0}, "accept_backlog must be at least 1, got 0"),
     ({"max_streams": 0}, "max_streams must be at least 1, got 0"),
     ({"keepalive_timeout": 0.0}, "keepalive_timeout must be positive, got 0.0"),
+    ({"keepalive_interval": 1.0, "keepalive_timeout": 1.0}, "keepalive_interval (1.0) must be below keepalive_timeout (1.0)"),
 ])
 def test_config_refusals_name_the_setting(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError) as refused:

@@ -34,6 +34,7 @@ def test_exposition_names_registered_tunnels_only():
     alpha.counters.bytes_to_visitors += 42
     counters = RelayCounters()
     counters.request_duration.observe(0.02)
+    counters.refused_connections["rate"] += 2
     text = exposition(RelayCollector(counters, registry, lambda: 7)).decode()
     values = {(s.name, tuple(sorted(s.labels.items()))): s.value
               for family in text_string_to_metric_families(text) for s in family.samples}
@@ -41,6 +42,8 @@ def test_exposition_names_registered_tunnels_only():
     assert values[("portway_sent_bytes_total", (("tunnel", "alpha"),))] == 42
     assert values[("portway_visitor_connections", ())] == 7
     assert values[("portway_agent_links", ())] == 0
+    assert values[("portway_refused_connections_total", (("limit", "rate"),))] == 2
+    assert values[("portway_refused_connections_total", (("limit", "upgraded"),))] == 0
     assert values[("portway_request_duration_seconds_count", ())] == 1
     assert len([key for key in values if key[0] == "portway_request_duration_seconds_bucket"]) == \
         len(DURATION_BUCKETS) + 1

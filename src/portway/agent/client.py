@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 from dataclasses import dataclass
 from typing import Callable
@@ -17,12 +18,19 @@ from ..link.session import MuxSession, MuxStream
 from ..proto.control import AgentHandshake, LinkRequest
 from ..proto.mux import Role
 from ..proto.pages import error_response
+from .reconnect import Backoff, retry_status
 
 log = logging.getLogger(__name__)
 
-RECONNECT_MIN_DELAY = 0.5
-RECONNECT_MAX_DELAY = 30.0
+CONNECT_TIMEOUT = 5.0  # seconds a connect to the relay (TCP, and TLS) may take: a black-holed network never refuses
 HANDSHAKE_TIMEOUT = 15.0  # seconds the relay may take to answer a link request
+DRAIN_CHECK = 0.1  # seconds between looks at the streams still in flight while stopping gracefully
+PROBE_INTERVAL = 1.0  # while the relay can't be reached, a bare TCP connect tries it this often...
+PROBE_TIMEOUT = 1.0  # ...and waits this long for it: a relay back (or a network back) is dialled within ~2 s
+
+
+class RelayUnreachable(Exception):
+    """No connection to the relay could be made (refused, unreachable, timed out); says why."""
 
 
 @dataclass
@@ -43,8 +51,9 @@ class Agent:
     reconnects = 0  # links re-established after one dropped
 
     def __init__(self, config: AgentConfig, relay_url: str, on_url: Callable[[str], None],
-                 on_status: Callable[[str], None]) -> None:
+                 on_status: Callable[[str], None], rng: random.Random | None = None) -> None:
         self.config = config
+        self.backoff = Backoff(rng or random.Random())
         parts = urlsplit(relay_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"--relay must be an http:// or https:// URL, not {relay_url!r}")
@@ -64,8 +73,12 @@ class Agent:
         self.local_target = f"{config.local_host}:{config.port}"
 
     async def run(self) -> None:
-        """Serve until cancelled; raises RegistrationError when the relay refuses us for good."""
-        delay = RECONNECT_MIN_DELAY
+        """Serve until cancelled; raises RegistrationError when the relay refuses us for good.
+
+        A dropped link is dialled again at once if it had been healthy, else after the backoff's delay; a failed
+        attempt waits the backoff's delay, probing meanwhile whether an unreachable relay is back."""
+        loop = asyncio.get_running_loop()
+        backoff = self.backoff
         first = True
         while True:
             try:
@@ -74,15 +87,22 @@ class Agent:
                 hint = "check --ca" if self.config.ca_file else "pass --ca FILE with the CA that signed it"
                 raise RegistrationError(0, f"cannot reach the relay at {self.relay_host}:{self.relay_port}: "
                                            f"certificate verify failed ({error.verify_message}); {hint}") from None
-            except OSError as error:
+            except (RelayUnreachable, OSError) as error:
+                unreachable = isinstance(error, RelayUnreachable)
+                detail = str(error) if unreachable else error.strerror or str(error)
                 if first and not self.config.wait_for_relay:
                     raise RegistrationError(0, f"cannot reach the relay at {self.relay_host}:{self.relay_port}: "
-                                               f"{error.strerror or error}") from None
-                self.on_status(f"relay at {self.relay_host}:{self.relay_port} unreachable "
-                               f"({error.strerror or error}); retrying in {delay:.1f}s")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                                               f"{detail}") from None
+                where = f"the relay at {self.relay_host}:{self.relay_port}"
+                reason = (f"{where} is unreachable ({detail})" if unreachable
+                          else f"{where} did not complete the link handshake ({detail})")
+                delay = backoff.next_delay()
+                self.on_status(retry_status(delay, backoff.attempt, reason, reconnecting=not first))
+                # an unreachable relay that comes back is noticed by probing; one that answered and failed is not
+                # probed (it would answer the probe at once and turn the backoff into a tight loop)
+                await self.wait_before_retry(delay, probe=unreachable)
                 continue
+            backoff.link_up(loop.time())
             if first:
                 self.on_url(registered.url)
                 self.on_status(f"forwarding {registered.url} → {self.local_target}")
@@ -90,7 +110,6 @@ class Agent:
                 self.reconnects += 1
                 self.on_status(f"reconnected: {registered.url}")
             first = False
-            delay = RECONNECT_MIN_DELAY
             try:
                 reason = await registered.session.closed
             except asyncio.CancelledError:
@@ -98,14 +117,66 @@ class Agent:
                 registered.session.go_away()
                 registered.session.close()
                 raise
+            if registered.session.go_away_received:
+                reason += ", the relay went away (restarting?)"
             self.on_status(f"link to relay lost ({reason}); reconnecting")
+            if not backoff.link_down(loop.time()):
+                # it dropped soon after it came up: don't redial a flapping link or a failing relay in a loop
+                delay = backoff.next_delay()
+                self.on_status(retry_status(delay, backoff.attempt, f"link lost soon after it came up ({reason})",
+                                            reconnecting=True))
+                await self.wait_before_retry(delay, probe=False)
+
+    def streams_in_flight(self) -> int:
+        session = self.session
+        return 0 if session is None or session.closed.done() else len(session.streams)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop gracefully: tell the relay no new streams will be taken (GO_AWAY), and give the streams in flight
+        up to `timeout` seconds to finish. The caller then stops `run()`, which closes the link."""
+        session = self.session
+        if session is None or session.closed.done():
+            return
+        session.go_away()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # streams end inside bridge callbacks, with nothing to await: look again every DRAIN_CHECK seconds
+        while session.streams and not session.closed.done() and loop.time() < deadline:
+            await asyncio.sleep(min(DRAIN_CHECK, deadline - loop.time()))
+
+    async def wait_before_retry(self, delay: float, probe: bool) -> None:
+        """Wait `delay` seconds. With `probe` (the relay could not be reached), try a bare TCP connect to it every
+        PROBE_INTERVAL meanwhile and end the wait as soon as one succeeds: the relay (or the network) is back, and
+        a long backoff must not sleep through that."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        while (remaining := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(PROBE_INTERVAL, remaining) if probe else remaining)
+            remaining = deadline - loop.time()
+            if probe and remaining > 0 and await self.relay_listening(min(PROBE_TIMEOUT, remaining)):
+                return
+
+    async def relay_listening(self, timeout: float) -> bool:
+        """Whether a TCP connection to the relay can be made within `timeout` (closed at once, unused)."""
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(self.relay_host, self.relay_port), timeout)
+        except (OSError, asyncio.TimeoutError):
+            return False
+        writer.close()
+        return True
 
     async def register(self) -> Registered:
         loop = asyncio.get_running_loop()
-        transport, conn = await loop.create_connection(
-            Connection, self.relay_host, self.relay_port, ssl=self.ssl_context,
-            server_hostname=self.relay_host if self.ssl_context else None,
-        )
+        try:
+            transport, conn = await asyncio.wait_for(loop.create_connection(
+                Connection, self.relay_host, self.relay_port, ssl=self.ssl_context,
+                server_hostname=self.relay_host if self.ssl_context else None,
+            ), CONNECT_TIMEOUT)
+        except ssl.SSLError:
+            raise
+        except (OSError, asyncio.TimeoutError) as error:
+            raise RelayUnreachable("timed out" if isinstance(error, asyncio.TimeoutError)
+                                   else error.strerror or str(error)) from None
         request = LinkRequest(name=self.name, token=self.config.token, resume_key=self.resume_key,
                               basic_auth=self.config.basic_auth, allow_ip=tuple(self.config.allow_ip))
         handshake = AgentHandshake()

@@ -257,6 +257,7 @@ class MuxSession(asyncio.Protocol):
         self.undelivered: list[MuxStream] = []  # streams with data for their sink from the read being dispatched
         self.closed: asyncio.Future[str] = self.loop.create_future()
         self.go_away_received = False
+        self.on_go_away: Callable[[], None] | None = None  # called once the peer said it is going away
         self.protocol_error = False  # the peer broke the frame protocol (the link was closed for it)
 
     # asyncio.Protocol
@@ -394,6 +395,8 @@ class MuxSession(asyncio.Protocol):
                 self._accept(event.stream_id)
             elif kind is ev.GoAwayReceived:
                 self.go_away_received = True
+                if self.on_go_away is not None:
+                    self.on_go_away()
             elif kind is ev.ConnectionTerminated:
                 self._terminate(event.reason)
             # StreamAccepted and PingAcked need no action here; the mux keeps the RTT.

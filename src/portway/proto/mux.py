@@ -29,6 +29,7 @@ stream's state forbids) or :class:`~portway.errors.MuxClosedError` (the link is 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -111,10 +112,12 @@ class MuxConfig:
     """Streams the peer opened that the application has not accepted yet; further opens are refused (RST)."""
     max_streams: int = 4096
     """Streams alive at once, both directions together; further peer opens are refused (RST)."""
-    keepalive_interval: float = 30.0
-    """Seconds without receiving anything before we ping the peer."""
     keepalive_timeout: float = 10.0
-    """Seconds a ping may go unanswered before the link is declared dead."""
+    """Seconds the peer may stay silent (nothing at all received from it) before the link is declared dead: the
+    bound, from the moment a link is black-holed or its peer frozen, to our noticing."""
+    keepalive_interval: float | None = None
+    """Seconds of silence before we ping the peer, so that a live but idle peer has something to answer; below
+    ``keepalive_timeout``, which leaves the peer the rest to answer in. None: a third of ``keepalive_timeout``."""
     max_control_frames_per_second: int = 2000
     """Budget for frames that cost us work but carry no data (pings, go-aways, resets, empty frames, updates
     for closed streams); a peer that exceeds it is flooding us and the link is closed."""
@@ -138,8 +141,21 @@ class MuxConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("keepalive_interval", "keepalive_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not self.ping_after < self.keepalive_timeout:
+            raise ValueError(
+                f"keepalive_interval ({self.keepalive_interval}) must be below keepalive_timeout"
+                f" ({self.keepalive_timeout}): a pinged peer needs time to answer before the link is declared dead"
+            )
+
+    @property
+    def ping_after(self) -> float:
+        """Seconds of silence after which a keepalive ping goes out (``keepalive_interval`` or its default)."""
+        if self.keepalive_interval is None:
+            return self.keepalive_timeout / 3
+        return self.keepalive_interval
 
 
 class StreamState(Enum):
@@ -262,6 +278,7 @@ class Mux:
         self._next_ping_token = 0
         self._last_rtt: float | None = None
         self._last_received_at = now
+        self._pinged_since_heard = False  # a keepalive ping went out since the peer was last heard
         self._control_period_started_at = now
         self._control_frames_in_period = 0
         # Link-level flow control. Receive side: ``_link_receive_remaining`` + the unacknowledged bytes of every
@@ -288,6 +305,11 @@ class Mux:
     def is_closed(self) -> bool:
         """True after a protocol error or a keepalive timeout: nothing more can happen on this link."""
         return self._closed
+
+    @property
+    def going_away(self) -> bool:
+        """True once either end sent GO_AWAY: the streams open now may finish, no new one can open."""
+        return self._go_away_sent or self._go_away_received
 
     @property
     def stream_count(self) -> int:
@@ -318,6 +340,7 @@ class Mux:
             return []
         if data:
             self._last_received_at = now
+            self._pinged_since_heard = False
         decoder = self._decoder
         decoder.feed(data)
         events: list[Event] = []
@@ -655,8 +678,7 @@ class Mux:
     def ping(self, now: float) -> None:
         """Ask the peer for a PING answer; it comes back as PingAcked with the round-trip time.
 
-        Like a keepalive ping, it must be answered within ``keepalive_timeout`` or ``handle_timer`` declares
-        the link dead.
+        Its answer, like anything else the peer sends, keeps the link alive (see ``handle_timer``).
         """
         if self._closed:
             raise MuxClosedError("the link is closed")
@@ -700,25 +722,29 @@ class Mux:
         if self._link_waiting and self._link_send_window > self._link_reserved:
             # link credit a woken stream gave up (it was reset before sending) is waiting to be handed on: now
             return self._last_received_at
-        if self._pings:
-            return next(iter(self._pings.values())) + self.config.keepalive_timeout
-        return self._last_received_at + self.config.keepalive_interval
+        if self._pinged_since_heard:
+            return self._last_received_at + self.config.keepalive_timeout
+        return self._last_received_at + self.config.ping_after
 
     def handle_timer(self, now: float) -> list[Event]:
-        """Run keepalive: ping a quiet peer, and declare the link dead if a ping goes unanswered too long.
+        """Run keepalive: ping a peer quiet for ``ping_after``, and declare the link dead once the peer has
+        been silent for ``keepalive_timeout``, whatever we sent meanwhile: a black-holed link or a frozen peer
+        is noticed within that bound of its last word, and a live peer, pinged well before, always has
+        something to say in time.
 
         A dead link queues no GO_AWAY (nobody would read it); the mux just closes and reports
         ConnectionTerminated. Calling this early is harmless.
         """
         if self._closed:
             return []
-        if self._pings:
-            if now >= next(iter(self._pings.values())) + self.config.keepalive_timeout:
-                self._close(go_away_code=None)
-                reason = f"keepalive timeout: no ping answer within {self.config.keepalive_timeout}s"
-                return [ConnectionTerminated(GoAwayCode.INTERNAL_ERROR, reason)]
-        elif now >= self._last_received_at + self.config.keepalive_interval:
+        # deadlines as get_timer computes them, so a timer armed for one finds it due (floats don't round-trip)
+        if now >= self._last_received_at + self.config.keepalive_timeout:
+            self._close(go_away_code=None)
+            reason = f"keepalive timeout: nothing heard from the peer for {self.config.keepalive_timeout:g}s"
+            return [ConnectionTerminated(GoAwayCode.INTERNAL_ERROR, reason)]
+        if not self._pinged_since_heard and now >= self._last_received_at + self.config.ping_after:
             self.ping(now)
+            self._pinged_since_heard = True
         events: list[Event] = []
         if self._link_waiting and self._link_send_window > self._link_reserved:
             self._wake_link_waiters(events)  # credit a woken stream gave up (see get_timer)

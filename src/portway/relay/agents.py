@@ -47,6 +47,7 @@ class AgentLinks:
     async def register(self, visitor: "VisitorConnection", head: RequestHead, query: str) -> bool:
         """Serve one agent link on `visitor`'s connection until it ends; the connection never returns to HTTP."""
         conn = visitor.conn
+        visitor.carries_agent_link = True
         try:
             request = LinkRequest.parse(head, query)
             access = access_policy(request)
@@ -64,6 +65,7 @@ class AgentLinks:
         link_bytes = (switched[0].trailing if switched else b"") + (conn.take_buffered() if conn.has_unread else b"")
         grant = LinkGrant(name, self.public_url(name), secrets.token_urlsafe(24))
         conn.write(grant.encode())
+        visitor.mark_upgraded()
         session = MuxSession(Role.SERVER, self.config.mux)
         existing = self.registry.get(name)
         if isinstance(existing, AgentTunnel):
@@ -74,6 +76,8 @@ class AgentLinks:
         else:
             tunnel = AgentTunnel(name, session, grant.resume_key, access, owner=claimed.grant.digest)
         self.registry.add(tunnel)
+        # an agent stopping gracefully takes no new streams: streams pooled idle for it are let go at once
+        session.on_go_away = tunnel.drop_idle
         transport = conn.transport
         assert transport is not None
         transport.set_protocol(session)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from ..auth import BasicAuthGuard
 from ..errors import ConduitReset, HttpError, VisitorGone
+from ..policy.admission import Admission
 from ..proto import exchange, http1
 from ..proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseHead, Switched
 from ..proto.pages import error_response
@@ -47,6 +48,8 @@ class FrontServices:
     counters: RelayCounters
     guard: BasicAuthGuard
     access_log: AccessLog | None = None
+    draining: asyncio.Event = field(default_factory=asyncio.Event)  # set when the relay stops gracefully
+    admission: Admission | None = None  # per-address caps: an upgrade moves a connection to its own count
 
 
 class VisitorConnection:
@@ -65,6 +68,12 @@ class VisitorConnection:
         self.counters = services.counters
         self.guard = services.guard
         self.access_log = services.access_log
+        self.draining = services.draining
+        self.admission = services.admission
+        self.idle = False  # waiting for the first byte of a request: a draining relay closes it at once
+        self.served = 0  # requests handled: an idle connection that served one is a keep-alive one
+        self.upgraded = False  # switched protocols (a WebSocket, an agent link): counted as upgraded
+        self.carries_agent_link = False  # became an agent's link (agents.py): not an exchange a drain waits for
         # what the request being served came to: its answer's status and the bytes each way (for metrics)
         self.status = 0
         self.bytes_in = 0
@@ -102,17 +111,33 @@ class VisitorConnection:
         deadline = self.deadline
         deadline.arm(config.idle_timeout, self.conn.close)
         started = False
+        self.idle = True
         try:
             while not self.pending:
                 await self._read_and_parse()
+                self.idle = False
                 if not started and not self.pending:
                     started = True
                     deadline.arm(config.head_timeout, self._head_timed_out)
         finally:
+            self.idle = False
             deadline.disarm()
         head = self.pending.popleft()
         assert isinstance(head, RequestHead)
         return head
+
+    def upgrade_refusal(self) -> str | None:
+        """Why this connection may not become an upgraded one (the address holds too many), or None."""
+        if self.admission is None:
+            return None
+        refusal = self.admission.may_upgrade(self.conn.peer_ip)
+        return None if refusal is None else refusal.value
+
+    def mark_upgraded(self) -> None:
+        """The connection switched protocols: from now on it counts against the address's upgraded cap."""
+        if not self.upgraded and self.admission is not None:
+            self.admission.upgraded(self.conn.peer_ip)
+        self.upgraded = True
 
     def _head_timed_out(self) -> None:
         self.send_error(408, "The request head did not arrive in time.", close=True)
@@ -124,7 +149,9 @@ class VisitorConnection:
             try:
                 while True:
                     head = await self.next_head()
-                    if not await self.handle(head):
+                    self.served += 1
+                    # a draining relay finishes the exchange under way, then closes: no new one starts
+                    if not await self.handle(head) or self.draining.is_set():
                         break
             except HttpError as error:
                 self.counters.protocol_errors["visitor"] += 1
@@ -203,8 +230,13 @@ class VisitorConnection:
                     if head.header(b"authorization") is not None:
                         self.counters.auth_failures["basic"] += 1
                 return await self.refuse(head, error.status, error.message, extra_headers=extra)
+            if head.upgrade is not None and (refused := self.upgrade_refusal()) is not None:
+                self.counters.refused_connections["upgraded"] += 1
+                return await self.refuse(head, 429, refused)
             if not tunnel.online:
-                return await self.refuse(head, 502, f"The agent for tunnel {tunnel.name!r} is not connected.")
+                # the name is held for an agent whose link dropped (its grace period): it is on its way back
+                return await self.refuse(head, 502, f"The agent for tunnel {tunnel.name!r} is not connected (agent "
+                                         "reconnecting); try again in a moment.", [("Retry-After", "2")])
             return await self.exchange(head, tunnel)
         finally:
             duration = self.loop.time() - started
@@ -449,11 +481,16 @@ class VisitorConnection:
         """After a 101: raw bytes both ways, including any that arrived with either head."""
         conn = self.conn
         if response_switch.trailing:
-            conn.write(response_switch.trailing)
+            try:
+                conn.write(response_switch.trailing)
+            except ConduitReset:
+                conduit.abort()  # nobody else will end the stream: its agent side is bridged to the origin
+                raise VisitorGone from None
         leftover = [event for event in self.pending if isinstance(event, Switched)]
         unread = leftover[0].trailing if leftover else b""
         self.pending.clear()
         self.switched = True
+        self.mark_upgraded()
         counters = tunnel.counters
         counters.websockets_open += 1
         counters.websockets_total += 1

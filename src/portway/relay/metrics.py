@@ -48,6 +48,8 @@ class RelayCounters:
         self.unrouted_requests = 0  # answered by the relay itself: its own pages, unknown hosts, bad requests
         self.auth_failures = {"token": 0, "basic": 0}
         self.protocol_errors = {"visitor": 0, "origin": 0, "link": 0}
+        # 429s of the per-address limits (policy/admission.py): connections, new connections per second, upgrades
+        self.refused_connections = {"connections": 0, "rate": 0, "upgraded": 0}
 
     @staticmethod
     def status_index(status: int) -> int:
@@ -120,6 +122,11 @@ class RelayCollector(Collector):
         for peer, count in counters.protocol_errors.items():
             errors.add_metric([peer], count)
         yield errors
+        refused = CounterMetricFamily("portway_refused_connections", "Connections and upgrades refused by the "
+                                      "per-address limits, by limit", labels=["limit"])
+        for limit, count in counters.refused_connections.items():
+            refused.add_metric([limit], count)
+        yield refused
 
 
 async def serve_metrics(host: str, port: int, collector: Collector) -> asyncio.base_events.Server:

@@ -9,12 +9,14 @@ import ipaddress
 import logging
 import ssl
 import sys
+from typing import Callable
 
 from ..auth import BasicAuthGuard, FailureThrottle, TokenBook
 from ..config import RelayConfig
 from ..errors import InsecureConfiguration
 from ..link.connection import Connection
 from ..link.deadlines import DeadlineSweeper, resolution_for
+from ..policy.admission import Admission, AdmissionLimits, Refusal
 from ..proto.control import LINK_PATH
 from ..proto.http1 import RequestHead
 from ..proto.names import SYSTEM_NAMES
@@ -56,13 +58,17 @@ class Relay:
                                config.auth_failure_window)
         self.agents = AgentLinks(config, self.registry, self.claims, self.public_url)
         self.localtunnel = LocalTunnelService(config, self.registry, self.claims, self.public_url, self.listen_hosts)
-        self.connections_per_ip: dict[str, int] = {}
+        self.admission = Admission(AdmissionLimits(
+            connections=config.max_connections_per_ip, upgraded=config.max_upgraded_per_ip,
+            rate=config.max_connection_rate_per_ip, burst=2 * config.max_connection_rate_per_ip))
+        self.visitors: dict[str, set[VisitorConnection]] = {}  # by address
+        self._exchanges_done = asyncio.Event()  # set, while draining, once no visitor connection is busy
         self.deadlines: DeadlineSweeper | None = None
         self.metrics_server: asyncio.base_events.Server | None = None
         self.extra_servers: list[asyncio.base_events.Server] = []
         access_log = AccessLog(sys.stderr, config.log_format) if config.access_log else None
         self.front = FrontServices(config, self.router, self.registry, self.serve_own, self.counters, guard,
-                                   access_log)
+                                   access_log, admission=self.admission)
 
     # lifecycle
     async def start(self) -> None:
@@ -101,7 +107,35 @@ class Relay:
         return self.metrics_server.sockets[0].getsockname()[:2]
 
     def visitor_connections(self) -> int:
-        return sum(self.connections_per_ip.values())
+        return self.admission.open_connections()
+
+    def exchanges_in_flight(self) -> int:
+        """Visitor connections in the middle of something (a head, an exchange, a WebSocket), agent links aside."""
+        return sum(1 for visitors in self.visitors.values() for visitor in visitors
+                   if not visitor.carries_agent_link and not visitor.idle)
+
+    async def drain(self, timeout: float) -> int:
+        """Stop gracefully: stop accepting connections, close idle ones, tell every agent no new streams will
+        come (GO_AWAY), and give the exchanges in flight up to `timeout` seconds to finish. Returns how many were
+        still going when it gave up (0: all finished). The caller then closes the relay."""
+        self.front.draining.set()
+        for server in (self.server, *self.extra_servers):
+            if server is not None:
+                server.close()
+        for visitors in list(self.visitors.values()):
+            for visitor in list(visitors):
+                if visitor.idle:
+                    visitor.conn.close()
+        for tunnel in self.registry:
+            if isinstance(tunnel, AgentTunnel) and tunnel.online:
+                tunnel.drop_idle()
+                tunnel.session.go_away()
+        if self.exchanges_in_flight():
+            try:
+                await asyncio.wait_for(self._exchanges_done.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return self.exchanges_in_flight()
 
     async def close(self) -> None:
         if self.server is not None:
@@ -143,9 +177,9 @@ class Relay:
         return hosts or [self.config.bind]
 
     def _new_connection(self, front: FrontServices | None = None) -> Connection:
-        conn = Connection()
-        asyncio.get_running_loop().create_task(self._serve(conn, front or self.front))
-        return conn
+        loop = asyncio.get_running_loop()
+        front = front or self.front
+        return _ServedConnection(lambda conn: loop.create_task(self._serve(conn, front)))
 
     async def serve_one_tunnel(self, name: str, host: str = "127.0.0.1", first_port: int = 0,
                                attempts: int = 1) -> int:
@@ -166,25 +200,41 @@ class Relay:
         raise OSError(errno.EADDRINUSE, "no free port")
 
     async def _serve(self, conn: Connection, front: FrontServices) -> None:
-        await asyncio.sleep(0)  # connection_made runs right after the factory returns
         address = conn.peer_ip
-        count = self.connections_per_ip.get(address, 0)
-        if count >= self.config.max_connections_per_ip:
-            conn.write(error_response(429, "Too many connections from your address.", close=True))
+        loop = asyncio.get_running_loop()
+        refused = self.admission.admit(address, loop.time())
+        if refused is Refusal.CONNECTIONS and self._close_an_idle_keep_alive(address):
+            refused = self.admission.admit(address, loop.time(), make_room=True)
+        if refused is not None:
+            self.counters.refused_connections[refused.name.lower()] += 1
+            conn.write(error_response(429, refused.value, close=True))
             conn.close()
             return
-        self.connections_per_ip[address] = count + 1
         visitor = VisitorConnection(conn, self.scheme, front)
         self.deadlines.watch(visitor.deadline)
+        self.visitors.setdefault(address, set()).add(visitor)
         try:
             await visitor.serve()
         finally:
+            same_address = self.visitors[address]
+            same_address.discard(visitor)
+            if not same_address:
+                del self.visitors[address]
+            if self.front.draining.is_set() and not self.exchanges_in_flight():
+                self._exchanges_done.set()
             self.deadlines.unwatch(visitor.deadline)
-            remaining = self.connections_per_ip[address] - 1
-            if remaining:
-                self.connections_per_ip[address] = remaining
-            else:
-                del self.connections_per_ip[address]
+            self.admission.release(address, visitor.upgraded, loop.time())
+
+    def _close_an_idle_keep_alive(self, address: str) -> bool:
+        """Make room at the address's HTTP cap by closing one of its idle keep-alive connections (one that served
+        a request and waits for the next: its client opens a new one if it needs it); False if it has none."""
+        for visitor in self.visitors.get(address, ()):
+            transport = visitor.conn.transport
+            # one already closing (for an earlier newcomer) frees its slot soon, but is no room for this one
+            if visitor.idle and visitor.served and transport is not None and not transport.is_closing():
+                visitor.conn.close()
+                return True
+        return False
 
     # the relay's own endpoints (bare domain, IP literal, localhost)
     async def serve_own(self, visitor: VisitorConnection, head: RequestHead) -> bool:
@@ -209,6 +259,19 @@ class Relay:
 
     def status(self) -> dict:
         return {"tunnels": len(self.registry)}
+
+
+class _ServedConnection(Connection):
+    """A visitor's connection, served from the moment it is made: for TLS only once the handshake is done (a
+    handshake that fails is never served), so its peer address is known to the per-address limits."""
+
+    def __init__(self, serve: Callable[[Connection], object]) -> None:
+        super().__init__()
+        self._serve = serve
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._serve(self)
 
 
 def make_registry(config: RelayConfig) -> Registry:

@@ -132,13 +132,20 @@ class AgentTunnel(Tunnel):
     def online(self) -> bool:
         return self.session is not None and not self.session.closed.done()
 
+    def release(self, conduit, reusable: bool) -> None:
+        # a link going away (either end sent GO_AWAY) carries the exchanges in flight, no new ones: don't pool
+        session = self.session
+        if session is not None and session.mux.going_away:
+            reusable = False
+        super().release(conduit, reusable)
+
     async def join(self, conn: Connection, conduit, unread: bytes) -> None:
         await StreamBridge.take_over(conn, conduit, unread).closed
 
     async def _new_conduit(self):
         session = self.session
         if session is None or session.closed.done():
-            raise HttpError(502, f"the agent for tunnel {self.name!r} is not connected")
+            raise HttpError(502, f"the agent for tunnel {self.name!r} is not connected (agent reconnecting)")
         try:
             return session.open_stream()
         except MuxClosedError:
