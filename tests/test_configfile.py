@@ -94,6 +94,10 @@ auth_failure_window = 2.5
 tls_reload_interval = 11
 keepalive_interval = 0.25
 keepalive_timeout = 0.5
+cluster = "redis://127.0.0.1:6390/2"
+node_id = "node-a"
+advertise = "10.0.0.1:9001"
+cluster_secret = "shh"
 tokens_file = "tokens.toml"
 tls_cert = "cert.pem"
 tls_key = "key.pem"
@@ -105,7 +109,9 @@ RELAY_FLAGS = ["--bind", "127.0.0.2", "--port", "9001", "--domain", "t.example",
                "--max-connection-rate-per-ip", "13", "--drain-timeout", "8", "--response-timeout", "5",
                "--pool-wait-timeout", "6", "--lt-grace-period", "7", "--metrics", ":9100", "--no-access-log",
                "--log-format", "json", "--link-window", "64", "--auth-failure-window", "2.5",
-               "--tls-reload-interval", "11", "--keepalive-interval", "0.25", "--keepalive-timeout", "0.5"]
+               "--tls-reload-interval", "11", "--keepalive-interval", "0.25", "--keepalive-timeout", "0.5",
+               "--cluster", "redis://127.0.0.1:6390/2", "--node-id", "node-a", "--advertise", "10.0.0.1:9001",
+               "--cluster-secret", "shh"]
 
 
 def test_a_relay_file_sets_what_the_flags_set(tmp_path):

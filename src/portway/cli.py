@@ -269,6 +269,8 @@ async def run_server(config: RelayConfig, stop: asyncio.Event | None = None) -> 
     if config.acme_email:
         tls = f"TLS by ACME ({'a wildcard certificate through DNS-01' if config.acme_dns else 'per-name TLS-ALPN-01'})"
     stderr.print(f"{tokens}, {tls}, access log {config.log_format if config.access_log else 'off'}")
+    if config.cluster is not None:
+        stderr.print(f"cluster node {config.node_id} (reached at {config.advertise}), registry {config.cluster}")
     if relay.metrics_address is not None:
         host, port = relay.metrics_address
         stderr.print(f"metrics: http://{host}:{port}/metrics" if ":" not in host

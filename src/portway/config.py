@@ -197,6 +197,67 @@ def email(text: str) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class ClusterTarget:
+    """Where the registry is: a plain Redis URL (`redis://`, `rediss://`, `unix://`, as redis-py reads them), or
+    Sentinels and the service they watch, from `redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]`
+    (PASSWORD is the master's)."""
+
+    url: str = field(repr=False)  # may carry a password
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    db: int = 0
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, url: str) -> ClusterTarget:
+        parts = urlsplit(url)
+        if parts.scheme in ("redis", "rediss", "unix"):
+            if parts.scheme != "unix" and not parts.hostname:
+                raise ValueError(f"{parts.scheme}:// needs a HOST")
+            return cls(url)
+        if parts.scheme != "redis+sentinel":
+            raise ValueError("must be redis://HOST:PORT/DB, rediss://…, unix://PATH or "
+                             "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]")
+        credentials, _, hosts = parts.netloc.rpartition("@")
+        sentinels = []
+        for item in hosts.split(","):
+            host, sep, port = item.rpartition(":")
+            if not sep or not port.isdigit() or not host:
+                raise ValueError(f"redis+sentinel:// needs HOST:PORT for every sentinel, not {item!r}")
+            sentinels.append((host.strip("[]"), int(port)))
+        path = [part for part in parts.path.split("/") if part]
+        if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+            raise ValueError("redis+sentinel:// needs the service name after the sentinels: …/SERVICE[/DB]")
+        password = unquote(credentials.partition(":")[2]) if credentials else None
+        return cls(url, tuple(sentinels), path[0], int(path[1]) if len(path) == 2 else 0, password or None)
+
+    def __str__(self) -> str:  # never the password
+        if self.sentinels:
+            hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+            return f"redis+sentinel://{hosts}/{self.service}/{self.db}"
+        parts = urlsplit(self.url)
+        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+
+def cluster_target(text: str) -> ClusterTarget:
+    return ClusterTarget.parse(text)
+
+
+def node_id(text: str) -> str:
+    if not 1 <= len(text) <= 64 or not all(ch.isascii() and (ch.isalnum() or ch in "._-") for ch in text):
+        raise ValueError("must be 1-64 letters, digits, '.', '_' or '-'")
+    return text
+
+
+def host_port(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT")
+    return text
+
+
 # ----------------------------------------------------------------------------------------------- settings
 
 @dataclass(frozen=True)
@@ -298,6 +359,17 @@ RELAY_SETTINGS = (
     Setting("access_log", "--access-log", switch, True, "a line per visitor request on stderr", is_switch=True),
     Setting("log_format", "--log-format", log_format, "text",
             "access log lines as text or one JSON object per line (text, json)", "FORMAT"),
+    Setting("cluster", "--cluster", cluster_target, None,
+            "run as one node of a cluster whose names are leases in this Redis: redis://HOST:PORT/DB (rediss://, "
+            "unix://PATH) or redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] (default: alone, in memory)",
+            "URL"),
+    Setting("node_id", "--node-id", node_id, None,
+            "this node's id in the --cluster, unique among its nodes (letters, digits, '.', '_', '-')", "ID"),
+    Setting("advertise", "--advertise", host_port, None,
+            "where the other --cluster nodes reach this one: HOST:PORT", "HOST:PORT"),
+    Setting("cluster_secret", "--cluster-secret", text, None,
+            "a secret every --cluster node must share: a node started with another one refuses to join",
+            "SECRET"),
     DRAIN,
     *KEEPALIVE,
 )
@@ -394,9 +466,17 @@ class RelayConfig:
     metrics: tuple[str, int] | None = None  # (host, port) of a Prometheus listener of its own; None: off
     access_log: bool = False  # a line per request on stderr (the CLI turns it on)
     log_format: str = "text"  # or "json": one object per line
+    cluster: ClusterTarget | None = None  # the cluster's Redis; None: this relay runs alone (MemoryRegistry)
+    node_id: str | None = None  # this node's id in the cluster
+    advertise: str | None = None  # HOST:PORT where the other nodes reach this one
+    cluster_secret: str | None = field(default=None, repr=False)
     mux: MuxConfig = field(default_factory=MuxConfig)
 
     def __post_init__(self) -> None:
+        if self.cluster is not None and not (self.node_id and self.advertise):
+            raise ConfigurationError("--cluster needs --node-id ID and --advertise HOST:PORT too")
+        if self.cluster is None and (self.node_id or self.advertise or self.cluster_secret):
+            raise ConfigurationError("--node-id, --advertise and --cluster-secret go with --cluster")
         for name in ("idle_timeout", "head_timeout", "response_timeout", "linger_timeout", "pool_wait_timeout",
                      "grace_period", "drain_timeout", "lt_grace_period", "auth_failure_window", "tls_reload_interval"):
             if not 0 < getattr(self, name) < math.inf:

@@ -33,6 +33,9 @@ class NameHolders(Protocol[Holder]):
         """When an offline holder's grace period ends (same clock as `now`), or None while it is online."""
 
 
+THROTTLED = "too many failed authentication attempts from your address; try again later"
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     name: str
@@ -47,7 +50,7 @@ def claim(*, tokens: TokenBook, throttle: FailureThrottle, holders: NameHolders,
     (the same agent coming back with its resume key, the same `lt` client within its grace period).
     """
     if throttle.blocked(peer_ip, now):
-        raise HttpError(429, "too many failed authentication attempts from your address; try again later")
+        raise HttpError(429, THROTTLED)
     grant = tokens.verify(token)
     if grant is None:
         throttle.record_failure(peer_ip, now)

@@ -6,24 +6,20 @@ runs them against a connection and the registry, and keeps the tunnel's name thr
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import ipaddress
 import logging
-import random
 import secrets
 from typing import TYPE_CHECKING, Callable
 
-from ..auth import FailureThrottle, TokenBook
 from ..config import RelayConfig
 from ..errors import HttpError
 from ..link.session import MuxSession
-from ..policy.claims import Claim, claim
 from ..proto import http1
 from ..proto.control import LinkGrant, LinkRequest, refusal
 from ..proto.http1 import RequestHead
 from ..proto.mux import Role
-from .metrics import RelayCounters
+from .naming import NameClaims
 from .registry import Registry
 from .tunnels import AccessPolicy, AgentTunnel, Tunnel
 
@@ -31,29 +27,6 @@ if TYPE_CHECKING:
     from .front import VisitorConnection
 
 log = logging.getLogger(__name__)
-
-
-class NameClaims:
-    """policy.claims.claim with this relay's tokens, failure throttle, registry, clock and randomness."""
-
-    def __init__(self, tokens: TokenBook, throttle: FailureThrottle, registry: Registry,
-                 counters: RelayCounters) -> None:
-        self.tokens = tokens
-        self.throttle = throttle
-        self.registry = registry
-        self.counters = counters
-        self._rng = secrets.SystemRandom()  # random names must not be predictable
-
-    def claim(self, *, token: str | None, peer_ip: str, requested: str | None,
-              may_replace: Callable[[Tunnel], bool], rng: random.Random | None = None) -> Claim:
-        try:
-            return claim(tokens=self.tokens, throttle=self.throttle, holders=self.registry, token=token,
-                         peer_ip=peer_ip, requested=requested, may_replace=may_replace,
-                         now=asyncio.get_running_loop().time(), rng=rng or self._rng)
-        except HttpError as refused:
-            if refused.status == 401:
-                self.counters.auth_failures["token"] += 1
-            raise
 
 
 class AgentLinks:
@@ -78,7 +51,7 @@ class AgentLinks:
         try:
             request = LinkRequest.parse(head, query)
             access = access_policy(request)
-            claimed = self.claims.claim(
+            claimed = await self.claims.claim(
                 token=request.token, peer_ip=conn.peer_ip, requested=request.name,
                 may_replace=lambda tunnel: _holds_resume_key(tunnel, request.resume_key),
             )

@@ -210,6 +210,14 @@ class VisitorConnection:
                 self.counters.unrouted_requests += 1
                 if isinstance(route, NotServed):
                     return await self.refuse(head, 404, f"No tunnel is served at {route.hostname} by this relay.")
+                try:
+                    elsewhere = await self.registry.held_elsewhere(route.name)
+                except HttpError as error:
+                    return await self.refuse(head, error.status, error.message)
+                if elsewhere is not None:  # until nodes forward visitors to each other, say where the tunnel is
+                    return await self.refuse(head, 502, f"Tunnel {route.name!r} is served by relay node "
+                                                        f"{elsewhere.node}, and this node does not forward "
+                                                        "visitors to other nodes.")
                 return await self.refuse(head, 404, f"There is no tunnel at {route.name}.{self.router.domain}.")
             access = tunnel.access
             try:

@@ -27,7 +27,7 @@ from ..proto.pages import json_response
 from .tunnels import Tunnel
 
 if TYPE_CHECKING:
-    from .agents import NameClaims
+    from .naming import NameClaims
     from .front import VisitorConnection
     from .registry import Registry
 
@@ -327,8 +327,8 @@ class LocalTunnelService:
                 existing.owner_ip, peer_ip, existing.connected_sockets)
 
         try:
-            claimed = self.claims.claim(token=token, peer_ip=peer_ip, requested=request.requested,
-                                        may_replace=may_replace)
+            claimed = await self.claims.claim(token=token, peer_ip=peer_ip, requested=request.requested,
+                                              may_replace=may_replace, kind=LtTunnel.kind)
             name, grant = claimed.name, claimed.grant
         except HttpError as error:
             if error.status == 409 and request.requested is not None:

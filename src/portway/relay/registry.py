@@ -3,16 +3,52 @@
 A relay asks its registry four things: the tunnel behind a name (every visitor request), whether a name is
 free (every registration), how many tunnels a token holds (quotas), and to keep an offline tunnel's name for
 its grace period. :class:`Registry` states that contract; :class:`MemoryRegistry` keeps it in this process's
-memory, for a relay that runs alone. A registry shared by several relay nodes is another implementation of the
-same interface.
+memory, for a relay that runs alone. :class:`portway.relay.cluster.RedisRegistry` is the other implementation:
+several relay nodes share their names through Redis.
+
+The interface has two halves. The synchronous one is this node's own tunnels (the `Tunnel` objects it serves),
+asked on every visitor request and never waiting on the network. The asynchronous one is where a shared store
+is asked: `lease` takes a name for this node (atomically, across the cluster) once the claim policy has allowed
+it, `held_elsewhere` says which other node holds a name (and where), and `failures` is the failed-token count
+per address that must be global. For the memory registry these answer at once: one process sees everything.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Iterator, Protocol
 
+from ..errors import HttpError
 from .tunnels import Tunnel
+
+REGISTRY_UNAVAILABLE = "registry unavailable: this relay can't reach the cluster's registry now; try again shortly"
+
+
+def registry_unavailable() -> HttpError:
+    """The refusal of anything that needs the shared registry while it can't be reached."""
+    return HttpError(503, REGISTRY_UNAVAILABLE)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteLease:
+    """A name held by another node of the cluster: which node, where the nodes reach it, what kind of tunnel, and
+    the lease's epoch."""
+
+    node: str
+    advertise: str
+    kind: str
+    epoch: int
+
+
+class SharedFailures(Protocol):
+    """Failed token attempts per address, counted over the whole cluster (a sliding window like
+    auth.FailureThrottle's, whose limits it shares). Raises HttpError(503) when the count can't be reached."""
+
+    async def retry_after(self, address: str) -> float | None:
+        """None when `address` may try now, else the seconds until it may."""
+
+    async def record_failure(self, address: str) -> None: ...
 
 
 class Registry(Protocol):
@@ -44,13 +80,47 @@ class Registry(Protocol):
 
     def __iter__(self) -> Iterator[Tunnel]: ...
 
+    # the shared half
+    failures: SharedFailures | None
+    """The cluster-wide failed-token count, or None when the relay's own auth.FailureThrottle is the whole
+    truth (a relay that runs alone)."""
+
+    async def start(self) -> None:
+        """Connect to the shared store (if any) and keep this node's leases alive until close()."""
+
+    async def close(self) -> None: ...
+
+    async def lease(self, name: str, *, owner: str, kind: str, max_tunnels: int) -> None:
+        """Take `name` for this node, for the token with digest `owner` holding at most `max_tunnels` names over
+        the whole cluster (0: no limit); the claim policy has already allowed it against this node's tunnels.
+        Atomic: of two nodes leasing one name at once, one wins. HttpError 409 (held by another node), 403
+        (the token's quota) or 503 (the registry can't be reached); add() then registers the tunnel."""
+
+    async def held_elsewhere(self, name: str) -> RemoteLease | None:
+        """The lease of the node that holds `name` when it isn't this one, or None; HttpError(503) when the
+        registry can't be reached."""
+
 
 class MemoryRegistry:
     """Name → tunnel in this relay's memory. Offline tunnels keep their name for a grace period."""
 
+    failures = None  # the relay's own FailureThrottle counts everything
+
     def __init__(self) -> None:
         self._tunnels: dict[str, Tunnel] = {}
         self._grace_handles: dict[str, asyncio.TimerHandle] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def lease(self, name: str, *, owner: str, kind: str, max_tunnels: int) -> None:
+        return None  # one process: the claim policy saw every name and quota, and nothing ran in between
+
+    async def held_elsewhere(self, name: str) -> RemoteLease | None:
+        return None
 
     def get(self, name: str) -> Tunnel | None:
         return self._tunnels.get(name)

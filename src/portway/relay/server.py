@@ -22,14 +22,16 @@ from ..proto.http1 import RequestHead
 from ..proto.names import SYSTEM_NAMES
 from ..proto.pages import error_response, json_response, landing_page
 from ..proto.routing import OneTunnel, Router
-from .agents import AgentLinks, NameClaims
+from .agents import AgentLinks
 from .access_log import AccessLog
 from .acme import AcmeCertificates
 from .certificates import CertificateFiles
+from .cluster import RedisRegistry
 from .front import FrontServices, VisitorConnection
 from .localtunnel import LocalTunnelService
 from .metrics import RelayCollector, RelayCounters, serve_metrics
-from .registry import MemoryRegistry
+from .naming import NameClaims
+from .registry import MemoryRegistry, Registry
 from .tunnels import AgentTunnel
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ class Relay:
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
         self.router = Router(config.domain, SYSTEM_NAMES)
-        self.registry = MemoryRegistry()
+        self.registry = make_registry(config)
         self.server: asyncio.base_events.Server | None = None
         self.ssl_context: ssl.SSLContext | None = None
         self.certificates: CertificateFiles | None = None
@@ -71,6 +73,7 @@ class Relay:
     # lifecycle
     async def start(self) -> None:
         check_secure_default(self.config)
+        await self.registry.start()
         if self.config.tls_cert:
             self.certificates = CertificateFiles(self.config.tls_cert, self.config.tls_key)
             self.ssl_context = self.certificates.context
@@ -151,6 +154,7 @@ class Relay:
             if isinstance(tunnel, AgentTunnel) and tunnel.session is not None:
                 tunnel.session.close()
             self.registry.remove(tunnel)
+        await self.registry.close()
 
     @property
     def scheme(self) -> str:
@@ -268,6 +272,15 @@ class _ServedConnection(Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._serve(self)
+
+
+def make_registry(config: RelayConfig) -> Registry:
+    """The cluster's Redis registry with --cluster, else this process's memory."""
+    if config.cluster is None:
+        return MemoryRegistry()
+    return RedisRegistry(config.cluster, config.node_id, config.advertise, secret=config.cluster_secret,
+                         auth_failures_per_address=config.auth_failures_per_address,
+                         auth_failure_window=config.auth_failure_window)
 
 
 def check_secure_default(config: RelayConfig) -> None:

@@ -1,0 +1,135 @@
+"""Two real `portway server --cluster` nodes sharing one real redis-server on 127.0.0.1: a name held on one node is
+refused on the other, a token's quota counts both nodes, a visitor on the wrong node is told where the tunnel
+is, and losing Redis leaves established tunnels serving while new ones are refused with 503 until it is back."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import signal
+
+import pytest
+
+from tests.redis_server import RedisServer
+
+from .conftest import PORTWAY, Processes, Relay, free_port, start_agent, start_origin, wait_until
+
+TOKEN = "cluster-e2e-token"
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def start_node(procs: Processes, redis: RedisServer, node_id: str, tokens_file) -> Relay:
+    port = free_port()
+    proc = procs.start(PORTWAY + ["server", "--port", str(port), "--tokens", str(tokens_file),
+                                  "--cluster", redis.url, "--node-id", node_id, "--advertise", f"127.0.0.1:{port}",
+                                  "--cluster-secret", "e2e-secret"], f"relay {node_id}")
+    proc.wait_for_line(r"listening on")
+    return Relay(proc, port, "localhost")
+
+
+def get(relay: Relay, name: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
+    try:
+        conn.request("GET", "/", headers={"Host": relay.host(name)})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def register(relay: Relay, name: str) -> tuple[int, bytes]:
+    """An agent's registration request, answered with a refusal (the status and its JSON)."""
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
+    try:
+        conn.request("GET", f"/_portway/agent?name={name}", headers={
+            "Host": f"localhost:{relay.port}", "Connection": "Upgrade", "Upgrade": "portway-mux",
+            "Authorization": f"Bearer {TOKEN}"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def lt_register(relay: Relay, name: str) -> tuple[int, dict]:
+    """A localtunnel client's registration of `name` (`lt -h http://:TOKEN@relay --subdomain NAME`)."""
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
+    try:
+        credentials = base64.b64encode(f":{TOKEN}".encode()).decode()
+        conn.request("GET", f"/{name}", headers={"Host": f"localhost:{relay.port}",
+                                                 "Authorization": f"Basic {credentials}"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def refused_agent(procs: Processes, relay: Relay, origin: int, name: str) -> str:
+    """Start an agent that the relay must refuse; its one line of output, once it has exited."""
+    proc = procs.start(PORTWAY + ["http", str(origin), "--relay", relay.url, "--name", name, "--token", TOKEN,
+                                  "--no-inspect"], f"agent {name}")
+    assert proc.wait_exit(timeout=20) == 1
+    return proc.output()
+
+
+def test_two_nodes_share_names_quotas_and_survive_losing_redis(procs, redis_server, tmp_path):
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nlabel = "team"\ntoken = "{TOKEN}"\nmax_tunnels = 2\n')
+    node_a = start_node(procs, redis_server, "node-a", tokens)
+    node_b = start_node(procs, redis_server, "node-b", tokens)
+    origin = start_origin(procs)
+
+    start_agent(procs, node_a, origin, "--token", TOKEN, "--no-inspect", name="web")
+    assert get(node_a, "web")[0] == 200
+    status, body = get(node_b, "web")  # the wrong node: not a 404, not a hang, but where the tunnel is
+    assert status == 502 and b"relay node node-a" in body
+    assert get(node_b, "nowhere")[0] == 404
+
+    output = refused_agent(procs, node_b, origin, "web")
+    assert "tunnel name 'web' is already in use (on relay node node-a)" in output
+    assert lt_register(node_b, "web")[1] == {"message": "name web is taken"}  # lt clients meet the same lease
+
+    shop, _ = start_agent(procs, node_b, origin, "--token", TOKEN, "--no-inspect", name="shop")  # the second name
+    assert get(node_b, "shop")[0] == 200
+    output = refused_agent(procs, node_a, origin, "third")  # node A holds one of the token's names, the cluster two
+    assert "this token may hold 2 tunnel(s) at once and holds 2 over the cluster" in output
+
+    redis_server.stop()
+    assert get(node_a, "web")[0] == 200 and get(node_b, "shop")[0] == 200  # established tunnels keep serving
+    assert "registry unavailable" in refused_agent(procs, node_b, origin, "fresh")  # refused, not a hang
+    assert register(node_b, "fresh")[0] == 503
+
+    redis_server.start()  # empty: the nodes re-assert their leases without a restart
+    with redis_server.client() as client:
+        wait_until(lambda: client.hget("portway:lease:web", "node") == b"node-a", timeout=30,
+                   what="node A's lease on 'web' re-asserted")
+    assert "already in use (on relay node node-a)" in refused_agent(procs, node_b, origin, "web")
+    assert get(node_a, "web")[0] == 200
+    assert "holds 2 over the cluster" in refused_agent(procs, node_b, origin, "fresh")  # re-asserted: the quota too
+    shop.kill(signal.SIGTERM)  # stopped on purpose: its name, and its place in the quota, are free at once
+    shop.wait_exit()
+    with redis_server.client() as client:
+        wait_until(lambda: not client.exists("portway:lease:shop"), what="the lease on 'shop' released")
+    start_agent(procs, node_b, origin, "--token", TOKEN, "--no-inspect", name="fresh")  # no node was restarted
+    assert get(node_b, "fresh")[0] == 200
+
+    node_a.proc.kill(signal.SIGTERM)  # a node stopped on purpose releases its leases rather than letting them lapse
+    node_a.proc.wait_exit()
+    with redis_server.client() as client:
+        assert not client.exists("portway:lease:web")
+
+
+def test_a_node_that_cannot_reach_its_redis_stops_with_one_line(procs):
+    port = free_port()  # nothing listens there
+    proc = procs.start(PORTWAY + ["server", "--port", str(free_port()), "--cluster", f"redis://127.0.0.1:{port}/0",
+                                  "--node-id", "node-a", "--advertise", "127.0.0.1:1"], "relay")
+    assert proc.wait_exit() == 2
+    lines = [line for line in proc.output().splitlines() if line.strip()]
+    assert len(lines) == 1 and f"cannot reach the cluster registry at redis://127.0.0.1:{port}/0" in lines[0]
