@@ -22,6 +22,7 @@ from .auth import Grant, hash_token, load_tokens_file
 from .errors import ConfigurationError, InvalidName
 from .proto.mux import MuxConfig
 from .proto.names import validate_name
+from .proto.port_sets import describe_port_set, parse_port_set
 
 DEFAULT_RELAY_PORT = 8000
 DEFAULT_INSPECT = ("127.0.0.1", 4040)  # the inspector's address, or the next free port after it
@@ -46,6 +47,11 @@ def port_number(text: str) -> int:
 
 
 MIB = 1024 * 1024
+
+
+def tcp_ports(text: str) -> frozenset[int]:
+    """`--tcp-ports`: a range `20000-20100`, a list `20001,20005`, or both mixed."""
+    return parse_port_set(text)
 
 
 def mebibytes(text: str) -> int:
@@ -234,10 +240,14 @@ RELAY_SETTINGS = (
             "port shown in tunnel URLs when a proxy or NAT maps it (default: --port)", "PORT"),
     Setting("grace_period", "--grace-period", seconds, 10.0, "seconds a disconnected agent keeps its name",
             "SECONDS"),
+    Setting("tcp_ports", "--tcp-ports", tcp_ports, frozenset(),
+            "public ports TCP tunnels may be given: a range 20000-20100, a list 20001,20005, or both "
+            "(default: none)", "PORTS"),
     Setting("tokens", "--token", text, (), "accept agents presenting this token (repeatable)", "SECRET",
             repeatable=True),
     Setting("tokens_file", "--tokens", text, None,
-            "TOML file of [[token]] entries: sha256, label, names (reserved), max_tunnels", "FILE", is_path=True),
+            "TOML file of [[token]] entries: sha256, label, names and ports (reserved), max_tunnels", "FILE",
+            is_path=True),
     Setting("open_relay", "--open", switch, False,
             "allow running without tokens on a non-loopback address (anyone may open tunnels)", is_switch=True),
     Setting("tls_cert", "--tls-cert", text, None, "certificate chain (PEM): serve HTTPS/WSS and TLS to agents",
@@ -356,6 +366,7 @@ class RelayConfig:
     linger_timeout: float = 2.0  # after answering a request not yet fully received, discard its rest this long
     pool_wait_timeout: float = 10.0  # how long a visitor waits for a free conduit before a 503
     grace_period: float = 10.0  # an agent that drops keeps its name this long to reconnect
+    tcp_ports: frozenset[int] = frozenset()  # the public ports TCP tunnels may be given; empty: none
     lt_grace_period: float = 5.0  # an lt tunnel whose last pool socket went keeps its name this long
     max_connections_per_ip: int = 256  # concurrent visitor connections from one address
     # Failed logins (agent tokens, tunnels' basic auth) are remembered this long; past the limits below an
@@ -385,6 +396,18 @@ class RelayConfig:
                 raise ConfigurationError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
         if self.max_connections_per_ip < 1:
             raise ConfigurationError("max_connections_per_ip must be at least 1")
+        own = {self.port: "--port"} | ({self.metrics[1]: "--metrics"} if self.metrics else {})
+        for port, flag in own.items():
+            if port in self.tcp_ports:
+                raise ConfigurationError(f"--tcp-ports {describe_port_set(self.tcp_ports)} includes the relay's own "
+                                         f"{flag} {port}")
+        for grant in self.grants:
+            outside = sorted(grant.reserved_ports - self.tcp_ports)
+            if outside:
+                where = f"--tcp-ports {describe_port_set(self.tcp_ports)}" if self.tcp_ports else \
+                    "no --tcp-ports given"
+                raise ConfigurationError(f"the tokens file reserves port {outside[0]} for {grant.label!r}, but it is "
+                                         f"not a TCP port of this relay ({where})")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigurationError("--tls-cert and --tls-key go together")
         if self.acme_email and self.tls_cert:
