@@ -97,7 +97,8 @@ tls_key = "key.pem"
 tcp_ports = "20000-20100,20200"
 """
 
-RELAY_FLAGS = ["--tcp-ports", "20000-20100,20200", "--bind", "127.0.0.2", "--port", "9001", "--domain", "t.example", "--public-port", "443",
+RELAY_FLAGS = ["--tcp-ports", "20000-20100,20200",
+               "--bind", "127.0.0.2", "--port", "9001", "--domain", "t.example", "--public-port", "443",
                "--grace-period", "3", "--token", "a", "--token", "b", "--open", "--head-timeout", "2",
                "--idle-timeout", "4.5", "--max-connections-per-ip", "9", "--response-timeout", "5",
                "--pool-wait-timeout", "6", "--lt-grace-period", "7", "--metrics", ":9100", "--no-access-log",
@@ -380,8 +381,8 @@ def test_check_tells_a_relay_file_from_an_agent_file(tmp_path):
 
 def test_check_names_the_tcp_ports(tmp_path):
     relay = write(tmp_path, 'tcp_ports = "20005,20000-20003"\n', "relay.toml")
-    assert check(relay, {}) == (f"{relay}: ok — a relay's file: listens on 127.0.0.1:8000, tunnels at NAME.localhost, "
-                                f"TCP ports 20000-20003,20005, no tokens")
+    assert check(relay, {}) == (f"{relay}: ok — a relay's file: listens on 127.0.0.1:8000, tunnels at "
+                                f"NAME.localhost, TCP ports 20000-20003,20005, no tokens")
     single = write(tmp_path, 'tcp_ports = 20001\n', "single.toml")
     assert check(single, {}).endswith("TCP ports 20001, no tokens")
 

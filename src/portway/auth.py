@@ -1,5 +1,5 @@
-"""Who may register tunnels on a relay (agent tokens, the names and TCP ports they reserve) and how failed logins are throttled
-(agent tokens and tunnels' basic auth).
+"""Who may register tunnels on a relay (agent tokens, the names and TCP ports they reserve) and how failed logins
+are throttled (agent tokens and tunnels' basic auth).
 
 Tokens are kept as SHA-256 digests only (they are long random secrets, so a fast hash is enough to make a
 leaked tokens file useless) and compared in constant time. Nothing here does I/O except reading the TOML

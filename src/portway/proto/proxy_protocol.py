@@ -161,7 +161,8 @@ class HeaderReader:
     :meth:`feed` returns None while more bytes are needed, then the :class:`Header`; :attr:`rest` holds what
     came after it (the connection's own first bytes). Invalid input raises :class:`ProxyHeaderError` as soon as
     it is known to be invalid: first bytes that start neither version, a lone CR or LF, no CRLF within a v1
-    line's 107 bytes, a v2 version, command or family that is not assigned. At most one header's bytes are buffered: 107 for v1, 16 + 65535 for v2.
+    line's 107 bytes, a v2 version, command or family that is not assigned. At most one header's bytes are
+    buffered: 107 for v1, 16 + 65535 for v2.
     """
 
     def __init__(self) -> None:
