@@ -119,6 +119,9 @@ def test_v2_families_a_tcp_tunnel_never_sends_fall_back_to_no_addresses(family_t
 @pytest.mark.parametrize("line, reason", [
     (b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\n", "lone CR or LF"),
     (b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\rX", "lone CR or LF"),
+    (b"PROXY UNKNOWN\nanything\r\n", "lone CR or LF"),  # a complete line with a lone LF before its CRLF
+    (b"PROXY TCP4 192.168.0.1\r 192.168.0.11 56324 443\r\n", "lone CR or LF"),
+    (b"PROXY UNKNOWN\nanything\r", "lone CR or LF"),  # known bad before the CRLF could complete
     (b"PROXY TCP4 192.168.0.1  192.168.0.11 56324 443\r\n", "not a v1 PROXY line"),  # two spaces
     (b"PROXY TCP4 192.168.0.1 192.168.0.11 56324\r\n", "not a v1 PROXY line"),
     (b"PROXY TCP5 192.168.0.1 192.168.0.11 56324 443\r\n", "not a v1 PROXY line"),
@@ -130,6 +133,7 @@ def test_v2_families_a_tcp_tunnel_never_sends_fall_back_to_no_addresses(family_t
     (b"PROXY TCP6 ::ffff:192.168.0.1 2001:db8::1 56324 443\r\n", "hex groups only"),
     (b"PROXY TCP6 fe80::1%eth0 2001:db8::1 56324 443\r\n", "not an IP address"),
     (b"PROXY TCP4 192.168.0.1 192.168.0.11 056324 443\r\n", "without leading zeros"),
+    (b"PROXY TCP4 192.168.0.1 192.168.0.11 05 443\r\n", "without leading zeros"),
     (b"PROXY TCP4 192.168.0.1 192.168.0.11 65536 443\r\n", "not a port"),
     (b"PROXY TCP4 192.168.0.1 192.168.0.11 -1 443\r\n", "not a port"),
     (b"PROXY TCP4 192.168.0.1 192.168.0.11 \xd9\xa1 443\r\n", "not a v1 PROXY line"),  # a non-ASCII digit
@@ -140,6 +144,11 @@ def test_v2_families_a_tcp_tunnel_never_sends_fall_back_to_no_addresses(family_t
 ])
 def test_v1_lines_a_receiver_must_refuse(line, reason):
     assert reason in refusal(line)
+
+
+def test_port_zero_is_a_port():
+    header = HeaderReader().feed(b"PROXY TCP4 192.168.0.1 192.168.0.11 0 443\r\n")
+    assert (header.endpoints.source_port, header.endpoints.destination_port) == (0, 443)
 
 
 @pytest.mark.parametrize("fixed, reason", [
@@ -165,6 +174,7 @@ def test_a_wrong_start_is_refused_at_the_first_byte_that_shows_it():
 def test_v1_waits_for_its_crlf_and_no_longer_than_107_bytes():
     reader = HeaderReader()
     assert reader.feed(b"PROXY UNKNOWN " + b"f" * 91 + b"\r") is None  # 106 bytes: the CR may be the CRLF's half
+    assert reader.rest == b""  # nothing after a header until there is one
     assert reader.feed(b"\n") == Header(Version.V1, Command.PROXY, None, 107)
     reader = HeaderReader()
     assert reader.feed(b"PROXY UNKNOWN " + b"f" * 92) is None  # 106 bytes, no CR yet
