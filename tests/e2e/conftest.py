@@ -143,6 +143,18 @@ class Processes:
             proc.kill(signal.SIGTERM)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failing test's report carries what each of its processes printed (the end of it): a stall that only
+    shows once in a while can then be read from the failing run itself, not only from a rerun that passes."""
+    outcome = yield
+    report = outcome.get_result()
+    processes = getattr(item, "funcargs", {}).get("procs")
+    if report.failed and isinstance(processes, Processes):
+        for proc in processes.procs:
+            report.sections.append((f"output of {proc.name} (pid {proc.popen.pid})", proc.output()[-20_000:]))
+
+
 @pytest.fixture
 def procs():
     processes = Processes()

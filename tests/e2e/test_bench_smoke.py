@@ -5,8 +5,10 @@ numbers. Nothing here looks at how fast anything was, only that every case ran a
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,16 +23,30 @@ def test_quick_benchmark_runs_every_case_on_direct_and_portway(procs: Processes,
         pytest.skip("wrk is not installed (scripts/test.sh installs it)")
     results_file = tmp_path / "bench.json"
     bench = procs.start([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--paths", "direct,portway",
-                         "--json", str(results_file)], "bench")
-    assert bench.wait_exit(timeout=240) == 0, bench.output()
+                         "--json", str(results_file), "--keep-logs"], "bench")
+    try:
+        assert bench.wait_exit(timeout=240) == 0, bench.output()
+        check(json.loads(results_file.read_text()), portway_logs(bench.output()))
+    finally:
+        for logdir in re.findall(r"logs in (\S+)$", bench.output(), re.MULTILINE):
+            shutil.rmtree(logdir, ignore_errors=True)
 
-    results = json.loads(results_file.read_text())
+
+def portway_logs(bench_output: str) -> str:
+    """The end of what the bench's Portway relay and agent printed (it keeps its processes' logs with
+    --keep-logs): a case that fails once in a while can then be read from the failing run itself."""
+    return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-5000:]}"
+                     for logdir in re.findall(r"logs in (\S+)$", bench_output, re.MULTILINE)
+                     for path in sorted(Path(logdir).glob("*portway*.log")))
+
+
+def check(results: dict, logs: str) -> None:
     assert not results["interrupted"]
     for key in ("direct", "portway"):
         cases = results["paths"][key]["cases"]
         assert set(cases) == CASES, key
         failed = {name: case["error"] for name, case in cases.items() if case.get("error")}
-        assert not failed, f"{key}: {failed}"
+        assert not failed, f"{key}: {failed}\n{logs}"
         for concurrency in (1, 10, 50, 200):
             get = cases[f"get_c{concurrency}"]
             assert get["requests"] > 0 and get["errors"] == 0, (key, get)

@@ -12,6 +12,7 @@ import struct
 import pytest
 
 from portway.link.bridge import StreamBridge
+from portway.link.connection import Connection
 from portway.errors import ConduitReset
 from portway.link.session import MuxSession
 from portway.proto.mux import MuxConfig, Role
@@ -178,6 +179,35 @@ def test_a_reset_on_either_side_resets_the_other(how):
             await until(lambda: world.bridges[0]._closed, "the bridge to close")
             assert world.bridges[0].transport.is_closing()
         assert world.bridges[0].stream.stream_id not in world.agent_side.streams
+        await world.stop()
+
+    asyncio.run(main())
+
+
+def test_what_arrived_before_a_take_over_reaches_the_stream_whole_and_in_order():
+    """After a 101 the relay hands the visitor's connection to a bridge with two pieces that arrived before the
+    switch: the bytes after the request head, then those the connection still buffers. Together they can be more
+    than the stream's window takes at once; the second must wait behind the first, not replace its rest."""
+
+    async def main():
+        world = await World.start()
+        world.service.reading.set()
+        loop = asyncio.get_running_loop()
+        accepted: list[Connection] = []
+        server = await loop.create_server(lambda: accepted.append(Connection()) or accepted[-1], "127.0.0.1", 0)
+        visitor = socket.create_connection(server.sockets[0].getsockname())
+        visitor.setblocking(False)
+        window = MuxConfig().initial_window
+        after_head, still_buffered = os.urandom(window + 4096), os.urandom(window // 2)
+        await loop.sock_sendall(visitor, still_buffered)
+        await until(lambda: accepted and accepted[0]._buffered == len(still_buffered), "the visitor's bytes")
+        stream = world.relay_side.open_stream()
+        StreamBridge.take_over(accepted[0], stream, after_head)
+        visitor.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(world.service.ended.wait(), 30)
+        assert hashlib.sha256(world.service.received).digest() == hashlib.sha256(after_head + still_buffered).digest()
+        visitor.close()
+        server.close()
         await world.stop()
 
     asyncio.run(main())

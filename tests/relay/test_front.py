@@ -8,9 +8,12 @@ import asyncio
 from collections import deque
 from types import SimpleNamespace
 
+import pytest
+
+from portway.errors import ConduitReset, VisitorGone
 from portway.link.connection import ReceiveBuffer
 from portway.relay.front import FrontServices, VisitorConnection
-from portway.relay.metrics import RelayCounters
+from portway.relay.metrics import RelayCounters, TunnelCounters
 from portway.config import RelayConfig
 from portway.proto.http1 import Switched
 
@@ -100,3 +103,29 @@ def test_the_origins_first_bytes_after_a_101_go_to_the_visitor_first():
     assert outcome.trailing == b"\x81\x02hi\x81\x03bye"  # written to the visitor before the bridge starts
     assert unread == []  # the stream already returned credit for them: the bridge must not see them again
     assert writes == [writes[0]] and writes[0].startswith(b"HTTP/1.1 101 ")
+
+
+def test_a_visitor_gone_when_the_101_arrived_resets_the_conduit():
+    """The origin's first bytes after its 101 can't reach a visitor that has just gone: the conduit (a stream
+    whose agent side is bridged to the origin) is reset, not left open and unread with nobody to close it."""
+
+    class GoneVisitor(RecordingVisitor):
+        def write(self, data: bytes) -> None:
+            raise ConduitReset("connection already closed")
+
+    async def main():
+        proxy = VisitorConnection(GoneVisitor(), "http",
+                                  FrontServices(RelayConfig(), None, None, None, RelayCounters(), None))
+        conduit = SimpleNamespace(aborted=False)
+        conduit.abort = lambda: setattr(conduit, "aborted", True)
+
+        async def join(conn, joined, unread) -> None:
+            raise AssertionError("nothing to join: the visitor is gone")
+
+        tunnel = SimpleNamespace(counters=TunnelCounters(), join=join)
+        with pytest.raises(VisitorGone):
+            await proxy.switch_protocols(tunnel, conduit, Switched(b"\x81\x02hi"))
+        assert conduit.aborted
+        assert tunnel.counters.websockets_open == 0
+
+    asyncio.run(main())

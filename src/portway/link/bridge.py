@@ -76,9 +76,10 @@ class StreamBridge(asyncio.Protocol):
         bridge.transport = conn.transport
         bridge._service_writing_paused = writing_paused and not lost
         stream.attach(bridge)
-        for data in (unread, buffered):
-            if data:
-                bridge.data_received(data)
+        # one piece: what the stream window can't take yet waits as the bridge's only unsent remainder
+        early = unread + buffered if unread and buffered else unread or buffered
+        if early:
+            bridge.data_received(early)
         if lost:
             bridge.connection_lost(None)
         elif ended:

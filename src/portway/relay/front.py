@@ -441,7 +441,11 @@ class VisitorConnection:
         """After a 101: raw bytes both ways, including any that arrived with either head."""
         conn = self.conn
         if response_switch.trailing:
-            conn.write(response_switch.trailing)
+            try:
+                conn.write(response_switch.trailing)
+            except ConduitReset:
+                conduit.abort()  # nobody else will end the stream: its agent side is bridged to the origin
+                raise VisitorGone from None
         leftover = [event for event in self.pending if isinstance(event, Switched)]
         unread = leftover[0].trailing if leftover else b""
         self.pending.clear()
