@@ -49,14 +49,18 @@ def test_tokens_file_entries(tmp_path):
 sha256 = "{DIGEST_A.upper()}"
 label = "team-a"
 names = ["Reserved-A", "other"]
+ports = [20001, 20005]
 max_tunnels = 3
 
 [[token]]
 sha256 = "{DIGEST_B}"
 """)
     first, second = load_tokens_file(path)
-    assert first == Grant("team-a", DIGEST_A, frozenset({"reserved-a", "other"}), 3)
+    assert first == Grant("team-a", DIGEST_A, frozenset({"reserved-a", "other"}), 3, frozenset({20001, 20005}))
     assert second == Grant("token-2", DIGEST_B, frozenset(), 0)
+    book = TokenBook([first, second])
+    assert book.port_owner(20005) is first and book.port_owner(20002) is None
+    assert book.reserved_ports() == {20001, 20005}
 
 
 BAD_FILES = [
@@ -68,6 +72,14 @@ BAD_FILES = [
     ("dot-dot-name", f'[[token]]\nsha256 = "{DIGEST_A}"\nnames = ["../etc"]\n', "token #1: tunnel name"),
     ("system-name", f'[[token]]\nsha256 = "{DIGEST_A}"\nnames = ["www"]\n', "reserved for the relay itself"),
     ("long-name", f'[[token]]\nsha256 = "{DIGEST_A}"\nnames = ["{"a" * 64}"]\n', "the limit is 63"),
+    ("port-as-string", f'[[token]]\nsha256 = "{DIGEST_A}"\nports = ["20001"]\n', "ports must be an array"),
+    ("port-zero", f'[[token]]\nsha256 = "{DIGEST_A}"\nports = [0]\n', "port numbers (1-65535)"),
+    ("port-too-big", f'[[token]]\nsha256 = "{DIGEST_A}"\nports = [65536]\n', "port numbers (1-65535)"),
+    ("port-not-array", f'[[token]]\nsha256 = "{DIGEST_A}"\nports = 20001\n', "ports must be an array"),
+    ("port-boolean", f'[[token]]\nsha256 = "{DIGEST_A}"\nports = [true]\n', "ports must be an array"),
+    ("port-twice", f'[[token]]\nsha256 = "{DIGEST_A}"\nlabel = "one"\nports = [20001]\n'
+                   f'[[token]]\nsha256 = "{DIGEST_B}"\nports = [20002, 20001]\n',
+     "token #2: port 20001 is already reserved by 'one'"),
     ("negative-quota", f'[[token]]\nsha256 = "{DIGEST_A}"\nmax_tunnels = -2\n', "can't be negative"),
 ]
 

@@ -3,6 +3,8 @@ their defaults end up where the code reads them."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from portway.cli import build_parser, config_from
@@ -48,20 +50,21 @@ def test_every_relay_setting_reaches_the_config_from_its_flag_and_its_variable()
              "--grace-period", "3", "--token", "a", "--token", "b", "--open", "--head-timeout", "2",
              "--idle-timeout", "4", "--max-connections-per-ip", "9", "--response-timeout", "5",
              "--pool-wait-timeout", "6", "--lt-grace-period", "7", "--metrics", ":9100", "--no-access-log",
-             "--log-format", "json"]
+             "--log-format", "json", "--tcp-ports", "20000-20002,20005"]
     from_flags = config(*flags)
     environ = {"PORTWAY_BIND": "127.0.0.2", "PORTWAY_PORT": "9001", "PORTWAY_DOMAIN": "t.example",
                "PORTWAY_PUBLIC_PORT": "443", "PORTWAY_GRACE_PERIOD": "3", "PORTWAY_TOKENS": "a,b",
                "PORTWAY_OPEN_RELAY": "yes", "PORTWAY_HEAD_TIMEOUT": "2", "PORTWAY_IDLE_TIMEOUT": "4",
                "PORTWAY_MAX_CONNECTIONS_PER_IP": "9", "PORTWAY_RESPONSE_TIMEOUT": "5",
                "PORTWAY_POOL_WAIT_TIMEOUT": "6", "PORTWAY_LT_GRACE_PERIOD": "7", "PORTWAY_METRICS": ":9100",
-               "PORTWAY_ACCESS_LOG": "off", "PORTWAY_LOG_FORMAT": "json"}
+               "PORTWAY_ACCESS_LOG": "off", "PORTWAY_LOG_FORMAT": "json", "PORTWAY_TCP_PORTS": "20000-20002,20005"}
     from_environment = config("server", environ=environ)
     assert from_flags == from_environment
     assert isinstance(from_flags, RelayConfig) and len(from_flags.grants) == 2
     assert (from_flags.bind, from_flags.port, from_flags.public_port, from_flags.metrics) == \
         ("127.0.0.2", 9001, 443, ("127.0.0.1", 9100))
     assert (from_flags.open_relay, from_flags.access_log, from_flags.log_format) == (True, False, "json")
+    assert from_flags.tcp_ports == {20000, 20001, 20002, 20005}
     assert config("server") == RelayConfig(access_log=True)
 
 
@@ -82,6 +85,7 @@ def test_every_agent_setting_reaches_the_config():
     (["server", "--port", "70000"], "--port"),
     (["server", "--log-format", "xml"], "text or json"),
     (["server", "--metrics", "nowhere"], "HOST:PORT"),
+    (["server", "--tcp-ports", "30000-20000"], "--tcp-ports: '30000-20000' is not a range"),
 ])
 def test_bad_flags_are_refused_naming_the_flag(capsys, argv, fragment):
     with pytest.raises(SystemExit) as exited:
@@ -93,10 +97,32 @@ def test_bad_flags_are_refused_naming_the_flag(capsys, argv, fragment):
     ({"PORTWAY_PORT": "eighty"}, "$PORTWAY_PORT='eighty'"),
     ({"PORTWAY_HEAD_TIMEOUT": "-1"}, "positive"),
     ({"PORTWAY_TLS_CERT": "cert.pem"}, "--tls-cert and --tls-key go together"),
+    ({"PORTWAY_TCP_PORTS": "20000-"}, "$PORTWAY_TCP_PORTS='20000-': '20000-' is not a port (1-65535) or a range"),
+    ({"PORTWAY_TCP_PORTS": "1-65535"}, "--tcp-ports 1-65535 includes the relay's own --port 8000"),
+    ({"PORTWAY_TCP_PORTS": "9000-9200", "PORTWAY_METRICS": ":9100"},
+     "--tcp-ports 9000-9200 includes the relay's own --metrics 9100"),
 ])
 def test_bad_variables_are_refused_naming_the_variable(environ, fragment):
-    with pytest.raises(ConfigurationError, match=fragment.replace("$", r"\$")):
+    with pytest.raises(ConfigurationError, match=re.escape(fragment)):
         config("server", environ=environ)
+
+
+@pytest.mark.parametrize("tcp_ports, message", [
+    ("20000-20100", None),
+    ("20000,20002", "the tokens file reserves port 20001 for 'alice', but it is not a TCP port of this relay "
+                    "(--tcp-ports 20000,20002)"),
+    (None, "the tokens file reserves port 20001 for 'alice', but it is not a TCP port of this relay "
+           "(no --tcp-ports given)"),
+])
+def test_reserved_ports_must_be_tcp_ports_of_the_relay(tmp_path, tcp_ports, message):
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[[token]]\nlabel = "alice"\ntoken = "s3cret"\nports = [20001]\n', encoding="utf-8")
+    argv = ["server", "--tokens", str(tokens), *(["--tcp-ports", tcp_ports] if tcp_ports else [])]
+    if message is None:
+        assert config(*argv).grants[0].reserved_ports == {20001}
+        return
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        config(*argv)
 
 
 def test_every_setting_has_its_own_flag_and_variable():

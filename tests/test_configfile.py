@@ -101,9 +101,11 @@ cluster_secret = "shh"
 tokens_file = "tokens.toml"
 tls_cert = "cert.pem"
 tls_key = "key.pem"
+tcp_ports = "20000-20100,20200"
 """
 
-RELAY_FLAGS = ["--bind", "127.0.0.2", "--port", "9001", "--domain", "t.example", "--public-port", "443",
+RELAY_FLAGS = ["--tcp-ports", "20000-20100,20200",
+               "--bind", "127.0.0.2", "--port", "9001", "--domain", "t.example", "--public-port", "443",
                "--grace-period", "3", "--token", "a", "--token", "b", "--open", "--head-timeout", "2",
                "--idle-timeout", "4.5", "--max-connections-per-ip", "9", "--max-upgraded-per-ip", "12",
                "--max-connection-rate-per-ip", "13", "--drain-timeout", "8", "--response-timeout", "5",
@@ -186,6 +188,12 @@ def test_every_relay_setting_has_a_key_in_a_file():
     ('metrics = "nowhere"\n', r"^{path}: metrics = \"nowhere\": must be HOST:PORT$"),
     ('[port]\n', r"^{path}: 'port' must be an integer, not a table$"),
     ('tls_cert = "c.pem"\n', r"^--tls-cert and --tls-key go together$"),
+    ('tcp_ports = [20000]\n', r"^{path}: 'tcp_ports' must be a port number or a string of ports and ranges, "
+                               r"e.g. \"20000-20100\", not an array$"),
+    ('tcp_ports = "20100-20000"\n', r"^{path}: tcp_ports = \"20100-20000\": '20100-20000' is not a range: its "
+                                     r"first port is above its last$"),
+    ('tcp_ports = 0\n', r"^{path}: tcp_ports = 0: '0' is not a port \(1-65535\) or a range"),
+    ('tcp_ports = "7990-8010"\n', r"^--tcp-ports 7990-8010 includes the relay's own --port 8000$"),
 ])
 def test_a_mistake_in_a_relay_file_names_the_file_and_the_key(tmp_path, text, expected):
     path = write(tmp_path, text, "relay.toml")
@@ -379,6 +387,14 @@ def test_check_tells_a_relay_file_from_an_agent_file(tmp_path):
     assert check(shared, {}, relay=True).endswith("no tokens")
     mixed = write(tmp_path, 'relay = "http://127.0.0.1:9"\nport = 8080\n[tunnel.web]\n', "mixed.toml")
     assert refused(check, mixed, {}).startswith(f"unknown key 'port' in {mixed}; allowed at the top level: ")
+
+
+def test_check_names_the_tcp_ports(tmp_path):
+    relay = write(tmp_path, 'tcp_ports = "20005,20000-20003"\n', "relay.toml")
+    assert check(relay, {}) == (f"{relay}: ok — a relay's file: listens on 127.0.0.1:8000, tunnels at "
+                                f"NAME.localhost, TCP ports 20000-20003,20005, no tokens")
+    single = write(tmp_path, 'tcp_ports = 20001\n', "single.toml")
+    assert check(single, {}).endswith("TCP ports 20001, no tokens")
 
 
 def test_check_validates_with_the_environment_it_would_run_with(tmp_path):

@@ -1,5 +1,5 @@
-"""Who may register tunnels on a relay (agent tokens, the names they reserve) and how failed logins are throttled
-(agent tokens and tunnels' basic auth).
+"""Who may register tunnels on a relay (agent tokens, the names and TCP ports they reserve) and how failed logins
+are throttled (agent tokens and tunnels' basic auth).
 
 Tokens are kept as SHA-256 digests only (they are long random secrets, so a fast hash is enough to make a
 leaked tokens file useless) and compared in constant time. Nothing here does I/O except reading the TOML
@@ -29,19 +29,22 @@ def hash_token(token: str) -> str:
 
 @dataclass(frozen=True)
 class Grant:
-    """What one token allows: a label for logs, reserved names, and how many tunnels it may hold."""
+    """What one token allows: a label for logs, reserved names and TCP ports, and how many tunnels (HTTP and TCP
+    together) it may hold."""
 
     label: str
     digest: str
     reserved_names: frozenset[str] = frozenset()
     max_tunnels: int = UNLIMITED
+    reserved_ports: frozenset[int] = frozenset()
 
 
 OPEN_GRANT = Grant(label="anonymous", digest="")
 
 
 def load_tokens_file(path: str | Path) -> list[Grant]:
-    """Read `[[token]]` tables: `sha256` (or `token`, hashed on load), `label`, `names`, `max_tunnels`."""
+    """Read `[[token]]` tables: `sha256` (or `token`, hashed on load), `label`, `names`, `ports`, `max_tunnels`.
+    A port reserved by two tokens is refused: it could only ever be the first one's."""
     try:
         document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as error:
@@ -61,10 +64,19 @@ def load_tokens_file(path: str | Path) -> list[Grant]:
             names = frozenset(validate_name(str(name)) for name in entry.get("names", []))
         except InvalidName as error:
             raise TokenFileError(f"{where}: {error}") from None
+        ports = entry.get("ports", [])
+        if not isinstance(ports, list) or any(type(port) is not int or not 1 <= port <= 65535 for port in ports):
+            raise TokenFileError(f"{where}: ports must be an array of port numbers (1-65535), "
+                                 f"e.g. ports = [20001, 20002]")
         max_tunnels = int(entry.get("max_tunnels", UNLIMITED))
         if max_tunnels < 0:
             raise TokenFileError(f"{where}: max_tunnels can't be negative")
-        grants.append(Grant(str(entry.get("label", f"token-{index + 1}")), digest, names, max_tunnels))
+        for earlier in grants:
+            shared = sorted(earlier.reserved_ports & set(ports))
+            if shared:
+                raise TokenFileError(f"{where}: port {shared[0]} is already reserved by {earlier.label!r}")
+        grants.append(Grant(str(entry.get("label", f"token-{index + 1}")), digest, names, max_tunnels,
+                            frozenset(ports)))
     if not grants:
         raise TokenFileError(f"{path} defines no [[token]] entries")
     return grants
@@ -94,6 +106,15 @@ class TokenBook:
             if name in grant.reserved_names:
                 return grant
         return None
+
+    def port_owner(self, port: int) -> Grant | None:
+        for grant in self.grants:
+            if port in grant.reserved_ports:
+                return grant
+        return None
+
+    def reserved_ports(self) -> frozenset[int]:
+        return frozenset().union(*(grant.reserved_ports for grant in self.grants))
 
 
 class FailureThrottle:

@@ -22,6 +22,7 @@ from .auth import Grant, hash_token, load_tokens_file
 from .errors import ConfigurationError, InvalidName
 from .proto.mux import MuxConfig
 from .proto.names import validate_name
+from .proto.port_sets import describe_port_set, parse_port_set
 
 DEFAULT_RELAY_PORT = 8000
 DEFAULT_INSPECT = ("127.0.0.1", 4040)  # the inspector's address, or the next free port after it
@@ -46,6 +47,11 @@ def port_number(text: str) -> int:
 
 
 MIB = 1024 * 1024
+
+
+def tcp_ports(text: str) -> frozenset[int]:
+    """`--tcp-ports`: a range `20000-20100`, a list `20001,20005`, or both mixed."""
+    return parse_port_set(text)
 
 
 def mebibytes(text: str) -> int:
@@ -302,10 +308,14 @@ RELAY_SETTINGS = (
     Setting("grace_period", "--grace-period", seconds, 300.0,
             "seconds an agent whose link dropped keeps its name while it reconnects; nobody else can take it "
             "meanwhile (an agent stopped on purpose frees it at once)", "SECONDS"),
+    Setting("tcp_ports", "--tcp-ports", tcp_ports, frozenset(),
+            "public ports TCP tunnels may be given: a range 20000-20100, a list 20001,20005, or both "
+            "(default: none)", "PORTS"),
     Setting("tokens", "--token", text, (), "accept agents presenting this token (repeatable)", "SECRET",
             repeatable=True),
     Setting("tokens_file", "--tokens", text, None,
-            "TOML file of [[token]] entries: sha256, label, names (reserved), max_tunnels", "FILE", is_path=True),
+            "TOML file of [[token]] entries: sha256, label, names and ports (reserved), max_tunnels", "FILE",
+            is_path=True),
     Setting("open_relay", "--open", switch, False,
             "allow running without tokens on a non-loopback address (anyone may open tunnels)", is_switch=True),
     Setting("tls_cert", "--tls-cert", text, None, "certificate chain (PEM): serve HTTPS/WSS and TLS to agents",
@@ -444,6 +454,7 @@ class RelayConfig:
     pool_wait_timeout: float = 10.0  # how long a visitor waits for a free conduit before a 503
     grace_period: float = 300.0  # an agent that drops keeps its name this long to reconnect (its lease)
     drain_timeout: float = 30.0  # on SIGTERM, exchanges in flight may take this long to finish
+    tcp_ports: frozenset[int] = frozenset()  # the public ports TCP tunnels may be given; empty: none
     lt_grace_period: float = 5.0  # an lt tunnel whose last pool socket went keeps its name this long
     max_connections_per_ip: int = 256  # HTTP connections (heads, exchanges, idle keep-alive) from one address
     max_upgraded_per_ip: int = 4096  # established WebSockets and agent links from one address
@@ -484,6 +495,18 @@ class RelayConfig:
         for name in ("max_connections_per_ip", "max_upgraded_per_ip", "max_connection_rate_per_ip"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1")
+        own = {self.port: "--port"} | ({self.metrics[1]: "--metrics"} if self.metrics else {})
+        for port, flag in own.items():
+            if port in self.tcp_ports:
+                raise ConfigurationError(f"--tcp-ports {describe_port_set(self.tcp_ports)} includes the relay's own "
+                                         f"{flag} {port}")
+        for grant in self.grants:
+            outside = sorted(grant.reserved_ports - self.tcp_ports)
+            if outside:
+                where = f"--tcp-ports {describe_port_set(self.tcp_ports)}" if self.tcp_ports else \
+                    "no --tcp-ports given"
+                raise ConfigurationError(f"the tokens file reserves port {outside[0]} for {grant.label!r}, but it is "
+                                         f"not a TCP port of this relay ({where})")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigurationError("--tls-cert and --tls-key go together")
         if self.acme_email and self.tls_cert:

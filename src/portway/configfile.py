@@ -26,6 +26,7 @@ from .config import (
     Setting,
     agent_config,
     count,
+    describe_port_set,
     inspect_address,
     load,
     local_target,
@@ -34,6 +35,7 @@ from .config import (
     relay_config,
     seconds,
     switch,
+    tcp_ports,
     tunnel_name,
 )
 from .errors import ConfigurationError
@@ -53,6 +55,7 @@ TOML_TYPES: dict[Callable[[str], Any], tuple[tuple[type, ...], str]] = {
     count: INTEGER,
     switch: BOOLEAN,
     inspect_address: ((str, int), "a port number or a string"),
+    tcp_ports: ((str, int), 'a port number or a string of ports and ranges, e.g. "20000-20100"'),
 }
 
 # `name` is a tunnel's own: an agent file names its tunnels by their tables
@@ -350,4 +353,5 @@ def check(path: Path, environ: Mapping[str, str], relay: bool | None = None) -> 
 
 def _relay_summary(config: RelayConfig) -> str:
     tokens = f"{len(config.grants)} token{'s' if len(config.grants) != 1 else ''}" if config.grants else "no tokens"
-    return f"listens on {config.bind}:{config.port}, tunnels at NAME.{config.domain}, {tokens}"
+    tcp = f", TCP ports {describe_port_set(config.tcp_ports)}" if config.tcp_ports else ""
+    return f"listens on {config.bind}:{config.port}, tunnels at NAME.{config.domain}{tcp}, {tokens}"
