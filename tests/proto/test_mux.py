@@ -17,6 +17,7 @@ from portway.proto.events import (
     ConnectionTerminated,
     DataReceived,
     GoAwayReceived,
+    LinkResumed,
     PingAcked,
     StreamAccepted,
     StreamEnded,
@@ -367,14 +368,13 @@ def test_larger_initial_window_is_announced_in_syn_and_ack() -> None:
     config = MuxConfig(initial_window=1 * MiB)
     pair = MuxPair(config)
     stream_id = pair.client.open_stream()
-    assert decode_all(pair.client.data_to_send()) == [
-        Frame(FrameType.WINDOW_UPDATE, Flag.SYN, stream_id, 1 * MiB - WINDOW)
-    ]
-    pair.server.receive_data(Frame(FrameType.WINDOW_UPDATE, Flag.SYN, stream_id, 1 * MiB - WINDOW).encode(), 0.0)
+    syn = Frame(FrameType.WINDOW_UPDATE, Flag.SYN | Flag.GROW, stream_id, 1 * MiB - WINDOW)
+    assert decode_all(pair.client.data_to_send()) == [syn]
+    pair.server.receive_data(syn.encode(), 0.0)
     pair.server.accept_stream(stream_id)
     assert pair.server.send_window(stream_id) == 1 * MiB
     ack = pair.server.data_to_send()
-    assert decode_all(ack) == [Frame(FrameType.WINDOW_UPDATE, Flag.ACK, stream_id, 1 * MiB - WINDOW)]
+    assert decode_all(ack) == [Frame(FrameType.WINDOW_UPDATE, Flag.ACK | Flag.GROW, stream_id, 1 * MiB - WINDOW)]
     assert pair.client.send_window(stream_id) == WINDOW, "before the ACK only the base window is usable"
     pair.client.receive_data(ack, 0.0)
     assert pair.client.send_window(stream_id) == 1 * MiB
@@ -517,7 +517,8 @@ DROPS = {
     "peer-resets": lambda pair, ids: pair.server.receive_data(b"".join(f.rst(s) for s in ids), 0.0),
     "we-reset": lambda pair, ids: [pair.server.reset_stream(s) for s in ids],
     "both-ended": lambda pair, ids: [
-        pair.server.receive_data(b"".join(f.fin(s) for s in ids), 0.0),
+        [pair.client.end_stream(s) for s in ids],
+        pair.server.receive_data(pair.client.data_to_send(), 0.0),
         [pair.server.end_stream(s) for s in ids],
     ],
 }
@@ -1047,7 +1048,7 @@ def victim() -> Mux:
 
 
 HOSTILE = {
-    "malformed-frame": f.header(FrameType.DATA, 0, 1, 0, version=1),
+    "malformed-frame": f.header(FrameType.DATA, 0, 1, 0, version=0),
     "data-beyond-window": b"".join(f.data(1, b"x" * 65536) for _ in range(5)),
     "window-overflow": f.window_update(1, MAX_WINDOW_SIZE),
     "syn-with-our-parity": f.syn(4),
@@ -1110,8 +1111,11 @@ session_frames = st.one_of(
 
 def check_window_bookkeeping(mux: Mux) -> None:
     for stream in mux._streams.values():
-        assert min(stream.receive_remaining, stream.unacknowledged, stream.unannounced, stream.send_window) >= 0
-        assert stream.receive_remaining + stream.unacknowledged + stream.unannounced == stream.receive_window
+        owed = stream.unannounced + stream.unannounced_growth
+        assert min(stream.receive_remaining, stream.unacknowledged, stream.unannounced, stream.unannounced_growth,
+                   stream.send_window) >= 0
+        assert stream.receive_remaining + stream.unacknowledged + owed == stream.receive_window
+        assert len(stream.retransmit) <= stream.retransmit.end
         assert stream.receive_window <= mux.config.max_window
         assert stream.send_window <= MAX_WINDOW_SIZE
     link_bookkeeping(mux)
@@ -1150,7 +1154,8 @@ def test_random_well_formed_frames_yield_only_events_or_protocol_error(frames: l
 
 
 class HonestPeers(RuleBasedStateMachine):
-    """Two muxes driven through random API calls, legal or not, must never see a protocol error.
+    """Two muxes driven through random API calls, legal or not, and links cut anywhere and resumed, must never
+    see a protocol error.
 
     Calls the API refuses (KeyError for a stream that is gone, ValueError for one in the wrong state) must
     leave nothing queued, and after every transfer both ends must agree on each stream's window and on the
@@ -1265,17 +1270,38 @@ class HonestPeers(RuleBasedStateMachine):
     def transfer(self, elapsed: float, eager_readers: bool) -> None:
         self.now += elapsed
         client_events, server_events = self.pair.transfer(self.now, acknowledge=eager_readers)
-        for side, events in ((Role.CLIENT, client_events), (Role.SERVER, server_events)):
-            for event in events:
-                assert isinstance(event, EVENT_TYPES), event
-                if isinstance(event, StreamOpened):
-                    self.waiting[side].append(event.stream_id)
-                elif isinstance(event, DataReceived) and not eager_readers:
-                    self.unconsumed[side, event.stream_id] += len(event.data)
-                elif isinstance(event, StreamReset):
-                    self.unconsumed.pop((side, event.stream_id), None)
-                    self.waiting[side] = [s for s in self.waiting[side] if s != event.stream_id]
+        self.record(Role.CLIENT, client_events, eager_readers)
+        self.record(Role.SERVER, server_events, eager_readers)
         self.check_agreement()
+
+    @rule(cut=st.tuples(st.floats(0, 1), st.floats(0, 1)),
+          exchange_cut=st.none() | st.tuples(st.floats(0, 1), st.floats(0, 1)))
+    def cut_and_resume(self, cut: tuple[float, float], exchange_cut: tuple[float, float] | None) -> None:
+        """The link dies with part of what was in flight delivered (a frame may be cut in half); both ends
+        park and resume on a new link, which may die too during the resume exchange."""
+        for fractions in (cut, exchange_cut):
+            if fractions is None:
+                continue
+            for (sender, receiver), fraction in zip(((Role.CLIENT, Role.SERVER), (Role.SERVER, Role.CLIENT)), fractions):
+                wire = self.pair.side(sender).data_to_send()
+                delivered = wire[: round(len(wire) * fraction)]
+                self.record(receiver, self.pair.side(receiver).receive_data(delivered, self.now), False)
+            for mux in (self.pair.client, self.pair.server):
+                mux.park(self.now)
+            for mux in (self.pair.client, self.pair.server):
+                mux.resume(self.now)
+        self.transfer(0.0, eager_readers=False)
+
+    def record(self, side: Role, events: list, eager_readers: bool) -> None:
+        for event in events:
+            assert isinstance(event, (*EVENT_TYPES, LinkResumed)), event
+            if isinstance(event, StreamOpened):
+                self.waiting[side].append(event.stream_id)
+            elif isinstance(event, DataReceived) and not eager_readers:
+                self.unconsumed[side, event.stream_id] += len(event.data)
+            elif isinstance(event, StreamReset):
+                self.unconsumed.pop((side, event.stream_id), None)
+                self.waiting[side] = [s for s in self.waiting[side] if s != event.stream_id]
 
     def check_agreement(self) -> None:
         client, server = self.pair.client, self.pair.server

@@ -13,6 +13,7 @@ __all__ = [
     "DataReceived",
     "Event",
     "GoAwayReceived",
+    "LinkResumed",
     "PingAcked",
     "StreamAccepted",
     "StreamEnded",
@@ -84,6 +85,17 @@ class GoAwayReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkResumed:
+    """The resume exchange on a new link finished: the parked streams carry on (those the peer no longer had
+    were reported with StreamReset just before), and what the peer missed is on its way again."""
+
+    streams: int
+    """Streams that carried on."""
+    resent: int
+    """Bytes sent again because they were lost with the old link."""
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionTerminated:
     """The link is dead (e.g. keepalive timeout) and the multiplexer closed; ``code`` is a ``GoAwayCode``."""
 
@@ -100,5 +112,6 @@ Event = (
     | WindowUpdated
     | PingAcked
     | GoAwayReceived
+    | LinkResumed
     | ConnectionTerminated
 )

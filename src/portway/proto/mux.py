@@ -38,6 +38,7 @@ from portway.proto.events import (
     DataReceived,
     Event,
     GoAwayReceived,
+    LinkResumed,
     PingAcked,
     StreamAccepted,
     StreamEnded,
@@ -58,6 +59,7 @@ from portway.proto.frame import (
     FrameType,
     GoAwayCode,
 )
+from portway.proto.resume import ENTRY, RetransmitBuffer, ResumeEntry, ResumeList, decode_resume, encode_resume
 
 __all__ = ["ASSUMED_RTT", "Mux", "MuxConfig", "Role", "StreamState"]
 
@@ -69,7 +71,7 @@ so a slow reader never earns a bigger window whatever the RTT.
 """
 
 # Plain ints for the flag bits: the Flag enum's operators run in Python and this module tests flags per frame.
-_SYN, _ACK, _FIN, _RST = 0x1, 0x2, 0x4, 0x8
+_SYN, _ACK, _FIN, _RST, _GROW = 0x1, 0x2, 0x4, 0x8, 0x10
 _DATA = FrameType.DATA
 _WINDOW_UPDATE = FrameType.WINDOW_UPDATE
 _PING = FrameType.PING
@@ -115,6 +117,9 @@ class MuxConfig:
     """Seconds without receiving anything before we ping the peer."""
     keepalive_timeout: float = 10.0
     """Seconds a ping may go unanswered before the link is declared dead."""
+    resume_window: float = 30.0
+    """Seconds a parked mux (its link lost, see ``Mux.park``) keeps its streams for a new link; past it, every
+    stream is reset."""
     max_control_frames_per_second: int = 2000
     """Budget for frames that cost us work but carry no data (pings, go-aways, resets, empty frames, updates
     for closed streams); a peer that exceeds it is flooding us and the link is closed."""
@@ -137,7 +142,7 @@ class MuxConfig:
         for name in ("accept_backlog", "max_streams", "max_control_frames_per_second"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("keepalive_interval", "keepalive_timeout"):
+        for name in ("keepalive_interval", "keepalive_timeout", "resume_window"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -198,14 +203,22 @@ _REMOTE_INPUTS = frozenset((_I.RECV_SYN, _I.RECV_ACK, _I.RECV_DATA, _I.RECV_FIN)
 _SENDING_STATES = frozenset(state for state, stream_input in _TRANSITIONS if stream_input is _I.SEND_DATA)
 _RECEIVING_STATES = frozenset(state for state, stream_input in _TRANSITIONS if stream_input is _I.RECV_DATA)
 _UNACCEPTED_STATES = frozenset(state for state, stream_input in _TRANSITIONS if stream_input is _I.SEND_ACK)
+_FIN_SENT_STATES = frozenset((_S.SYN_SENT_LOCAL_CLOSED, _S.LOCAL_CLOSED, _S.CLOSED))
+_FIN_RECEIVED_STATES = frozenset((_S.SYN_RECEIVED_REMOTE_CLOSED, _S.REMOTE_CLOSED, _S.CLOSED))
+_OPENING_STATES = frozenset((_S.SYN_SENT, _S.SYN_SENT_LOCAL_CLOSED))
 
 
 class _Stream:
     """Per-stream state and flow-control counters.
 
-    On the receive side ``receive_remaining + unacknowledged + unannounced == receive_window`` always holds:
-    every byte the window grants is either still usable by the peer, delivered but not yet consumed by the
-    application, or consumed but not yet credited back in a WINDOW_UPDATE.
+    On the receive side ``receive_remaining + unacknowledged + unannounced + unannounced_growth ==
+    receive_window`` always holds: every byte the window grants is either still usable by the peer, delivered
+    but not yet consumed by the application, consumed but not yet credited back in a WINDOW_UPDATE, or added to
+    the window and not yet announced (with GROW).
+
+    For resuming on another link (proto/resume.py) it also counts the bytes received, keeps the bytes sent that
+    the peer has not confirmed (``retransmit``; its ``end`` is the bytes sent) and what it knows of the peer's
+    receive window: ``peer_consumed`` bytes credited back as consumed, ``peer_window`` its size.
     """
 
     __slots__ = (
@@ -220,6 +233,12 @@ class _Stream:
         "epoch_started_at",
         "epoch_consumed",
         "sent_any",
+        "unannounced_growth",
+        "received",
+        "retransmit",
+        "fin_acked",
+        "peer_window",
+        "peer_consumed",
     )
 
     def __init__(self, receive_window: int, epoch_started_at: float) -> None:
@@ -230,7 +249,13 @@ class _Stream:
         self.receive_window = receive_window
         self.receive_remaining = INITIAL_STREAM_WINDOW
         self.unacknowledged = 0
-        self.unannounced = receive_window - INITIAL_STREAM_WINDOW
+        self.unannounced = 0
+        self.unannounced_growth = receive_window - INITIAL_STREAM_WINDOW
+        self.received = 0
+        self.retransmit = RetransmitBuffer()
+        self.fin_acked = False  # the peer confirmed our FIN: it has everything we sent
+        self.peer_window = INITIAL_STREAM_WINDOW
+        self.peer_consumed = 0
         self.sent_any = False  # a stream we answered on did real work; resetting it is no flood
         # Window auto-growth measures how long the application takes to consume a full window ("epoch").
         self.epoch_started_at = epoch_started_at
@@ -279,6 +304,13 @@ class Mux:
         # at half the link window: a few streams that read fast, then stalled (a paused video) must not hold
         # all of it, or every other stream of the link would wait for them.
         self._link_growth = 0
+        # Resuming (see proto/resume.py). Streams closed in both directions whose last bytes or FIN the peer
+        # has not confirmed yet: kept to send again if the link is lost first.
+        self._retained: dict[int, _Stream] = {}
+        self._linked = True  # False while parked: no link to send on or receive from
+        self._live = True  # linked and past any resume exchange: streams may send
+        self._parked_until: float | None = None  # while parked or resuming: when the streams are given up
+        self._resume_parts: list[bytes] | None = None  # the peer's RESUME payloads, while we wait for them all
         if self._link_unannounced:
             self._announce_link()
 
@@ -300,6 +332,21 @@ class Mux:
         return self._last_rtt
 
     @property
+    def is_parked(self) -> bool:
+        """True from ``park`` until the resume exchange on a new link has finished (or the window expired)."""
+        return self._parked_until is not None
+
+    @property
+    def retransmit_size(self) -> int:
+        """Bytes kept to send again should the link be lost: sent on the live and retained streams and not yet
+        confirmed by the peer. At most the peer's link window (see proto/resume.py)."""
+        total = 0
+        for streams in (self._streams, self._retained):
+            for stream in streams.values():
+                total += len(stream.retransmit)
+        return total
+
+    @property
     def link_send_window(self) -> int:
         """Bytes we may still send on all streams together before the peer returns link credit."""
         return self._link_send_window
@@ -316,11 +363,21 @@ class Mux:
         """
         if self._closed:
             return []
+        if not self._linked:
+            raise ValueError("the mux is parked: resume() it on a new link first")
         if data:
             self._last_received_at = now
         decoder = self._decoder
         decoder.feed(data)
         events: list[Event] = []
+        if self._resume_parts is not None:
+            try:
+                self._receive_resume(now, events)
+            except ProtocolError as error:
+                self._close(go_away_code=error.code)
+                raise
+            if self._resume_parts is not None or self._closed:
+                return events
         streams = self._streams
         link_remaining = self._link_receive_remaining  # kept in a local while frames take the fast path
         try:
@@ -337,6 +394,7 @@ class Mux:
                     ):
                         stream.receive_remaining -= length
                         stream.unacknowledged += length
+                        stream.received += length
                         link_remaining -= length
                         events.append(DataReceived(stream_id, payload))
                         continue
@@ -358,6 +416,10 @@ class Mux:
         frame_type, flags, stream_id, length, payload = frame
         if frame_type is _PING:
             self._receive_ping(int(flags), length, now, events)
+        elif frame_type is FrameType.FIN_ACK:
+            self._receive_fin_ack(stream_id, now)
+        elif frame_type is FrameType.RESUME:
+            raise ProtocolError("RESUME outside a resume exchange")
         elif frame_type is FrameType.GO_AWAY:
             self._count_control_frame(now)
             self._go_away_received = True
@@ -410,6 +472,13 @@ class Mux:
                 return
         elif stream is None:
             self._check_was_opened(stream_id)
+            retained = self._retained.get(stream_id)
+            if retained is not None and frame_type is _WINDOW_UPDATE and not flags & ~_GROW:
+                if length and not flags:  # consumption credit that crossed our FIN: lets go of more
+                    self._confirm_consumed(stream_id, retained, length)
+                return
+            if flags & _RST:
+                self._retained.pop(stream_id, None)
             # Stragglers for a stream we already forgot are normal after a reset or close; only payload that
             # was in flight is free, anything else counts against the flood budget.
             if frame_type is _WINDOW_UPDATE or flags or not length:
@@ -440,6 +509,7 @@ class Mux:
                 )
             stream.receive_remaining -= length
             stream.unacknowledged += length
+            stream.received += length
             if length:
                 events.append(DataReceived(stream_id, payload))
         elif length:
@@ -447,11 +517,42 @@ class Mux:
             if window > MAX_WINDOW_SIZE:
                 raise ProtocolError(f"WINDOW_UPDATE overflows the send window of stream {stream_id}")
             stream.send_window = window
+            if flags & _GROW:
+                stream.peer_window += length
+            else:
+                self._confirm_consumed(stream_id, stream, length)
             if stream.may_send:
                 events.append(WindowUpdated(stream_id))
         if flags & _FIN:
             self._transition(stream_id, stream, _I.RECV_FIN)
+            self._queue_header(FrameType.FIN_ACK, 0, stream_id, 0)
             events.append(StreamEnded(stream_id))
+
+    def _confirm_consumed(self, stream_id: int, stream: _Stream, credit: int) -> None:
+        """Credit that is no GROW says the peer's application consumed that many more of our bytes: they need
+        not be kept for a resume any longer."""
+        consumed = stream.peer_consumed + credit
+        if consumed > stream.retransmit.end:
+            raise ProtocolError(
+                f"WINDOW_UPDATE on stream {stream_id} returns credit for {consumed} bytes consumed, but only"
+                f" {stream.retransmit.end} were sent (window growth must be flagged GROW)"
+            )
+        stream.peer_consumed = consumed
+        stream.retransmit.trim(consumed)
+
+    def _receive_fin_ack(self, stream_id: int, now: float) -> None:
+        """The peer has all we sent on the stream, FIN included: nothing of it needs keeping any more."""
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            if stream.state not in _FIN_SENT_STATES or stream.fin_acked:
+                raise ProtocolError(f"FIN_ACK on stream {stream_id}, which sent no FIN")
+            stream.fin_acked = True
+            stream.retransmit.clear()
+            return
+        if self._retained.pop(stream_id, None) is not None:
+            return
+        self._check_was_opened(stream_id)
+        self._count_control_frame(now)
 
     def _receive_syn(self, stream_id: int, now: float, events: list[Event]) -> _Stream | None:
         """Register a stream the peer opens, or refuse it with RST (no event) when we are at a limit."""
@@ -464,7 +565,7 @@ class Mux:
             self._go_away_sent
             or self._go_away_received
             or self._unaccepted >= self.config.accept_backlog
-            or len(self._streams) >= self.config.max_streams
+            or len(self._streams) + len(self._retained) >= self.config.max_streams
         ):
             self._queue_header(_WINDOW_UPDATE, _RST, stream_id, 0)
             return None
@@ -509,6 +610,8 @@ class Mux:
         """Open a stream and return its id. Data may be sent at once, before the peer accepts it."""
         if self._closed or self._go_away_sent or self._go_away_received:
             raise MuxClosedError("the link is closed or going away; no new streams")
+        if not self._live:
+            raise MuxClosedError("the link is lost and not resumed yet; no new streams")
         stream_id = self._next_local_id
         if stream_id > MAX_STREAM_ID:
             raise MuxClosedError("stream ids are exhausted on this link; open a new one")
@@ -527,7 +630,7 @@ class Mux:
         # Top the window up to the configured size; auto-growth may already have taken it higher.
         extra = max(0, self.config.initial_window - stream.receive_window)
         stream.receive_window += extra
-        stream.unannounced += extra
+        stream.unannounced_growth += extra
         self._link_growth += extra
         self._announce_window(stream_id, stream, _ACK)
 
@@ -544,6 +647,10 @@ class Mux:
         if not stream.may_send:
             raise ValueError(f"stream {stream_id} can't send in state {stream.state.value}")
         size = len(data)
+        if not self._live:  # parked: no window until the peer's RESUME says how much it has
+            if end_stream and not size:
+                self.end_stream(stream_id)
+            return 0
         window = stream.send_window
         link_window = self._link_send_window
         if self._link_reserved:  # credit set aside for woken streams is theirs: no one overtakes them
@@ -562,6 +669,7 @@ class Mux:
         if type(view.obj) is not bytes:
             # Queued frames reference the payload until data_to_send(); a mutable buffer must be frozen first.
             view = memoryview(bytes(view))
+        stream.retransmit.append(view)  # kept until the peer confirms it (the window bounds how much)
         frame_size = self.config.max_frame_size
         outbound = self._outbound
         for start in range(0, accepted, frame_size):
@@ -580,7 +688,7 @@ class Mux:
         """How many bytes ``send_data`` would accept right now (the stream's window or the link's, whichever
         is smaller); 0 for a stream that can't send or is gone."""
         stream = self._streams.get(stream_id)
-        if stream is None or not stream.may_send:
+        if stream is None or not stream.may_send or not self._live:
             return 0
         link_window = self._link_send_window - self._link_reserved + self._link_woken.get(stream_id, 0)
         return min(stream.send_window, link_window)
@@ -589,7 +697,8 @@ class Mux:
         """Half-close: we send no more data, the peer may still send."""
         stream = self._local_stream(stream_id)
         self._transition(stream_id, stream, _I.SEND_FIN)
-        self._queue_header(_WINDOW_UPDATE, _FIN, stream_id, 0)
+        if self._live:  # else it is a position like any byte, sent when the link resumes
+            self._queue_header(_WINDOW_UPDATE, _FIN, stream_id, 0)
         if self._link_waiting or self._link_woken:
             self._leave_link_line(stream_id)  # it will send nothing more
 
@@ -642,12 +751,12 @@ class Mux:
                 growth = min(stream.receive_window, self.config.max_window - stream.receive_window,
                              self._link_window // 2 - self._link_growth)
                 if growth > 0:
-                    stream.unannounced += growth  # doubling owes >= half: announced below
+                    stream.unannounced_growth += growth  # doubling owes >= half: announced below
                     stream.receive_window += growth
                     self._link_growth += growth
             stream.epoch_started_at = now
             stream.epoch_consumed = 0
-        if stream.unannounced * 2 >= stream.receive_window:
+        if (stream.unannounced + stream.unannounced_growth) * 2 >= stream.receive_window:
             self._announce_window(stream_id, stream, 0)
 
     # ------------------------------------------------------------------ link API
@@ -658,8 +767,8 @@ class Mux:
         Like a keepalive ping, it must be answered within ``keepalive_timeout`` or ``handle_timer`` declares
         the link dead.
         """
-        if self._closed:
-            raise MuxClosedError("the link is closed")
+        if self._closed or not self._live:
+            raise MuxClosedError("the link is closed" if self._closed else "the link is lost and not resumed yet")
         token = self._next_ping_token
         self._next_ping_token = (token + 1) & _PING_TOKEN_MASK
         self._pings[token] = now
@@ -697,6 +806,8 @@ class Mux:
         """When ``handle_timer`` must next be called, or None once closed."""
         if self._closed:
             return None
+        if self._parked_until is not None:
+            return self._parked_until
         if self._link_waiting and self._link_send_window > self._link_reserved:
             # link credit a woken stream gave up (it was reset before sending) is waiting to be handed on: now
             return self._last_received_at
@@ -712,6 +823,10 @@ class Mux:
         """
         if self._closed:
             return []
+        if self._parked_until is not None:
+            if now < self._parked_until:
+                return []
+            return self._give_up(f"the link was not resumed within {self.config.resume_window:g}s")
         if self._pings:
             if now >= next(iter(self._pings.values())) + self.config.keepalive_timeout:
                 self._close(go_away_code=None)
@@ -723,6 +838,185 @@ class Mux:
         if self._link_waiting and self._link_send_window > self._link_reserved:
             self._wake_link_waiters(events)  # credit a woken stream gave up (see get_timer)
         return events
+
+    # ------------------------------------------------------------------ link loss and resume
+
+    def park(self, now: float) -> None:
+        """The link was lost without a GO_AWAY: keep every stream for a new link, until ``resume_window`` after
+        the first loss (a new link lost during the resume exchange keeps that deadline).
+
+        Until the exchange on a new link is done, no stream can send (its window is 0) and no stream can be
+        opened; ending, resetting, accepting and acknowledging work as usual and take effect on the new link.
+        ``handle_timer`` past the deadline resets every stream. What was queued for the old link is dropped.
+        """
+        if self._closed:
+            raise MuxClosedError("the link is closed")
+        if self._parked_until is None:
+            self._parked_until = now + self.config.resume_window
+        self._linked = False
+        self._live = False
+        self._resume_parts = None
+        self._decoder = FrameDecoder(self.config.max_frame_size)  # a frame cut in half is lost with the link
+        self._outbound = []
+        self._pings.clear()
+        self._link_waiting.clear()
+        self._link_woken.clear()
+        self._link_reserved = 0
+
+    def resume(self, now: float) -> None:
+        """Start the resume exchange on a new link: queue the RESUME frames listing every stream we hold. The
+        peer's RESUME (``receive_data``) finishes it: LinkResumed, what the peer missed re-sent, windows set."""
+        if self._closed:
+            raise MuxClosedError("the link is closed")
+        if self._linked or self._parked_until is None:
+            raise ValueError("only a parked mux can resume")
+        self._linked = True
+        self._resume_parts = []
+        self._outbound = []  # what the application queued while parked is restated by the resume list
+        self._last_received_at = now
+        entries = []
+        held = 0
+        for stream_id, stream in self._streams.items():
+            # whatever credit is owed is re-granted in the entry's limit: the old link's updates may be lost
+            stream.receive_remaining += stream.unannounced + stream.unannounced_growth
+            stream.unannounced = stream.unannounced_growth = 0
+            held += stream.unacknowledged
+            accepted = stream_id % 2 == self._remote_parity and stream.state not in _UNACCEPTED_STATES
+            received = stream.received + (stream.state in _FIN_RECEIVED_STATES)
+            limit = stream.received + stream.receive_remaining
+            entries.append(ResumeEntry(stream_id, accepted, received, limit, stream.receive_window))
+        for stream_id, stream in self._retained.items():
+            entries.append(ResumeEntry(stream_id, stream_id % 2 == self._remote_parity, stream.received + 1,
+                                       stream.received, 0))
+        self._link_unannounced = 0
+        self._link_receive_remaining = self._link_window - held
+        resume = ResumeList(self._highest_remote_id, self._link_receive_remaining, tuple(entries))
+        payloads = encode_resume(resume, self.config.max_frame_size)
+        for index, payload in enumerate(payloads):
+            last = index == len(payloads) - 1
+            self._outbound.append(_pack_header(PROTOCOL_VERSION, FrameType.RESUME, _FIN if last else 0, 0,
+                                               len(payload)))
+            self._outbound.append(payload)
+        if self._go_away_sent:  # it may have been lost with the old link
+            self._queue_header(FrameType.GO_AWAY, 0, 0, GoAwayCode.NORMAL)
+
+    def abandon(self) -> list[Event]:
+        """Give the parked streams up now (the peer lost its state, or no new link is coming): every stream
+        is reset and the mux closes."""
+        if self._closed:
+            return []
+        return self._give_up("the peer no longer has this link's streams")
+
+    def _give_up(self, reason: str) -> list[Event]:
+        events: list[Event] = [StreamReset(stream_id) for stream_id in self._streams]
+        self._retained.clear()
+        self._close(go_away_code=None)
+        events.append(ConnectionTerminated(GoAwayCode.INTERNAL_ERROR, reason))
+        return events
+
+    def _receive_resume(self, now: float, events: list[Event]) -> None:
+        """While we wait for the peer's RESUME: collect it, and once whole apply it and go on with the frames
+        that follow it in the same read like any others."""
+        parts = self._resume_parts
+        assert parts is not None
+        for frame in self._decoder:
+            if parts is None:
+                self._receive_frame(frame, now, events)
+                continue
+            if frame.type is not FrameType.RESUME:
+                raise ProtocolError(f"{frame.type.name} frame before the peer's RESUME on a resumed link")
+            parts.append(frame.payload)
+            if len(parts) * self.config.max_frame_size > 2 * self.config.max_streams * ENTRY.size + (
+                    self.config.max_frame_size):
+                raise ProtocolError("RESUME lists more streams than a link may hold")
+            if frame.flags & _FIN:
+                self._resume_parts = None
+                self._apply_resume(decode_resume(parts), now, events)
+                parts = None
+
+    def _apply_resume(self, resume: ResumeList, now: float, events: list[Event]) -> None:
+        """Settle every stream with what the peer says it holds, then let them carry on."""
+        listed = {entry.stream_id: entry for entry in resume.entries}
+        resent = 0
+        for stream_id, stream in list(self._streams.items()):
+            entry = listed.get(stream_id)
+            if entry is not None:
+                resent += self._resume_stream(stream_id, stream, entry, now, events)
+            elif stream_id % 2 != self._remote_parity and stream_id > resume.highest_peer_stream:
+                resent += self._reopen_stream(stream_id, stream)  # our open never arrived: it all goes again
+            else:
+                self._forget(stream_id, stream)  # the peer gave it up (reset it, or lost it)
+                events.append(StreamReset(stream_id))
+        for stream_id, stream in list(self._retained.items()):
+            entry = listed.get(stream_id)
+            if entry is None:
+                del self._retained[stream_id]  # the peer got all of it and forgot it (see proto/resume.py)
+            else:
+                resent += self._resume_stream(stream_id, stream, entry, now, events)
+        if resent > resume.link_window:
+            raise ProtocolError(f"the peer's link window of {resume.link_window} can't take the {resent} bytes it"
+                                " missed")
+        self._link_send_window = resume.link_window - resent
+        self._parked_until = None
+        self._live = True
+        events.append(LinkResumed(len(self._streams), resent))
+        events.extend(WindowUpdated(stream_id) for stream_id, stream in self._streams.items() if stream.may_send)
+
+    def _resume_stream(self, stream_id: int, stream: _Stream, entry: ResumeEntry, now: float,
+                       events: list[Event]) -> int:
+        """Send again what the peer is missing of a stream both sides hold; return how many data bytes."""
+        retransmit = stream.retransmit
+        fin_sent = stream.state in _FIN_SENT_STATES
+        received = entry.received
+        if not retransmit.start <= min(received, retransmit.end) or received > retransmit.end + fin_sent:
+            raise ProtocolError(
+                f"RESUME says {received} positions of stream {stream_id} arrived, but we sent"
+                f" {retransmit.end + fin_sent} and it had confirmed {retransmit.start}"
+            )
+        if received > retransmit.end:  # the FIN arrived too: nothing to send again
+            retransmit.clear()
+            stream.fin_acked = True
+            if stream.state is StreamState.CLOSED:
+                del self._retained[stream_id]
+                return 0
+        missing = retransmit.since(received) if received <= retransmit.end else []
+        retransmit.trim(min(received, retransmit.end))
+        if stream.state is not StreamState.CLOSED:
+            if entry.accepted and stream.state in _OPENING_STATES and stream_id % 2 != self._remote_parity:
+                self._transition(stream_id, stream, _I.RECV_ACK)  # its ACK was lost with the old link
+                stream.epoch_started_at = now
+                events.append(StreamAccepted(stream_id))
+            if entry.limit < retransmit.end:
+                raise ProtocolError(f"RESUME shrinks the window of stream {stream_id} below what was sent")
+            stream.peer_window = entry.window
+            stream.peer_consumed = entry.limit - entry.window
+            stream.send_window = entry.limit - retransmit.end
+        return self._resend(stream_id, missing, fin_sent and not stream.fin_acked)
+
+    def _reopen_stream(self, stream_id: int, stream: _Stream) -> int:
+        """Open again a stream whose SYN was lost with the old link, and send all of it again."""
+        retransmit = stream.retransmit
+        stream.receive_remaining = INITIAL_STREAM_WINDOW  # the peer starts it afresh, at the protocol's base
+        stream.unannounced_growth = stream.receive_window - INITIAL_STREAM_WINDOW
+        self._announce_window(stream_id, stream, _SYN)
+        stream.peer_window = INITIAL_STREAM_WINDOW
+        stream.peer_consumed = 0
+        stream.send_window = INITIAL_STREAM_WINDOW - retransmit.end
+        return self._resend(stream_id, retransmit.since(0), stream.state in _FIN_SENT_STATES)
+
+    def _resend(self, stream_id: int, chunks: list[memoryview], fin: bool) -> int:
+        frame_size = self.config.max_frame_size
+        outbound = self._outbound
+        frames: list[memoryview] = []
+        for chunk in chunks:
+            frames.extend(chunk[start : start + frame_size] for start in range(0, len(chunk), frame_size))
+        for index, frame in enumerate(frames):
+            flags = _FIN if fin and index == len(frames) - 1 else 0
+            outbound.append(_pack_header(PROTOCOL_VERSION, _DATA, flags, stream_id, len(frame)))
+            outbound.append(frame)
+        if fin and not frames:
+            self._queue_header(_WINDOW_UPDATE, _FIN, stream_id, 0)
+        return sum(map(len, frames))
 
     # ------------------------------------------------------------------ internals
 
@@ -744,6 +1038,9 @@ class Mux:
             raise ValueError(message)
         if new_state is StreamState.CLOSED:
             self._forget(stream_id, stream)
+            stream.state = new_state
+            if not stream.fin_acked:  # our last bytes or FIN may still be lost with the link: keep them
+                self._retained[stream_id] = stream
             return
         self._unaccepted += (new_state in _UNACCEPTED_STATES) - (state in _UNACCEPTED_STATES)
         stream.enter(new_state)
@@ -770,7 +1067,12 @@ class Mux:
             self._announce_link()
 
     def _announce_link(self) -> None:
-        """Queue a stream-0 WINDOW_UPDATE returning all link credit owed."""
+        """Queue a stream-0 WINDOW_UPDATE returning all link credit owed, after every stream's consumption credit
+        owed: whatever the peer counts as done on the link it has then also seen confirmed on its stream, which
+        is what bounds its retransmit buffers by the link window."""
+        for stream_id, stream in self._streams.items():
+            if stream.unannounced and stream.may_receive:
+                self._announce_window(stream_id, stream, 0)
         delta = self._link_unannounced
         self._link_unannounced = 0
         self._link_receive_remaining += delta
@@ -812,11 +1114,17 @@ class Mux:
             events.append(WindowUpdated(stream_id))
 
     def _announce_window(self, stream_id: int, stream: _Stream, flags: int) -> None:
-        """Queue a WINDOW_UPDATE returning all credit owed (it may also carry SYN or ACK)."""
-        delta = stream.unannounced
+        """Queue what the stream's window owes the peer: growth (GROW, with SYN or ACK if given) and credit for
+        consumed bytes, each in its own WINDOW_UPDATE, so that the peer can tell them apart."""
+        growth = stream.unannounced_growth
+        consumed = stream.unannounced
+        stream.unannounced_growth = 0
         stream.unannounced = 0
-        stream.receive_remaining += delta
-        self._queue_header(_WINDOW_UPDATE, flags, stream_id, delta)
+        stream.receive_remaining += growth + consumed
+        if growth or flags:
+            self._queue_header(_WINDOW_UPDATE, flags | _GROW, stream_id, growth)
+        if consumed:
+            self._queue_header(_WINDOW_UPDATE, 0, stream_id, consumed)
 
     def _queue_header(self, frame_type: FrameType, flags: int, stream_id: int, length: int) -> None:
         self._outbound.append(_pack_header(PROTOCOL_VERSION, frame_type, flags, stream_id, length))
