@@ -31,6 +31,13 @@ def seconds(text: str) -> float:
     return value
 
 
+def seconds_or_zero(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise ValueError("must be 0 or a positive number of seconds")
+    return value
+
+
 def port_number(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -164,6 +171,12 @@ KEEPALIVE = (
             "seconds a ping may go unanswered before the agent link is declared dead", "SECONDS"),
 )
 
+RESUME = (
+    Setting("resume_window", "--resume-window", seconds_or_zero, MuxConfig.resume_window,
+            "seconds the streams of a lost agent link (downloads, uploads, WebSockets) wait for the agent to be back "
+            "and carry on; both ends keep them (0: they end with the link)", "SECONDS"),
+)
+
 RELAY_SETTINGS = (
     Setting("bind", "--bind", text, "127.0.0.1", "address to listen on", "ADDR"),
     Setting("port", "--port", port_number, DEFAULT_RELAY_PORT, "port for visitors and agents alike", "PORT"),
@@ -209,6 +222,7 @@ RELAY_SETTINGS = (
     Setting("log_format", "--log-format", log_format, "text",
             "access log lines as text or one JSON object per line (text, json)", "FORMAT"),
     *KEEPALIVE,
+    *RESUME,
 )
 
 AGENT_SETTINGS = (
@@ -234,6 +248,7 @@ AGENT_SETTINGS = (
             "when stderr is not a terminal, a line per request as text or one JSON object per line (text, json)",
             "FORMAT"),
     *KEEPALIVE,
+    *RESUME,
 )
 
 
@@ -332,7 +347,8 @@ def _mux_config(values: Mapping[str, Any]) -> MuxConfig:
     extra = {"link_window": values["link_window"]} if "link_window" in values else {}
     try:
         return MuxConfig(keepalive_interval=values["keepalive_interval"],
-                         keepalive_timeout=values["keepalive_timeout"], **extra)
+                         keepalive_timeout=values["keepalive_timeout"], resume_window=values["resume_window"],
+                         **extra)
     except ValueError as error:
         raise ConfigurationError(str(error)) from None
 

@@ -981,8 +981,8 @@ def test_keepalive_pings_a_quiet_peer_and_measures_rtt() -> None:
     assert client.get_timer() == 160.75, "anything received restarts the idle clock"
 
 
-def test_keepalive_timeout_terminates_the_connection() -> None:
-    client = started(Role.CLIENT, now=0.0)
+def test_keepalive_timeout_terminates_the_connection_when_streams_may_not_outlive_it() -> None:
+    client = started(Role.CLIENT, now=0.0, config=MuxConfig(resume_window=0))
     client.handle_timer(30.0)
     ping_only = client.data_to_send()
     assert client.handle_timer(39.9) == []

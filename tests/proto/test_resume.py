@@ -19,6 +19,7 @@ from portway.errors import MuxClosedError, ProtocolError
 from portway.proto.events import (
     ConnectionTerminated,
     DataReceived,
+    LinkLost,
     LinkResumed,
     StreamAccepted,
     StreamEnded,
@@ -571,3 +572,25 @@ def test_growth_and_consumption_credit_are_told_apart_on_the_wire() -> None:
         Frame(FrameType.WINDOW_UPDATE, Flag.GROW, stream_id, INITIAL_STREAM_WINDOW),
         Frame(FrameType.WINDOW_UPDATE, Flag(0), stream_id, INITIAL_STREAM_WINDOW),
     ]
+
+
+def test_a_keepalive_timeout_parks_the_streams_instead_of_closing() -> None:
+    link = Link(two_way(1000, ends=False))
+    link.run()
+    client = link.client.mux
+    client.handle_timer(CONFIG.keepalive_interval)  # a quiet link: ping
+    client.data_to_send()  # into the void
+    deadline = CONFIG.keepalive_interval + CONFIG.keepalive_timeout
+    (lost,) = client.handle_timer(deadline)
+    assert isinstance(lost, LinkLost) and "keepalive timeout" in lost.reason
+    assert client.is_parked and not client.is_closed and client.stream_count == 2
+    assert client.get_timer() == deadline + CONFIG.resume_window
+
+
+def test_links_that_said_go_away_do_not_park() -> None:
+    link = Link(two_way(1000, ends=False))
+    link.run()
+    link.client.mux.go_away()
+    link.run()
+    assert not link.client.mux.can_park and not link.server.mux.can_park
+    assert not Mux(Role.CLIENT, MuxConfig(resume_window=0)).can_park

@@ -92,7 +92,7 @@ class Agent:
             first = False
             delay = RECONNECT_MIN_DELAY
             try:
-                reason = await registered.session.closed
+                reason = await registered.session.link_down()  # parked (streams kept for a resume) or closed
             except asyncio.CancelledError:
                 # stopping on purpose: say so, so the relay frees the name at once instead of holding it
                 registered.session.go_away()
@@ -106,8 +106,10 @@ class Agent:
             Connection, self.relay_host, self.relay_port, ssl=self.ssl_context,
             server_hostname=self.relay_host if self.ssl_context else None,
         )
+        parked = self.session if self.session is not None and self.session.parked else None
         request = LinkRequest(name=self.name, token=self.config.token, resume_key=self.resume_key,
-                              basic_auth=self.config.basic_auth, allow_ip=tuple(self.config.allow_ip))
+                              basic_auth=self.config.basic_auth, allow_ip=tuple(self.config.allow_ip),
+                              resume_streams=parked is not None)
         handshake = AgentHandshake()
         try:
             conn.write(request.encode(f"{self.relay_host}:{self.relay_port}"))
@@ -120,6 +122,12 @@ class Agent:
         grant = granted.grant
         self.name = grant.name
         self.resume_key = grant.resume_key
+        if parked is not None and parked.parked and grant.streams_resumed:
+            parked.resume_on(transport, granted.link_bytes)  # the streams carry on where they stopped
+            self.on_status(f"{len(parked.streams)} open streams resumed")
+            return Registered(grant.name, grant.url, grant.resume_key, parked)
+        if parked is not None:
+            parked.abandon()  # the relay no longer has them: each local connection is reset, visibly
         session = MuxSession(Role.CLIENT, self.config.mux, on_stream=self.serve_stream)
         transport.set_protocol(session)
         session.connection_made(transport)

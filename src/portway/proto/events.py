@@ -13,6 +13,7 @@ __all__ = [
     "DataReceived",
     "Event",
     "GoAwayReceived",
+    "LinkLost",
     "LinkResumed",
     "PingAcked",
     "StreamAccepted",
@@ -85,6 +86,14 @@ class GoAwayReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkLost:
+    """The peer stopped answering pings: the mux parked its streams (``Mux.park``) for a new link. Hang up the
+    old one; ``resume`` on a new one within the resume window, or the streams are reset."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class LinkResumed:
     """The resume exchange on a new link finished: the parked streams carry on (those the peer no longer had
     were reported with StreamReset just before), and what the peer missed is on its way again."""
@@ -112,6 +121,7 @@ Event = (
     | WindowUpdated
     | PingAcked
     | GoAwayReceived
+    | LinkLost
     | LinkResumed
     | ConnectionTerminated
 )

@@ -38,6 +38,7 @@ from portway.proto.events import (
     DataReceived,
     Event,
     GoAwayReceived,
+    LinkLost,
     LinkResumed,
     PingAcked,
     StreamAccepted,
@@ -119,7 +120,7 @@ class MuxConfig:
     """Seconds a ping may go unanswered before the link is declared dead."""
     resume_window: float = 30.0
     """Seconds a parked mux (its link lost, see ``Mux.park``) keeps its streams for a new link; past it, every
-    stream is reset."""
+    stream is reset. 0: streams end with their link (a keepalive timeout closes the mux)."""
     max_control_frames_per_second: int = 2000
     """Budget for frames that cost us work but carry no data (pings, go-aways, resets, empty frames, updates
     for closed streams); a peer that exceeds it is flooding us and the link is closed."""
@@ -142,9 +143,11 @@ class MuxConfig:
         for name in ("accept_backlog", "max_streams", "max_control_frames_per_second"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("keepalive_interval", "keepalive_timeout", "resume_window"):
+        for name in ("keepalive_interval", "keepalive_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.resume_window < float("inf"):
+            raise ValueError(f"resume_window must be 0 or a positive number of seconds, got {self.resume_window}")
 
 
 class StreamState(Enum):
@@ -330,6 +333,13 @@ class Mux:
     def last_rtt(self) -> float | None:
         """Round-trip time measured by the latest answered ping, or None before the first answer."""
         return self._last_rtt
+
+    @property
+    def can_park(self) -> bool:
+        """Whether losing the link now should park the streams: resuming is on, the mux is open, and neither
+        side said GO_AWAY (a peer going away on purpose takes its streams with it)."""
+        return (self.config.resume_window > 0 and not self._closed and not self._go_away_sent
+                and not self._go_away_received)
 
     @property
     def is_parked(self) -> bool:
@@ -816,10 +826,11 @@ class Mux:
         return self._last_received_at + self.config.keepalive_interval
 
     def handle_timer(self, now: float) -> list[Event]:
-        """Run keepalive: ping a quiet peer, and declare the link dead if a ping goes unanswered too long.
+        """Run keepalive: ping a quiet peer, and declare the link dead if a ping goes unanswered too long; give
+        parked streams up once the resume window has passed.
 
-        A dead link queues no GO_AWAY (nobody would read it); the mux just closes and reports
-        ConnectionTerminated. Calling this early is harmless.
+        A dead link queues no GO_AWAY (nobody would read it): the mux parks its streams and reports LinkLost
+        (``can_park``), or closes and reports ConnectionTerminated. Calling this early is harmless.
         """
         if self._closed:
             return []
@@ -829,8 +840,11 @@ class Mux:
             return self._give_up(f"the link was not resumed within {self.config.resume_window:g}s")
         if self._pings:
             if now >= next(iter(self._pings.values())) + self.config.keepalive_timeout:
-                self._close(go_away_code=None)
                 reason = f"keepalive timeout: no ping answer within {self.config.keepalive_timeout}s"
+                if self.can_park:
+                    self.park(now)
+                    return [LinkLost(reason)]
+                self._close(go_away_code=None)
                 return [ConnectionTerminated(GoAwayCode.INTERNAL_ERROR, reason)]
         elif now >= self._last_received_at + self.config.keepalive_interval:
             self.ping(now)

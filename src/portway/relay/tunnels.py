@@ -139,6 +139,8 @@ class AgentTunnel(Tunnel):
         session = self.session
         if session is None or session.closed.done():
             raise HttpError(502, f"the agent for tunnel {self.name!r} is not connected")
+        if session.parked:
+            raise HttpError(502, f"the agent for tunnel {self.name!r} lost its link and is reconnecting")
         try:
             return session.open_stream()
         except MuxClosedError:
