@@ -1,15 +1,19 @@
-"""A TCP proxy to put between an agent and its relay, that can make the link die silently.
+"""A TCP proxy to put between an agent and its relay, that can make the link die silently or loudly.
 
 `black_hole()` is what a NAT that dropped its mapping, or a frozen peer, does to a connection: from then on the
 bytes of every connection already open are read and dropped in both directions, and nothing is closed (not even
-when one end gives up and closes: its FIN is lost too). Connections opened afterwards are forwarded normally, so
-an agent that notices can reconnect through the same proxy. One thread, one selector; `close()` ends both.
+when one end gives up and closes: its FIN is lost too). `cut()` is what a router that forgets a connection
+and answers with a reset does: every connection open now is reset at both ends, whatever was in flight in the
+proxy is lost. Connections opened afterwards are forwarded normally, so an agent that notices can reconnect
+through the same proxy, unless `refusing` is set: then each new connection is reset at once (the way back is
+still down). One thread, one selector; `close()` ends both.
 """
 
 from __future__ import annotations
 
 import selectors
 import socket
+import struct
 import threading
 
 
@@ -36,8 +40,12 @@ class LinkProxy:
         self._pairs: list[_Pair] = []
         self._owner: dict[socket.socket, _Pair] = {}
         self._stopping = False
-        self.accepted = 0  # connections accepted so far (each one is forwarded until black-holed)
+        self.accepted = 0  # connections accepted so far (each one is forwarded until black-holed or cut)
         self.dropped_bytes = 0  # bytes read and thrown away by black-holed connections
+        self.refusing = False  # reset new connections at once instead of forwarding them
+        self._cut_requested = threading.Event()
+        self._cut_done = threading.Event()
+        self._cut_count = 0
         self._thread = threading.Thread(target=self._run, name="link proxy", daemon=True)
         self._thread.start()
 
@@ -47,6 +55,14 @@ class LinkProxy:
             for pair in self._pairs:
                 pair.black_holed = True
             return len(self._pairs)
+
+    def cut(self) -> int:
+        """Reset every connection open now at both ends; returns how many were cut."""
+        self._cut_done.clear()
+        self._cut_requested.set()
+        self._wake_w.send(b"x")
+        assert self._cut_done.wait(10), "the link proxy thread did not cut"
+        return self._cut_count
 
     def close(self) -> None:
         self._stopping = True
@@ -74,16 +90,37 @@ class LinkProxy:
             for key, _ in self._selector.select():
                 sock = key.fileobj
                 if sock is self._wake_r:
+                    self._wake_r.recv(64)
                     continue
                 if sock is self.listener:
                     self._accept()
-                else:
+                elif sock in self._owner:  # (not one a cut in this same pass closed)
                     self._pump(sock)
+            if self._cut_requested.is_set():
+                self._cut_requested.clear()
+                self._cut_all()
+                self._cut_done.set()
+
+    def _cut_all(self) -> None:
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        self._cut_count = len(pairs)
+        for pair in pairs:
+            for sock in pair.ends:
+                self._owner.pop(sock, None)
+                try:
+                    self._selector.unregister(sock)
+                except (KeyError, ValueError):
+                    pass
+                _reset(sock)
 
     def _accept(self) -> None:
         try:
             visitor, _ = self.listener.accept()
         except BlockingIOError:
+            return
+        if self.refusing:
+            _reset(visitor)
             return
         upstream = socket.create_connection(self.target, timeout=10)
         for sock in (visitor, upstream):
@@ -126,3 +163,12 @@ class LinkProxy:
                 end.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a reset (RST), not a FIN: the other end reads an error, not an end of stream."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()

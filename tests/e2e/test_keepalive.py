@@ -25,6 +25,9 @@ SLACK = 6.0
 DETECTED_WITHIN = INTERVAL + TIMEOUT + SLACK
 RESPONSE_TIMEOUT = 60.0  # far beyond DETECTED_WITHIN: no 504 can be mistaken for the keepalive's 502
 KEEPALIVE = ["--keepalive-interval", str(INTERVAL), "--keepalive-timeout", str(TIMEOUT)]
+# A link declared dead parks its open streams for the agent to resume them; the frozen agent never does, and the
+# request in flight fails once that window has passed too (tests/e2e/test_resume.py has agents that come back).
+RESUME_WINDOW = 1.0
 
 
 def proxied(procs, relay_flags: list[str], agent_flags: list[str]):
@@ -72,17 +75,17 @@ def test_relay_gives_up_on_a_silent_link_and_visitors_get_a_502_not_a_hang(procs
     """The agent is the frozen peer here (its own keepalive left at the 30 s default, so it never comes back
     within the test): only the relay's pings can notice. The visitor's request goes on a new stream, or on the
     idle one the first request left in the relay's pool."""
-    port, relay, agent, proxy = proxied(procs, KEEPALIVE, [])
+    port, relay, agent, proxy = proxied(procs, KEEPALIVE + ["--resume-window", str(RESUME_WINDOW)], [])
     with proxy:
         assert visit(port, 10, keep_alive=pooled) == (200, b"hello from origin")
         assert proxy.black_hole() == 1
         # The request goes into the black hole. Without keepalive it waits for an answer until --response-timeout
         # (then a 504); with it, the relay gives up on the link and answers 502.
         try:
-            status, body = visit(port, DETECTED_WITHIN)
+            status, body = visit(port, DETECTED_WITHIN + RESUME_WINDOW)
         except socket.timeout:
-            pytest.fail(f"no answer within {DETECTED_WITHIN}s of the link going silent: the relay's keepalive "
-                        "never fired")
+            pytest.fail(f"no answer within {DETECTED_WITHIN + RESUME_WINDOW}s of the link going silent: the relay's "
+                        "keepalive never fired")
         assert status == 502, body
         relay.wait_for_line(r"tunnel frozen offline: keepalive timeout", timeout=DETECTED_WITHIN)
         # from now on the tunnel is known to be gone: the answer is immediate
