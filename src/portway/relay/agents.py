@@ -113,13 +113,11 @@ class AgentLinks:
             existing.resume_key = grant.resume_key
             existing.access = access
             old_session.resume_on(transport, link_bytes)
+            self.registry.keep(existing)
             log.info("tunnel %s online again at %s: %d streams resumed", name, grant.url, len(old_session.streams))
             await old_session.closed  # the register call that started the session sees its end through
             return False
         session = MuxSession(Role.SERVER, self.config.mux)
-        session.on_link_lost = lambda reason: log.info(
-            "tunnel %s offline: %s (its open streams wait up to %gs for the agent)", name, reason,
-            self.config.mux.resume_window)
         if isinstance(existing, AgentTunnel):
             existing.session = session
             existing.resume_key = grant.resume_key
@@ -128,6 +126,7 @@ class AgentLinks:
         else:
             tunnel = AgentTunnel(name, session, grant.resume_key, access, owner=claimed.grant.digest)
         self.registry.add(tunnel)
+        session.on_link_lost = lambda reason: self._parked(tunnel, reason)
         transport.set_protocol(session)
         session.connection_made(transport)
         if link_bytes:
@@ -145,6 +144,12 @@ class AgentLinks:
                 self.registry.free_after(tunnel, self.config.grace_period)
         return False
 
+    def _parked(self, tunnel: AgentTunnel, reason: str) -> None:
+        """The link was lost and its streams wait for the agent: the name is held for the resume window and the
+        grace period after it (a resume cancels that; the session's end restarts the grace period)."""
+        window = self.config.mux.resume_window
+        log.info("tunnel %s offline: %s (its open streams wait up to %gs for the agent)", tunnel.name, reason, window)
+        self.registry.free_after(tunnel, window + self.config.grace_period)
 
 def access_policy(request: LinkRequest) -> AccessPolicy:
     """The visitor rules an agent asked for, as the relay enforces them; HttpError(400) for a bad network."""

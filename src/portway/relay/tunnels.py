@@ -130,7 +130,8 @@ class AgentTunnel(Tunnel):
 
     @property
     def online(self) -> bool:
-        return self.session is not None and not self.session.closed.done()
+        """The agent's link is up (a parked session, whose link is lost, is not online: it waits for one)."""
+        return self.session is not None and not self.session.closed.done() and not self.session.parked
 
     async def join(self, conn: Connection, conduit, unread: bytes) -> None:
         await StreamBridge.take_over(conn, conduit, unread).closed
@@ -140,7 +141,7 @@ class AgentTunnel(Tunnel):
         if session is None or session.closed.done():
             raise HttpError(502, f"the agent for tunnel {self.name!r} is not connected")
         if session.parked:
-            raise HttpError(502, f"the agent for tunnel {self.name!r} lost its link and is reconnecting")
+            raise HttpError(502, f"the agent for tunnel {self.name!r} is not connected (its link dropped)")
         try:
             return session.open_stream()
         except MuxClosedError:
