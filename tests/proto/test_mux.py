@@ -447,8 +447,13 @@ def test_streams_held_up_by_the_link_are_woken_in_order_as_credit_returns() -> N
     assert woken_waiters(events) == [ids[7]]
 
 
+KEEPS_MORE = MuxConfig(link_window=2 * LINK)
+"""A client whose own link window (which also bounds what it keeps to send again, see proto/resume.py) is
+larger than the server's: the bare link credits below, with no stream credit, are all that holds it up."""
+
+
 def test_a_credit_of_a_few_bytes_wakes_one_stream_not_all_of_them() -> None:
-    pair = MuxPair(LINK_ONLY)
+    pair = MuxPair(KEEPS_MORE, LINK_ONLY)
     client = pair.client
     ids = streams_filling_the_link(pair, 12)
     client.data_to_send()
@@ -462,7 +467,7 @@ def test_a_credit_of_a_few_bytes_wakes_one_stream_not_all_of_them() -> None:
 
 
 def test_credit_set_aside_for_a_stream_reset_before_it_sent_goes_to_the_next_one() -> None:
-    pair = MuxPair(LINK_ONLY)
+    pair = MuxPair(KEEPS_MORE, LINK_ONLY)
     client = pair.client
     ids = streams_filling_the_link(pair, 6)
     client.data_to_send()
@@ -1120,6 +1125,8 @@ def check_window_bookkeeping(mux: Mux) -> None:
         assert stream.send_window <= MAX_WINDOW_SIZE
     link_bookkeeping(mux)
     assert mux._link_reserved <= mux._link_send_window <= MAX_WINDOW_SIZE
+    kept = [*mux._streams.values(), *mux._retained.values()]
+    assert mux.retransmit_size == sum(len(stream.retransmit) for stream in kept) <= mux.config.link_window
     assert mux._link_growth == sum(stream.receive_window - WINDOW for stream in mux._streams.values())
 
 

@@ -32,6 +32,7 @@ from portway.proto.resume import (
     ENTRY,
     RESUME_HEADER,
     RetransmitBuffer,
+    RetransmitTally,
     ResumeEntry,
     ResumeList,
     decode_resume,
@@ -96,7 +97,8 @@ def test_malformed_resume_lists_are_protocol_errors(payloads) -> None:
     operations=st.lists(st.tuples(st.sampled_from(["trim", "since"]), st.floats(0, 1)), max_size=20),
 )
 def test_the_retransmit_buffer_keeps_exactly_the_unconfirmed_bytes(chunks, operations) -> None:
-    buffer = RetransmitBuffer()
+    tally = RetransmitTally()
+    buffer = RetransmitBuffer(tally)
     sent = b""
     for chunk in chunks:
         buffer.append(memoryview(chunk))
@@ -107,6 +109,9 @@ def test_the_retransmit_buffer_keeps_exactly_the_unconfirmed_bytes(chunks, opera
             buffer.trim(position)
             assert (buffer.start, len(buffer)) == (position, len(sent) - position)
         assert b"".join(buffer.since(position)) == sent[position:]
+        assert tally.held == len(buffer)
+    buffer.clear()
+    assert tally.held == 0 and buffer.since(buffer.end) == []
     with pytest.raises(ValueError):
         buffer.since(buffer.end + 1)
     with pytest.raises(ValueError):
@@ -207,9 +212,9 @@ class Link:
     """Two sides joined by byte queues that can be cut."""
 
     def __init__(self, plans: dict[int, Plan], client_consumes_at_once: bool = True,
-                 server_consumes_at_once: bool = True) -> None:
+                 server_consumes_at_once: bool = True, server_config: MuxConfig = CONFIG) -> None:
         self.client = Side(Mux(Role.CLIENT, CONFIG), plans, client_consumes_at_once)
-        self.server = Side(Mux(Role.SERVER, CONFIG), plans, server_consumes_at_once)
+        self.server = Side(Mux(Role.SERVER, server_config), plans, server_consumes_at_once)
         self.now = 0.0
         self.cuts = 0
         self.peak_retransmit = 0
@@ -252,8 +257,10 @@ class Link:
         """What each side keeps to send again never exceeds what the peer's windows allow."""
         for side, peer in ((self.client, self.server), (self.server, self.client)):
             total = side.mux.retransmit_size
+            kept = [*side.mux._streams.values(), *side.mux._retained.values()]
+            assert total == sum(len(stream.retransmit) for stream in kept)
             self.peak_retransmit = max(self.peak_retransmit, total)
-            assert total <= peer.mux.config.link_window
+            assert total <= min(peer.mux.config.link_window, side.mux.config.link_window)
             for stream_id, stream in side.mux._streams.items():
                 peer_stream = peer.mux._streams.get(stream_id)
                 window = peer_stream.receive_window if peer_stream is not None else CONFIG.max_window
@@ -416,6 +423,21 @@ def test_retransmit_buffers_stay_within_the_peer_link_window_with_slow_readers()
     link.server.consuming = True
     link.round(cut_fractions=(0.5, 0.5))
     link.reconnect()
+    link.run()
+    link.assert_delivered_exactly(plans)
+
+
+def test_a_peer_announcing_a_huge_link_window_gets_no_more_kept_than_our_own() -> None:
+    """The peer chooses its windows; what we keep for it is bounded by our own link window all the same."""
+    plans = {stream_id: Plan(Role.CLIENT, payload(stream_id, 800_000), b"") for stream_id in (1, 3, 5, 7, 9, 11)}
+    greedy = MuxConfig(link_window=64 * 1024 * 1024, max_frame_size=FRAME)
+    link = Link(plans, server_consumes_at_once=False, server_config=greedy)
+    link.server.consuming = False  # it takes everything and consumes nothing
+    for _ in range(30):
+        link.round()
+    assert link.client.mux.link_send_window > CONFIG.link_window  # the peer would take more...
+    assert link.peak_retransmit == CONFIG.link_window  # ...but we stop at what we can keep
+    link.server.consuming = True
     link.run()
     link.assert_delivered_exactly(plans)
 

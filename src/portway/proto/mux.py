@@ -60,7 +60,15 @@ from portway.proto.frame import (
     FrameType,
     GoAwayCode,
 )
-from portway.proto.resume import ENTRY, RetransmitBuffer, ResumeEntry, ResumeList, decode_resume, encode_resume
+from portway.proto.resume import (
+    ENTRY,
+    RetransmitBuffer,
+    RetransmitTally,
+    ResumeEntry,
+    ResumeList,
+    decode_resume,
+    encode_resume,
+)
 
 __all__ = ["ASSUMED_RTT", "Mux", "MuxConfig", "Role", "StreamState"]
 
@@ -244,7 +252,7 @@ class _Stream:
         "peer_consumed",
     )
 
-    def __init__(self, receive_window: int, epoch_started_at: float) -> None:
+    def __init__(self, receive_window: int, epoch_started_at: float, tally: RetransmitTally) -> None:
         self.state = StreamState.IDLE
         self.may_send = False
         self.may_receive = False
@@ -255,7 +263,7 @@ class _Stream:
         self.unannounced = 0
         self.unannounced_growth = receive_window - INITIAL_STREAM_WINDOW
         self.received = 0
-        self.retransmit = RetransmitBuffer()
+        self.retransmit = RetransmitBuffer(tally)
         self.fin_acked = False  # the peer confirmed our FIN: it has everything we sent
         self.peer_window = INITIAL_STREAM_WINDOW
         self.peer_consumed = 0
@@ -310,6 +318,10 @@ class Mux:
         # Resuming (see proto/resume.py). Streams closed in both directions whose last bytes or FIN the peer
         # has not confirmed yet: kept to send again if the link is lost first.
         self._retained: dict[int, _Stream] = {}
+        # What the retransmit buffers hold together. The peer's windows bound it, but the peer chooses them, so
+        # sending also stops at our own link window of it: a hostile peer announcing a huge window and never
+        # consuming can't make us keep more than we would let it make us receive.
+        self._retransmit = RetransmitTally()
         self._linked = True  # False while parked: no link to send on or receive from
         self._live = True  # linked and past any resume exchange: streams may send
         self._parked_until: float | None = None  # while parked or resuming: when the streams are given up
@@ -350,11 +362,7 @@ class Mux:
     def retransmit_size(self) -> int:
         """Bytes kept to send again should the link be lost: sent on the live and retained streams and not yet
         confirmed by the peer. At most the peer's link window (see proto/resume.py)."""
-        total = 0
-        for streams in (self._streams, self._retained):
-            for stream in streams.values():
-                total += len(stream.retransmit)
-        return total
+        return self._retransmit.held
 
     @property
     def link_send_window(self) -> int:
@@ -418,7 +426,7 @@ class Mux:
         owed = self._link_unannounced
         if owed >= self._link_receive_remaining and owed >= _LINK_UPDATE_MIN:
             self._announce_link()  # what the peer has left fell below what we owe while no one was consuming
-        if self._link_waiting and self._link_send_window > self._link_reserved:
+        if self._link_waiting and self._sendable_link() > self._link_reserved:
             self._wake_link_waiters(events)
         return events
 
@@ -487,8 +495,9 @@ class Mux:
                 if length and not flags:  # consumption credit that crossed our FIN: lets go of more
                     self._confirm_consumed(stream_id, retained, length)
                 return
-            if flags & _RST:
-                self._retained.pop(stream_id, None)
+            if flags & _RST and retained is not None:
+                del self._retained[stream_id]
+                retained.retransmit.clear()
             # Stragglers for a stream we already forgot are normal after a reset or close; only payload that
             # was in flight is free, anything else counts against the flood budget.
             if frame_type is _WINDOW_UPDATE or flags or not length:
@@ -559,7 +568,9 @@ class Mux:
             stream.fin_acked = True
             stream.retransmit.clear()
             return
-        if self._retained.pop(stream_id, None) is not None:
+        retained = self._retained.pop(stream_id, None)
+        if retained is not None:
+            retained.retransmit.clear()
             return
         self._check_was_opened(stream_id)
         self._count_control_frame(now)
@@ -579,7 +590,7 @@ class Mux:
         ):
             self._queue_header(_WINDOW_UPDATE, _RST, stream_id, 0)
             return None
-        stream = _Stream(INITIAL_STREAM_WINDOW, epoch_started_at=now)
+        stream = _Stream(INITIAL_STREAM_WINDOW, epoch_started_at=now, tally=self._retransmit)
         self._streams[stream_id] = stream
         self._transition(stream_id, stream, _I.RECV_SYN)
         events.append(StreamOpened(stream_id))
@@ -626,7 +637,8 @@ class Mux:
         if stream_id > MAX_STREAM_ID:
             raise MuxClosedError("stream ids are exhausted on this link; open a new one")
         self._next_local_id = stream_id + 2
-        stream = _Stream(self.config.initial_window, epoch_started_at=0.0)  # the epoch starts at the ACK
+        stream = _Stream(self.config.initial_window, epoch_started_at=0.0,  # the epoch starts at the ACK
+                         tally=self._retransmit)
         self._link_growth += self.config.initial_window - INITIAL_STREAM_WINDOW
         self._streams[stream_id] = stream
         self._transition(stream_id, stream, _I.SEND_SYN)
@@ -662,7 +674,7 @@ class Mux:
                 self.end_stream(stream_id)
             return 0
         window = stream.send_window
-        link_window = self._link_send_window
+        link_window = self._sendable_link()
         if self._link_reserved:  # credit set aside for woken streams is theirs: no one overtakes them
             link_window -= self._link_reserved - self._link_woken.get(stream_id, 0)
         if link_window < window:
@@ -700,7 +712,7 @@ class Mux:
         stream = self._streams.get(stream_id)
         if stream is None or not stream.may_send or not self._live:
             return 0
-        link_window = self._link_send_window - self._link_reserved + self._link_woken.get(stream_id, 0)
+        link_window = self._sendable_link() - self._link_reserved + self._link_woken.get(stream_id, 0)
         return min(stream.send_window, link_window)
 
     def end_stream(self, stream_id: int) -> None:
@@ -818,7 +830,7 @@ class Mux:
             return None
         if self._parked_until is not None:
             return self._parked_until
-        if self._link_waiting and self._link_send_window > self._link_reserved:
+        if self._link_waiting and self._sendable_link() > self._link_reserved:
             # link credit a woken stream gave up (it was reset before sending) is waiting to be handed on: now
             return self._last_received_at
         if self._pings:
@@ -849,7 +861,7 @@ class Mux:
         elif now >= self._last_received_at + self.config.keepalive_interval:
             self.ping(now)
         events: list[Event] = []
-        if self._link_waiting and self._link_send_window > self._link_reserved:
+        if self._link_waiting and self._sendable_link() > self._link_reserved:
             self._wake_link_waiters(events)  # credit a woken stream gave up (see get_timer)
         return events
 
@@ -965,6 +977,7 @@ class Mux:
             entry = listed.get(stream_id)
             if entry is None:
                 del self._retained[stream_id]  # the peer got all of it and forgot it (see proto/resume.py)
+                stream.retransmit.clear()
             else:
                 resent += self._resume_stream(stream_id, stream, entry, now, events)
         if resent > resume.link_window:
@@ -1051,7 +1064,7 @@ class Mux:
                 raise ProtocolError(message)
             raise ValueError(message)
         if new_state is StreamState.CLOSED:
-            self._forget(stream_id, stream)
+            self._forget(stream_id, stream, keep_retransmit=not stream.fin_acked)
             stream.state = new_state
             if not stream.fin_acked:  # our last bytes or FIN may still be lost with the link: keep them
                 self._retained[stream_id] = stream
@@ -1059,8 +1072,10 @@ class Mux:
         self._unaccepted += (new_state in _UNACCEPTED_STATES) - (state in _UNACCEPTED_STATES)
         stream.enter(new_state)
 
-    def _forget(self, stream_id: int, stream: _Stream) -> None:
+    def _forget(self, stream_id: int, stream: _Stream, keep_retransmit: bool = False) -> None:
         del self._streams[stream_id]
+        if not keep_retransmit:
+            stream.retransmit.clear()
         self._link_growth -= stream.receive_window - INITIAL_STREAM_WINDOW
         if stream.state in _UNACCEPTED_STATES:
             self._unaccepted -= 1
@@ -1072,6 +1087,11 @@ class Mux:
             self._leave_link_line(stream_id)
 
     # ------------------------------------------------------------------ link flow control
+
+    def _sendable_link(self) -> int:
+        """What the link lets us send: the peer's credit, and no more than our own link window can keep."""
+        keepable = self._link_window - self._retransmit.held
+        return keepable if keepable < self._link_send_window else self._link_send_window
 
     def _credit_link(self, n: int) -> None:
         """``n`` received bytes are done with (consumed or dropped): owe the peer their link credit."""
@@ -1111,7 +1131,7 @@ class Mux:
     def _wake_link_waiters(self, events: list[Event]) -> None:
         """Wake streams held up by the link window, first held first, as long as the link credit not yet set
         aside for streams woken earlier can serve them: a credit of a few bytes wakes one stream, never all."""
-        available = self._link_send_window - self._link_reserved
+        available = self._sendable_link() - self._link_reserved
         waiting = self._link_waiting
         woken = self._link_woken
         streams = self._streams

@@ -17,7 +17,9 @@ confirms the whole stream. So a stream's :class:`RetransmitBuffer` never holds m
 window for it (``MuxConfig.max_window``, 4 MiB by default): bytes past the window were never sent. Over all the
 streams of a link it never holds more than the peer's link window (``MuxConfig.link_window``, 32 MiB): the mux
 returns every stream's owed credit before it returns link credit, so every byte the link window counts as
-done has also been confirmed on its stream.
+done has also been confirmed on its stream. The peer picks those windows, though, so a mux also stops sending
+once its buffers hold its *own* link window: what a hostile peer can make it keep is what it can make it
+receive.
 
 The peer not listing a stream means one of three things, told apart by what each side knows for itself:
 we opened it and the peer never saw our open (its id is above the highest the peer saw): we open it again
@@ -36,7 +38,16 @@ from dataclasses import dataclass
 
 from portway.errors import ProtocolError
 
-__all__ = ["ENTRY", "RESUME_HEADER", "RetransmitBuffer", "ResumeEntry", "ResumeList", "decode_resume", "encode_resume"]
+__all__ = [
+    "ENTRY",
+    "RESUME_HEADER",
+    "RetransmitBuffer",
+    "RetransmitTally",
+    "ResumeEntry",
+    "ResumeList",
+    "decode_resume",
+    "encode_resume",
+]
 
 RESUME_HEADER = struct.Struct(">II")
 """highest stream id seen from the peer u32 | link window granted to the peer on the new link u32"""
@@ -118,19 +129,30 @@ def decode_resume(payloads: list[bytes]) -> ResumeList:
     return ResumeList(header[0], header[1], tuple(entries))
 
 
+class RetransmitTally:
+    """What all the retransmit buffers of one link hold together, kept up to date by each of them."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = 0
+
+
 class RetransmitBuffer:
     """The bytes of one stream sent but not yet known to have arrived: positions ``start`` to ``end``.
 
     Holds the payload views the mux queued (no copy); ``trim`` drops what the peer confirmed, ``since``
-    returns what to send again from a position the peer reported.
+    returns what to send again from a position the peer reported, ``clear`` drops it all (the stream is done
+    with). The link's tally follows every change.
     """
 
-    __slots__ = ("start", "end", "_chunks")
+    __slots__ = ("start", "end", "_chunks", "_tally")
 
-    def __init__(self) -> None:
+    def __init__(self, tally: RetransmitTally) -> None:
         self.start = 0
         self.end = 0
         self._chunks: deque[memoryview] = deque()
+        self._tally = tally
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -138,6 +160,7 @@ class RetransmitBuffer:
     def append(self, chunk: memoryview) -> None:
         self._chunks.append(chunk)
         self.end += len(chunk)
+        self._tally.held += len(chunk)
 
     def trim(self, position: int) -> None:
         """Forget everything before ``position`` (the peer has it); positions at or before ``start`` are no-ops."""
@@ -146,6 +169,7 @@ class RetransmitBuffer:
         if position > self.end:
             raise ValueError(f"can't confirm position {position}: only {self.end} bytes were sent")
         drop = position - self.start
+        self._tally.held -= drop
         chunks = self._chunks
         while drop:
             first = chunks[0]
@@ -172,5 +196,6 @@ class RetransmitBuffer:
         return chunks
 
     def clear(self) -> None:
+        self._tally.held -= self.end - self.start
         self._chunks.clear()
         self.start = self.end
