@@ -616,3 +616,40 @@ def test_links_that_said_go_away_do_not_park() -> None:
     link.run()
     assert not link.client.mux.can_park and not link.server.mux.can_park
     assert not Mux(Role.CLIENT, MuxConfig(resume_window=0)).can_park
+
+
+@settings(deadline=None, max_examples=200)
+@given(
+    listed=st.lists(
+        st.builds(ResumeEntry, stream_id=st.integers(1, 12), accepted=st.booleans(),
+                  received=st.integers(0, 3000), limit=st.integers(0, 600_000), window=st.integers(0, 600_000)),
+        max_size=8, unique_by=lambda e: e.stream_id),
+    highest=st.integers(0, 12),
+    link_window=st.integers(0, 2**31 - 1),
+    garbage=st.binary(max_size=40),
+)
+def test_any_resume_list_yields_events_or_a_protocol_error(listed, highest, link_window, garbage) -> None:
+    """Whatever a peer claims in its RESUME (or sends after it), the mux resumes consistently or closes the
+    link with a protocol error: never another exception, never a stream the peer can push past its window."""
+    link = Link({1: Plan(Role.CLIENT, b"x" * 2000, b"y" * 1000, opener_ends=False),
+                 2: Plan(Role.SERVER, b"z" * 1500, b"", acceptor_ends=False),
+                 3: Plan(Role.CLIENT, b"w" * 10, b"v" * 10)})
+    link.round()
+    link.round(cut_fractions=(0.5, 0.5))
+    mux = link.client.mux
+    mux.resume(link.now)
+    resume = ResumeList(highest, link_window, tuple(e for e in listed if e.received <= e.limit + 1
+                                                    and e.window <= e.limit))
+    wire = b"".join(Frame(FrameType.RESUME, Flag.FIN if last else Flag(0), 0, len(p), p).encode()
+                    for last, p in ((i == len(ps) - 1, p) for ps in [encode_resume(resume, FRAME)]
+                                    for i, p in enumerate(ps)))
+    try:
+        events = mux.receive_data(wire + garbage, link.now)
+    except ProtocolError:
+        assert mux.is_closed
+        return
+    assert not mux.is_parked and any(isinstance(event, LinkResumed) for event in events)
+    for stream_id, stream in mux._streams.items():
+        assert stream.send_window >= 0 and stream.retransmit.start <= stream.retransmit.end
+    assert mux.link_send_window >= 0
+    assert mux.retransmit_size == sum(len(s.retransmit) for s in (*mux._streams.values(), *mux._retained.values()))

@@ -1023,6 +1023,8 @@ class Mux:
     def _reopen_stream(self, stream_id: int, stream: _Stream) -> int:
         """Open again a stream whose SYN was lost with the old link, and send all of it again."""
         retransmit = stream.retransmit
+        if stream.state not in _OPENING_STATES or retransmit.start or stream.received:
+            raise ProtocolError(f"RESUME says stream {stream_id}'s open never arrived, but the peer answered it")
         stream.receive_remaining = INITIAL_STREAM_WINDOW  # the peer starts it afresh, at the protocol's base
         stream.unannounced_growth = stream.receive_window - INITIAL_STREAM_WINDOW
         self._announce_window(stream_id, stream, _SYN)
