@@ -186,3 +186,23 @@ def test_past_the_resume_window_each_transfer_fails_visibly_and_the_tunnel_serve
 
         assert wait_until(served, timeout=WAIT, interval=0.2, what="the tunnel to serve again")
     assert not re.search(r"Traceback|Exception in callback|never retrieved", relay.output() + agent.output())
+
+
+def test_a_websocket_outlives_one_link_reset_after_another(procs):
+    port, relay, agent, proxy = tunnel(procs, resume_window=30)
+    from websockets.sync.client import connect as ws_connect
+
+    with proxy, contextlib.closing(socket.create_connection(("127.0.0.1", port))) as sock, ws_connect(
+        f"ws://resumer.localhost:{port}/", sock=sock, open_timeout=10
+    ) as ws:
+        for cut in range(3):
+            for number in range(10):
+                ws.send(f"before cut {cut}: {number}")
+                assert ws.recv(timeout=WAIT) == f"Echo: before cut {cut}: {number}"
+            ws.send(f"across cut {cut}")  # in flight, or waiting in the relay, when the link goes
+            assert proxy.cut() == 1
+            assert ws.recv(timeout=WAIT) == f"Echo: across cut {cut}"
+            wait_until(lambda: len(re.findall(r"open streams resumed", agent.output())) == cut + 1, timeout=WAIT,
+                       what=f"resume number {cut + 1}")
+        assert proxy.accepted == 4
+    assert not re.search(r"Traceback|Exception in callback|never retrieved", relay.output() + agent.output())

@@ -115,7 +115,9 @@ class AgentLinks:
             old_session.resume_on(transport, link_bytes)
             self.registry.keep(existing)
             log.info("tunnel %s online again at %s: %d streams resumed", name, grant.url, len(old_session.streams))
-            await old_session.closed  # the register call that started the session sees its end through
+            # this connection's part ends with this link (the register call that started the session sees the
+            # session's end through): an agent that reconnects all day must not pile up connections on its address
+            await old_session.link_down()
             return False
         session = MuxSession(Role.SERVER, self.config.mux)
         if isinstance(existing, AgentTunnel):
