@@ -314,11 +314,14 @@ def stream_plans(draw, max_streams: int = 5, max_size: int = 700_000) -> dict[in
     exchange_cut=st.none() | st.tuples(st.integers(0, 3), st.floats(0, 1), st.floats(0, 1)),
     consume=st.tuples(st.booleans(), st.booleans()),
     work_while_parked=st.booleans(),
+    server_config=st.sampled_from([CONFIG, MuxConfig(link_window=4 * INITIAL_LINK_WINDOW, max_frame_size=FRAME)]),
 )
 def test_streams_carry_on_byte_exact_after_a_cut_anywhere(
-    plans, rounds_before_cut, cut, exchange_cut, consume, work_while_parked
+    plans, rounds_before_cut, cut, exchange_cut, consume, work_while_parked, server_config
 ) -> None:
-    link = Link(plans, *consume)
+    """(With the second server config the two ends' link windows differ, and the client's own one caps what it
+    keeps below what the server would take.)"""
+    link = Link(plans, *consume, server_config=server_config)
     for _ in range(rounds_before_cut):
         link.round()
     link.round(cut_fractions=cut)
