@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from portway.errors import ConduitReset
+from portway.errors import ConduitReset, MuxClosedError
 from portway.link.session import MuxSession, MuxStream
 from portway.proto.mux import MuxConfig, Role
 
@@ -150,5 +150,34 @@ def test_a_link_closed_after_go_away_does_not_park():
         await asyncio.wait_for(server.closed, WAIT)
         listener.close()
         assert not server.parked
+
+    asyncio.run(main())
+
+
+def test_a_stream_opened_during_the_resume_exchange_waits_for_it():
+    async def main():
+        loop = asyncio.get_running_loop()
+        client, server, listener, accepted = await linked_pair(MuxConfig(resume_window=10.0))
+        first = client.open_stream()
+        await first.send(b"before")
+        await asyncio.wait_for(accepted.get(), WAIT)
+        client.transport.abort()
+        await wait_for(lambda: client.parked and server.parked, "both ends to park")
+        listener.close()
+        listener = await loop.create_server(lambda: Handover(server), "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        await loop.create_connection(lambda: Handover(client), "127.0.0.1", port)
+        assert client.resuming  # its RESUME is out, the server's is not in yet
+        with pytest.raises(MuxClosedError):
+            client.open_stream()
+        await asyncio.wait_for(client.until_resumed(), WAIT)
+        assert not client.resuming and not client.parked
+        second = client.open_stream()
+        await second.send(b"after")
+        remote = await asyncio.wait_for(accepted.get(), WAIT)
+        assert await remote.read_chunks() == [b"after"]
+        listener.close()
+        client.close()
+        server.close()
 
     asyncio.run(main())

@@ -262,6 +262,7 @@ class MuxSession(asyncio.Protocol):
         self.closed: asyncio.Future[str] = self.loop.create_future()
         self._link_down: asyncio.Future[str] = self.loop.create_future()  # this link's end: parked or closed
         self.on_link_lost: Callable[[str], None] | None = None  # told why, when the link is lost and streams park
+        self._exchange_done: asyncio.Future[None] | None = None  # while a resume exchange runs
         self.go_away_received = False
         self.protocol_error = False  # the peer broke the frame protocol (the link was closed for it)
 
@@ -307,6 +308,21 @@ class MuxSession(asyncio.Protocol):
         """The link is lost and the streams wait for a new one (``resume_on``)."""
         return self.transport is None and self.mux.is_parked and not self.closed.done()
 
+    @property
+    def resuming(self) -> bool:
+        """A new link is up and the resume exchange on it has not finished: no stream can send or open yet."""
+        return self._exchange_done is not None
+
+    async def until_resumed(self) -> None:
+        """Wait for the resume exchange under way (if any) to end: the streams carry on, or the link is lost."""
+        if self._exchange_done is not None:
+            await asyncio.shield(self._exchange_done)
+
+    def _end_exchange(self) -> None:
+        done, self._exchange_done = self._exchange_done, None
+        if done is not None and not done.done():
+            done.set_result(None)
+
     async def link_down(self) -> str:
         """Wait until the current link ends, parked or closed; returns why."""
         return await asyncio.shield(self._link_down)
@@ -329,6 +345,7 @@ class MuxSession(asyncio.Protocol):
         self.transport = transport
         transport.set_protocol(self)
         self._link_down = self.loop.create_future()
+        self._exchange_done = self.loop.create_future()
         self.mux.resume(self.loop.time())
         self._flush_now()
         if link_bytes:
@@ -345,6 +362,7 @@ class MuxSession(asyncio.Protocol):
         log.info("agent link lost (%s): %d streams wait up to %gs for a new link", reason, len(self.streams),
                  self.mux.config.resume_window)
         self.resume_writing()  # writers waiting for the old transport to drain now wait for window instead
+        self._end_exchange()
         if not self._link_down.done():
             self._link_down.set_result(reason)
         if self.on_link_lost is not None:
@@ -470,6 +488,7 @@ class MuxSession(asyncio.Protocol):
                     transport.abort()
                 self._parked(event.reason)
             elif kind is ev.LinkResumed:
+                self._end_exchange()
                 log.info("agent link resumed: %d streams carry on, %d bytes sent again", event.streams,
                          event.resent)
             # StreamAccepted and PingAcked need no action here; the mux keeps the RTT.
@@ -528,6 +547,7 @@ class MuxSession(asyncio.Protocol):
         self.closed.set_result(reason)
         if not self._link_down.done():
             self._link_down.set_result(reason)
+        self._end_exchange()
         if self._timer is not None:
             self._timer.cancel()
         streams, self.streams = self.streams, {}

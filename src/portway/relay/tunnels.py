@@ -140,7 +140,9 @@ class AgentTunnel(Tunnel):
         session = self.session
         if session is None or session.closed.done():
             raise HttpError(502, f"the agent for tunnel {self.name!r} is not connected")
-        if session.parked:
+        if session.resuming:  # the agent is back and the streams are being settled: a round trip
+            await session.until_resumed()
+        if session.parked or session.closed.done():
             raise HttpError(502, f"the agent for tunnel {self.name!r} is not connected (its link dropped)")
         try:
             return session.open_stream()
