@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import random
 from collections import defaultdict
@@ -1169,13 +1170,15 @@ class HonestPeers(RuleBasedStateMachine):
     link's. The link window is the protocol's base, which two streams' windows fill: streams wait for it.
     """
 
+    server_link_window = LINK
+
     def __init__(self) -> None:
         super().__init__()
         config = MuxConfig(
             max_frame_size=16 * KiB, initial_window=2 * WINDOW, max_window=1 * MiB, accept_backlog=4, max_streams=8,
             link_window=LINK,
         )
-        self.pair = MuxPair(config)
+        self.pair = MuxPair(config, dataclasses.replace(config, link_window=self.server_link_window))
         self.now = 0.0
         self.stream_ids: list[int] = []  # every id either side opened; ids are shared by both ends
         self.unconsumed: dict[tuple[Role, int], int] = defaultdict(int)
@@ -1319,7 +1322,7 @@ class HonestPeers(RuleBasedStateMachine):
                     assert stream.send_window == peer_stream.receive_remaining
             assert sender.link_send_window == receiver._link_receive_remaining
             # link credit free beyond what woken streams hold has been handed to the streams waiting for it
-            assert not sender._link_waiting or sender.link_send_window <= sender._link_reserved
+            assert not sender._link_waiting or sender._sendable_link() <= sender._link_reserved
 
     @invariant()
     def healthy(self) -> None:
@@ -1330,6 +1333,17 @@ class HonestPeers(RuleBasedStateMachine):
 
 TestHonestPeers = HonestPeers.TestCase
 TestHonestPeers.settings = settings(max_examples=100, stateful_step_count=60, deadline=None)
+
+
+class HonestPeersOfUnequalWindows(HonestPeers):
+    """The same, with a server whose link window is four times the client's: what the client keeps to send again
+    is then capped by its own window before the server's credit runs out (proto/resume.py)."""
+
+    server_link_window = 4 * LINK
+
+
+TestHonestPeersOfUnequalWindows = HonestPeersOfUnequalWindows.TestCase
+TestHonestPeersOfUnequalWindows.settings = settings(max_examples=100, stateful_step_count=60, deadline=None)
 
 
 def test_buffers_to_send_hands_over_the_queued_frames_without_joining():
