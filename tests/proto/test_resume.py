@@ -656,3 +656,14 @@ def test_any_resume_list_yields_events_or_a_protocol_error(listed, highest, link
         assert stream.send_window >= 0 and stream.retransmit.start <= stream.retransmit.end
     assert mux.link_send_window >= 0
     assert mux.retransmit_size == sum(len(s.retransmit) for s in (*mux._streams.values(), *mux._retained.values()))
+
+
+def test_a_resume_list_longer_than_a_link_may_hold_is_refused() -> None:
+    mux = Mux(Role.CLIENT, MuxConfig(max_streams=4))
+    mux.park(0.0)
+    mux.resume(0.0)
+    entries = tuple(ResumeEntry(stream_id, False, 0, 0, 0) for stream_id in range(2, 2 + 2 * 9, 2))
+    payloads = encode_resume(ResumeList(0, 0, entries), 2 * ENTRY.size + RESUME_HEADER.size)
+    wire = b"".join(Frame(FrameType.RESUME, Flag(0), 0, len(p), p).encode() for p in payloads)
+    with pytest.raises(ProtocolError, match="more streams than a link may hold"):
+        mux.receive_data(wire, 0.0)

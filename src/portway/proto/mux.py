@@ -62,6 +62,7 @@ from portway.proto.frame import (
 )
 from portway.proto.resume import (
     ENTRY,
+    RESUME_HEADER,
     RetransmitBuffer,
     RetransmitTally,
     ResumeEntry,
@@ -952,8 +953,9 @@ class Mux:
             if frame.type is not FrameType.RESUME:
                 raise ProtocolError(f"{frame.type.name} frame before the peer's RESUME on a resumed link")
             parts.append(frame.payload)
-            if len(parts) * self.config.max_frame_size > 2 * self.config.max_streams * ENTRY.size + (
-                    self.config.max_frame_size):
+            # an honest list holds at most the streams a link may hold (live and retained); twice ours is
+            # generous for a peer configured otherwise, and keeps what a hostile one can make us buffer bounded
+            if sum(map(len, parts)) > 2 * self.config.max_streams * ENTRY.size + len(parts) * RESUME_HEADER.size:
                 raise ProtocolError("RESUME lists more streams than a link may hold")
             if frame.flags & _FIN:
                 self._resume_parts = None
