@@ -94,6 +94,7 @@ auth_failure_window = 2.5
 tls_reload_interval = 11
 keepalive_interval = 0.25
 keepalive_timeout = 0.5
+resume_window = 7
 cluster = "redis://127.0.0.1:6390/2"
 node_id = "node-a"
 advertise = "10.0.0.1:9001"
@@ -112,6 +113,7 @@ RELAY_FLAGS = ["--tcp-ports", "20000-20100,20200",
                "--pool-wait-timeout", "6", "--lt-grace-period", "7", "--metrics", ":9100", "--no-access-log",
                "--log-format", "json", "--link-window", "64", "--auth-failure-window", "2.5",
                "--tls-reload-interval", "11", "--keepalive-interval", "0.25", "--keepalive-timeout", "0.5",
+               "--resume-window", "7",
                "--cluster", "redis://127.0.0.1:6390/2", "--node-id", "node-a", "--advertise", "10.0.0.1:9001",
                "--cluster-secret", "shh"]
 
@@ -174,7 +176,7 @@ def test_every_relay_setting_has_a_key_in_a_file():
     ('port = \n', r"^{path}: invalid TOML: Invalid value \(at line 1, column 8\)$"),
     ('domain = "a"\nport = 1\nport = 2\n', r"^{path}: invalid TOML: .*\(at line 3, column 9\)$"),
     ('prot = 80\n', r"^unknown key 'prot' in {path} \(did you mean 'port'\?\); allowed in a relay's file: "
-                    r"bind, port, domain, .*keepalive_timeout$"),
+                    r"bind, port, domain, .*resume_window$"),
     ('port = "80"\n', r"^{path}: 'port' must be an integer, not \"80\"$"),
     ('port = 70000\n', r"^{path}: port = 70000: must be a port number \(0-65535\)$"),
     ('port = true\n', r"^{path}: 'port' must be an integer, not true$"),

@@ -39,6 +39,13 @@ def seconds(text: str) -> float:
     return value
 
 
+def seconds_or_zero(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise ValueError("must be 0 or a positive number of seconds")
+    return value
+
+
 def port_number(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -299,6 +306,12 @@ KEEPALIVE = (
             "pinged well before): the bound for noticing a dead link or a frozen peer (default 10)", "SECONDS"),
 )
 
+RESUME = (
+    Setting("resume_window", "--resume-window", seconds_or_zero, MuxConfig.resume_window,
+            "seconds the streams of a lost agent link (downloads, uploads, WebSockets) wait for the agent to be back "
+            "and carry on; both ends keep them (0: they end with the link)", "SECONDS"),
+)
+
 RELAY_SETTINGS = (
     Setting("bind", "--bind", text, "127.0.0.1", "address to listen on", "ADDR"),
     Setting("port", "--port", port_number, DEFAULT_RELAY_PORT, "port for visitors and agents alike", "PORT"),
@@ -382,6 +395,7 @@ RELAY_SETTINGS = (
             "SECRET"),
     DRAIN,
     *KEEPALIVE,
+    *RESUME,
 )
 
 AGENT_SETTINGS = (
@@ -409,6 +423,7 @@ AGENT_SETTINGS = (
             "FORMAT"),
     DRAIN,
     *KEEPALIVE,
+    *RESUME,
 )
 
 
@@ -561,7 +576,8 @@ def _mux_config(values: Mapping[str, Any]) -> MuxConfig:
                                  f"({timeout:g}): a pinged peer needs time to answer before the link is declared dead")
     try:
         return MuxConfig(keepalive_interval=values["keepalive_interval"],
-                         keepalive_timeout=values["keepalive_timeout"], **extra)
+                         keepalive_timeout=values["keepalive_timeout"], resume_window=values["resume_window"],
+                         **extra)
     except ValueError as error:
         raise ConfigurationError(str(error)) from None
 

@@ -34,6 +34,7 @@ from .config import (
     port_number,
     relay_config,
     seconds,
+    seconds_or_zero,
     switch,
     tcp_ports,
     tunnel_name,
@@ -50,6 +51,7 @@ BOOLEAN = ((bool,), "true or false")
 STRING = ((str,), "a string")
 TOML_TYPES: dict[Callable[[str], Any], tuple[tuple[type, ...], str]] = {
     seconds: NUMBER,
+    seconds_or_zero: NUMBER,
     mebibytes: NUMBER,
     port_number: INTEGER,
     count: INTEGER,

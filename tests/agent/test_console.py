@@ -165,7 +165,7 @@ def fake_agent(connected: bool, rtt: float | None = None, reconnects: int = 0):
     closed = loop.create_future()
     if not connected:
         closed.set_result("gone")
-    session = SimpleNamespace(closed=closed, mux=SimpleNamespace(last_rtt=rtt))
+    session = SimpleNamespace(closed=closed, parked=False, mux=SimpleNamespace(last_rtt=rtt))
     return SimpleNamespace(session=session, reconnects=reconnects), loop
 
 
@@ -175,6 +175,10 @@ def test_the_link_view_follows_the_agent():
     assert link_view(agent) == LinkView("connected", 0.01, 2)
     loop.close()
     agent, loop = fake_agent(False)
+    assert link_view(agent).state == "reconnecting"
+    loop.close()
+    agent, loop = fake_agent(True)
+    agent.session.parked = True  # the link is lost, its streams wait for the next one
     assert link_view(agent).state == "reconnecting"
     loop.close()
 

@@ -4,8 +4,10 @@
 bytes of every connection already open are read and dropped in both directions, and nothing is closed (not even
 when one end gives up and closes: its FIN is lost too). Connections opened afterwards are forwarded normally, so
 an agent that notices can reconnect through the same proxy. `outage()` is a network gone altogether: the open
-connections are black-holed and new ones refused (the proxy stops listening) until `restore()`. `reset()` cuts
-every open connection with a TCP reset. One thread, one selector; `close()` ends both.
+connections are black-holed and new ones refused (the proxy stops listening) until `restore()`. `reset()` (or
+`cut()`) is what a router that forgets a connection and answers with a reset does: every open connection is reset
+at both ends, whatever was in flight in the proxy is lost; with `refusing` set, each new connection is reset at once
+too (the way back is still down). One thread, one selector; `close()` ends both.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class LinkProxy:
         self._commands: queue.Queue[tuple[Callable[[], object], threading.Event, list]] = queue.Queue()
         self.accepted = 0  # connections accepted so far (each one is forwarded until black-holed)
         self.dropped_bytes = 0  # bytes read and thrown away by black-holed connections
+        self.refusing = False  # reset new connections at once instead of forwarding them
         self._thread = threading.Thread(target=self._run, name="link proxy", daemon=True)
         self._thread.start()
 
@@ -68,6 +71,8 @@ class LinkProxy:
         """Cut every open connection with a TCP reset, both ways; returns how many."""
         return self._in_thread(self._reset_all)
 
+    cut = reset
+
     def _in_thread(self, command: Callable[[], object]) -> object:
         done = threading.Event()
         result: list = []
@@ -90,12 +95,12 @@ class LinkProxy:
             pairs, self._pairs = self._pairs, []
         for pair in pairs:
             for sock in pair.ends:
+                self._owner.pop(sock, None)
                 try:
                     self._selector.unregister(sock)
                 except (KeyError, ValueError):
                     pass
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
-                sock.close()
+                _reset(sock)
         return len(pairs)
 
     def close(self) -> None:
@@ -140,6 +145,9 @@ class LinkProxy:
             visitor, _ = self.listener.accept()
         except OSError:  # nothing to accept after all, or the listener was closed by an outage() meanwhile
             return
+        if self.refusing:
+            _reset(visitor)
+            return
         upstream = socket.create_connection(self.target, timeout=10)
         for sock in (visitor, upstream):
             sock.setblocking(True)
@@ -181,3 +189,12 @@ class LinkProxy:
                 end.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a reset (RST), not a FIN: the other end reads an error, not an end of stream."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()

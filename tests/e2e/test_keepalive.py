@@ -24,6 +24,9 @@ DETECTED_WITHIN = TIMEOUT + SLACK
 RESPONSE_TIMEOUT = 60.0  # far beyond DETECTED_WITHIN: no 504 can be mistaken for the keepalive's 502
 KEEPALIVE = ["--keepalive-timeout", str(TIMEOUT)]
 DEAF = ["--keepalive-timeout", "60"]  # the other end: it does not notice anything within the test
+# A link declared dead parks its open streams for the agent to resume them; the frozen agent never does, and the
+# request in flight fails once that window has passed too (tests/e2e/test_resume.py has agents that come back).
+RESUME_WINDOW = 1.0
 
 
 def proxied(procs, relay_flags: list[str], agent_flags: list[str]):
@@ -71,17 +74,17 @@ def test_relay_gives_up_on_a_silent_link_and_visitors_get_a_502_not_a_hang(procs
     """The agent is the frozen peer here (its own keepalive timeout is 60 s, so it never comes back within the
     test): only the relay's keepalive can notice. The visitor's request goes on a new stream, or on the
     idle one the first request left in the relay's pool."""
-    port, relay, agent, proxy = proxied(procs, KEEPALIVE, DEAF)
+    port, relay, agent, proxy = proxied(procs, KEEPALIVE + ["--resume-window", str(RESUME_WINDOW)], DEAF)
     with proxy:
         assert visit(port, 10, keep_alive=pooled) == (200, b"hello from origin")
         assert proxy.black_hole() == 1
         # The request goes into the black hole. Without keepalive it waits for an answer until --response-timeout
         # (then a 504); with it, the relay gives up on the link and answers 502.
         try:
-            status, body = visit(port, DETECTED_WITHIN)
+            status, body = visit(port, DETECTED_WITHIN + RESUME_WINDOW)
         except socket.timeout:
-            pytest.fail(f"no answer within {DETECTED_WITHIN}s of the link going silent: the relay's keepalive "
-                        "never fired")
+            pytest.fail(f"no answer within {DETECTED_WITHIN + RESUME_WINDOW}s of the link going silent: the relay's "
+                        "keepalive never fired")
         assert status == 502, body
         relay.wait_for_line(r"tunnel frozen offline: keepalive timeout", timeout=DETECTED_WITHIN)
         # from now on the tunnel is known to be gone: the answer is immediate

@@ -358,12 +358,13 @@ def assert_clean_log(proc) -> None:
 # ----------------------------------------------------------------------------------------------- agent link
 
 HEADER = struct.Struct(">BBHII")
+VERSION = 1  # the frame protocol these hostile peers speak (portway.proto.frame.PROTOCOL_VERSION)
 DATA, WINDOW_UPDATE, PING, GO_AWAY = 0, 1, 2, 3
 SYN, ACK, FIN, RST = 0x1, 0x2, 0x4, 0x8
 PROTOCOL_ERROR = 1
 
 
-def frame(kind: int, flags: int, stream_id: int, length: int, payload: bytes = b"", version: int = 0) -> bytes:
+def frame(kind: int, flags: int, stream_id: int, length: int, payload: bytes = b"", version: int = VERSION) -> bytes:
     return HEADER.pack(version, kind, flags, stream_id, length) + payload
 
 
@@ -531,8 +532,10 @@ def world():
     procs = Processes()
     origins = {name: RecordingOrigin(name) for name in [*HONEST, "doomed"]}
     try:
+        # an agent killed mid-answer (the doomed ones) is a lost link to the relay: its streams wait the resume
+        # window for it before the visitor sees them fail
         relay = launch_relay(procs, "--token", TOKEN, "--head-timeout", str(HEAD_TIMEOUT),
-                             "--idle-timeout", str(IDLE_TIMEOUT))
+                             "--idle-timeout", str(IDLE_TIMEOUT), "--resume-window", "1")
         agents = {}
         for name, flags in HONEST.items():
             agents[name] = launch_agent(procs, relay, origins[name].port, "--token", TOKEN, *flags, name=name)
@@ -1084,7 +1087,8 @@ FLOOD = 2500  # over the mux's budget of 2000 control frames per second
 HOSTILE_FRAMES = [
     ("garbage-bytes", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
     ("random-bytes", random.Random(7).randbytes(4096)),
-    ("wrong-version", frame(PING, SYN, 0, 1, version=1)),
+    ("wrong-version", frame(PING, SYN, 0, 1, version=VERSION + 1)),
+    ("version-0", frame(PING, SYN, 0, 1, version=0)),
     ("unknown-type", frame(9, 0, 0, 0)),
     ("unknown-flags", frame(WINDOW_UPDATE, 0x40, 1, 0)),
     ("oversize-data-length", frame(DATA, 0, 1, 2**31)),

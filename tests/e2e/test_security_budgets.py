@@ -134,6 +134,7 @@ def test_a_throttled_address_may_log_in_again_once_the_window_has_passed(procs, 
 
 MiB = 1024 * 1024
 HEADER = struct.Struct(">BBHII")
+VERSION = 1  # the frame protocol this hostile agent speaks (portway.proto.frame.PROTOCOL_VERSION)
 DATA, WINDOW_UPDATE = 0, 1
 SYN, ACK, RST = 0x1, 0x2, 0x8
 STREAM_WINDOW = 256 * 1024
@@ -181,7 +182,7 @@ class GreedyAgent:
             elif kind == WINDOW_UPDATE and flags & SYN:
                 self.opened += 1
                 self.stream_windows[stream_id] = STREAM_WINDOW + length
-                self._send(HEADER.pack(0, WINDOW_UPDATE, ACK, stream_id, 0))
+                self._send(HEADER.pack(VERSION, WINDOW_UPDATE, ACK, stream_id, 0))
                 self._push(stream_id, RESPONSE_HEAD)
             elif kind == WINDOW_UPDATE and flags & RST:
                 self.stream_windows.pop(stream_id, None)
@@ -199,7 +200,7 @@ class GreedyAgent:
                 chunk = b"x" * room
             if not chunk:
                 break
-            frames.append(HEADER.pack(0, DATA, 0, stream_id, len(chunk)) + chunk)
+            frames.append(HEADER.pack(VERSION, DATA, 0, stream_id, len(chunk)) + chunk)
             self.stream_windows[stream_id] -= len(chunk)
             self.link_window -= len(chunk)
             self.pushed += len(chunk)

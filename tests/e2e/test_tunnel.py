@@ -237,8 +237,11 @@ def test_agent_killed_gives_502_at_once(procs, origin):
     assert b"not connected" in body or b"went away" in body  # the link's end, not a deadline, answered
 
 
-def test_visitor_sees_cut_short_response_when_agent_dies(tunnel):
-    relay, name, agent = tunnel
+def test_visitor_sees_cut_short_response_when_agent_dies(procs, origin):
+    """To the relay a killed agent is a lost link: the download waits the resume window (1 s here) for the agent
+    to come back, then is cut short visibly."""
+    relay = start_relay(procs, "--resume-window", "1")
+    agent, name = start_agent(procs, relay, origin, name="seed")
     assert_cut_short_when_killed(relay, name, agent)
 
 

@@ -15,7 +15,7 @@ from .test_session_delivery import LinkTransport
 
 INTERVAL = 0.03
 TIMEOUT = 0.1
-CONFIG = MuxConfig(keepalive_interval=INTERVAL, keepalive_timeout=TIMEOUT)
+CONFIG = MuxConfig(keepalive_interval=INTERVAL, keepalive_timeout=TIMEOUT, resume_window=0)  # streams end with it
 WAIT = 5.0  # bound for each wait on a condition; the conditions come true in a few INTERVALs
 
 

@@ -30,10 +30,23 @@ def parsed(request: LinkRequest) -> LinkRequest:
     basic_auth=st.none() | st.tuples(st.text(min_size=1, max_size=8).filter(lambda u: ":" not in u),
                                      st.text(max_size=8)).map(":".join),
     allow_ip=st.lists(st.sampled_from(["10.0.0.0/8", "127.0.0.2/32", "::1/128"]), max_size=3).map(tuple),
+    resume_streams=st.booleans(),
 )
-def test_what_the_agent_asks_is_what_the_relay_reads(name, token, resume_key, basic_auth, allow_ip):
-    request = LinkRequest(name, token, resume_key, basic_auth, allow_ip)
+def test_what_the_agent_asks_is_what_the_relay_reads(name, token, resume_key, basic_auth, allow_ip, resume_streams):
+    request = LinkRequest(name, token, resume_key, basic_auth, allow_ip, resume_streams and resume_key is not None)
     assert parsed(request) == request
+
+
+def test_streams_are_resumed_only_with_the_key_that_proves_the_name():
+    head = link_head(UPGRADE + b"Portway-Resume-Streams: 1\r\n")
+    assert not LinkRequest.parse(head, "").resume_streams
+    assert b"Portway-Resume-Streams" not in LinkRequest(resume_streams=True).encode("r")
+
+
+@pytest.mark.parametrize("resumed", [True, False])
+def test_the_grant_says_whether_the_relay_still_had_the_streams(resumed):
+    grant = LinkGrant("quiet-river", "http://q.localhost", "kkk", streams_resumed=resumed)
+    assert AgentHandshake().receive_data(grant.encode()) == Granted(grant, b"")
 
 
 @pytest.mark.parametrize("extra, status", [

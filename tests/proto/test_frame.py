@@ -15,6 +15,7 @@ from portway.proto.frame import (
     INITIAL_STREAM_WINDOW,
     MAX_STREAM_ID,
     MAX_WINDOW_SIZE,
+    PROTOCOL_VERSION,
     Flag,
     Frame,
     FrameDecoder,
@@ -34,53 +35,66 @@ def test_wire_constants_are_pinned() -> None:
     assert INITIAL_STREAM_WINDOW == 256 * 1024
     assert INITIAL_LINK_WINDOW == 1024 * 1024
     assert MAX_WINDOW_SIZE == 2**31 - 1
-    assert [(t.name, t.value) for t in FrameType] == [("DATA", 0), ("WINDOW_UPDATE", 1), ("PING", 2), ("GO_AWAY", 3)]
-    assert [(f.name, f.value) for f in Flag] == [("SYN", 1), ("ACK", 2), ("FIN", 4), ("RST", 8)]
+    assert PROTOCOL_VERSION == 1
+    assert [(t.name, t.value) for t in FrameType] == [
+        ("DATA", 0), ("WINDOW_UPDATE", 1), ("PING", 2), ("GO_AWAY", 3), ("RESUME", 4), ("FIN_ACK", 5)
+    ]
+    assert [(f.name, f.value) for f in Flag] == [("SYN", 1), ("ACK", 2), ("FIN", 4), ("RST", 8), ("GROW", 16)]
     assert [(c.name, c.value) for c in GoAwayCode] == [("NORMAL", 0), ("PROTOCOL_ERROR", 1), ("INTERNAL_ERROR", 2)]
 
 
 def test_header_layout_is_big_endian_version_type_flags_stream_length() -> None:
     frame = Frame(FrameType.WINDOW_UPDATE, Flag.SYN | Flag.FIN, 0x01020304, 0x0A0B0C0D)
-    assert frame.encode() == bytes.fromhex("00 01 0005 01020304 0a0b0c0d")
+    assert frame.encode() == bytes.fromhex("01 01 0005 01020304 0a0b0c0d")
 
 
 VALID = [
     pytest.param(
         Frame(FrameType.DATA, Flag(0), 1, 5, b"hello"),
-        bytes.fromhex("00 00 0000 00000001 00000005") + b"hello",
+        bytes.fromhex("01 00 0000 00000001 00000005") + b"hello",
         id="data",
     ),
     pytest.param(
-        Frame(FrameType.DATA, Flag(0), 3, 0, b""), bytes.fromhex("00 00 0000 00000003 00000000"), id="empty-data"
+        Frame(FrameType.DATA, Flag(0), 3, 0, b""), bytes.fromhex("01 00 0000 00000003 00000000"), id="empty-data"
     ),
     pytest.param(
         Frame(FrameType.DATA, Flag.SYN | Flag.ACK | Flag.FIN | Flag.RST, 0xFFFFFFFF, 1, b"x"),
-        bytes.fromhex("00 00 000f ffffffff 00000001") + b"x",
+        bytes.fromhex("01 00 000f ffffffff 00000001") + b"x",
         id="data-all-flags-max-id",
     ),
     pytest.param(
         Frame(FrameType.WINDOW_UPDATE, Flag.SYN, 2, 768 * 1024),
-        bytes.fromhex("00 01 0001 00000002 000c0000"),
+        bytes.fromhex("01 01 0001 00000002 000c0000"),
         id="window-update-syn",
     ),
     pytest.param(
         Frame(FrameType.WINDOW_UPDATE, Flag(0), 7, 0xFFFFFFFF),
-        bytes.fromhex("00 01 0000 00000007 ffffffff"),
+        bytes.fromhex("01 01 0000 00000007 ffffffff"),
         id="window-update-max-delta",
     ),
     pytest.param(
         Frame(FrameType.WINDOW_UPDATE, Flag(0), 0, 31 * 1024 * 1024),
-        bytes.fromhex("00 01 0000 00000000 01f00000"),
+        bytes.fromhex("01 01 0000 00000000 01f00000"),
         id="window-update-for-the-link",
     ),
-    pytest.param(Frame(FrameType.PING, Flag.SYN, 0, 42), bytes.fromhex("00 02 0001 00000000 0000002a"), id="ping"),
-    pytest.param(Frame(FrameType.PING, Flag.ACK, 0, 42), bytes.fromhex("00 02 0002 00000000 0000002a"), id="ping-ack"),
-    pytest.param(Frame(FrameType.GO_AWAY, Flag(0), 0, 0), bytes.fromhex("00 03 0000 00000000 00000000"), id="go-away"),
+    pytest.param(Frame(FrameType.PING, Flag.SYN, 0, 42), bytes.fromhex("01 02 0001 00000000 0000002a"), id="ping"),
+    pytest.param(Frame(FrameType.PING, Flag.ACK, 0, 42), bytes.fromhex("01 02 0002 00000000 0000002a"), id="ping-ack"),
+    pytest.param(Frame(FrameType.GO_AWAY, Flag(0), 0, 0), bytes.fromhex("01 03 0000 00000000 00000000"), id="go-away"),
     pytest.param(
         Frame(FrameType.GO_AWAY, Flag(0), 0, GoAwayCode.INTERNAL_ERROR),
-        bytes.fromhex("00 03 0000 00000000 00000002"),
+        bytes.fromhex("01 03 0000 00000000 00000002"),
         id="go-away-internal",
     ),
+    pytest.param(
+        Frame(FrameType.WINDOW_UPDATE, Flag.ACK | Flag.GROW, 3, 4096),
+        bytes.fromhex("01 01 0012 00000003 00001000"),
+        id="window-update-ack-grow",
+    ),
+    pytest.param(
+        Frame(FrameType.RESUME, Flag.FIN, 0, 3, b"abc"), bytes.fromhex("01 04 0004 00000000 00000003") + b"abc",
+        id="resume",
+    ),
+    pytest.param(Frame(FrameType.FIN_ACK, Flag(0), 9, 0), bytes.fromhex("01 05 0000 00000009 00000000"), id="fin-ack"),
 ]
 
 NEXT_FRAME = Frame(FrameType.PING, Flag.SYN, 0, 7)
@@ -150,9 +164,19 @@ def test_a_payload_is_a_view_only_of_a_read_at_most_four_times_its_frame() -> No
 
 
 MALFORMED = [
-    pytest.param(frames.header(0, 0, 1, 0, version=1), "version", id="bad-version"),
-    pytest.param(frames.header(4, 0, 1, 0), "unknown frame type", id="unknown-type"),
-    pytest.param(frames.header(0, 0x10, 1, 0), "unknown flags", id="unknown-flag"),
+    pytest.param(frames.header(0, 0, 1, 0, version=0), "version", id="version-0-peer"),
+    pytest.param(frames.header(0, 0, 1, 0, version=2), "version", id="bad-version"),
+    pytest.param(frames.header(6, 0, 1, 0), "unknown frame type", id="unknown-type"),
+    pytest.param(frames.header(0, 0x20, 1, 0), "unknown flags", id="unknown-flag"),
+    pytest.param(frames.header(0, Flag.GROW, 1, 0), "GROW", id="data-with-grow"),
+    pytest.param(frames.header(1, Flag.GROW, 0, 1), "stream 0 .* no flags", id="link-window-update-with-grow"),
+    pytest.param(frames.header(2, Flag.SYN | Flag.GROW, 0, 0), "exactly one", id="ping-with-grow"),
+    pytest.param(frames.header(4, 0, 1, 0), "RESUME frame on stream 1", id="resume-on-stream"),
+    pytest.param(frames.header(4, Flag.SYN, 0, 0), "RESUME takes no flags", id="resume-with-syn"),
+    pytest.param(frames.header(4, 0, 0, DEFAULT_MAX_FRAME_SIZE + 1), "exceeds", id="oversize-resume"),
+    pytest.param(frames.header(5, 0, 0, 0), "FIN_ACK", id="fin-ack-on-stream-0"),
+    pytest.param(frames.header(5, Flag.FIN, 1, 0), "FIN_ACK", id="fin-ack-with-flags"),
+    pytest.param(frames.header(5, 0, 1, 1), "FIN_ACK", id="fin-ack-with-length"),
     pytest.param(frames.header(0, 0, 1, DEFAULT_MAX_FRAME_SIZE + 1), "exceeds", id="oversize-data"),
     pytest.param(frames.header(0, 0, 1, 0xFFFFFFFF), "exceeds", id="huge-data"),
     pytest.param(frames.header(0, 0, 0, 0), "stream 0", id="data-on-stream-0"),

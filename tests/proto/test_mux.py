@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import random
 from collections import defaultdict
@@ -17,6 +18,8 @@ from portway.proto.events import (
     ConnectionTerminated,
     DataReceived,
     GoAwayReceived,
+    LinkLost,
+    LinkResumed,
     PingAcked,
     StreamAccepted,
     StreamEnded,
@@ -370,14 +373,13 @@ def test_larger_initial_window_is_announced_in_syn_and_ack() -> None:
     config = MuxConfig(initial_window=1 * MiB)
     pair = MuxPair(config)
     stream_id = pair.client.open_stream()
-    assert decode_all(pair.client.data_to_send()) == [
-        Frame(FrameType.WINDOW_UPDATE, Flag.SYN, stream_id, 1 * MiB - WINDOW)
-    ]
-    pair.server.receive_data(Frame(FrameType.WINDOW_UPDATE, Flag.SYN, stream_id, 1 * MiB - WINDOW).encode(), 0.0)
+    syn = Frame(FrameType.WINDOW_UPDATE, Flag.SYN | Flag.GROW, stream_id, 1 * MiB - WINDOW)
+    assert decode_all(pair.client.data_to_send()) == [syn]
+    pair.server.receive_data(syn.encode(), 0.0)
     pair.server.accept_stream(stream_id)
     assert pair.server.send_window(stream_id) == 1 * MiB
     ack = pair.server.data_to_send()
-    assert decode_all(ack) == [Frame(FrameType.WINDOW_UPDATE, Flag.ACK, stream_id, 1 * MiB - WINDOW)]
+    assert decode_all(ack) == [Frame(FrameType.WINDOW_UPDATE, Flag.ACK | Flag.GROW, stream_id, 1 * MiB - WINDOW)]
     assert pair.client.send_window(stream_id) == WINDOW, "before the ACK only the base window is usable"
     pair.client.receive_data(ack, 0.0)
     assert pair.client.send_window(stream_id) == 1 * MiB
@@ -450,8 +452,13 @@ def test_streams_held_up_by_the_link_are_woken_in_order_as_credit_returns() -> N
     assert woken_waiters(events) == [ids[7]]
 
 
+KEEPS_MORE = MuxConfig(link_window=2 * LINK)
+"""A client whose own link window (which also bounds what it keeps to send again, see proto/resume.py) is
+larger than the server's: the bare link credits below, with no stream credit, are all that holds it up."""
+
+
 def test_a_credit_of_a_few_bytes_wakes_one_stream_not_all_of_them() -> None:
-    pair = MuxPair(LINK_ONLY)
+    pair = MuxPair(KEEPS_MORE, LINK_ONLY)
     client = pair.client
     ids = streams_filling_the_link(pair, 12)
     client.data_to_send()
@@ -465,7 +472,7 @@ def test_a_credit_of_a_few_bytes_wakes_one_stream_not_all_of_them() -> None:
 
 
 def test_credit_set_aside_for_a_stream_reset_before_it_sent_goes_to_the_next_one() -> None:
-    pair = MuxPair(LINK_ONLY)
+    pair = MuxPair(KEEPS_MORE, LINK_ONLY)
     client = pair.client
     ids = streams_filling_the_link(pair, 6)
     client.data_to_send()
@@ -520,7 +527,8 @@ DROPS = {
     "peer-resets": lambda pair, ids: pair.server.receive_data(b"".join(f.rst(s) for s in ids), 0.0),
     "we-reset": lambda pair, ids: [pair.server.reset_stream(s) for s in ids],
     "both-ended": lambda pair, ids: [
-        pair.server.receive_data(b"".join(f.fin(s) for s in ids), 0.0),
+        [pair.client.end_stream(s) for s in ids],
+        pair.server.receive_data(pair.client.data_to_send(), 0.0),
         [pair.server.end_stream(s) for s in ids],
     ],
 }
@@ -988,8 +996,8 @@ def test_keepalive_pings_a_quiet_peer_and_measures_rtt() -> None:
 
 def test_keepalive_timeout_bounds_the_silence_from_the_peers_last_word() -> None:
     """The link dies keepalive_timeout after the peer was last heard: the bound a black-holed link or a frozen
-    peer is noticed within, whenever our ping went out."""
-    client = started(Role.CLIENT, now=0.0)
+    peer is noticed within, whenever our ping went out (here with streams that may not outlive the link)."""
+    client = started(Role.CLIENT, now=0.0, config=MuxConfig(resume_window=0))
     client.handle_timer(10.0 / 3)
     ping_only = client.data_to_send()
     assert client.handle_timer(9.99) == []
@@ -1009,7 +1017,7 @@ def test_a_late_timer_still_declares_the_link_dead_without_pinging_first() -> No
     round: silence is measured from the peer's last word, not from our ping."""
     client = started(Role.CLIENT, now=0.0)
     (event,) = client.handle_timer(25.0)
-    assert isinstance(event, ConnectionTerminated)
+    assert isinstance(event, LinkLost) and "nothing heard from the peer for 10s" in event.reason
     assert client.data_to_send() == b""
 
 
@@ -1024,7 +1032,7 @@ def test_sending_does_not_keep_a_silent_link_alive() -> None:
     client.send_data(stream_id, b"more")
     assert client.get_timer() == 10.0
     (event,) = client.handle_timer(10.0)
-    assert isinstance(event, ConnectionTerminated)
+    assert isinstance(event, LinkLost)  # the open stream is parked for a new link
 
 
 def test_a_peer_that_answers_every_ping_keeps_an_idle_link_forever() -> None:
@@ -1101,7 +1109,7 @@ def victim() -> Mux:
 
 
 HOSTILE = {
-    "malformed-frame": f.header(FrameType.DATA, 0, 1, 0, version=1),
+    "malformed-frame": f.header(FrameType.DATA, 0, 1, 0, version=0),
     "data-beyond-window": b"".join(f.data(1, b"x" * 65536) for _ in range(5)),
     "window-overflow": f.window_update(1, MAX_WINDOW_SIZE),
     "syn-with-our-parity": f.syn(4),
@@ -1164,12 +1172,17 @@ session_frames = st.one_of(
 
 def check_window_bookkeeping(mux: Mux) -> None:
     for stream in mux._streams.values():
-        assert min(stream.receive_remaining, stream.unacknowledged, stream.unannounced, stream.send_window) >= 0
-        assert stream.receive_remaining + stream.unacknowledged + stream.unannounced == stream.receive_window
+        owed = stream.unannounced + stream.unannounced_growth
+        assert min(stream.receive_remaining, stream.unacknowledged, stream.unannounced, stream.unannounced_growth,
+                   stream.send_window) >= 0
+        assert stream.receive_remaining + stream.unacknowledged + owed == stream.receive_window
+        assert len(stream.retransmit) <= stream.retransmit.end
         assert stream.receive_window <= mux.config.max_window
         assert stream.send_window <= MAX_WINDOW_SIZE
     link_bookkeeping(mux)
     assert mux._link_reserved <= mux._link_send_window <= MAX_WINDOW_SIZE
+    kept = [*mux._streams.values(), *mux._retained.values()]
+    assert mux.retransmit_size == sum(len(stream.retransmit) for stream in kept) <= mux.config.link_window
     assert mux._link_growth == sum(stream.receive_window - WINDOW for stream in mux._streams.values())
 
 
@@ -1204,12 +1217,15 @@ def test_random_well_formed_frames_yield_only_events_or_protocol_error(frames: l
 
 
 class HonestPeers(RuleBasedStateMachine):
-    """Two muxes driven through random API calls, legal or not, must never see a protocol error.
+    """Two muxes driven through random API calls, legal or not, and links cut anywhere and resumed, must never
+    see a protocol error.
 
     Calls the API refuses (KeyError for a stream that is gone, ValueError for one in the wrong state) must
     leave nothing queued, and after every transfer both ends must agree on each stream's window and on the
     link's. The link window is the protocol's base, which two streams' windows fill: streams wait for it.
     """
+
+    server_link_window = LINK
 
     def __init__(self) -> None:
         super().__init__()
@@ -1217,7 +1233,7 @@ class HonestPeers(RuleBasedStateMachine):
             max_frame_size=16 * KiB, initial_window=2 * WINDOW, max_window=1 * MiB, accept_backlog=4, max_streams=8,
             link_window=LINK,
         )
-        self.pair = MuxPair(config)
+        self.pair = MuxPair(config, dataclasses.replace(config, link_window=self.server_link_window))
         self.now = 0.0
         self.stream_ids: list[int] = []  # every id either side opened; ids are shared by both ends
         self.unconsumed: dict[tuple[Role, int], int] = defaultdict(int)
@@ -1319,17 +1335,38 @@ class HonestPeers(RuleBasedStateMachine):
     def transfer(self, elapsed: float, eager_readers: bool) -> None:
         self.now += elapsed
         client_events, server_events = self.pair.transfer(self.now, acknowledge=eager_readers)
-        for side, events in ((Role.CLIENT, client_events), (Role.SERVER, server_events)):
-            for event in events:
-                assert isinstance(event, EVENT_TYPES), event
-                if isinstance(event, StreamOpened):
-                    self.waiting[side].append(event.stream_id)
-                elif isinstance(event, DataReceived) and not eager_readers:
-                    self.unconsumed[side, event.stream_id] += len(event.data)
-                elif isinstance(event, StreamReset):
-                    self.unconsumed.pop((side, event.stream_id), None)
-                    self.waiting[side] = [s for s in self.waiting[side] if s != event.stream_id]
+        self.record(Role.CLIENT, client_events, eager_readers)
+        self.record(Role.SERVER, server_events, eager_readers)
         self.check_agreement()
+
+    @rule(cut=st.tuples(st.floats(0, 1), st.floats(0, 1)),
+          exchange_cut=st.none() | st.tuples(st.floats(0, 1), st.floats(0, 1)))
+    def cut_and_resume(self, cut: tuple[float, float], exchange_cut: tuple[float, float] | None) -> None:
+        """The link dies with part of what was in flight delivered (a frame may be cut in half); both ends
+        park and resume on a new link, which may die too during the resume exchange."""
+        for fractions in (cut, exchange_cut):
+            if fractions is None:
+                continue
+            for (sender, receiver), fraction in zip(((Role.CLIENT, Role.SERVER), (Role.SERVER, Role.CLIENT)), fractions):
+                wire = self.pair.side(sender).data_to_send()
+                delivered = wire[: round(len(wire) * fraction)]
+                self.record(receiver, self.pair.side(receiver).receive_data(delivered, self.now), False)
+            for mux in (self.pair.client, self.pair.server):
+                mux.park(self.now)
+            for mux in (self.pair.client, self.pair.server):
+                mux.resume(self.now)
+        self.transfer(0.0, eager_readers=False)
+
+    def record(self, side: Role, events: list, eager_readers: bool) -> None:
+        for event in events:
+            assert isinstance(event, (*EVENT_TYPES, LinkResumed)), event
+            if isinstance(event, StreamOpened):
+                self.waiting[side].append(event.stream_id)
+            elif isinstance(event, DataReceived) and not eager_readers:
+                self.unconsumed[side, event.stream_id] += len(event.data)
+            elif isinstance(event, StreamReset):
+                self.unconsumed.pop((side, event.stream_id), None)
+                self.waiting[side] = [s for s in self.waiting[side] if s != event.stream_id]
 
     def check_agreement(self) -> None:
         client, server = self.pair.client, self.pair.server
@@ -1340,7 +1377,7 @@ class HonestPeers(RuleBasedStateMachine):
                     assert stream.send_window == peer_stream.receive_remaining
             assert sender.link_send_window == receiver._link_receive_remaining
             # link credit free beyond what woken streams hold has been handed to the streams waiting for it
-            assert not sender._link_waiting or sender.link_send_window <= sender._link_reserved
+            assert not sender._link_waiting or sender._sendable_link() <= sender._link_reserved
 
     @invariant()
     def healthy(self) -> None:
@@ -1351,6 +1388,17 @@ class HonestPeers(RuleBasedStateMachine):
 
 TestHonestPeers = HonestPeers.TestCase
 TestHonestPeers.settings = settings(max_examples=100, stateful_step_count=60, deadline=None)
+
+
+class HonestPeersOfUnequalWindows(HonestPeers):
+    """The same, with a server whose link window is four times the client's: what the client keeps to send again
+    is then capped by its own window before the server's credit runs out (proto/resume.py)."""
+
+    server_link_window = 4 * LINK
+
+
+TestHonestPeersOfUnequalWindows = HonestPeersOfUnequalWindows.TestCase
+TestHonestPeersOfUnequalWindows.settings = settings(max_examples=100, stateful_step_count=60, deadline=None)
 
 
 def test_buffers_to_send_hands_over_the_queued_frames_without_joining():

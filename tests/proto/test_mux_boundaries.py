@@ -111,14 +111,15 @@ def test_a_stream_reset_before_acceptance_frees_exactly_one_backlog_slot() -> No
     assert Frame(FrameType.WINDOW_UPDATE, Flag.RST, 7, 0) in decode_all(relay.data_to_send())
 
 
-def test_credit_for_data_consumed_before_acceptance_rides_on_the_ack() -> None:
+def test_credit_for_data_consumed_before_acceptance_follows_the_ack() -> None:
     relay = Mux(Role.SERVER)
     events = relay.receive_data(f.syn(1) + f.data(1, b"x" * 1000), 0.0)
     assert events == [StreamOpened(1), DataReceived(1, b"x" * 1000)]
     relay.acknowledge_received(1, 1000, 0.0)  # consumed while still waiting to be accepted
     relay.accept_stream(1)
-    (ack,) = [frame for frame in decode_all(relay.data_to_send()) if frame.stream_id == 1]
-    assert ack.flags == Flag.ACK and ack.length == 1000  # every consumed byte is credited back
+    ack, credit = [frame for frame in decode_all(relay.data_to_send()) if frame.stream_id == 1]
+    assert ack == Frame(FrameType.WINDOW_UPDATE, Flag.ACK | Flag.GROW, 1, 0)  # the window did not grow
+    assert credit == Frame(FrameType.WINDOW_UPDATE, Flag(0), 1, 1000)  # every consumed byte is credited back
 
 
 def test_credit_goes_back_once_half_the_window_is_owed() -> None:
@@ -136,10 +137,10 @@ def test_credit_goes_back_once_half_the_window_is_owed() -> None:
 def test_a_window_update_may_fill_the_send_window_to_the_protocol_maximum() -> None:
     pair = MuxPair()
     stream_id = pair.open_stream()
-    assert pair.client.receive_data(f.window_update(stream_id, MAX_WINDOW_SIZE - WINDOW), 0.0) != []
+    assert pair.client.receive_data(f.window_update(stream_id, MAX_WINDOW_SIZE - WINDOW, Flag.GROW), 0.0) != []
     assert not pair.client.is_closed
     with pytest.raises(ProtocolError, match="overflows the send window"):
-        pair.client.receive_data(f.window_update(stream_id, 1), 0.0)
+        pair.client.receive_data(f.window_update(stream_id, 1, Flag.GROW), 0.0)
 
 
 def test_reset_is_a_window_update_with_rst_and_no_credit() -> None:

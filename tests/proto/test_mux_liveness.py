@@ -94,15 +94,20 @@ class Link:
         if stream_id in self.reset or stream_id not in side.mux._streams:
             return
         end = stream_id in side.ending
-        if want:
-            sent = side.mux.send_data(stream_id, PAYLOAD[:want], end_stream=end)
-            side.wants[stream_id] = want - sent
-            side.sent[stream_id] += sent
-            if sent == want and end:
-                side.ending.discard(stream_id)
-        elif end:
+        if not want and end:
             side.mux.end_stream(stream_id)
             side.ending.discard(stream_id)
+        while want:  # in PAYLOAD-sized pieces, as long as the windows take each whole, FIN with the last one
+            piece = min(want, len(PAYLOAD))
+            last = piece == want
+            sent = side.mux.send_data(stream_id, PAYLOAD[:piece], end_stream=end and last)
+            want -= sent
+            side.wants[stream_id] = want
+            side.sent[stream_id] += sent
+            if sent == piece and last and end:
+                side.ending.discard(stream_id)
+            if sent < piece:
+                break
         self.flush(side)
 
     def dispatch(self, side: Side, events: list[Event]) -> None:

@@ -111,7 +111,7 @@ class Agent:
                 self.on_status(f"reconnected: {registered.url}")
             first = False
             try:
-                reason = await registered.session.closed
+                reason = await registered.session.link_down()  # parked (streams kept for a resume) or closed
             except asyncio.CancelledError:
                 # stopping on purpose: say so, so the relay frees the name at once instead of holding it
                 registered.session.go_away()
@@ -120,8 +120,10 @@ class Agent:
             if registered.session.go_away_received:
                 reason += ", the relay went away (restarting?)"
             self.on_status(f"link to relay lost ({reason}); reconnecting")
-            if not backoff.link_down(loop.time()):
+            resuming = registered.session.parked and bool(registered.session.streams)
+            if not backoff.link_down(loop.time()) and not resuming:
                 # it dropped soon after it came up: don't redial a flapping link or a failing relay in a loop
+                # (unless streams wait to be resumed: a wait here would eat their resume window)
                 delay = backoff.next_delay()
                 self.on_status(retry_status(delay, backoff.attempt, f"link lost soon after it came up ({reason})",
                                             reconnecting=True))
@@ -177,8 +179,10 @@ class Agent:
         except (OSError, asyncio.TimeoutError) as error:
             raise RelayUnreachable("timed out" if isinstance(error, asyncio.TimeoutError)
                                    else error.strerror or str(error)) from None
+        parked = self.session if self.session is not None and self.session.parked else None
         request = LinkRequest(name=self.name, token=self.config.token, resume_key=self.resume_key,
-                              basic_auth=self.config.basic_auth, allow_ip=tuple(self.config.allow_ip))
+                              basic_auth=self.config.basic_auth, allow_ip=tuple(self.config.allow_ip),
+                              resume_streams=parked is not None)
         handshake = AgentHandshake()
         try:
             conn.write(request.encode(f"{self.relay_host}:{self.relay_port}"))
@@ -191,6 +195,12 @@ class Agent:
         grant = granted.grant
         self.name = grant.name
         self.resume_key = grant.resume_key
+        if parked is not None and parked.parked and grant.streams_resumed:
+            parked.resume_on(transport, granted.link_bytes)  # the streams carry on where they stopped
+            self.on_status(f"{len(parked.streams)} open streams resumed")
+            return Registered(grant.name, grant.url, grant.resume_key, parked)
+        if parked is not None:
+            parked.abandon()  # the relay no longer has them: each local connection is reset, visibly
         session = MuxSession(Role.CLIENT, self.config.mux, on_stream=self.serve_stream)
         transport.set_protocol(session)
         session.connection_made(transport)

@@ -1,7 +1,11 @@
-"""Runs a sans-I/O Mux over one transport: the glue between asyncio and proto.mux.
+"""Runs a sans-I/O Mux over one transport at a time: the glue between asyncio and proto.mux.
 
 One read callback feeds the mux, one coalesced flush per loop iteration writes what it produced, one
 timer drives keepalive. Streams are conduits with the same interface as link.connection.Connection.
+
+A link lost without a GO_AWAY parks the session (proto/resume.py): its MuxStreams stay, their writers wait for
+window and their readers for data, until the role hands the session a new transport (``resume_on``), gives
+the streams up (``abandon``), or the resume window passes and every stream is reset.
 """
 
 from __future__ import annotations
@@ -256,6 +260,9 @@ class MuxSession(asyncio.Protocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self.undelivered: list[MuxStream] = []  # streams with data for their sink from the read being dispatched
         self.closed: asyncio.Future[str] = self.loop.create_future()
+        self._link_down: asyncio.Future[str] = self.loop.create_future()  # this link's end: parked or closed
+        self.on_link_lost: Callable[[str], None] | None = None  # told why, when the link is lost and streams park
+        self._exchange_done: asyncio.Future[None] | None = None  # while a resume exchange runs
         self.go_away_received = False
         self.on_go_away: Callable[[], None] | None = None  # called once the peer said it is going away
         self.protocol_error = False  # the peer broke the frame protocol (the link was closed for it)
@@ -283,7 +290,85 @@ class MuxSession(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._shutdown("link closed" if exc is None else f"link lost: {exc}")
+        reason = "link closed" if exc is None else f"link lost: {exc}"
+        if self.may_park:
+            self.transport = None
+            self.mux.park(self.loop.time())
+            self._parked(reason)
+        else:
+            self._shutdown(reason)
+
+    # link loss and resume
+    @property
+    def may_park(self) -> bool:
+        """Losing the link now parks the streams instead of ending them (see proto.mux.Mux.can_park)."""
+        return not self.closed.done() and not self.protocol_error and self.mux.can_park
+
+    @property
+    def parked(self) -> bool:
+        """The link is lost and the streams wait for a new one (``resume_on``)."""
+        return self.transport is None and self.mux.is_parked and not self.closed.done()
+
+    @property
+    def resuming(self) -> bool:
+        """A new link is up and the resume exchange on it has not finished: no stream can send or open yet."""
+        return self._exchange_done is not None
+
+    async def until_resumed(self) -> None:
+        """Wait for the resume exchange under way (if any) to end: the streams carry on, or the link is lost."""
+        if self._exchange_done is not None:
+            await asyncio.shield(self._exchange_done)
+
+    def _end_exchange(self) -> None:
+        done, self._exchange_done = self._exchange_done, None
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    async def link_down(self) -> str:
+        """Wait until the current link ends, parked or closed; returns why."""
+        return await asyncio.shield(self._link_down)
+
+    def detach(self, reason: str) -> None:
+        """Let go of the current link (a new one replaces it) and park the streams: the old transport is
+        hung up without a word, as if it had been lost."""
+        transport = self.transport
+        if transport is None or not self.may_park:
+            return
+        self.transport = None
+        transport.set_protocol(asyncio.Protocol())  # its connection_lost must not reach this session
+        transport.abort()
+        self.mux.park(self.loop.time())
+        self._parked(reason)
+
+    def resume_on(self, transport: asyncio.Transport, link_bytes: bytes = b"") -> None:
+        """Carry the parked streams on over a new link: the resume exchange starts at once; `link_bytes` are
+        the first bytes already read from it."""
+        self.transport = transport
+        transport.set_protocol(self)
+        self._link_down = self.loop.create_future()
+        self._exchange_done = self.loop.create_future()
+        self.mux.resume(self.loop.time())
+        self._flush_now()
+        if link_bytes:
+            self.data_received(link_bytes)
+        self._rearm_timer()
+
+    def abandon(self) -> None:
+        """Give the parked streams up at once (the peer no longer has them): each is reset, the session closes."""
+        if not self.closed.done():
+            self._dispatch(self.mux.abandon())
+            self._shutdown("the peer no longer had the link's streams")
+
+    def _parked(self, reason: str) -> None:
+        log.info("agent link lost (%s): %d streams wait up to %gs for a new link", reason, len(self.streams),
+                 self.mux.config.resume_window)
+        self.resume_writing()  # writers waiting for the old transport to drain now wait for window instead
+        self._end_exchange()
+        if not self._link_down.done():
+            self._link_down.set_result(reason)
+        if self.on_link_lost is not None:
+            self.on_link_lost(reason)
+        self._rearm_timer()
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -399,6 +484,16 @@ class MuxSession(asyncio.Protocol):
                     self.on_go_away()
             elif kind is ev.ConnectionTerminated:
                 self._terminate(event.reason)
+            elif kind is ev.LinkLost:  # keepalive: the peer went silent and the mux parked the streams
+                transport, self.transport = self.transport, None
+                if transport is not None:
+                    transport.set_protocol(asyncio.Protocol())
+                    transport.abort()
+                self._parked(event.reason)
+            elif kind is ev.LinkResumed:
+                self._end_exchange()
+                log.info("agent link resumed: %d streams carry on, %d bytes sent again", event.streams,
+                         event.resent)
             # StreamAccepted and PingAcked need no action here; the mux keeps the RTT.
         undelivered = self.undelivered
         if undelivered:
@@ -453,6 +548,9 @@ class MuxSession(asyncio.Protocol):
         if self.closed.done():
             return
         self.closed.set_result(reason)
+        if not self._link_down.done():
+            self._link_down.set_result(reason)
+        self._end_exchange()
         if self._timer is not None:
             self._timer.cancel()
         streams, self.streams = self.streams, {}

@@ -8,10 +8,15 @@ same connection, starting with the bytes that followed the 101 head in the same 
                     Upgrade: portway-mux            Connection: Upgrade
                     Authorization: Bearer TOKEN     (when the relay asks for tokens)
                     Portway-Resume: KEY             (reconnecting: proves it held NAME)
+                    Portway-Resume-Streams: 1       (and it still holds the old link's streams)
                     Portway-Basic-Auth: base64(USER:PASS)      Portway-Allow-Ip: CIDR, CIDR
     relay → agent   HTTP/1.1 101 Switching Protocols
                     Upgrade: portway-mux            Connection: Upgrade
                     Portway-Name: NAME   Portway-Url: URL   Portway-Resume: KEY
+                    Portway-Streams: resumed | new  (whether the relay still held them too)
+
+When both sides hold the old link's streams, the new link starts with the resume exchange (proto/resume.py)
+and the streams carry on; when either has lost them, each side resets its own, visibly.
 
 Both ends live here: :class:`LinkRequest` is built by the agent and parsed by the relay, :class:`LinkGrant`
 the other way, and :class:`AgentHandshake` is the agent's side as a sans-I/O object fed the relay's bytes.
@@ -44,6 +49,7 @@ class LinkRequest:
     resume_key: str | None = None
     basic_auth: str | None = None  # "USER:PASS" visitors must present
     allow_ip: tuple[str, ...] = ()  # CIDR networks visitors must come from
+    resume_streams: bool = False  # with resume_key: the agent still holds the streams of the link it lost
 
     def encode(self, host: str) -> bytes:
         """The request head, for the relay reached as `host` (HOST:PORT)."""
@@ -53,6 +59,8 @@ class LinkRequest:
             lines.append(f"Authorization: Bearer {self.token}")
         if self.resume_key:
             lines.append(f"Portway-Resume: {self.resume_key}")
+            if self.resume_streams:
+                lines.append("Portway-Resume-Streams: 1")
         if self.basic_auth:
             lines.append("Portway-Basic-Auth: " + base64.b64encode(self.basic_auth.encode()).decode())
         if self.allow_ip:
@@ -83,6 +91,7 @@ class LinkRequest:
             resume_key=resume.decode("latin-1").strip() if resume else None,
             basic_auth=basic_auth,
             allow_ip=allow_ip,
+            resume_streams=bool(resume) and (head.header(b"portway-resume-streams") or b"").strip() == b"1",
         )
 
 
@@ -100,11 +109,13 @@ class LinkGrant:
     name: str
     url: str
     resume_key: str
+    streams_resumed: bool = False  # the relay still held the streams the agent asked to resume
 
     def encode(self) -> bytes:
         return (
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: portway-mux\r\nConnection: Upgrade\r\n"
-            f"Portway-Name: {self.name}\r\nPortway-Url: {self.url}\r\nPortway-Resume: {self.resume_key}\r\n\r\n"
+            f"Portway-Name: {self.name}\r\nPortway-Url: {self.url}\r\nPortway-Resume: {self.resume_key}\r\n"
+            f"Portway-Streams: {'resumed' if self.streams_resumed else 'new'}\r\n\r\n"
         ).encode()
 
 
@@ -154,7 +165,8 @@ class AgentHandshake:
 def _grant_of(head: http1.ResponseHead) -> LinkGrant:
     fields = {key.decode("latin-1").lower(): value.decode("latin-1").strip() for key, value in head.headers}
     try:
-        return LinkGrant(fields["portway-name"], fields["portway-url"], fields["portway-resume"])
+        return LinkGrant(fields["portway-name"], fields["portway-url"], fields["portway-resume"],
+                         fields.get("portway-streams") == "resumed")
     except KeyError as missing:
         raise RegistrationError(502, f"the relay's answer lacks the {missing.args[0]} field") from None
 

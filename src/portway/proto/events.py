@@ -13,6 +13,8 @@ __all__ = [
     "DataReceived",
     "Event",
     "GoAwayReceived",
+    "LinkLost",
+    "LinkResumed",
     "PingAcked",
     "StreamAccepted",
     "StreamEnded",
@@ -84,6 +86,25 @@ class GoAwayReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkLost:
+    """The peer stopped answering pings: the mux parked its streams (``Mux.park``) for a new link. Hang up the
+    old one; ``resume`` on a new one within the resume window, or the streams are reset."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LinkResumed:
+    """The resume exchange on a new link finished: the parked streams carry on (those the peer no longer had
+    were reported with StreamReset just before), and what the peer missed is on its way again."""
+
+    streams: int
+    """Streams that carried on."""
+    resent: int
+    """Bytes sent again because they were lost with the old link."""
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionTerminated:
     """The link is dead (e.g. keepalive timeout) and the multiplexer closed; ``code`` is a ``GoAwayCode``."""
 
@@ -100,5 +121,7 @@ Event = (
     | WindowUpdated
     | PingAcked
     | GoAwayReceived
+    | LinkLost
+    | LinkResumed
     | ConnectionTerminated
 )

@@ -4,10 +4,15 @@ Every frame starts with the same big-endian header::
 
     version u8 (always 0) | type u8 | flags u16 | stream id u32 | length u32
 
-Only DATA frames carry a payload (``length`` bytes of it). For the other types ``length`` is a value:
-the window delta for WINDOW_UPDATE, an opaque token echoed back for PING, the error code for GO_AWAY.
-Stream id 0 names the link itself, so PING and GO_AWAY must use it and DATA must not; a WINDOW_UPDATE on
-stream 0 (no flags) grants credit for the link as a whole.
+DATA and RESUME frames carry a payload (``length`` bytes of it). For the other types ``length`` is a value:
+the window delta for WINDOW_UPDATE, an opaque token echoed back for PING, the error code for GO_AWAY; FIN_ACK
+carries nothing. Stream id 0 names the link itself, so PING, GO_AWAY and RESUME must use it and DATA and
+FIN_ACK must not; a WINDOW_UPDATE on stream 0 (no flags) grants credit for the link as a whole.
+
+Streams outlive their link (see proto/resume.py), which takes three things on top of yamux: a WINDOW_UPDATE
+that enlarges a stream's window says so (GROW), so every other delta proves the peer consumed that many
+bytes; the receiver of a FIN confirms it (FIN_ACK); and a link that replaces a lost one starts with RESUME
+frames, in which each side lists the streams it still holds and how much of each it received.
 
 Flow control has two levels, as in HTTP/2: every DATA byte counts against its stream's window and against the
 link's window. Both sides start with ``INITIAL_STREAM_WINDOW`` per stream and ``INITIAL_LINK_WINDOW`` for the
@@ -44,7 +49,8 @@ __all__ = [
     "GoAwayCode",
 ]
 
-PROTOCOL_VERSION = 0
+PROTOCOL_VERSION = 1
+"""1: resumable streams (GROW, FIN_ACK, RESUME). Version 0 peers are refused by the decoder."""
 HEADER = struct.Struct(">BBHII")
 """The header layout; ``HEADER.pack(PROTOCOL_VERSION, type, flags, stream_id, length)`` encodes one."""
 HEADER_SIZE = HEADER.size
@@ -64,6 +70,11 @@ class FrameType(IntEnum):
     WINDOW_UPDATE = 1
     PING = 2
     GO_AWAY = 3
+    RESUME = 4
+    """Stream 0: one part of the list of streams a side still holds, sent first on a link that replaces a lost
+    one (proto/resume.py has the payload); FIN marks the last part."""
+    FIN_ACK = 5
+    """The sender received the peer's FIN on the stream: everything the peer sent on it arrived."""
 
 
 class Flag(IntFlag):
@@ -75,6 +86,9 @@ class Flag(IntFlag):
     """The sender will send no more data on the stream (half-close)."""
     RST = 0x8
     """The stream is abandoned at once; also refuses an open."""
+    GROW = 0x10
+    """On a stream's WINDOW_UPDATE: the delta enlarges the window. Without it, the delta returns credit for
+    bytes the peer's application consumed, which is what lets the sender stop keeping them for a resume."""
 
 
 class GoAwayCode(IntEnum):
@@ -94,9 +108,9 @@ class Frame(NamedTuple):
 
     def encode(self) -> bytes:
         """Serialise the frame; raise ValueError for a frame the decoder would reject as malformed."""
-        if self.type == FrameType.DATA:
+        if self.type == FrameType.DATA or self.type == FrameType.RESUME:
             if self.length != len(self.payload):
-                raise ValueError("a DATA frame's length must equal its payload length")
+                raise ValueError(f"a {FrameType(self.type).name} frame's length must equal its payload length")
         elif self.payload:
             raise ValueError(f"{FrameType(self.type).name} frames carry no payload")
         return HEADER.pack(PROTOCOL_VERSION, self.type, self.flags, self.stream_id, self.length) + self.payload
@@ -105,8 +119,9 @@ class Frame(NamedTuple):
 # Decoded type and flag fields are mapped to enum members by indexing, which is far cheaper per frame than
 # calling the enum classes; an index past the end is exactly an unknown type or flag bit.
 _TYPES_BY_VALUE = tuple(FrameType)
-_FLAGS_BY_VALUE = tuple(Flag(value) for value in range(16))
+_FLAGS_BY_VALUE = tuple(Flag(value) for value in range(32))
 _PING_FLAGS = frozenset((Flag.SYN, Flag.ACK))
+_RESUME_FLAGS = frozenset((0, Flag.FIN))
 _GO_AWAY_CODES = frozenset(GoAwayCode)
 _make_frame = tuple.__new__  # builds a Frame without NamedTuple's Python-level __new__ (hot path)
 _COMPACT_AFTER = 64 * 1024
@@ -182,6 +197,8 @@ class FrameDecoder:
         if type_value == 0:  # DATA
             if stream_id == 0:
                 raise FrameError("DATA frame on stream 0")
+            if flags_value & Flag.GROW:
+                raise FrameError("GROW is only for WINDOW_UPDATE")
             if length > self.max_frame_size:
                 raise FrameError(f"DATA frame of {length} bytes exceeds the {self.max_frame_size}-byte limit")
             end = HEADER_SIZE + length
@@ -208,6 +225,22 @@ class FrameDecoder:
         if type_value == 1:  # WINDOW_UPDATE
             if stream_id == 0 and flags_value:
                 raise FrameError(f"WINDOW_UPDATE on stream 0 (the link's window) takes no flags, got 0x{flags_value:x}")
+        elif type_value == 4:  # RESUME
+            if stream_id != 0:
+                raise FrameError(f"RESUME frame on stream {stream_id}, expected 0")
+            if flags_value not in _RESUME_FLAGS:
+                raise FrameError(f"RESUME takes no flags but FIN, got 0x{flags_value:x}")
+            if length > self.max_frame_size:
+                raise FrameError(f"RESUME frame of {length} bytes exceeds the {self.max_frame_size}-byte limit")
+            end = HEADER_SIZE + length
+            if available < end:
+                raise StopIteration
+            payload = bytes(buffer[offset + HEADER_SIZE : offset + end])  # rare: a copy is fine
+            self._offset = offset + end
+            return Frame(FrameType.RESUME, _FLAGS_BY_VALUE[flags_value], 0, length, payload)
+        elif type_value == 5:  # FIN_ACK
+            if stream_id == 0 or flags_value or length:
+                raise FrameError("FIN_ACK names a stream other than 0 and takes no flags and no length")
         else:
             self._check_session_frame(_TYPES_BY_VALUE[type_value], flags_value, stream_id, length)
         self._offset = offset + HEADER_SIZE

@@ -39,6 +39,8 @@ from portway.proto.events import (
     DataReceived,
     Event,
     GoAwayReceived,
+    LinkLost,
+    LinkResumed,
     PingAcked,
     StreamAccepted,
     StreamEnded,
@@ -59,6 +61,16 @@ from portway.proto.frame import (
     FrameType,
     GoAwayCode,
 )
+from portway.proto.resume import (
+    ENTRY,
+    RESUME_HEADER,
+    RetransmitBuffer,
+    RetransmitTally,
+    ResumeEntry,
+    ResumeList,
+    decode_resume,
+    encode_resume,
+)
 
 __all__ = ["ASSUMED_RTT", "Mux", "MuxConfig", "Role", "StreamState"]
 
@@ -70,7 +82,7 @@ so a slow reader never earns a bigger window whatever the RTT.
 """
 
 # Plain ints for the flag bits: the Flag enum's operators run in Python and this module tests flags per frame.
-_SYN, _ACK, _FIN, _RST = 0x1, 0x2, 0x4, 0x8
+_SYN, _ACK, _FIN, _RST, _GROW = 0x1, 0x2, 0x4, 0x8, 0x10
 _DATA = FrameType.DATA
 _WINDOW_UPDATE = FrameType.WINDOW_UPDATE
 _PING = FrameType.PING
@@ -118,6 +130,9 @@ class MuxConfig:
     keepalive_interval: float | None = None
     """Seconds of silence before we ping the peer, so that a live but idle peer has something to answer; below
     ``keepalive_timeout``, which leaves the peer the rest to answer in. None: a third of ``keepalive_timeout``."""
+    resume_window: float = 30.0
+    """Seconds a parked mux (its link lost, see ``Mux.park``) keeps its streams for a new link; past it, every
+    stream is reset. 0: streams end with their link (a keepalive timeout closes the mux)."""
     max_control_frames_per_second: int = 2000
     """Budget for frames that cost us work but carry no data (pings, go-aways, resets, empty frames, updates
     for closed streams); a peer that exceeds it is flooding us and the link is closed."""
@@ -149,6 +164,8 @@ class MuxConfig:
                 f"keepalive_interval ({self.keepalive_interval}) must be below keepalive_timeout"
                 f" ({self.keepalive_timeout}): a pinged peer needs time to answer before the link is declared dead"
             )
+        if not 0 <= self.resume_window < float("inf"):
+            raise ValueError(f"resume_window must be 0 or a positive number of seconds, got {self.resume_window}")
 
     @property
     def ping_after(self) -> float:
@@ -214,14 +231,22 @@ _REMOTE_INPUTS = frozenset((_I.RECV_SYN, _I.RECV_ACK, _I.RECV_DATA, _I.RECV_FIN)
 _SENDING_STATES = frozenset(state for state, stream_input in _TRANSITIONS if stream_input is _I.SEND_DATA)
 _RECEIVING_STATES = frozenset(state for state, stream_input in _TRANSITIONS if stream_input is _I.RECV_DATA)
 _UNACCEPTED_STATES = frozenset(state for state, stream_input in _TRANSITIONS if stream_input is _I.SEND_ACK)
+_FIN_SENT_STATES = frozenset((_S.SYN_SENT_LOCAL_CLOSED, _S.LOCAL_CLOSED, _S.CLOSED))
+_FIN_RECEIVED_STATES = frozenset((_S.SYN_RECEIVED_REMOTE_CLOSED, _S.REMOTE_CLOSED, _S.CLOSED))
+_OPENING_STATES = frozenset((_S.SYN_SENT, _S.SYN_SENT_LOCAL_CLOSED))
 
 
 class _Stream:
     """Per-stream state and flow-control counters.
 
-    On the receive side ``receive_remaining + unacknowledged + unannounced == receive_window`` always holds:
-    every byte the window grants is either still usable by the peer, delivered but not yet consumed by the
-    application, or consumed but not yet credited back in a WINDOW_UPDATE.
+    On the receive side ``receive_remaining + unacknowledged + unannounced + unannounced_growth ==
+    receive_window`` always holds: every byte the window grants is either still usable by the peer, delivered
+    but not yet consumed by the application, consumed but not yet credited back in a WINDOW_UPDATE, or added to
+    the window and not yet announced (with GROW).
+
+    For resuming on another link (proto/resume.py) it also counts the bytes received, keeps the bytes sent that
+    the peer has not confirmed (``retransmit``; its ``end`` is the bytes sent) and what it knows of the peer's
+    receive window: ``peer_consumed`` bytes credited back as consumed, ``peer_window`` its size.
     """
 
     __slots__ = (
@@ -236,9 +261,15 @@ class _Stream:
         "epoch_started_at",
         "epoch_consumed",
         "sent_any",
+        "unannounced_growth",
+        "received",
+        "retransmit",
+        "fin_acked",
+        "peer_window",
+        "peer_consumed",
     )
 
-    def __init__(self, receive_window: int, epoch_started_at: float) -> None:
+    def __init__(self, receive_window: int, epoch_started_at: float, tally: RetransmitTally) -> None:
         self.state = StreamState.IDLE
         self.may_send = False
         self.may_receive = False
@@ -246,7 +277,13 @@ class _Stream:
         self.receive_window = receive_window
         self.receive_remaining = INITIAL_STREAM_WINDOW
         self.unacknowledged = 0
-        self.unannounced = receive_window - INITIAL_STREAM_WINDOW
+        self.unannounced = 0
+        self.unannounced_growth = receive_window - INITIAL_STREAM_WINDOW
+        self.received = 0
+        self.retransmit = RetransmitBuffer(tally)
+        self.fin_acked = False  # the peer confirmed our FIN: it has everything we sent
+        self.peer_window = INITIAL_STREAM_WINDOW
+        self.peer_consumed = 0
         self.sent_any = False  # a stream we answered on did real work; resetting it is no flood
         # Window auto-growth measures how long the application takes to consume a full window ("epoch").
         self.epoch_started_at = epoch_started_at
@@ -296,6 +333,17 @@ class Mux:
         # at half the link window: a few streams that read fast, then stalled (a paused video) must not hold
         # all of it, or every other stream of the link would wait for them.
         self._link_growth = 0
+        # Resuming (see proto/resume.py). Streams closed in both directions whose last bytes or FIN the peer
+        # has not confirmed yet: kept to send again if the link is lost first.
+        self._retained: dict[int, _Stream] = {}
+        # What the retransmit buffers hold together. The peer's windows bound it, but the peer chooses them, so
+        # sending also stops at our own link window of it: a hostile peer announcing a huge window and never
+        # consuming can't make us keep more than we would let it make us receive.
+        self._retransmit = RetransmitTally()
+        self._linked = True  # False while parked: no link to send on or receive from
+        self._live = True  # linked and past any resume exchange: streams may send
+        self._parked_until: float | None = None  # while parked or resuming: when the streams are given up
+        self._resume_parts: list[bytes] | None = None  # the peer's RESUME payloads, while we wait for them all
         if self._link_unannounced:
             self._announce_link()
 
@@ -322,6 +370,24 @@ class Mux:
         return self._last_rtt
 
     @property
+    def can_park(self) -> bool:
+        """Whether losing the link now should park the streams: resuming is on, the mux is open, and neither
+        side said GO_AWAY (a peer going away on purpose takes its streams with it)."""
+        return (self.config.resume_window > 0 and not self._closed and not self._go_away_sent
+                and not self._go_away_received)
+
+    @property
+    def is_parked(self) -> bool:
+        """True from ``park`` until the resume exchange on a new link has finished (or the window expired)."""
+        return self._parked_until is not None
+
+    @property
+    def retransmit_size(self) -> int:
+        """Bytes kept to send again should the link be lost: sent on the live and retained streams and not yet
+        confirmed by the peer. At most the peer's link window (see proto/resume.py)."""
+        return self._retransmit.held
+
+    @property
     def link_send_window(self) -> int:
         """Bytes we may still send on all streams together before the peer returns link credit."""
         return self._link_send_window
@@ -338,12 +404,22 @@ class Mux:
         """
         if self._closed:
             return []
+        if not self._linked:
+            raise ValueError("the mux is parked: resume() it on a new link first")
         if data:
             self._last_received_at = now
             self._pinged_since_heard = False
         decoder = self._decoder
         decoder.feed(data)
         events: list[Event] = []
+        if self._resume_parts is not None:
+            try:
+                self._receive_resume(now, events)
+            except ProtocolError as error:
+                self._close(go_away_code=error.code)
+                raise
+            if self._resume_parts is not None or self._closed:
+                return events
         streams = self._streams
         link_remaining = self._link_receive_remaining  # kept in a local while frames take the fast path
         try:
@@ -360,6 +436,7 @@ class Mux:
                     ):
                         stream.receive_remaining -= length
                         stream.unacknowledged += length
+                        stream.received += length
                         link_remaining -= length
                         events.append(DataReceived(stream_id, payload))
                         continue
@@ -373,7 +450,7 @@ class Mux:
         owed = self._link_unannounced
         if owed >= self._link_receive_remaining and owed >= _LINK_UPDATE_MIN:
             self._announce_link()  # what the peer has left fell below what we owe while no one was consuming
-        if self._link_waiting and self._link_send_window > self._link_reserved:
+        if self._link_waiting and self._sendable_link() > self._link_reserved:
             self._wake_link_waiters(events)
         return events
 
@@ -381,6 +458,10 @@ class Mux:
         frame_type, flags, stream_id, length, payload = frame
         if frame_type is _PING:
             self._receive_ping(int(flags), length, now, events)
+        elif frame_type is FrameType.FIN_ACK:
+            self._receive_fin_ack(stream_id, now)
+        elif frame_type is FrameType.RESUME:
+            raise ProtocolError("RESUME outside a resume exchange")
         elif frame_type is FrameType.GO_AWAY:
             self._count_control_frame(now)
             self._go_away_received = True
@@ -433,6 +514,14 @@ class Mux:
                 return
         elif stream is None:
             self._check_was_opened(stream_id)
+            retained = self._retained.get(stream_id)
+            if retained is not None and frame_type is _WINDOW_UPDATE and not flags & ~_GROW:
+                if length and not flags:  # consumption credit that crossed our FIN: lets go of more
+                    self._confirm_consumed(stream_id, retained, length)
+                return
+            if flags & _RST and retained is not None:
+                del self._retained[stream_id]
+                retained.retransmit.clear()
             # Stragglers for a stream we already forgot are normal after a reset or close; only payload that
             # was in flight is free, anything else counts against the flood budget.
             if frame_type is _WINDOW_UPDATE or flags or not length:
@@ -463,6 +552,7 @@ class Mux:
                 )
             stream.receive_remaining -= length
             stream.unacknowledged += length
+            stream.received += length
             if length:
                 events.append(DataReceived(stream_id, payload))
         elif length:
@@ -470,11 +560,44 @@ class Mux:
             if window > MAX_WINDOW_SIZE:
                 raise ProtocolError(f"WINDOW_UPDATE overflows the send window of stream {stream_id}")
             stream.send_window = window
+            if flags & _GROW:
+                stream.peer_window += length
+            else:
+                self._confirm_consumed(stream_id, stream, length)
             if stream.may_send:
                 events.append(WindowUpdated(stream_id))
         if flags & _FIN:
             self._transition(stream_id, stream, _I.RECV_FIN)
+            self._queue_header(FrameType.FIN_ACK, 0, stream_id, 0)
             events.append(StreamEnded(stream_id))
+
+    def _confirm_consumed(self, stream_id: int, stream: _Stream, credit: int) -> None:
+        """Credit that is no GROW says the peer's application consumed that many more of our bytes: they need
+        not be kept for a resume any longer."""
+        consumed = stream.peer_consumed + credit
+        if consumed > stream.retransmit.end:
+            raise ProtocolError(
+                f"WINDOW_UPDATE on stream {stream_id} returns credit for {consumed} bytes consumed, but only"
+                f" {stream.retransmit.end} were sent (window growth must be flagged GROW)"
+            )
+        stream.peer_consumed = consumed
+        stream.retransmit.trim(consumed)
+
+    def _receive_fin_ack(self, stream_id: int, now: float) -> None:
+        """The peer has all we sent on the stream, FIN included: nothing of it needs keeping any more."""
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            if stream.state not in _FIN_SENT_STATES or stream.fin_acked:
+                raise ProtocolError(f"FIN_ACK on stream {stream_id}, which sent no FIN")
+            stream.fin_acked = True
+            stream.retransmit.clear()
+            return
+        retained = self._retained.pop(stream_id, None)
+        if retained is not None:
+            retained.retransmit.clear()
+            return
+        self._check_was_opened(stream_id)
+        self._count_control_frame(now)
 
     def _receive_syn(self, stream_id: int, now: float, events: list[Event]) -> _Stream | None:
         """Register a stream the peer opens, or refuse it with RST (no event) when we are at a limit."""
@@ -487,11 +610,11 @@ class Mux:
             self._go_away_sent
             or self._go_away_received
             or self._unaccepted >= self.config.accept_backlog
-            or len(self._streams) >= self.config.max_streams
+            or len(self._streams) + len(self._retained) >= self.config.max_streams
         ):
             self._queue_header(_WINDOW_UPDATE, _RST, stream_id, 0)
             return None
-        stream = _Stream(INITIAL_STREAM_WINDOW, epoch_started_at=now)
+        stream = _Stream(INITIAL_STREAM_WINDOW, epoch_started_at=now, tally=self._retransmit)
         self._streams[stream_id] = stream
         self._transition(stream_id, stream, _I.RECV_SYN)
         events.append(StreamOpened(stream_id))
@@ -532,11 +655,14 @@ class Mux:
         """Open a stream and return its id. Data may be sent at once, before the peer accepts it."""
         if self._closed or self._go_away_sent or self._go_away_received:
             raise MuxClosedError("the link is closed or going away; no new streams")
+        if not self._live:
+            raise MuxClosedError("the link is lost and not resumed yet; no new streams")
         stream_id = self._next_local_id
         if stream_id > MAX_STREAM_ID:
             raise MuxClosedError("stream ids are exhausted on this link; open a new one")
         self._next_local_id = stream_id + 2
-        stream = _Stream(self.config.initial_window, epoch_started_at=0.0)  # the epoch starts at the ACK
+        stream = _Stream(self.config.initial_window, epoch_started_at=0.0,  # the epoch starts at the ACK
+                         tally=self._retransmit)
         self._link_growth += self.config.initial_window - INITIAL_STREAM_WINDOW
         self._streams[stream_id] = stream
         self._transition(stream_id, stream, _I.SEND_SYN)
@@ -550,7 +676,7 @@ class Mux:
         # Top the window up to the configured size; auto-growth may already have taken it higher.
         extra = max(0, self.config.initial_window - stream.receive_window)
         stream.receive_window += extra
-        stream.unannounced += extra
+        stream.unannounced_growth += extra
         self._link_growth += extra
         self._announce_window(stream_id, stream, _ACK)
 
@@ -567,8 +693,12 @@ class Mux:
         if not stream.may_send:
             raise ValueError(f"stream {stream_id} can't send in state {stream.state.value}")
         size = len(data)
+        if not self._live:  # parked: no window until the peer's RESUME says how much it has
+            if end_stream and not size:
+                self.end_stream(stream_id)
+            return 0
         window = stream.send_window
-        link_window = self._link_send_window
+        link_window = self._sendable_link()
         if self._link_reserved:  # credit set aside for woken streams is theirs: no one overtakes them
             link_window -= self._link_reserved - self._link_woken.get(stream_id, 0)
         if link_window < window:
@@ -585,6 +715,7 @@ class Mux:
         if type(view.obj) is not bytes:
             # Queued frames reference the payload until data_to_send(); a mutable buffer must be frozen first.
             view = memoryview(bytes(view))
+        stream.retransmit.append(view)  # kept until the peer confirms it (the window bounds how much)
         frame_size = self.config.max_frame_size
         outbound = self._outbound
         for start in range(0, accepted, frame_size):
@@ -603,16 +734,17 @@ class Mux:
         """How many bytes ``send_data`` would accept right now (the stream's window or the link's, whichever
         is smaller); 0 for a stream that can't send or is gone."""
         stream = self._streams.get(stream_id)
-        if stream is None or not stream.may_send:
+        if stream is None or not stream.may_send or not self._live:
             return 0
-        link_window = self._link_send_window - self._link_reserved + self._link_woken.get(stream_id, 0)
+        link_window = self._sendable_link() - self._link_reserved + self._link_woken.get(stream_id, 0)
         return min(stream.send_window, link_window)
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close: we send no more data, the peer may still send."""
         stream = self._local_stream(stream_id)
         self._transition(stream_id, stream, _I.SEND_FIN)
-        self._queue_header(_WINDOW_UPDATE, _FIN, stream_id, 0)
+        if self._live:  # else it is a position like any byte, sent when the link resumes
+            self._queue_header(_WINDOW_UPDATE, _FIN, stream_id, 0)
         if self._link_waiting or self._link_woken:
             self._leave_link_line(stream_id)  # it will send nothing more
 
@@ -665,12 +797,12 @@ class Mux:
                 growth = min(stream.receive_window, self.config.max_window - stream.receive_window,
                              self._link_window // 2 - self._link_growth)
                 if growth > 0:
-                    stream.unannounced += growth  # doubling owes >= half: announced below
+                    stream.unannounced_growth += growth  # doubling owes >= half: announced below
                     stream.receive_window += growth
                     self._link_growth += growth
             stream.epoch_started_at = now
             stream.epoch_consumed = 0
-        if stream.unannounced * 2 >= stream.receive_window:
+        if (stream.unannounced + stream.unannounced_growth) * 2 >= stream.receive_window:
             self._announce_window(stream_id, stream, 0)
 
     # ------------------------------------------------------------------ link API
@@ -680,8 +812,8 @@ class Mux:
 
         Its answer, like anything else the peer sends, keeps the link alive (see ``handle_timer``).
         """
-        if self._closed:
-            raise MuxClosedError("the link is closed")
+        if self._closed or not self._live:
+            raise MuxClosedError("the link is closed" if self._closed else "the link is lost and not resumed yet")
         token = self._next_ping_token
         self._next_ping_token = (token + 1) & _PING_TOKEN_MASK
         self._pings[token] = now
@@ -719,7 +851,9 @@ class Mux:
         """When ``handle_timer`` must next be called, or None once closed."""
         if self._closed:
             return None
-        if self._link_waiting and self._link_send_window > self._link_reserved:
+        if self._parked_until is not None:
+            return self._parked_until
+        if self._link_waiting and self._sendable_link() > self._link_reserved:
             # link credit a woken stream gave up (it was reset before sending) is waiting to be handed on: now
             return self._last_received_at
         if self._pinged_since_heard:
@@ -730,25 +864,216 @@ class Mux:
         """Run keepalive: ping a peer quiet for ``ping_after``, and declare the link dead once the peer has
         been silent for ``keepalive_timeout``, whatever we sent meanwhile: a black-holed link or a frozen peer
         is noticed within that bound of its last word, and a live peer, pinged well before, always has
-        something to say in time.
+        something to say in time. A parked mux gives its streams up once the resume window has passed.
 
-        A dead link queues no GO_AWAY (nobody would read it); the mux just closes and reports
-        ConnectionTerminated. Calling this early is harmless.
+        A dead link queues no GO_AWAY (nobody would read it): the mux parks its streams and reports LinkLost
+        (``can_park``), or closes and reports ConnectionTerminated. Calling this early is harmless.
         """
         if self._closed:
             return []
+        if self._parked_until is not None:
+            if now < self._parked_until:
+                return []
+            return self._give_up(f"the link was not resumed within {self.config.resume_window:g}s")
         # deadlines as get_timer computes them, so a timer armed for one finds it due (floats don't round-trip)
         if now >= self._last_received_at + self.config.keepalive_timeout:
-            self._close(go_away_code=None)
             reason = f"keepalive timeout: nothing heard from the peer for {self.config.keepalive_timeout:g}s"
+            if self.can_park:
+                self.park(now)
+                return [LinkLost(reason)]
+            self._close(go_away_code=None)
             return [ConnectionTerminated(GoAwayCode.INTERNAL_ERROR, reason)]
         if not self._pinged_since_heard and now >= self._last_received_at + self.config.ping_after:
             self.ping(now)
             self._pinged_since_heard = True
         events: list[Event] = []
-        if self._link_waiting and self._link_send_window > self._link_reserved:
+        if self._link_waiting and self._sendable_link() > self._link_reserved:
             self._wake_link_waiters(events)  # credit a woken stream gave up (see get_timer)
         return events
+
+    # ------------------------------------------------------------------ link loss and resume
+
+    def park(self, now: float) -> None:
+        """The link was lost without a GO_AWAY: keep every stream for a new link, until ``resume_window`` after
+        the first loss (a new link lost during the resume exchange keeps that deadline).
+
+        Until the exchange on a new link is done, no stream can send (its window is 0) and no stream can be
+        opened; ending, resetting, accepting and acknowledging work as usual and take effect on the new link.
+        ``handle_timer`` past the deadline resets every stream. What was queued for the old link is dropped.
+        """
+        if self._closed:
+            raise MuxClosedError("the link is closed")
+        if self._parked_until is None:
+            self._parked_until = now + self.config.resume_window
+        self._linked = False
+        self._live = False
+        self._resume_parts = None
+        self._decoder = FrameDecoder(self.config.max_frame_size)  # a frame cut in half is lost with the link
+        self._outbound = []
+        self._pings.clear()
+        self._link_waiting.clear()
+        self._link_woken.clear()
+        self._link_reserved = 0
+
+    def resume(self, now: float) -> None:
+        """Start the resume exchange on a new link: queue the RESUME frames listing every stream we hold. The
+        peer's RESUME (``receive_data``) finishes it: LinkResumed, what the peer missed re-sent, windows set."""
+        if self._closed:
+            raise MuxClosedError("the link is closed")
+        if self._linked or self._parked_until is None:
+            raise ValueError("only a parked mux can resume")
+        self._linked = True
+        self._resume_parts = []
+        self._outbound = []  # what the application queued while parked is restated by the resume list
+        self._last_received_at = now
+        self._pinged_since_heard = False
+        entries = []
+        held = 0
+        for stream_id, stream in self._streams.items():
+            # whatever credit is owed is re-granted in the entry's limit: the old link's updates may be lost
+            stream.receive_remaining += stream.unannounced + stream.unannounced_growth
+            stream.unannounced = stream.unannounced_growth = 0
+            held += stream.unacknowledged
+            accepted = stream_id % 2 == self._remote_parity and stream.state not in _UNACCEPTED_STATES
+            received = stream.received + (stream.state in _FIN_RECEIVED_STATES)
+            limit = stream.received + stream.receive_remaining
+            entries.append(ResumeEntry(stream_id, accepted, received, limit, stream.receive_window))
+        for stream_id, stream in self._retained.items():
+            entries.append(ResumeEntry(stream_id, stream_id % 2 == self._remote_parity, stream.received + 1,
+                                       stream.received, 0))
+        self._link_unannounced = 0
+        self._link_receive_remaining = self._link_window - held
+        resume = ResumeList(self._highest_remote_id, self._link_receive_remaining, tuple(entries))
+        payloads = encode_resume(resume, self.config.max_frame_size)
+        for index, payload in enumerate(payloads):
+            last = index == len(payloads) - 1
+            self._outbound.append(_pack_header(PROTOCOL_VERSION, FrameType.RESUME, _FIN if last else 0, 0,
+                                               len(payload)))
+            self._outbound.append(payload)
+        if self._go_away_sent:  # it may have been lost with the old link
+            self._queue_header(FrameType.GO_AWAY, 0, 0, GoAwayCode.NORMAL)
+
+    def abandon(self) -> list[Event]:
+        """Give the parked streams up now (the peer lost its state, or no new link is coming): every stream
+        is reset and the mux closes."""
+        if self._closed:
+            return []
+        return self._give_up("the peer no longer has this link's streams")
+
+    def _give_up(self, reason: str) -> list[Event]:
+        events: list[Event] = [StreamReset(stream_id) for stream_id in self._streams]
+        self._retained.clear()
+        self._close(go_away_code=None)
+        events.append(ConnectionTerminated(GoAwayCode.INTERNAL_ERROR, reason))
+        return events
+
+    def _receive_resume(self, now: float, events: list[Event]) -> None:
+        """While we wait for the peer's RESUME: collect it, and once whole apply it and go on with the frames
+        that follow it in the same read like any others."""
+        parts = self._resume_parts
+        assert parts is not None
+        for frame in self._decoder:
+            if parts is None:
+                self._receive_frame(frame, now, events)
+                continue
+            if frame.type is not FrameType.RESUME:
+                raise ProtocolError(f"{frame.type.name} frame before the peer's RESUME on a resumed link")
+            parts.append(frame.payload)
+            # an honest list holds at most the streams a link may hold (live and retained); twice ours is
+            # generous for a peer configured otherwise, and keeps what a hostile one can make us buffer bounded
+            if sum(map(len, parts)) > 2 * self.config.max_streams * ENTRY.size + len(parts) * RESUME_HEADER.size:
+                raise ProtocolError("RESUME lists more streams than a link may hold")
+            if frame.flags & _FIN:
+                self._resume_parts = None
+                self._apply_resume(decode_resume(parts), now, events)
+                parts = None
+
+    def _apply_resume(self, resume: ResumeList, now: float, events: list[Event]) -> None:
+        """Settle every stream with what the peer says it holds, then let them carry on."""
+        listed = {entry.stream_id: entry for entry in resume.entries}
+        resent = 0
+        for stream_id, stream in list(self._streams.items()):
+            entry = listed.get(stream_id)
+            if entry is not None:
+                resent += self._resume_stream(stream_id, stream, entry, now, events)
+            elif stream_id % 2 != self._remote_parity and stream_id > resume.highest_peer_stream:
+                resent += self._reopen_stream(stream_id, stream)  # our open never arrived: it all goes again
+            else:
+                self._forget(stream_id, stream)  # the peer gave it up (reset it, or lost it)
+                events.append(StreamReset(stream_id))
+        for stream_id, stream in list(self._retained.items()):
+            entry = listed.get(stream_id)
+            if entry is None:
+                del self._retained[stream_id]  # the peer got all of it and forgot it (see proto/resume.py)
+                stream.retransmit.clear()
+            else:
+                resent += self._resume_stream(stream_id, stream, entry, now, events)
+        if resent > resume.link_window:
+            raise ProtocolError(f"the peer's link window of {resume.link_window} can't take the {resent} bytes it"
+                                " missed")
+        self._link_send_window = resume.link_window - resent
+        self._parked_until = None
+        self._live = True
+        events.append(LinkResumed(len(self._streams), resent))
+        events.extend(WindowUpdated(stream_id) for stream_id, stream in self._streams.items() if stream.may_send)
+
+    def _resume_stream(self, stream_id: int, stream: _Stream, entry: ResumeEntry, now: float,
+                       events: list[Event]) -> int:
+        """Send again what the peer is missing of a stream both sides hold; return how many data bytes."""
+        retransmit = stream.retransmit
+        fin_sent = stream.state in _FIN_SENT_STATES
+        received = entry.received
+        if not retransmit.start <= min(received, retransmit.end) or received > retransmit.end + fin_sent:
+            raise ProtocolError(
+                f"RESUME says {received} positions of stream {stream_id} arrived, but we sent"
+                f" {retransmit.end + fin_sent} and it had confirmed {retransmit.start}"
+            )
+        if received > retransmit.end:  # the FIN arrived too: nothing to send again
+            retransmit.clear()
+            stream.fin_acked = True
+            if stream.state is StreamState.CLOSED:
+                del self._retained[stream_id]
+                return 0
+        missing = retransmit.since(received) if received <= retransmit.end else []
+        retransmit.trim(min(received, retransmit.end))
+        if stream.state is not StreamState.CLOSED:
+            if entry.accepted and stream.state in _OPENING_STATES and stream_id % 2 != self._remote_parity:
+                self._transition(stream_id, stream, _I.RECV_ACK)  # its ACK was lost with the old link
+                stream.epoch_started_at = now
+                events.append(StreamAccepted(stream_id))
+            if entry.limit < retransmit.end:
+                raise ProtocolError(f"RESUME shrinks the window of stream {stream_id} below what was sent")
+            stream.peer_window = entry.window
+            stream.peer_consumed = entry.limit - entry.window
+            stream.send_window = entry.limit - retransmit.end
+        return self._resend(stream_id, missing, fin_sent and not stream.fin_acked)
+
+    def _reopen_stream(self, stream_id: int, stream: _Stream) -> int:
+        """Open again a stream whose SYN was lost with the old link, and send all of it again."""
+        retransmit = stream.retransmit
+        if stream.state not in _OPENING_STATES or retransmit.start or stream.received:
+            raise ProtocolError(f"RESUME says stream {stream_id}'s open never arrived, but the peer answered it")
+        stream.receive_remaining = INITIAL_STREAM_WINDOW  # the peer starts it afresh, at the protocol's base
+        stream.unannounced_growth = stream.receive_window - INITIAL_STREAM_WINDOW
+        self._announce_window(stream_id, stream, _SYN)
+        stream.peer_window = INITIAL_STREAM_WINDOW
+        stream.peer_consumed = 0
+        stream.send_window = INITIAL_STREAM_WINDOW - retransmit.end
+        return self._resend(stream_id, retransmit.since(0), stream.state in _FIN_SENT_STATES)
+
+    def _resend(self, stream_id: int, chunks: list[memoryview], fin: bool) -> int:
+        frame_size = self.config.max_frame_size
+        outbound = self._outbound
+        frames: list[memoryview] = []
+        for chunk in chunks:
+            frames.extend(chunk[start : start + frame_size] for start in range(0, len(chunk), frame_size))
+        for index, frame in enumerate(frames):
+            flags = _FIN if fin and index == len(frames) - 1 else 0
+            outbound.append(_pack_header(PROTOCOL_VERSION, _DATA, flags, stream_id, len(frame)))
+            outbound.append(frame)
+        if fin and not frames:
+            self._queue_header(_WINDOW_UPDATE, _FIN, stream_id, 0)
+        return sum(map(len, frames))
 
     # ------------------------------------------------------------------ internals
 
@@ -769,13 +1094,18 @@ class Mux:
                 raise ProtocolError(message)
             raise ValueError(message)
         if new_state is StreamState.CLOSED:
-            self._forget(stream_id, stream)
+            self._forget(stream_id, stream, keep_retransmit=not stream.fin_acked)
+            stream.state = new_state
+            if not stream.fin_acked:  # our last bytes or FIN may still be lost with the link: keep them
+                self._retained[stream_id] = stream
             return
         self._unaccepted += (new_state in _UNACCEPTED_STATES) - (state in _UNACCEPTED_STATES)
         stream.enter(new_state)
 
-    def _forget(self, stream_id: int, stream: _Stream) -> None:
+    def _forget(self, stream_id: int, stream: _Stream, keep_retransmit: bool = False) -> None:
         del self._streams[stream_id]
+        if not keep_retransmit:
+            stream.retransmit.clear()
         self._link_growth -= stream.receive_window - INITIAL_STREAM_WINDOW
         if stream.state in _UNACCEPTED_STATES:
             self._unaccepted -= 1
@@ -788,6 +1118,11 @@ class Mux:
 
     # ------------------------------------------------------------------ link flow control
 
+    def _sendable_link(self) -> int:
+        """What the link lets us send: the peer's credit, and no more than our own link window can keep."""
+        keepable = self._link_window - self._retransmit.held
+        return keepable if keepable < self._link_send_window else self._link_send_window
+
     def _credit_link(self, n: int) -> None:
         """``n`` received bytes are done with (consumed or dropped): owe the peer their link credit."""
         owed = self._link_unannounced + n
@@ -796,7 +1131,12 @@ class Mux:
             self._announce_link()
 
     def _announce_link(self) -> None:
-        """Queue a stream-0 WINDOW_UPDATE returning all link credit owed."""
+        """Queue a stream-0 WINDOW_UPDATE returning all link credit owed, after every stream's consumption credit
+        owed: whatever the peer counts as done on the link it has then also seen confirmed on its stream, which
+        is what bounds its retransmit buffers by the link window."""
+        for stream_id, stream in self._streams.items():
+            if stream.unannounced and stream.may_receive:
+                self._announce_window(stream_id, stream, 0)
         delta = self._link_unannounced
         self._link_unannounced = 0
         self._link_receive_remaining += delta
@@ -821,7 +1161,7 @@ class Mux:
     def _wake_link_waiters(self, events: list[Event]) -> None:
         """Wake streams held up by the link window, first held first, as long as the link credit not yet set
         aside for streams woken earlier can serve them: a credit of a few bytes wakes one stream, never all."""
-        available = self._link_send_window - self._link_reserved
+        available = self._sendable_link() - self._link_reserved
         waiting = self._link_waiting
         woken = self._link_woken
         streams = self._streams
@@ -838,11 +1178,17 @@ class Mux:
             events.append(WindowUpdated(stream_id))
 
     def _announce_window(self, stream_id: int, stream: _Stream, flags: int) -> None:
-        """Queue a WINDOW_UPDATE returning all credit owed (it may also carry SYN or ACK)."""
-        delta = stream.unannounced
+        """Queue what the stream's window owes the peer: growth (GROW, with SYN or ACK if given) and credit for
+        consumed bytes, each in its own WINDOW_UPDATE, so that the peer can tell them apart."""
+        growth = stream.unannounced_growth
+        consumed = stream.unannounced
+        stream.unannounced_growth = 0
         stream.unannounced = 0
-        stream.receive_remaining += delta
-        self._queue_header(_WINDOW_UPDATE, flags, stream_id, delta)
+        stream.receive_remaining += growth + consumed
+        if growth or flags:
+            self._queue_header(_WINDOW_UPDATE, flags | _GROW, stream_id, growth)
+        if consumed:
+            self._queue_header(_WINDOW_UPDATE, 0, stream_id, consumed)
 
     def _queue_header(self, frame_type: FrameType, flags: int, stream_id: int, length: int) -> None:
         self._outbound.append(_pack_header(PROTOCOL_VERSION, frame_type, flags, stream_id, length))

@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 class AgentLinks:
     """Turns an agent's upgrade request into a registered tunnel served over that connection's multiplexed link.
 
-    Owns the tunnels it registered for as long as their link lives; when a link drops, the name is kept for the
-    grace period (or freed at once when the agent said goodbye with GO_AWAY).
+    Owns the tunnels it registered for as long as their link lives; when a link drops, its streams are parked
+    for the resume window (visitors' connections stay open) and an agent that comes back with the resume key
+    takes them on over its new link; when the session ends, the name is kept for the grace period (or freed at
+    once when the agent said goodbye with GO_AWAY).
     """
 
     def __init__(self, config: RelayConfig, registry: Registry, claims: NameClaims,
@@ -63,11 +65,36 @@ class AgentLinks:
         switched = [event for event in visitor.pending if isinstance(event, http1.Switched)]
         visitor.pending.clear()
         link_bytes = (switched[0].trailing if switched else b"") + (conn.take_buffered() if conn.has_unread else b"")
-        grant = LinkGrant(name, self.public_url(name), secrets.token_urlsafe(24))
+        existing = self.registry.get(name)
+        old_session = existing.session if isinstance(existing, AgentTunnel) else None
+        resuming = False
+        if old_session is not None and not old_session.closed.done():
+            # the key proved it: this agent held the name, and has moved on from its old link
+            if request.resume_streams:
+                old_session.detach("the agent came back on a new link")
+                resuming = old_session.parked
+            if not resuming:  # the agent no longer has the streams: each is reset, visibly
+                if old_session.parked:
+                    old_session.abandon()
+                else:
+                    old_session.close()
+        grant = LinkGrant(name, self.public_url(name), secrets.token_urlsafe(24), streams_resumed=resuming)
         conn.write(grant.encode())
         visitor.mark_upgraded()
+        transport = conn.transport
+        assert transport is not None
+        if resuming:
+            assert isinstance(existing, AgentTunnel) and old_session is not None
+            existing.resume_key = grant.resume_key
+            existing.access = access
+            old_session.resume_on(transport, link_bytes)
+            self.registry.keep(existing)
+            log.info("tunnel %s online again at %s: %d streams resumed", name, grant.url, len(old_session.streams))
+            # this connection's part ends with this link (the register call that started the session sees the
+            # session's end through): an agent that reconnects all day must not pile up connections on its address
+            await old_session.link_down()
+            return False
         session = MuxSession(Role.SERVER, self.config.mux)
-        existing = self.registry.get(name)
         if isinstance(existing, AgentTunnel):
             existing.session = session
             existing.resume_key = grant.resume_key
@@ -78,8 +105,7 @@ class AgentLinks:
         self.registry.add(tunnel)
         # an agent stopping gracefully takes no new streams: streams pooled idle for it are let go at once
         session.on_go_away = tunnel.drop_idle
-        transport = conn.transport
-        assert transport is not None
+        session.on_link_lost = lambda reason: self._parked(tunnel, reason)
         transport.set_protocol(session)
         session.connection_made(transport)
         if link_bytes:
@@ -97,6 +123,12 @@ class AgentLinks:
                 self.registry.free_after(tunnel, self.config.grace_period)
         return False
 
+    def _parked(self, tunnel: AgentTunnel, reason: str) -> None:
+        """The link was lost and its streams wait for the agent: the name is held for the resume window and the
+        grace period after it (a resume cancels that; the session's end restarts the grace period)."""
+        window = self.config.mux.resume_window
+        log.info("tunnel %s offline: %s (its open streams wait up to %gs for the agent)", tunnel.name, reason, window)
+        self.registry.free_after(tunnel, window + self.config.grace_period)
 
 def access_policy(request: LinkRequest) -> AccessPolicy:
     """The visitor rules an agent asked for, as the relay enforces them; HttpError(400) for a bad network."""
@@ -114,8 +146,4 @@ def _holds_resume_key(tunnel: Tunnel, resume_key: str | None) -> bool:
     """A reconnecting agent proves it is the one that held the name by the key it was given."""
     if not isinstance(tunnel, AgentTunnel) or resume_key is None:
         return False
-    if not secrets.compare_digest(resume_key, tunnel.resume_key):
-        return False
-    if tunnel.session is not None and not tunnel.session.closed.done():
-        tunnel.session.close()  # the old link is stale: the agent has already moved to a new one
-    return True
+    return secrets.compare_digest(resume_key, tunnel.resume_key)

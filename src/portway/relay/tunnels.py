@@ -130,7 +130,8 @@ class AgentTunnel(Tunnel):
 
     @property
     def online(self) -> bool:
-        return self.session is not None and not self.session.closed.done()
+        """The agent's link is up (a parked session, whose link is lost, is not online: it waits for one)."""
+        return self.session is not None and not self.session.closed.done() and not self.session.parked
 
     def release(self, conduit, reusable: bool) -> None:
         # a link going away (either end sent GO_AWAY) carries the exchanges in flight, no new ones: don't pool
@@ -145,6 +146,10 @@ class AgentTunnel(Tunnel):
     async def _new_conduit(self):
         session = self.session
         if session is None or session.closed.done():
+            raise HttpError(502, f"the agent for tunnel {self.name!r} is not connected (agent reconnecting)")
+        if session.resuming:  # the agent is back and the streams are being settled: a round trip
+            await session.until_resumed()
+        if session.parked or session.closed.done():
             raise HttpError(502, f"the agent for tunnel {self.name!r} is not connected (agent reconnecting)")
         try:
             return session.open_stream()
