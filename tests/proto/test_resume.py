@@ -28,6 +28,8 @@ from portway.proto.events import (
 )
 from portway.proto.frame import INITIAL_LINK_WINDOW, INITIAL_STREAM_WINDOW, Flag, Frame, FrameType
 from portway.proto.mux import Mux, MuxConfig, Role
+
+from .helpers import MuxPair
 from portway.proto.resume import (
     ENTRY,
     RESUME_HEADER,
@@ -667,3 +669,20 @@ def test_a_resume_list_longer_than_a_link_may_hold_is_refused() -> None:
     wire = b"".join(Frame(FrameType.RESUME, Flag(0), 0, len(p), p).encode() for p in payloads)
     with pytest.raises(ProtocolError, match="more streams than a link may hold"):
         mux.receive_data(wire, 0.0)
+
+
+def test_streams_opened_into_the_silence_are_the_unanswered_ones() -> None:
+    """What a relay fails at once when the link is lost rather than park: its opens the agent never accepted."""
+    pair = MuxPair(now=0.0)
+    client, server = pair.client, pair.server
+    answered = client.open_stream()
+    pair.transfer()
+    server.accept_stream(answered)
+    pair.transfer()
+    opened_by_peer = server.open_stream()
+    pair.transfer()
+    unanswered = client.open_stream()  # its SYN goes nowhere: the link is lost
+    client.data_to_send()
+    client.park(1.0)
+    assert client.unanswered_streams() == [unanswered]
+    assert server.unanswered_streams() == [opened_by_peer]  # the client never accepted it either

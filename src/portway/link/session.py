@@ -360,6 +360,14 @@ class MuxSession(asyncio.Protocol):
             self._shutdown("the peer no longer had the link's streams")
 
     def _parked(self, reason: str) -> None:
+        # A stream the peer never answered was opened into the silence (a visitor's request sent after the link's
+        # last word): nobody on the far side waits for it, and its visitor must hear within the keepalive bound,
+        # not wait out the resume window. The streams the peer answered are parked for a resume.
+        for stream_id in self.mux.unanswered_streams():
+            self.mux.reset_stream(stream_id)
+            stream = self.streams.pop(stream_id, None)
+            if stream is not None:
+                stream._on_reset()
         log.info("agent link lost (%s): %d streams wait up to %gs for a new link", reason, len(self.streams),
                  self.mux.config.resume_window)
         self.resume_writing()  # writers waiting for the old transport to drain now wait for window instead

@@ -953,6 +953,13 @@ class Mux:
         if self._go_away_sent:  # it may have been lost with the old link
             self._queue_header(FrameType.GO_AWAY, 0, 0, GoAwayCode.NORMAL)
 
+    def unanswered_streams(self) -> list[int]:
+        """Streams we opened that the peer has not accepted yet: on a lost link nothing says the peer ever saw
+        them (a request sent into a black hole), so a caller may rather fail them at once than park them."""
+        parity = self._remote_parity
+        return [stream_id for stream_id, stream in self._streams.items()
+                if stream_id % 2 != parity and stream.state in _OPENING_STATES]
+
     def abandon(self) -> list[Event]:
         """Give the parked streams up now (the peer lost its state, or no new link is coming): every stream
         is reset and the mux closes."""
