@@ -137,7 +137,7 @@ class LinkProxy:
                     continue
                 if sock is self.listener:
                     self._accept()
-                else:
+                elif sock in self._owner:  # (not one that a command earlier in this same pass reset)
                     self._pump(sock)
 
     def _accept(self) -> None:

@@ -195,8 +195,15 @@ class Agent:
         grant = granted.grant
         self.name = grant.name
         self.resume_key = grant.resume_key
+        # The relay's first frames follow its 101 at once, and some may have arrived after the read that
+        # completed the handshake: they are the link's too (lost, they were the link window's first increase,
+        # and the link stalled once the agent had sent the protocol's base 1 MiB).
+        link_bytes = granted.link_bytes + conn.take_buffered()
+        if conn.at_eof or transport.is_closing():
+            conn.close()
+            raise RelayUnreachable("the relay closed the link right after granting it")
         if parked is not None and parked.parked and grant.streams_resumed:
-            parked.resume_on(transport, granted.link_bytes)  # the streams carry on where they stopped
+            parked.resume_on(transport, link_bytes)  # the streams carry on where they stopped
             self.on_status(f"{len(parked.streams)} open streams resumed")
             return Registered(grant.name, grant.url, grant.resume_key, parked)
         if parked is not None:
@@ -204,8 +211,8 @@ class Agent:
         session = MuxSession(Role.CLIENT, self.config.mux, on_stream=self.serve_stream)
         transport.set_protocol(session)
         session.connection_made(transport)
-        if granted.link_bytes:
-            session.data_received(granted.link_bytes)
+        if link_bytes:
+            session.data_received(link_bytes)
         self.session = session
         return Registered(grant.name, grant.url, grant.resume_key, session)
 
