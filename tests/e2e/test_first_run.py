@@ -3,6 +3,7 @@ stranger's HTML), and the agent waits for a relay that isn't up yet."""
 
 from __future__ import annotations
 
+import http.client
 import signal
 import subprocess
 import threading
@@ -81,6 +82,23 @@ def test_a_name_held_through_a_grace_period_says_when_it_frees(procs):
     assert again.wait_exit(EXIT_TIMEOUT) == 1
     assert_one_clear_line(again.output(), "its link dropped")
     assert "free in" in again.output()
+
+
+def test_a_crashed_agent_restarted_with_its_token_gets_its_name_back_at_once(procs):
+    """No resume key survives a crash, but the token proves the name is the agent's own; another token waits."""
+    relay = start_relay(procs, "--token", "crash-secret", "--token", "other-secret", "-v")
+    origin = start_origin(procs)
+    first, _ = start_agent(procs, relay, origin, "--no-inspect", "--token", "crash-secret", name="mine")
+    first.kill(signal.SIGKILL)
+    relay.proc.wait_for_line(r"tunnel mine offline")
+    other = procs.start(PORTWAY + ["http", str(origin), "--relay", relay.url, "--name", "mine", "--no-inspect",
+                                   "--token", "other-secret"], "other token")
+    assert other.wait_exit(EXIT_TIMEOUT) == 1 and "its link dropped" in other.output()
+    start_agent(procs, relay, origin, "--no-inspect", "--token", "crash-secret", name="mine")
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
+    conn.request("GET", "/", headers={"Host": relay.host("mine")})
+    assert conn.getresponse().status == 200
+    conn.close()
 
 
 @pytest.fixture

@@ -146,9 +146,28 @@ def test_random_names_skip_names_in_use():
 
 
 def test_a_name_in_its_grace_period_says_when_it_frees():
-    world = World(GRANT_B)
+    world = World(GRANT_A, GRANT_B)
     world.holders["dropped"] = Holder(DIGEST_B)
     world.holders.grace_ends = {"dropped": 107.2}
     world.now = 100.0
-    status, message = world.refusal("beta-secret", "dropped")
+    status, message = world.refusal("alpha-secret", "dropped")
     assert status == 409 and "its link dropped" in message and "free in 8 s" in message
+
+
+def test_an_agent_of_the_same_token_takes_back_a_name_whose_link_is_down():
+    """A crashed agent's restart has no resume key; its token proves the name is its own."""
+    world = World(GRANT_A, GRANT_B)
+    world.holders["mine"] = Holder(DIGEST_A)
+    assert world.refusal("alpha-secret", "mine")[0] == 409, "online: only the resume key replaces it"
+    world.holders["other"] = Holder(DIGEST_A)
+    world.holders.grace_ends = {"mine": 300.0}
+    assert world.refusal("alpha-secret", "third")[0] == 403, "the quota of 2 is full"
+    assert world.claim("alpha-secret", "mine").name == "mine", "taking one's own name back is no new tunnel"
+    assert world.refusal("beta-secret", "mine")[0] == 409, "another token waits for the lease to end"
+
+
+def test_on_an_open_relay_only_the_resume_key_takes_back_a_name():
+    world = World()
+    world.holders["dropped"] = Holder("")
+    world.holders.grace_ends = {"dropped": 300.0}
+    assert world.refusal(None, "dropped")[0] == 409

@@ -87,6 +87,16 @@ class Agent:
                 hint = "check --ca" if self.config.ca_file else "pass --ca FILE with the CA that signed it"
                 raise RegistrationError(0, f"cannot reach the relay at {self.relay_host}:{self.relay_port}: "
                                            f"certificate verify failed ({error.verify_message}); {hint}") from None
+            except RegistrationError as error:
+                if error.status != 503:
+                    raise  # a refusal for good: bad token, name taken, invalid name, quota
+                # the relay can't register anyone just now (its cluster registry is away): it says so, and is
+                # asked again after the backoff's delay, like an unreachable relay
+                delay = backoff.next_delay()
+                self.on_status(retry_status(delay, backoff.attempt, f"the relay refused for now ({error.message})",
+                                            reconnecting=not first))
+                await self.wait_before_retry(delay, probe=False)
+                continue
             except (RelayUnreachable, OSError) as error:
                 unreachable = isinstance(error, RelayUnreachable)
                 detail = str(error) if unreachable else error.strerror or str(error)

@@ -19,7 +19,11 @@ from ..proto.names import random_name, validate_name
 if TYPE_CHECKING:
     import random
 
-Holder = TypeVar("Holder")
+class Owned(Protocol):
+    owner: str  # digest of the token that registered it ("" on an open relay)
+
+
+Holder = TypeVar("Holder", bound=Owned)
 
 
 class NameHolders(Protocol[Holder]):
@@ -47,7 +51,8 @@ def claim(*, tokens: TokenBook, throttle: FailureThrottle, holders: NameHolders,
     """Authenticate a registration and pick its name; raises HttpError with the refusal.
 
     `may_replace(holder)` says whether the tunnel holding the requested name may be taken over by this request
-    (the same agent coming back with its resume key, the same `lt` client within its grace period).
+    (the same agent coming back with its resume key, the same `lt` client within its grace period); a name held
+    only for an agent whose link is down may also be taken by any agent of the same token.
     """
     if throttle.blocked(peer_ip, now):
         raise HttpError(429, THROTTLED)
@@ -58,7 +63,7 @@ def claim(*, tokens: TokenBook, throttle: FailureThrottle, holders: NameHolders,
                         else "the token was not accepted by this relay")
     if grant.max_tunnels:
         held = holders.held_by(grant.digest)
-        replacing = requested is not None and _replaceable(holders, requested, may_replace)
+        replacing = requested is not None and _replaceable(holders, requested, grant, may_replace)
         if held >= grant.max_tunnels and not replacing:
             raise HttpError(403, f"this token may hold {grant.max_tunnels} tunnel(s) at once and holds {held}")
     if requested is None:
@@ -70,8 +75,7 @@ def claim(*, tokens: TokenBook, throttle: FailureThrottle, holders: NameHolders,
     owner = tokens.owner_of(name)
     if owner is not None and owner.digest != grant.digest:
         raise HttpError(403, f"tunnel name {name!r} is reserved for another token")
-    existing = holders.get(name)
-    if existing is not None and not may_replace(existing):
+    if holders.get(name) is not None and not _replaceable(holders, name, grant, may_replace):
         frees_at = holders.frees_at(name)
         if frees_at is not None:
             raise HttpError(409, f"tunnel name {name!r} is held for the agent that had it (its link dropped); "
@@ -80,9 +84,17 @@ def claim(*, tokens: TokenBook, throttle: FailureThrottle, holders: NameHolders,
     return Claim(name, grant)
 
 
-def _replaceable(holders: NameHolders, name: str, may_replace: Callable[[object], bool]) -> bool:
+def _replaceable(holders: NameHolders, name: str, grant: Grant, may_replace: Callable[[object], bool]) -> bool:
+    """Whether the tunnel holding `name` may be replaced: by the same agent back with its resume key
+    (`may_replace`), or, once its link is down and the name only held for it, by any agent of the same token: an
+    agent restarted after a crash has no resume key, and the token proves whose name it is. On an open relay
+    everyone shares one anonymous grant, so there only the key counts."""
     existing = holders.get(name)
-    return existing is not None and may_replace(existing)
+    if existing is None:
+        return False
+    if may_replace(existing):
+        return True
+    return bool(grant.digest) and existing.owner == grant.digest and holders.frees_at(name) is not None
 
 
 def reserved_or_taken(tokens: TokenBook, holders: NameHolders) -> set[str]:

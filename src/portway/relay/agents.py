@@ -130,6 +130,7 @@ class AgentLinks:
         log.info("tunnel %s offline: %s (its open streams wait up to %gs for the agent)", tunnel.name, reason, window)
         self.registry.free_after(tunnel, window + self.config.grace_period)
 
+
 def access_policy(request: LinkRequest) -> AccessPolicy:
     """The visitor rules an agent asked for, as the relay enforces them; HttpError(400) for a bad network."""
     access = AccessPolicy()
