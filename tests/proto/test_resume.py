@@ -28,8 +28,6 @@ from portway.proto.events import (
 )
 from portway.proto.frame import INITIAL_LINK_WINDOW, INITIAL_STREAM_WINDOW, Flag, Frame, FrameType
 from portway.proto.mux import Mux, MuxConfig, Role
-
-from .helpers import MuxPair
 from portway.proto.resume import (
     ENTRY,
     RESUME_HEADER,
@@ -41,7 +39,7 @@ from portway.proto.resume import (
     encode_resume,
 )
 
-from .helpers import FrameFactory, decode_all
+from .helpers import FrameFactory, MuxPair, decode_all
 
 f = FrameFactory()
 FRAME = 16 * 1024
