@@ -242,11 +242,12 @@ class Agent:
                 message = f"{self.local_target} refused the connection (is the service running?)"
             else:
                 message = f"{self.local_target} could not be reached: {error.strerror or error}"
+            # The answer goes out whole and the stream stays open for the relay to end once it has read it: a
+            # reset right behind the answer could reach the relay before it has even sent the request (this
+            # runs as soon as the stream opens), and the visitor would read "the agent went away" instead.
             try:
                 await stream.send(error_response(502, message, close=True))  # waits for link credit if need be
                 stream.write_eof()
             except ConduitReset:
-                pass  # the relay gave up on the stream meanwhile
-            finally:
-                stream.close()
+                stream.close()  # the relay gave up on the stream meanwhile
 
