@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Awaitable, Callable, Mapping
 
@@ -22,6 +23,7 @@ from .config import (
     AGENT_SETTINGS,
     DEFAULT_RELAY_PORT,
     RELAY_SETTINGS,
+    TCP_SETTINGS,
     AgentConfig,
     RelayConfig,
     Setting,
@@ -47,8 +49,10 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)  # a message stay
 
 
 def fail(message: str, status: int) -> int:
-    """Print an error for the user (never read as rich markup) and return the exit status."""
-    stderr.print(f"[red]error:[/] {escape(message)}")
+    """Print an error for the user (never read as rich markup) and return the exit status. A message of several
+    lines (a relay refusing several tunnels, one reason each) is one error line each."""
+    for line in message.splitlines() or [""]:
+        stderr.print(f"[red]error:[/] {escape(line)}")
     return status
 
 EMBEDDED_PORT_ATTEMPTS = 50
@@ -108,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="PORT", help="local port to expose, or HOST:PORT (the host overrides --local-host)")
     add_settings(http, AGENT_SETTINGS)
 
+    tcp = commands.add_parser("tcp", help="expose a local TCP port (SSH, a database...) through a relay")
+    tcp.add_argument("target", type=flag_type(Setting("target", "PORT", local_target, None, "")),
+                     metavar="PORT", help="local port to expose, or HOST:PORT (the host overrides --local-host)")
+    add_settings(tcp, TCP_SETTINGS)
+
     start = commands.add_parser("start", help="run the tunnels of a config file")
     start.add_argument("--config", dest="config_file", metavar="FILE", type=Path,
                        help=f"the agent's TOML file (default ./{FILE_NAME}, else "
@@ -124,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="check FILE as a relay's (default: decided by its keys, see the README)")
     kind.add_argument("--agent", dest="relay_file", action="store_const", const=False,
                       help="check FILE as an agent's")
-    for command in (server, http, hash_token, start, config_check):
+    for command in (server, http, tcp, hash_token, start, config_check):
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="log what the relay/agent does")
     return parser
@@ -146,17 +155,33 @@ def main(argv: list[str] | None = None) -> None:
         except ConfigurationError as error:
             sys.exit(fail(str(error), 2))
         return
+    tunnels: tuple = ()
     try:
         if args.command == "start":
-            path, config = start_config(args, os.environ)
-            stderr.print(f"tunnel {escape(str(config.name))} of {escape(str(path))}")
+            path, config, tunnels = start_config(args, os.environ)
+            names = ", ".join(tunnel.label for tunnel in tunnels) if tunnels else str(config.name)
+            stderr.print(f"tunnel{'s' if len(tunnels) > 1 else ''} {escape(names)} of {escape(str(path))}")
         else:
             config = config_from(args, os.environ)
+            if args.command == "tcp":
+                tunnels = (tcp_tunnel(config),)
     except ConfigurationError as error:
         sys.exit(fail(str(error), 2))
     if isinstance(config, RelayConfig):
         sys.exit(_run(lambda stop: run_server(config, stop)))
-    sys.exit(_run(lambda stop: run_http(config, inspector_config(config), stop)))
+    any_http = not tunnels or any(tunnel.proto == "http" for tunnel in tunnels)
+    inspect = inspector_config(config) if any_http else None
+    sys.exit(_run(lambda stop: run_http(config, inspect, stop, tunnels)))
+
+
+def tcp_tunnel(config: AgentConfig, label: str = ""):
+    """`portway tcp`'s one tunnel (or a config file's tcp tunnel) as the agent serves it."""
+    from .agent.client import LocalTunnel
+    from .proto.proxy_protocol import Version
+
+    version = {"v1": Version.V1, "v2": Version.V2}.get(config.proxy_protocol or "")
+    return LocalTunnel("tcp", config.local_host, config.port, remote_port=config.remote_port,
+                       proxy_protocol=version, allow_ip=tuple(config.allow_ip), label=label)
 
 
 def verbose_logging() -> bool:
@@ -190,27 +215,32 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> RelayCo
     host, port = args.target
     if host is not None:
         given["local_host"] = host
-    return agent_config(port, load(AGENT_SETTINGS, given, environ))
+    return agent_config(port, load(TCP_SETTINGS if args.command == "tcp" else AGENT_SETTINGS, given, environ))
 
 
-def start_config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Path, AgentConfig]:
-    """The agent's file `portway start` reads and the config it runs with: the file's selected tunnels, which (for
-    now) must be exactly one http tunnel; several over one link and tcp tunnels are refused, not approximated."""
+def start_config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Path, AgentConfig, tuple]:
+    """The agent's file `portway start` reads, the config its link runs with and its selected tunnels. One http
+    tunnel runs as `portway http` does (the tuple is empty); tcp tunnels, or several, run over one link."""
+    from .agent.client import LocalTunnel
+
     path = args.config_file if args.config_file is not None else default_agent_file(environ, Path.cwd())
     agent_file = read_agent_file(path)
     selected = agent_file.select(args.names)
-    tcp = [tunnel.name for tunnel in selected if not isinstance(tunnel, HttpTunnel)]
-    if tcp:
-        http = [tunnel.name for tunnel in agent_file.tunnels if isinstance(tunnel, HttpTunnel)]
-        instead = f"start one of its http tunnels by name ({', '.join(http)})" if http else "it has no http tunnel"
-        raise ConfigurationError(f"tcp tunnels ({', '.join(tcp)}) are not available yet in this version of "
-                                 f"portway: {instead}")
-    if len(selected) > 1:
-        names = ", ".join(tunnel.name for tunnel in selected)
-        raise ConfigurationError(f"running several tunnels at once ({names}) is not available yet in this "
-                                 f"version of portway: start one by its name, e.g. `portway start "
-                                 f"{selected[0].name}`")
-    return path, agent_file.agent_config(selected[0], given_flags(args), environ)
+    given = given_flags(args)
+    configs = [agent_file.agent_config(tunnel, given, environ) for tunnel in selected]
+    if len(selected) == 1 and isinstance(selected[0], HttpTunnel):
+        return path, configs[0], ()
+    tunnels = []
+    for tunnel, config in zip(selected, configs):
+        if isinstance(tunnel, HttpTunnel):
+            tunnels.append(LocalTunnel("http", config.local_host, config.port, name=tunnel.name,
+                                       allow_ip=tuple(config.allow_ip), basic_auth=config.basic_auth,
+                                       label=tunnel.name))
+        else:
+            own = dict(tunnel.settings)
+            tunnels.append(tcp_tunnel(replace(config, remote_port=tunnel.remote_port,
+                                              proxy_protocol=own.get("proxy_protocol")), label=tunnel.name))
+    return path, configs[0], tuple(tunnels)
 
 
 def read_secret() -> str:
@@ -361,7 +391,7 @@ async def serve_until_stopped(agent, config: AgentConfig, stop: asyncio.Event, s
         await asyncio.gather(running, stopping, return_exceptions=True)
 
 
-async def run_http(config: AgentConfig, inspect=None, stop: asyncio.Event | None = None) -> int:
+async def run_http(config: AgentConfig, inspect=None, stop: asyncio.Event | None = None, tunnels: tuple = ()) -> int:
     from .agent.client import Agent
     from .agent.console import AgentConsole, Tally
     from .agent.metrics import AgentCollector, exposition
@@ -391,17 +421,18 @@ async def run_http(config: AgentConfig, inspect=None, stop: asyncio.Event | None
         if inspector is not None:
             tally = Tally()
             inspector.store.listen(tally.on_event)
-        console = AgentConsole(stderr, relay_url, f"{config.local_host}:{config.port}", tally,
+        target = ", ".join(tunnel.target for tunnel in tunnels) if tunnels else f"{config.local_host}:{config.port}"
+        console = AgentConsole(stderr, relay_url, target, tally,
                                live=stderr.is_terminal and not verbose_logging(), log_format=config.log_format)
 
         def show_url(url: str) -> None:
             console.url(url)
             if not (console.live_mode and sys.stdout.isatty()):  # on the display's terminal, the display shows it
                 print(url, flush=True)
-            if relay is not None:
+            if relay is not None and url.startswith("http"):
                 asyncio.get_running_loop().create_task(serve_direct(relay, url, console.status))
 
-        agent = Agent(config, relay_url, on_url=show_url, on_status=console.status)
+        agent = Agent(config, relay_url, on_url=show_url, on_status=console.status, tunnels=tunnels)
         console.agent = agent
         if inspector is not None:
             agent.new_tap = inspector.tap

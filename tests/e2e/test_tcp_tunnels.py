@@ -1,0 +1,225 @@
+"""TCP tunnels and several tunnels over one agent link, end to end: real relay and agent processes, services on
+127.0.0.1 (a Python origin, OpenSSH, Redis), visitors through the relay's public TCP ports."""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import os
+import re
+import shutil
+import socket
+import socketserver
+import subprocess
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from portway.proto.proxy_protocol import HeaderReader
+
+from .conftest import PORTWAY, Processes, Relay, free_port, start_relay
+from .linkproxy import LinkProxy
+
+TIMEOUT = 60
+SSHD = "/usr/sbin/sshd"
+
+
+def start_tcp_relay(procs: Processes, count: int = 3, *extra: str) -> tuple[Relay, list[int]]:
+    """A relay offering `count` free ports for TCP tunnels (given as a list, A,B,C)."""
+    ports = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    relay = start_relay(procs, "--tcp-ports", ",".join(map(str, ports)), *extra)
+    return relay, ports
+
+
+def start_tcp_agent(procs: Processes, relay: Relay, target: int | str, *extra: str) -> tuple[object, int]:
+    """`portway tcp TARGET`; returns the agent and the public port of its tcp://HOST:PORT stdout line."""
+    proc = procs.start(PORTWAY + ["tcp", str(target), "--relay", relay.url, *extra], "tcp agent")
+    match = proc.wait_for_line(r"^tcp://%s:(\d+)$" % re.escape(relay.domain))
+    return proc, int(match.group(1))
+
+
+def refused(procs: Processes, relay: Relay, *args: str) -> str:
+    """Run an agent that must be refused: its exit status is not 0 and it says why on stderr (no traceback)."""
+    proc = procs.start(PORTWAY + [*args, "--relay", relay.url, "--no-wait-for-relay"], "refused agent")
+    code = proc.wait_exit(TIMEOUT)
+    assert code != 0, proc.output()
+    assert proc.stdout == [], proc.output()
+    assert "Traceback" not in proc.output()
+    return "\n".join(proc.stderr)
+
+
+class Origin(socketserver.ThreadingTCPServer):
+    """A Python service on 127.0.0.1 answering each connection with `handle(sock)`, in a thread."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, handle) -> None:
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                handle(self.request)
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    parts = []
+    while data := sock.recv(1 << 20):
+        parts.append(data)
+    return b"".join(parts)
+
+
+def answer_after_eof(sock: socket.socket) -> None:
+    """Reads everything the visitor sends until its end, then answers its checksum and 8 MiB (+ their checksum)."""
+    received = hashlib.sha256(read_to_end(sock)).hexdigest()
+    body = os.urandom(8 * 1024 * 1024)
+    sock.sendall(f"{received} {hashlib.sha256(body).hexdigest()}\n".encode() + body)
+
+
+def test_a_visitor_that_half_closes_still_gets_the_whole_answer(procs):
+    with Origin(answer_after_eof) as origin:
+        relay, _ = start_tcp_relay(procs)
+        _, public = start_tcp_agent(procs, relay, origin.port)
+        payload = os.urandom(8 * 1024 * 1024 + 7)
+        with socket.create_connection(("127.0.0.1", public), timeout=TIMEOUT) as visitor:
+            visitor.sendall(payload)
+            visitor.shutdown(socket.SHUT_WR)  # done sending: the answer must still come, whole
+            answer = read_to_end(visitor)
+        line, body = answer.split(b"\n", 1)
+        seen, body_sum = line.decode().split()
+        assert seen == hashlib.sha256(payload).hexdigest()
+        assert hashlib.sha256(body).hexdigest() == body_sum and len(body) == 8 * 1024 * 1024
+
+
+def say_proxy_source(sock: socket.socket) -> None:
+    reader = HeaderReader()
+    header = None
+    while header is None:
+        header = reader.feed(sock.recv(256))
+    assert header.endpoints is not None
+    sock.sendall(f"{header.version.name} {header.endpoints.source} {header.endpoints.source_port}\n".encode()
+                 + reader.rest)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_service_learns_the_visitor_address_from_the_proxy_header(procs, version):
+    with Origin(say_proxy_source) as origin:
+        relay, _ = start_tcp_relay(procs)
+        _, public = start_tcp_agent(procs, relay, f"127.0.0.1:{origin.port}", "--proxy-protocol", version)
+        with socket.create_connection(("127.0.0.1", public), timeout=TIMEOUT) as visitor:
+            visitor.sendall(b"first bytes")
+            visitor.shutdown(socket.SHUT_WR)
+            answer = read_to_end(visitor).decode()
+            own_port = visitor.getsockname()[1]
+        assert answer == f"{version.upper()} 127.0.0.1 {own_port}\nfirst bytes"
+
+
+def test_without_proxy_protocol_the_service_gets_the_visitor_bytes_first(procs):
+    def echo(sock: socket.socket) -> None:
+        sock.sendall(read_to_end(sock))
+
+    with Origin(echo) as origin:
+        relay, _ = start_tcp_relay(procs)
+        _, public = start_tcp_agent(procs, relay, origin.port)
+        with socket.create_connection(("127.0.0.1", public), timeout=TIMEOUT) as visitor:
+            visitor.sendall(b"PING")
+            visitor.shutdown(socket.SHUT_WR)
+            assert read_to_end(visitor) == b"PING"
+
+
+def test_refusals_are_one_line_each_and_a_failing_exit(procs, tmp_path):
+    tokens = tmp_path / "tokens.toml"
+    relay_ports = [free_port() for _ in range(3)]
+    reserved = relay_ports[2]
+    tokens.write_text(f'[[token]]\ntoken = "alice"\n\n[[token]]\ntoken = "bob"\nports = [{reserved}]\n')
+    relay = start_relay(procs, "--tcp-ports", ",".join(map(str, relay_ports)), "--tokens", str(tokens))
+    outside = next(port for port in range(20000, 65000) if port not in relay_ports)
+    message = refused(procs, relay, "tcp", "22", "--remote-port", str(outside), "--token", "alice")
+    assert re.fullmatch(rf"error: port {outside} is outside this relay's TCP range .*", message), message
+
+    message = refused(procs, relay, "tcp", "22", "--remote-port", str(reserved), "--token", "alice")
+    assert message == f"error: port {reserved} is reserved for another token"
+
+    start_tcp_agent(procs, relay, 22, "--remote-port", str(relay_ports[0]), "--token", "alice")
+    message = refused(procs, relay, "tcp", "22", "--remote-port", str(relay_ports[0]), "--token", "bob")
+    assert message == f"error: port {relay_ports[0]} is already in use"
+
+    plain = start_relay(procs)
+    message = refused(procs, plain, "tcp", "22")
+    assert message == "error: no TCP ports configured on this relay: start it with --tcp-ports"
+
+
+def test_a_config_file_serves_two_http_tunnels_and_a_tcp_one_over_one_link(procs, tmp_path):
+    def echo(sock: socket.socket) -> None:
+        sock.sendall(read_to_end(sock))
+
+    with Origin(echo) as tcp_origin, _http_origin("web") as web, _http_origin("shop") as shop:
+        relay, ports = start_tcp_relay(procs)
+        config = tmp_path / "portway.toml"
+        config.write_text(
+            f'[tunnels.web]\nproto = "http"\nport = {web.port}\n\n'
+            f'[tunnels.shop]\nproto = "http"\nport = {shop.port}\n\n'
+            f'[tunnels.db]\nproto = "tcp"\nport = {tcp_origin.port}\nremote_port = {ports[1]}\n')
+        with LinkProxy(relay.port) as proxy:
+            agent = procs.start(PORTWAY + ["start", "--config", str(config), "--relay",
+                                           f"http://127.0.0.1:{proxy.port}", "--no-inspect"], "agent")
+            agent.wait_for_line(r"^tcp://")
+            urls = [line for line in agent.stdout if "://" in line]
+            assert urls == [f"http://web.localhost:{relay.port}", f"http://shop.localhost:{relay.port}",
+                            f"tcp://localhost:{ports[1]}"]
+            for name in ("web", "shop"):
+                request = urllib.request.Request(f"http://127.0.0.1:{relay.port}/",
+                                                 headers={"Host": f"{name}.localhost"})
+                with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                    assert response.read() == f"I am {name}".encode()
+            payload = os.urandom(3 * 1024 * 1024)
+            with socket.create_connection(("127.0.0.1", ports[1]), timeout=TIMEOUT) as visitor:
+                visitor.sendall(payload)
+                visitor.shutdown(socket.SHUT_WR)
+                assert hashlib.sha256(read_to_end(visitor)).digest() == hashlib.sha256(payload).digest()
+            assert proxy.accepted == 1  # every tunnel over the agent's one link
+
+
+class _http_origin:
+    """A tiny HTTP service answering `I am NAME`."""
+
+    def __init__(self, name: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        body = f"I am {name}".encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
