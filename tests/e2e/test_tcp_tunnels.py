@@ -20,6 +20,8 @@ import pytest
 from portway.proto.proxy_protocol import HeaderReader
 
 from .conftest import PORTWAY, Processes, Relay, free_port, start_relay
+from tests.redis_server import RedisServer
+
 from .linkproxy import LinkProxy
 
 TIMEOUT = 60
@@ -223,3 +225,96 @@ class _http_origin:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# ----------------------------------------------------------------------------------------------- real services
+
+def test_redis_through_a_tcp_tunnel(procs, tmp_path):
+    server = RedisServer()
+    server.start()
+    try:
+        relay, _ = start_tcp_relay(procs)
+        _, public = start_tcp_agent(procs, relay, server.port)
+        cli = ["redis-cli", "-h", "127.0.0.1", "-p", str(public)]
+        value = os.urandom(1024 * 1024).hex()[:1024 * 1024]  # 1 MiB, printable so redis-cli returns it as is
+        (tmp_path / "value").write_text(value)
+        with open(tmp_path / "value", "rb") as stdin:
+            stored = subprocess.run(cli + ["-x", "SET", "big"], stdin=stdin, capture_output=True, timeout=TIMEOUT)
+        assert stored.stdout.strip() == b"OK", stored
+        got = subprocess.run(cli + ["--no-raw", "STRLEN", "big"], capture_output=True, timeout=TIMEOUT)
+        assert got.stdout.strip() == b"(integer) %d" % len(value)
+        fetched = subprocess.run(cli + ["--raw", "GET", "big"], capture_output=True, timeout=TIMEOUT)
+        assert hashlib.sha256(fetched.stdout.rstrip(b"\n")).digest() == hashlib.sha256(value.encode()).digest()
+
+        commands = b"".join(b"*3\r\n$3\r\nSET\r\n$%d\r\nkey:%d\r\n$%d\r\nval:%d\r\n"
+                            % (len(b"key:%d" % i), i, len(b"val:%d" % i), i) for i in range(100_000))
+        piped = subprocess.run(cli + ["--pipe"], input=commands, capture_output=True, timeout=TIMEOUT)
+        assert b"errors: 0, replies: 100000" in piped.stdout, piped
+        size = subprocess.run(cli + ["DBSIZE"], capture_output=True, timeout=TIMEOUT)
+        assert size.stdout.strip() == b"100001"  # the 100 000 keys and `big`
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def sshd(procs, tmp_path):
+    """A private sshd on a free 127.0.0.1 port with throwaway host and user keys; yields (port, user key)."""
+    if not os.path.exists(SSHD) or shutil.which("ssh") is None:
+        pytest.fail("OpenSSH is missing (scripts/test.sh installs openssh-server and openssh-client)")
+    for name in ("host_key", "user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / name)], check=True,
+                       stdin=subprocess.DEVNULL, timeout=30)
+    shutil.copy(tmp_path / "user_key.pub", tmp_path / "authorized_keys")
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation wants it
+    port = free_port()
+    config = tmp_path / "sshd_config"
+    config.write_text("\n".join([
+        "ListenAddress 127.0.0.1", f"Port {port}", f"HostKey {tmp_path / 'host_key'}", "PidFile none",
+        f"AuthorizedKeysFile {tmp_path / 'authorized_keys'}", "StrictModes no", "UsePAM no",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
+        "UseDNS no", "LogLevel ERROR", "Subsystem sftp internal-sftp", ""]))  # scp speaks SFTP
+    proc = procs.start([SSHD, "-D", "-e", "-f", str(config)], "sshd")
+
+    def listening():
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            assert proc.popen.poll() is None, proc.output()
+            return False
+
+    from .conftest import wait_until
+    wait_until(listening, 15, what="sshd to listen")
+    return port, tmp_path / "user_key"
+
+
+def ssh_options(key: Path) -> list[str]:
+    return ["-F", "/dev/null", "-i", str(key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+
+
+def test_openssh_through_a_tcp_tunnel(procs, sshd, tmp_path):
+    sshd_port, key = sshd
+    relay, _ = start_tcp_relay(procs)
+    _, public = start_tcp_agent(procs, relay, sshd_port)
+    user = getpass.getuser()
+    done = subprocess.run(["ssh", *ssh_options(key), "-p", str(public), f"{user}@127.0.0.1",
+                           "echo ok; id -u"], capture_output=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().split() == ["ok", str(os.getuid())]
+
+    original = tmp_path / "upload"
+    original.write_bytes(os.urandom(20 * 1024 * 1024))
+    remote = tmp_path / "remote-copy"
+    back = tmp_path / "downloaded"
+    scp = ["scp", *ssh_options(key), "-P", str(public)]
+    up = subprocess.run(scp + [str(original), f"{user}@127.0.0.1:{remote}"], capture_output=True, timeout=TIMEOUT,
+                        stdin=subprocess.DEVNULL)
+    assert up.returncode == 0, up.stderr
+    down = subprocess.run(scp + [f"{user}@127.0.0.1:{remote}", str(back)], capture_output=True, timeout=TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+    assert down.returncode == 0, down.stderr
+    digest = hashlib.sha256(original.read_bytes()).digest()
+    assert hashlib.sha256(remote.read_bytes()).digest() == digest
+    assert hashlib.sha256(back.read_bytes()).digest() == digest

@@ -30,7 +30,7 @@ from ..proto.proxy_protocol import Endpoints
 from .naming import NameClaims
 from .registry import Registry
 from .tcp_listeners import TcpListener, TcpListenerError
-from .tunnels import AccessPolicy, AgentTunnel, Tunnel
+from .tunnels import AccessPolicy, AgentTunnel
 
 if TYPE_CHECKING:
     from .front import VisitorConnection
