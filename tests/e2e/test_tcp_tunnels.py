@@ -19,7 +19,7 @@ import pytest
 
 from portway.proto.proxy_protocol import HeaderReader
 
-from .conftest import PORTWAY, Processes, Relay, free_port, start_relay
+from .conftest import PORTWAY, Processes, Relay, free_port, start_relay, wait_until
 from tests.redis_server import RedisServer
 
 from .linkproxy import LinkProxy
@@ -284,7 +284,6 @@ def sshd(procs, tmp_path):
             assert proc.popen.poll() is None, proc.output()
             return False
 
-    from .conftest import wait_until
     wait_until(listening, 15, what="sshd to listen")
     return port, tmp_path / "user_key"
 
@@ -318,3 +317,41 @@ def test_openssh_through_a_tcp_tunnel(procs, sshd, tmp_path):
     digest = hashlib.sha256(original.read_bytes()).digest()
     assert hashlib.sha256(remote.read_bytes()).digest() == digest
     assert hashlib.sha256(back.read_bytes()).digest() == digest
+
+
+def test_a_tcp_tunnel_keeps_its_port_through_a_lost_link(procs):
+    def echo(sock: socket.socket) -> None:
+        sock.sendall(read_to_end(sock))
+
+    def round_trip(port: int, payload: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as visitor:
+            visitor.sendall(payload)
+            visitor.shutdown(socket.SHUT_WR)
+            return read_to_end(visitor)
+
+    with Origin(echo) as origin:
+        relay, _ = start_tcp_relay(procs)
+        with LinkProxy(relay.port) as proxy:
+            agent = procs.start(PORTWAY + ["tcp", str(origin.port), "--relay", f"http://127.0.0.1:{proxy.port}"],
+                                "tcp agent")
+            public = int(agent.wait_for_line(r"^tcp://localhost:(\d+)$").group(1))
+            assert round_trip(public, b"before") == b"before"
+            proxy.refusing = True  # the way back to the relay stays down for now
+            proxy.reset()
+            agent.wait_for_line(r"link to relay lost")
+
+            def visitor_reset() -> bool:  # the relay noticed: the port stays bound, its visitors are reset
+                try:
+                    return round_trip(public, b"x") == b""
+                except ConnectionResetError:
+                    return True
+
+            wait_until(visitor_reset, what="a visitor of the offline tunnel to be reset")
+            message = refused(procs, relay, "tcp", "22", "--remote-port", str(public))
+            assert re.fullmatch(rf"error: port {public} is held for the agent that had it \(its link dropped\); "
+                                r"it is free in \d+ s unless that agent comes back", message), message
+            proxy.refusing = False
+            agent.wait_for_line(rf"reconnected: tcp://localhost:{public}$")
+            payload = os.urandom(1024 * 1024)
+            assert round_trip(public, payload) == payload
+            assert [line for line in agent.stdout if line.startswith("tcp://")] == [f"tcp://localhost:{public}"]
