@@ -58,9 +58,10 @@ def fail(message: str, status: int) -> int:
 EMBEDDED_PORT_ATTEMPTS = 50
 
 
-def add_settings(command: argparse.ArgumentParser, settings: tuple[Setting, ...]) -> None:
+def add_settings(command: argparse.ArgumentParser, settings: tuple[Setting, ...],
+                 several: frozenset[str] = frozenset()) -> None:
     """One flag per setting. Flags not given stay out of the namespace, so the environment and the defaults
-    can fill them in (config.load)."""
+    can fill them in (config.load). A setting in `several` may be given once per tunnel of the command (a list)."""
     for setting in settings:
         default = setting.default
         shown = ("on" if default else "off") if setting.is_switch else \
@@ -78,7 +79,8 @@ def add_settings(command: argparse.ArgumentParser, settings: tuple[Setting, ...]
                                  help=f"{setting.help} (${setting.env})")
             continue
         command.add_argument(setting.flag, dest=setting.key, metavar=setting.metavar, default=argparse.SUPPRESS,
-                             type=flag_type(setting), action="append" if setting.repeatable else "store",
+                             type=flag_type(setting),
+                             action="append" if setting.repeatable or setting.key in several else "store",
                              help=help_text)
 
 
@@ -108,9 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the token (default: read from standard input, so it stays out of shell history)")
 
     http = commands.add_parser("http", help="expose a local HTTP/WebSocket port through a relay")
-    http.add_argument("target", type=flag_type(Setting("target", "PORT", local_target, None, "")),
-                      metavar="PORT", help="local port to expose, or HOST:PORT (the host overrides --local-host)")
-    add_settings(http, AGENT_SETTINGS)
+    http.add_argument("target", type=flag_type(Setting("target", "PORT", local_target, None, "")), nargs="+",
+                      metavar="PORT", help="local port to expose, or HOST:PORT (the host overrides --local-host); "
+                                           "several: one tunnel each over one link, named by the --name flags "
+                                           "in order")
+    add_settings(http, AGENT_SETTINGS, several=frozenset({"name"}))
 
     tcp = commands.add_parser("tcp", help="expose a local TCP port (SSH, a database...) through a relay")
     tcp.add_argument("target", type=flag_type(Setting("target", "PORT", local_target, None, "")),
@@ -165,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
             config = config_from(args, os.environ)
             if args.command == "tcp":
                 tunnels = (tcp_tunnel(config),)
+            elif args.command == "http" and len(args.target) > 1:
+                tunnels = http_tunnels(args.target, list(getattr(args, "name", ())), config)
     except ConfigurationError as error:
         sys.exit(fail(str(error), 2))
     if isinstance(config, RelayConfig):
@@ -172,6 +178,17 @@ def main(argv: list[str] | None = None) -> None:
     any_http = not tunnels or any(tunnel.proto == "http" for tunnel in tunnels)
     inspect = inspector_config(config) if any_http else None
     sys.exit(_run(lambda stop: run_http(config, inspect, stop, tunnels)))
+
+
+def http_tunnels(targets: list[tuple[str | None, int]], names: list[str], config: AgentConfig) -> tuple:
+    """`portway http 8080 3000 --name a --name b`: one http tunnel per port, the names paired in order (a port
+    without one gets a random name), the other settings shared."""
+    from .agent.client import LocalTunnel
+
+    names = names or ([config.name] if config.name else [])
+    return tuple(LocalTunnel("http", host or config.local_host, port, name=names[index] if index < len(names) else None,
+                             allow_ip=tuple(config.allow_ip), basic_auth=config.basic_auth)
+                 for index, (host, port) in enumerate(targets))
 
 
 def tcp_tunnel(config: AgentConfig, label: str = ""):
@@ -212,7 +229,14 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> RelayCo
     if args.command == "server":
         from_file = relay_file_values(args.config_file) if args.config_file is not None else None
         return relay_config(load(RELAY_SETTINGS, given, environ, from_file))
-    host, port = args.target
+    targets = args.target if isinstance(args.target, list) else [args.target]
+    names = given.pop("name", None)
+    if names:
+        if len(names) > len(targets):
+            raise ConfigurationError(f"--name was given {len(names)} times for {len(targets)} port(s): one name "
+                                     "per port, in the same order")
+        given["name"] = names[0]
+    host, port = targets[0]
     if host is not None:
         given["local_host"] = host
     return agent_config(port, load(TCP_SETTINGS if args.command == "tcp" else AGENT_SETTINGS, given, environ))

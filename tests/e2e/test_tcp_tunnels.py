@@ -12,6 +12,7 @@ import socket
 import socketserver
 import subprocess
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -355,3 +356,29 @@ def test_a_tcp_tunnel_keeps_its_port_through_a_lost_link(procs):
             payload = os.urandom(1024 * 1024)
             assert round_trip(public, payload) == payload
             assert [line for line in agent.stdout if line.startswith("tcp://")] == [f"tcp://localhost:{public}"]
+
+
+def test_portway_http_with_several_ports_serves_them_all_over_one_link_or_none(procs):
+    with _http_origin("first") as first, _http_origin("second") as second:
+        relay = start_relay(procs)
+        with LinkProxy(relay.port) as proxy:
+            agent = procs.start(PORTWAY + ["http", str(first.port), str(second.port), "--name", "one", "--name",
+                                           "two", "--relay", f"http://127.0.0.1:{proxy.port}", "--no-inspect"],
+                                "agent")
+            agent.wait_for_line(r"^http://two\.")
+            assert agent.stdout[:2] == [f"http://one.localhost:{relay.port}", f"http://two.localhost:{relay.port}"]
+            for name, body in (("one", b"I am first"), ("two", b"I am second")):
+                request = urllib.request.Request(f"http://127.0.0.1:{relay.port}/", headers={"Host": f"{name}.localhost"})
+                with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                    assert response.read() == body
+            assert proxy.accepted == 1
+        # all or nothing: with `two` held (for the agent whose link just went), the link is refused with the
+        # reason, and `three` is not registered either
+        message = refused(procs, relay, "http", str(first.port), str(second.port), "--name", "three", "--name", "two",
+                          "--no-inspect")
+        assert message.startswith("error: tunnel name 'two' is held for the agent that had it"), message
+        request = urllib.request.Request(f"http://127.0.0.1:{relay.port}/", headers={"Host": "three.localhost"})
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(request, timeout=TIMEOUT)
+        missing.value.close()
+        assert missing.value.code == 404
