@@ -162,6 +162,16 @@ def test_refusals_are_one_line_each_and_a_failing_exit(procs, tmp_path):
     message = refused(procs, relay, "tcp", "22", "--remote-port", str(relay_ports[0]), "--token", "bob")
     assert message == f"error: port {relay_ports[0]} is already in use"
 
+    quota = tmp_path / "quota.toml"
+    quota.write_text('[[token]]\ntoken = "carol"\nmax_tunnels = 2\n')
+    limited = start_relay(procs, "--tcp-ports", ",".join(map(str, relay_ports)), "--tokens", str(quota))
+    config = tmp_path / "portway.toml"
+    config.write_text('token = "carol"\nno_inspect = true\n[tunnels.web]\nproto = "http"\nport = 8080\n'
+                      '[tunnels.shop]\nproto = "http"\nport = 8081\n[tunnels.db]\nproto = "tcp"\nport = 22\n')
+    message = refused(procs, limited, "start", "--config", str(config))
+    assert message.endswith("error: this token may hold 2 tunnel(s) at once and holds 0; this link asks for 3"), \
+        message
+
     plain = start_relay(procs)
     message = refused(procs, plain, "tcp", "22")
     assert message == "error: no TCP ports configured on this relay: start it with --tcp-ports"
@@ -368,7 +378,8 @@ def test_portway_http_with_several_ports_serves_them_all_over_one_link_or_none(p
             agent.wait_for_line(r"^http://two\.")
             assert agent.stdout[:2] == [f"http://one.localhost:{relay.port}", f"http://two.localhost:{relay.port}"]
             for name, body in (("one", b"I am first"), ("two", b"I am second")):
-                request = urllib.request.Request(f"http://127.0.0.1:{relay.port}/", headers={"Host": f"{name}.localhost"})
+                request = urllib.request.Request(f"http://127.0.0.1:{relay.port}/",
+                                                 headers={"Host": f"{name}.localhost"})
                 with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
                     assert response.read() == body
             assert proxy.accepted == 1

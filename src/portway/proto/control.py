@@ -194,7 +194,9 @@ class LinkRequest:
                         if key.lower() == b"portway-tunnel")
         if len(tunnels) > MAX_TUNNELS:
             raise HttpError(400, f"a link may carry at most {MAX_TUNNELS} tunnels, {len(tunnels)} were asked for")
-        for kind, values in (("name", [t.name for t in tunnels if t.name]), ("port", [t.port for t in tunnels if t.port])):
+        asked = (("name", [tunnel.name for tunnel in tunnels if tunnel.name]),
+                 ("port", [tunnel.port for tunnel in tunnels if tunnel.port]))
+        for kind, values in asked:
             repeated = sorted({str(value) for value in values if values.count(value) > 1})
             if repeated:
                 raise HttpError(400, f"the same {kind} was asked for twice on one link: {', '.join(repeated)}")

@@ -172,6 +172,16 @@ class AgentLinks:
                 if error.status in (401, 429):  # the token or the address: nothing else is worth asking
                     raise
                 refused.append((index, error))
+        if not refused and grant is not None and grant.max_tunnels:
+            # each claim saw the tunnels held before this link, not the others it asks for: the whole link counts
+            holders = [self.registry.get(name) for name in names.values()] + [self.ports.get(port)
+                                                                              for port in ports.values()]
+            held = self.ports.held_by(grant.digest)
+            after = held - sum(1 for holder in holders if holder is not None and holder.owner == grant.digest) \
+                + len(request.tunnels)
+            if after > grant.max_tunnels:
+                refused.append((0, HttpError(403, f"this token may hold {grant.max_tunnels} tunnel(s) at once and "
+                                                  f"holds {held}; this link asks for {len(request.tunnels)}")))
         opened: list[TcpListener] = []
         if not refused:
             for index, port in ports.items():
