@@ -393,3 +393,38 @@ def test_portway_http_with_several_ports_serves_them_all_over_one_link_or_none(p
             urllib.request.urlopen(request, timeout=TIMEOUT)
         missing.value.close()
         assert missing.value.code == 404
+
+
+def connection_reset(port: int) -> bool:
+    """Whether a visitor's connection to `port` ends without a byte of answer (reset, or closed at once)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as visitor:
+            visitor.sendall(b"hello")
+            return visitor.recv(100) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
+def test_a_local_service_that_refuses_resets_the_visitor_and_says_so(procs):
+    closed = free_port()  # nothing listens there
+    relay, _ = start_tcp_relay(procs)
+    agent, public = start_tcp_agent(procs, relay, closed)
+    assert connection_reset(public)
+    agent.wait_for_line(rf"connection to localhost:{closed} failed")
+
+
+@pytest.mark.parametrize("network, admitted", [("10.0.0.0/8", False), ("127.0.0.1/32", True)])
+def test_allow_ip_admits_or_resets_tcp_visitors_at_accept(procs, network, admitted):
+    def echo(sock: socket.socket) -> None:
+        sock.sendall(read_to_end(sock))
+
+    with Origin(echo) as origin:
+        relay, _ = start_tcp_relay(procs)
+        _, public = start_tcp_agent(procs, relay, origin.port, "--allow-ip", network)
+        if admitted:
+            with socket.create_connection(("127.0.0.1", public), timeout=TIMEOUT) as visitor:
+                visitor.sendall(b"let me in")
+                visitor.shutdown(socket.SHUT_WR)
+                assert read_to_end(visitor) == b"let me in"
+        else:
+            assert connection_reset(public)
