@@ -29,6 +29,7 @@ from portway.configfile import (
 )
 from portway.errors import ConfigurationError
 from portway.proto.mux import MuxConfig
+from portway.proto.proxy_protocol import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -289,7 +290,7 @@ TUNNEL = '[tunnels.web]\nproto = "http"\nport = 8080\n'
                                        r"no_inspect$"),
     ('[tunnels.db]\nproto = "tcp"\nport = 1\nremote_prot = 2\n',
      r"^unknown key 'tunnels.db.remote_prot' in {path} \(did you mean 'remote_port'\?\); allowed in a tcp tunnel: "
-     r"proto, port, name, remote_port, local_host, allow_ip$"),
+     r"proto, port, name, remote_port, local_host, allow_ip, proxy_protocol$"),
     ('[tunnels.web]\nproto = "udp"\nport = 1\n', r"^{path}: 'tunnels.web.proto' is \"udp\"; allowed: \"http\" "
                                                  r"or \"tcp\"$"),
     ('[tunnels.web]\nport = 1\n', r"^{path}: 'tunnels.web.proto' is missing; allowed: \"http\" or \"tcp\"$"),
@@ -329,7 +330,7 @@ def test_a_mistake_in_an_agent_file_names_the_file_and_the_key(tmp_path, text, e
 def test_tunnel_keys_are_the_documented_ones():
     assert TUNNEL_KEYS == {
         "http": ("proto", "port", "name", "local_host", "basic_auth", "allow_ip", "inspect", "no_inspect"),
-        "tcp": ("proto", "port", "name", "remote_port", "local_host", "allow_ip")}
+        "tcp": ("proto", "port", "name", "remote_port", "local_host", "allow_ip", "proxy_protocol")}
 
 
 # ----------------------------------------------------------------------------------------------- start's selection
@@ -344,16 +345,28 @@ def test_start_runs_one_named_http_tunnel(tmp_path):
     assert start("--config", path, "WEB").name == "web"
 
 
+def tunnels_of(*argv: str) -> tuple:
+    return start_config(build_parser().parse_args(["start", *argv]), {})[2]
+
+
+def test_start_runs_every_tunnel_of_the_file_or_the_named_ones_over_one_link(tmp_path):
+    path = str(write(tmp_path, TWO_HTTP_ONE_TCP.replace("remote_port = 20001\n",
+                                                        'remote_port = 20001\nproxy_protocol = "v1"\n')))
+    every = tunnels_of("--config", path)
+    assert [(tunnel.proto, tunnel.label, tunnel.target) for tunnel in every] == [
+        ("http", "web", "localhost:8080"), ("tcp", "db", "localhost:5432"), ("http", "api-demo", "localhost:3000")]
+    assert every[1].remote_port == 20001 and every[1].proxy_protocol is Version.V1
+    assert every[2].name == "api-demo"
+    assert [tunnel.label for tunnel in tunnels_of("--config", path, "web", "db")] == ["web", "db"]
+    assert [tunnel.label for tunnel in tunnels_of("--config", path, "db")] == ["db"]
+    assert tunnels_of("--config", path, "web") == ()  # one http tunnel: run as `portway http` runs it
+
+
 @pytest.mark.parametrize("names, expected", [
-    ([], r"^tcp tunnels \(db\) are not available yet in this version of portway: start one of its http "
-         r"tunnels by name \(web, api-demo\)$"),
-    (["db"], r"^tcp tunnels \(db\) are not available yet"),
-    (["web", "api-demo"], r"^running several tunnels at once \(web, api-demo\) is not available yet in this version "
-                          r"of portway: start one by its name, e.g. `portway start web`$"),
     (["nope"], r"^no tunnel named 'nope' in .*; its tunnels: api-demo, db, web$"),
     (["wbe"], r"^no tunnel named 'wbe' in .* \(did you mean 'web'\?\); its tunnels: api-demo, db, web$"),
 ])
-def test_start_refuses_what_this_version_cannot_run(tmp_path, names, expected):
+def test_start_refuses_a_tunnel_the_file_does_not_have(tmp_path, names, expected):
     path = str(write(tmp_path, TWO_HTTP_ONE_TCP))
     assert re.search(expected, refused(start, "--config", path, *names))
 
@@ -423,12 +436,6 @@ def test_the_readme_lists_every_file_key():
         assert f"`{key}`" in section, key
 
 
-def test_a_file_of_tcp_tunnels_only_says_there_is_nothing_to_run_instead(tmp_path):
-    path = str(write(tmp_path, '[tunnels.db]\nproto = "tcp"\nport = 5432\n'))
-    assert refused(start, "--config", path).endswith("not available yet in this version of portway: it has no http "
-                                                     "tunnel")
-
-
 # ----------------------------------------------------------------------------------------------- never a traceback
 
 # Documents near valid ones (each key's value often a good one) and far from them (any TOML value, any key).
@@ -440,6 +447,7 @@ _GOOD = {
     **tomllib.loads(RELAY_FILE), **tomllib.loads(ACME_RELAY_FILE), "relay": "http://127.0.0.1:9", "token": "t", "name": "front-end", "proto": "tcp",
     "local_host": "::1", "basic_auth": "u:p", "allow_ip": ["10.0.0.0/8"], "ca_file": "ca.pem",
     "wait_for_relay": False, "inspect": 4041, "no_inspect": True, "port": "127.0.0.1:8080", "remote_port": 20001,
+    "proxy_protocol": "v2",
 }
 
 

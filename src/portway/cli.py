@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Awaitable, Callable, Mapping
 
@@ -22,6 +23,7 @@ from .config import (
     AGENT_SETTINGS,
     DEFAULT_RELAY_PORT,
     RELAY_SETTINGS,
+    TCP_SETTINGS,
     AgentConfig,
     RelayConfig,
     Setting,
@@ -47,16 +49,19 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)  # a message stay
 
 
 def fail(message: str, status: int) -> int:
-    """Print an error for the user (never read as rich markup) and return the exit status."""
-    stderr.print(f"[red]error:[/] {escape(message)}")
+    """Print an error for the user (never read as rich markup) and return the exit status. A message of several
+    lines (a relay refusing several tunnels, one reason each) is one error line each."""
+    for line in message.splitlines() or [""]:
+        stderr.print(f"[red]error:[/] {escape(line)}")
     return status
 
 EMBEDDED_PORT_ATTEMPTS = 50
 
 
-def add_settings(command: argparse.ArgumentParser, settings: tuple[Setting, ...]) -> None:
+def add_settings(command: argparse.ArgumentParser, settings: tuple[Setting, ...],
+                 several: frozenset[str] = frozenset()) -> None:
     """One flag per setting. Flags not given stay out of the namespace, so the environment and the defaults
-    can fill them in (config.load)."""
+    can fill them in (config.load). A setting in `several` may be given once per tunnel of the command (a list)."""
     for setting in settings:
         default = setting.default
         shown = ("on" if default else "off") if setting.is_switch else \
@@ -74,7 +79,8 @@ def add_settings(command: argparse.ArgumentParser, settings: tuple[Setting, ...]
                                  help=f"{setting.help} (${setting.env})")
             continue
         command.add_argument(setting.flag, dest=setting.key, metavar=setting.metavar, default=argparse.SUPPRESS,
-                             type=flag_type(setting), action="append" if setting.repeatable else "store",
+                             type=flag_type(setting),
+                             action="append" if setting.repeatable or setting.key in several else "store",
                              help=help_text)
 
 
@@ -104,9 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the token (default: read from standard input, so it stays out of shell history)")
 
     http = commands.add_parser("http", help="expose a local HTTP/WebSocket port through a relay")
-    http.add_argument("target", type=flag_type(Setting("target", "PORT", local_target, None, "")),
-                      metavar="PORT", help="local port to expose, or HOST:PORT (the host overrides --local-host)")
-    add_settings(http, AGENT_SETTINGS)
+    http.add_argument("target", type=flag_type(Setting("target", "PORT", local_target, None, "")), nargs="+",
+                      metavar="PORT", help="local port to expose, or HOST:PORT (the host overrides --local-host); "
+                                           "several: one tunnel each over one link, named by the --name flags "
+                                           "in order")
+    add_settings(http, AGENT_SETTINGS, several=frozenset({"name"}))
+
+    tcp = commands.add_parser("tcp", help="expose a local TCP port (SSH, a database...) through a relay")
+    tcp.add_argument("target", type=flag_type(Setting("target", "PORT", local_target, None, "")),
+                     metavar="PORT", help="local port to expose, or HOST:PORT (the host overrides --local-host)")
+    add_settings(tcp, TCP_SETTINGS)
 
     start = commands.add_parser("start", help="run the tunnels of a config file")
     start.add_argument("--config", dest="config_file", metavar="FILE", type=Path,
@@ -124,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="check FILE as a relay's (default: decided by its keys, see the README)")
     kind.add_argument("--agent", dest="relay_file", action="store_const", const=False,
                       help="check FILE as an agent's")
-    for command in (server, http, hash_token, start, config_check):
+    for command in (server, http, tcp, hash_token, start, config_check):
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="log what the relay/agent does")
     return parser
@@ -146,17 +159,46 @@ def main(argv: list[str] | None = None) -> None:
         except ConfigurationError as error:
             sys.exit(fail(str(error), 2))
         return
+    tunnels: tuple = ()
     try:
         if args.command == "start":
-            path, config = start_config(args, os.environ)
-            stderr.print(f"tunnel {escape(str(config.name))} of {escape(str(path))}")
+            path, config, tunnels = start_config(args, os.environ)
+            names = ", ".join(tunnel.label for tunnel in tunnels) if tunnels else str(config.name)
+            stderr.print(f"tunnel{'s' if len(tunnels) > 1 else ''} {escape(names)} of {escape(str(path))}")
         else:
             config = config_from(args, os.environ)
+            if args.command == "tcp":
+                tunnels = (tcp_tunnel(config),)
+            elif args.command == "http" and len(args.target) > 1:
+                tunnels = http_tunnels(args.target, list(getattr(args, "name", ())), config)
     except ConfigurationError as error:
         sys.exit(fail(str(error), 2))
     if isinstance(config, RelayConfig):
         sys.exit(_run(lambda stop: run_server(config, stop)))
-    sys.exit(_run(lambda stop: run_http(config, inspector_config(config), stop)))
+    any_http = not tunnels or any(tunnel.proto == "http" for tunnel in tunnels)
+    inspect = inspector_config(config) if any_http else None
+    sys.exit(_run(lambda stop: run_http(config, inspect, stop, tunnels)))
+
+
+def http_tunnels(targets: list[tuple[str | None, int]], names: list[str], config: AgentConfig) -> tuple:
+    """`portway http 8080 3000 --name a --name b`: one http tunnel per port, the names paired in order (a port
+    without one gets a random name), the other settings shared."""
+    from .agent.client import LocalTunnel
+
+    names = names or ([config.name] if config.name else [])
+    return tuple(LocalTunnel("http", host or config.local_host, port, name=names[index] if index < len(names) else None,
+                             allow_ip=tuple(config.allow_ip), basic_auth=config.basic_auth)
+                 for index, (host, port) in enumerate(targets))
+
+
+def tcp_tunnel(config: AgentConfig, label: str = ""):
+    """`portway tcp`'s one tunnel (or a config file's tcp tunnel) as the agent serves it."""
+    from .agent.client import LocalTunnel
+    from .proto.proxy_protocol import Version
+
+    version = {"v1": Version.V1, "v2": Version.V2}.get(config.proxy_protocol or "")
+    return LocalTunnel("tcp", config.local_host, config.port, remote_port=config.remote_port,
+                       proxy_protocol=version, allow_ip=tuple(config.allow_ip), label=label)
 
 
 def verbose_logging() -> bool:
@@ -187,30 +229,42 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> RelayCo
     if args.command == "server":
         from_file = relay_file_values(args.config_file) if args.config_file is not None else None
         return relay_config(load(RELAY_SETTINGS, given, environ, from_file))
-    host, port = args.target
+    targets = args.target if isinstance(args.target, list) else [args.target]
+    names = given.pop("name", None)
+    if names:
+        if len(names) > len(targets):
+            raise ConfigurationError(f"--name was given {len(names)} times for {len(targets)} port(s): one name "
+                                     "per port, in the same order")
+        given["name"] = names[0]
+    host, port = targets[0]
     if host is not None:
         given["local_host"] = host
-    return agent_config(port, load(AGENT_SETTINGS, given, environ))
+    return agent_config(port, load(TCP_SETTINGS if args.command == "tcp" else AGENT_SETTINGS, given, environ))
 
 
-def start_config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Path, AgentConfig]:
-    """The agent's file `portway start` reads and the config it runs with: the file's selected tunnels, which (for
-    now) must be exactly one http tunnel; several over one link and tcp tunnels are refused, not approximated."""
+def start_config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Path, AgentConfig, tuple]:
+    """The agent's file `portway start` reads, the config its link runs with and its selected tunnels. One http
+    tunnel runs as `portway http` does (the tuple is empty); tcp tunnels, or several, run over one link."""
+    from .agent.client import LocalTunnel
+
     path = args.config_file if args.config_file is not None else default_agent_file(environ, Path.cwd())
     agent_file = read_agent_file(path)
     selected = agent_file.select(args.names)
-    tcp = [tunnel.name for tunnel in selected if not isinstance(tunnel, HttpTunnel)]
-    if tcp:
-        http = [tunnel.name for tunnel in agent_file.tunnels if isinstance(tunnel, HttpTunnel)]
-        instead = f"start one of its http tunnels by name ({', '.join(http)})" if http else "it has no http tunnel"
-        raise ConfigurationError(f"tcp tunnels ({', '.join(tcp)}) are not available yet in this version of "
-                                 f"portway: {instead}")
-    if len(selected) > 1:
-        names = ", ".join(tunnel.name for tunnel in selected)
-        raise ConfigurationError(f"running several tunnels at once ({names}) is not available yet in this "
-                                 f"version of portway: start one by its name, e.g. `portway start "
-                                 f"{selected[0].name}`")
-    return path, agent_file.agent_config(selected[0], given_flags(args), environ)
+    given = given_flags(args)
+    configs = [agent_file.agent_config(tunnel, given, environ) for tunnel in selected]
+    if len(selected) == 1 and isinstance(selected[0], HttpTunnel):
+        return path, configs[0], ()
+    tunnels = []
+    for tunnel, config in zip(selected, configs):
+        if isinstance(tunnel, HttpTunnel):
+            tunnels.append(LocalTunnel("http", config.local_host, config.port, name=tunnel.name,
+                                       allow_ip=tuple(config.allow_ip), basic_auth=config.basic_auth,
+                                       label=tunnel.name))
+        else:
+            own = dict(tunnel.settings)
+            tunnels.append(tcp_tunnel(replace(config, remote_port=tunnel.remote_port,
+                                              proxy_protocol=own.get("proxy_protocol")), label=tunnel.name))
+    return path, configs[0], tuple(tunnels)
 
 
 def read_secret() -> str:
@@ -361,7 +415,7 @@ async def serve_until_stopped(agent, config: AgentConfig, stop: asyncio.Event, s
         await asyncio.gather(running, stopping, return_exceptions=True)
 
 
-async def run_http(config: AgentConfig, inspect=None, stop: asyncio.Event | None = None) -> int:
+async def run_http(config: AgentConfig, inspect=None, stop: asyncio.Event | None = None, tunnels: tuple = ()) -> int:
     from .agent.client import Agent
     from .agent.console import AgentConsole, Tally
     from .agent.metrics import AgentCollector, exposition
@@ -391,17 +445,18 @@ async def run_http(config: AgentConfig, inspect=None, stop: asyncio.Event | None
         if inspector is not None:
             tally = Tally()
             inspector.store.listen(tally.on_event)
-        console = AgentConsole(stderr, relay_url, f"{config.local_host}:{config.port}", tally,
+        target = ", ".join(tunnel.target for tunnel in tunnels) if tunnels else f"{config.local_host}:{config.port}"
+        console = AgentConsole(stderr, relay_url, target, tally,
                                live=stderr.is_terminal and not verbose_logging(), log_format=config.log_format)
 
         def show_url(url: str) -> None:
             console.url(url)
             if not (console.live_mode and sys.stdout.isatty()):  # on the display's terminal, the display shows it
                 print(url, flush=True)
-            if relay is not None:
+            if relay is not None and url.startswith("http"):
                 asyncio.get_running_loop().create_task(serve_direct(relay, url, console.status))
 
-        agent = Agent(config, relay_url, on_url=show_url, on_status=console.status)
+        agent = Agent(config, relay_url, on_url=show_url, on_status=console.status, tunnels=tunnels)
         console.agent = agent
         if inspector is not None:
             agent.new_tap = inspector.tap

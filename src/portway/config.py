@@ -119,6 +119,12 @@ def local_target(text: str) -> tuple[str | None, int]:
     return host, int(port)
 
 
+def proxy_protocol_version(text: str) -> str:
+    if text not in ("v1", "v2"):
+        raise ValueError("must be v1 or v2")
+    return text
+
+
 def user_password(text: str) -> str:
     if ":" not in text:
         raise ValueError("must be USER:PASS")
@@ -426,6 +432,17 @@ AGENT_SETTINGS = (
     *RESUME,
 )
 
+# `portway tcp`: the agent settings that apply to a TCP tunnel, and its own
+TCP_SETTINGS = (
+    *(setting for setting in AGENT_SETTINGS if setting.key not in
+      ("name", "basic_auth", "inspect", "no_inspect", "log_format")),
+    Setting("remote_port", "--remote-port", port_number, None,
+            "public port to ask the relay for, one of its --tcp-ports (default: any free one)", "PORT"),
+    Setting("proxy_protocol", "--proxy-protocol", proxy_protocol_version, None,
+            "send the visitor's address to the local service first, in a PROXY protocol header (v1, v2)",
+            "VERSION"),
+)
+
 
 def load(settings: tuple[Setting, ...], given: Mapping[str, Any], environ: Mapping[str, str],
          from_file: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -551,6 +568,8 @@ class AgentConfig:
     no_inspect: bool = False
     log_format: str = "text"  # stderr not a terminal: a line per request, text or "json" (one object per line)
     drain_timeout: float = 30.0  # on SIGTERM, streams in flight may take this long to finish
+    remote_port: int | None = None  # `portway tcp`: the public port asked for; None: any the relay offers
+    proxy_protocol: str | None = None  # `portway tcp`: "v1" | "v2", the PROXY header the local service gets first
     mux: MuxConfig = field(default_factory=MuxConfig)
 
     def __post_init__(self) -> None:

@@ -38,6 +38,7 @@ from .config import (
     switch,
     tcp_ports,
     tunnel_name,
+    TCP_SETTINGS,
 )
 from .errors import ConfigurationError
 
@@ -66,7 +67,8 @@ _AGENT_SETTING = {setting.key: setting for setting in AGENT_SETTINGS}
 # what a tunnel's table may set besides proto, port and name: agent settings that differ from tunnel to tunnel
 HTTP_TUNNEL_SETTINGS = tuple(_AGENT_SETTING[key] for key in
                              ("local_host", "basic_auth", "allow_ip", "inspect", "no_inspect"))
-TCP_TUNNEL_SETTINGS = tuple(_AGENT_SETTING[key] for key in ("local_host", "allow_ip"))
+TCP_TUNNEL_SETTINGS = (*(_AGENT_SETTING[key] for key in ("local_host", "allow_ip")),
+                       *(setting for setting in TCP_SETTINGS if setting.key == "proxy_protocol"))
 TUNNEL_KEYS = {
     "http": ("proto", "port", "name", *(setting.key for setting in HTTP_TUNNEL_SETTINGS)),
     "tcp": ("proto", "port", "name", "remote_port", *(setting.key for setting in TCP_TUNNEL_SETTINGS)),

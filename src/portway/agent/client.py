@@ -1,4 +1,5 @@
-"""`portway http PORT`: dial the relay, register a tunnel, serve each stream from the local service."""
+"""`portway http PORT` / `portway tcp PORT` / `portway start`: dial the relay, register the tunnels (one, or
+several over one link), serve each stream from its tunnel's local service."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from ..config import AgentConfig
-from ..errors import ConduitReset, RegistrationError
+from ..errors import ConduitReset, ProtocolError, RegistrationError
 from ..link.bridge import StreamBridge
 from ..link.connection import Connection
 from ..link.session import MuxSession, MuxStream
-from ..proto.control import AgentHandshake, LinkRequest
+from ..proto.control import (PREAMBLE_LIMIT, AgentHandshake, GrantedTunnel, LinkRequest, TunnelRequest,
+                             preamble_index)
 from ..proto.mux import Role
 from ..proto.pages import error_response
+from ..proto.proxy_protocol import HeaderReader, Version, encode
 from .reconnect import Backoff, retry_status
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,33 @@ class Registered:
     session: MuxSession
 
 
+@dataclass
+class LocalTunnel:
+    """One tunnel of a several-tunnel link, as the agent serves it: where its streams go, and what it asks for.
+    `name` (http) and `remote_port` (tcp) become the granted ones once the relay answered, so a reconnect asks
+    for the same."""
+
+    proto: str  # "http" | "tcp"
+    local_host: str
+    port: int
+    name: str | None = None
+    remote_port: int | None = None
+    proxy_protocol: Version | None = None  # tcp: the PROXY header the local service gets first
+    allow_ip: tuple[str, ...] = ()
+    basic_auth: str | None = None  # http only
+    label: str = ""  # the config file's name for it, shown on the console
+    url: str = ""  # its public URL once granted
+
+    @property
+    def target(self) -> str:
+        return f"{self.local_host}:{self.port}"
+
+    def request(self) -> TunnelRequest:
+        return TunnelRequest(self.proto, name=self.name if self.proto == "http" else None,
+                             port=self.remote_port if self.proto == "tcp" else None, allow_ip=self.allow_ip,
+                             basic_auth=self.basic_auth if self.proto == "http" else None)
+
+
 class Agent:
     """`portway http`: owns the link to the relay (dialled out, re-dialled with backoff when it drops, keeping
     the tunnel's name through its resume key) and serves every stream the relay opens on it by bridging the
@@ -51,8 +81,10 @@ class Agent:
     reconnects = 0  # links re-established after one dropped
 
     def __init__(self, config: AgentConfig, relay_url: str, on_url: Callable[[str], None],
-                 on_status: Callable[[str], None], rng: random.Random | None = None) -> None:
+                 on_status: Callable[[str], None], rng: random.Random | None = None,
+                 tunnels: tuple[LocalTunnel, ...] = ()) -> None:
         self.config = config
+        self.tunnels = tunnels  # the several-tunnel form (tcp, or more than one); () is `portway http PORT`
         self.backoff = Backoff(rng or random.Random())
         parts = urlsplit(relay_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -113,7 +145,12 @@ class Agent:
                 await self.wait_before_retry(delay, probe=unreachable)
                 continue
             backoff.link_up(loop.time())
-            if first:
+            if first and self.tunnels:
+                for tunnel in self.tunnels:
+                    self.on_url(tunnel.url)
+                    label = f"{tunnel.label}: " if tunnel.label else ""
+                    self.on_status(f"{label}forwarding {tunnel.url} → {tunnel.target}")
+            elif first:
                 self.on_url(registered.url)
                 self.on_status(f"forwarding {registered.url} → {self.local_target}")
             else:
@@ -191,8 +228,11 @@ class Agent:
                                    else error.strerror or str(error)) from None
         parked = self.session if self.session is not None and self.session.parked else None
         request = LinkRequest(name=self.name, token=self.config.token, resume_key=self.resume_key,
-                              basic_auth=self.config.basic_auth, allow_ip=tuple(self.config.allow_ip),
-                              resume_streams=parked is not None)
+                              # a several-tunnel link carries each tunnel's visitor rules with the tunnel
+                              basic_auth=None if self.tunnels else self.config.basic_auth,
+                              allow_ip=() if self.tunnels else tuple(self.config.allow_ip),
+                              resume_streams=parked is not None,
+                              tunnels=tuple(tunnel.request() for tunnel in self.tunnels))
         handshake = AgentHandshake()
         try:
             conn.write(request.encode(f"{self.relay_host}:{self.relay_port}"))
@@ -205,6 +245,8 @@ class Agent:
         grant = granted.grant
         self.name = grant.name
         self.resume_key = grant.resume_key
+        if self.tunnels:
+            self._take_grants(grant.tunnels)
         # The relay's first frames follow its 101 at once, and some may have arrived after the read that
         # completed the handshake: they are the link's too (lost, they were the link window's first increase,
         # and the link stalled once the agent had sent the protocol's base 1 MiB).
@@ -218,7 +260,8 @@ class Agent:
             return Registered(grant.name, grant.url, grant.resume_key, parked)
         if parked is not None:
             parked.abandon()  # the relay no longer has them: each local connection is reset, visibly
-        session = MuxSession(Role.CLIENT, self.config.mux, on_stream=self.serve_stream)
+        serve = self.serve_tunnel_stream if self.tunnels else self.serve_stream
+        session = MuxSession(Role.CLIENT, self.config.mux, on_stream=serve)
         transport.set_protocol(session)
         session.connection_made(transport)
         if link_bytes:
@@ -226,8 +269,64 @@ class Agent:
         self.session = session
         return Registered(grant.name, grant.url, grant.resume_key, session)
 
-    async def serve_stream(self, stream: MuxStream) -> None:
+    def _take_grants(self, grants: tuple[GrantedTunnel, ...]) -> None:
+        if len(grants) != len(self.tunnels) or any(granted.index != index for index, granted in enumerate(grants)):
+            raise RegistrationError(502, f"the relay granted {len(grants)} tunnels for the {len(self.tunnels)} "
+                                         "asked for (is it too old for tcp tunnels or several tunnels per link?)")
+        for tunnel, granted in zip(self.tunnels, grants):
+            tunnel.url = granted.url
+            if tunnel.proto == "http":
+                tunnel.name = granted.name
+            else:
+                tunnel.remote_port = granted.port
+
+    async def serve_tunnel_stream(self, stream: MuxStream) -> None:
+        """A stream of a several-tunnel link: its preamble says which tunnel (and which visitor) it is for."""
+        reader = HeaderReader()
+        header = None
+        received = 0
+        try:
+            while header is None:
+                chunks = await asyncio.wait_for(stream.read_chunks(), HANDSHAKE_TIMEOUT)
+                if not chunks:
+                    raise ProtocolError("the stream ended before its preamble")
+                data = b"".join(chunks)
+                received += len(data)
+                header = reader.feed(data)
+                if header is None and received > PREAMBLE_LIMIT:
+                    raise ProtocolError(f"no preamble within {PREAMBLE_LIMIT} bytes")
+            index = preamble_index(header)
+            if index is None or index >= len(self.tunnels):
+                raise ProtocolError(f"the preamble names no tunnel of this link (index {index})")
+        except (ProtocolError, asyncio.TimeoutError, ConduitReset) as error:
+            reason = "no preamble in time" if isinstance(error, asyncio.TimeoutError) else str(error)
+            log.warning("stream %d reset: %s", stream.stream_id, reason)
+            stream.abort()
+            return
+        if reader.rest:
+            stream.put_back([reader.rest])
+        tunnel = self.tunnels[index]
+        if tunnel.proto == "http":
+            await self.serve_stream(stream, tunnel.local_host, tunnel.port)
+            return
         loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(loop.create_connection(Connection, tunnel.local_host, tunnel.port),
+                                             CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as error:
+            why = "timed out" if isinstance(error, asyncio.TimeoutError) else error.strerror or str(error)
+            self.on_status(f"{tunnel.label or tunnel.url}: connection to {tunnel.target} failed ({why})")
+            stream.abort()  # the visitor sees a reset, as if the service had refused it
+            return
+        if tunnel.proxy_protocol is not None:
+            conn.write(encode(tunnel.proxy_protocol, header.endpoints))  # before any visitor byte
+        StreamBridge.take_over(conn, stream)
+
+    async def serve_stream(self, stream: MuxStream, local_host: str | None = None, port: int | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        local_host = local_host or self.config.local_host
+        port = port or self.config.port
+        local_target = f"{local_host}:{port}"
 
         def bridge() -> StreamBridge:
             made = StreamBridge(stream)
@@ -236,12 +335,12 @@ class Agent:
             return made
 
         try:
-            await loop.create_connection(bridge, self.config.local_host, self.config.port)
+            await loop.create_connection(bridge, local_host, port)
         except OSError as error:
             if isinstance(error, ConnectionRefusedError) or "refused" in str(error).lower():
-                message = f"{self.local_target} refused the connection (is the service running?)"
+                message = f"{local_target} refused the connection (is the service running?)"
             else:
-                message = f"{self.local_target} could not be reached: {error.strerror or error}"
+                message = f"{local_target} could not be reached: {error.strerror or error}"
             # The answer goes out whole and the stream stays open for the relay to end once it has read it: a
             # reset right behind the answer could reach the relay before it has even sent the request (this
             # runs as soon as the stream opens), and the visitor would read "the agent went away" instead.

@@ -140,9 +140,10 @@ def encode_v1(endpoints: Endpoints | None) -> bytes:
             f"{endpoints.source_port} {endpoints.destination_port}\r\n").encode("ascii")
 
 
-def encode_v2(endpoints: Endpoints | None) -> bytes:
+def encode_v2(endpoints: Endpoints | None, tlvs: bytes = b"") -> bytes:
+    """`tlvs`: TLV records (see :func:`tlv`) appended after the addresses; the length field counts them."""
     if endpoints is None:
-        return _V2_FIXED_STRUCT.pack(V2_SIGNATURE, V2_VERSION | Command.LOCAL, 0, 0)
+        return _V2_FIXED_STRUCT.pack(V2_SIGNATURE, V2_VERSION | Command.LOCAL, 0, len(tlvs)) + tlvs
     if endpoints.source.version == 4:
         family, layout = Family.INET, _V2_IPV4
     else:
@@ -150,7 +151,28 @@ def encode_v2(endpoints: Endpoints | None) -> bytes:
     addresses = layout.pack(endpoints.source.packed, endpoints.destination.packed, endpoints.source_port,
                             endpoints.destination_port)
     return _V2_FIXED_STRUCT.pack(V2_SIGNATURE, V2_VERSION | Command.PROXY, family << 4 | Transport.STREAM,
-                                 len(addresses)) + addresses
+                                 len(addresses) + len(tlvs)) + addresses + tlvs
+
+
+def tlv(kind: int, value: bytes) -> bytes:
+    """One v2 TLV record: type (u8), length (u16, big-endian), value."""
+    return struct.pack("!BH", kind, len(value)) + value
+
+
+def tlv_value(tlvs: bytes, kind: int) -> bytes | None:
+    """The value of the first TLV of type `kind` in a v2 header's TLV block, or None; ProxyHeaderError when a
+    record runs past the block."""
+    offset = 0
+    while offset < len(tlvs):
+        if offset + 3 > len(tlvs):
+            raise ProxyHeaderError("a PROXY v2 TLV record is cut short")
+        found, length = struct.unpack_from("!BH", tlvs, offset)
+        start, offset = offset + 3, offset + 3 + length
+        if offset > len(tlvs):
+            raise ProxyHeaderError("a PROXY v2 TLV record runs past the header")
+        if found == kind:
+            return tlvs[start:offset]
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- decoding

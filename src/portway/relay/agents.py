@@ -6,22 +6,31 @@ runs them against a connection and the registry, and keeps the tunnel's name thr
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import logging
 import secrets
+import socket
 from typing import TYPE_CHECKING, Callable
 
+from ..auth import Grant
 from ..config import RelayConfig
 from ..errors import HttpError
+from ..link.bridge import StreamBridge
+from ..link.connection import Connection
 from ..link.session import MuxSession
+from ..policy.claims import THROTTLED
+from ..policy.ports import claim_port
 from ..proto import http1
-from ..proto.control import LinkGrant, LinkRequest, refusal
+from ..proto.control import GrantedTunnel, LinkGrant, LinkRequest, TunnelRequest, refusal, stream_preamble
 from ..proto.http1 import RequestHead
 from ..proto.mux import Role
+from ..proto.proxy_protocol import Endpoints
 from .naming import NameClaims
 from .registry import Registry
-from .tunnels import AccessPolicy, AgentTunnel, Tunnel
+from .tcp_listeners import TcpListener, TcpListenerError
+from .tunnels import AccessPolicy, AgentTunnel
 
 if TYPE_CHECKING:
     from .front import VisitorConnection
@@ -45,6 +54,8 @@ class AgentLinks:
         self.claims = claims
         self.public_url = public_url
         self.counters = claims.counters
+        self.ports = TcpPorts(registry)
+        self._rng = secrets.SystemRandom()  # a port picked at random must not be predictable
 
     async def register(self, visitor: "VisitorConnection", head: RequestHead, query: str) -> bool:
         """Serve one agent link on `visitor`'s connection until it ends; the connection never returns to HTTP."""
@@ -53,6 +64,8 @@ class AgentLinks:
         try:
             request = LinkRequest.parse(head, query)
             access = access_policy(request)
+            if request.tunnels:
+                return await self._register_tunnels(visitor, request)
             claimed = await self.claims.claim(
                 token=request.token, peer_ip=conn.peer_ip, requested=request.name,
                 may_replace=lambda tunnel: _holds_resume_key(tunnel, request.resume_key),
@@ -131,8 +144,265 @@ class AgentLinks:
         self.registry.free_after(tunnel, window + self.config.grace_period)
 
 
-def access_policy(request: LinkRequest) -> AccessPolicy:
-    """The visitor rules an agent asked for, as the relay enforces them; HttpError(400) for a bad network."""
+    async def _register_tunnels(self, visitor: "VisitorConnection", request: LinkRequest) -> bool:
+        """The several-tunnel form: claim every tunnel (names as above, ports through policy/ports.py), all or
+        nothing, and serve them all over the one link; every stream opened on it starts with its preamble."""
+        conn = visitor.conn
+        names: dict[int, str] = {}
+        ports: dict[int, int] = {}
+        refused: list[tuple[int, HttpError]] = []
+        grant: Grant | None = None
+        may_replace = lambda tunnel: _holds_resume_key(tunnel, request.resume_key)  # noqa: E731
+        access = [access_policy(wanted) for wanted in request.tunnels]
+        for index, wanted in enumerate(request.tunnels):
+            try:
+                if wanted.proto == "http":
+                    claimed = await self.claims.claim(token=request.token, peer_ip=conn.peer_ip,
+                                                      requested=wanted.name, may_replace=may_replace)
+                    grant = claimed.grant
+                    names[index] = claimed.name
+                else:
+                    grant = grant or self._verify(request.token, conn.peer_ip)
+                    ports[index] = claim_port(
+                        grant=grant, tokens=self.claims.tokens,
+                        offered=self.config.tcp_ports - frozenset(ports.values()), holders=self.ports,
+                        requested=wanted.port, may_replace=may_replace, now=asyncio.get_running_loop().time(),
+                        rng=self._rng)
+            except HttpError as error:
+                if error.status in (401, 429):  # the token or the address: nothing else is worth asking
+                    raise
+                refused.append((index, error))
+        if not refused and grant is not None and grant.max_tunnels:
+            # each claim saw the tunnels held before this link, not the others it asks for: the whole link counts
+            holders = [self.registry.get(name) for name in names.values()] + [self.ports.get(port)
+                                                                              for port in ports.values()]
+            held = self.ports.held_by(grant.digest)
+            after = held - sum(1 for holder in holders if holder is not None and holder.owner == grant.digest) \
+                + len(request.tunnels)
+            if after > grant.max_tunnels:
+                refused.append((0, HttpError(403, f"this token may hold {grant.max_tunnels} tunnel(s) at once and "
+                                                  f"holds {held}; this link asks for {len(request.tunnels)}")))
+        opened: list[TcpListener] = []
+        if not refused:
+            for index, port in ports.items():
+                if self.ports.get(port) is not None:
+                    continue  # held through a grace period: its listener stayed bound
+                listener = TcpListener(self.config.bind, port, self._on_visitor(port), access[index].allow_networks)
+                try:
+                    await listener.open()
+                except TcpListenerError as error:
+                    refused.append((index, HttpError(503, str(error))))
+                    continue
+                opened.append(listener)
+        if refused:
+            for listener in opened:
+                listener.close()
+            conn.write(refusal(refused[0][1].status, "\n".join(error.message for _, error in refused),
+                               [{"index": index, "status": error.status, "message": error.message}
+                                for index, error in refused]))
+            return False
+        listeners = {listener.port: listener for listener in opened}
+        switched = [event for event in visitor.pending if isinstance(event, http1.Switched)]
+        visitor.pending.clear()
+        link_bytes = (switched[0].trailing if switched else b"") + (conn.take_buffered() if conn.has_unread else b"")
+        held: list[AgentTunnel | TcpTunnel] = [
+            tunnel for tunnel in [self.registry.get(name) for name in names.values()]
+            + [self.ports.get(port) for port in ports.values()]
+            if isinstance(tunnel, (AgentTunnel, TcpTunnel))]
+        old_session = next((tunnel.session for tunnel in held if tunnel.session is not None
+                            and not tunnel.session.closed.done()
+                            and _holds_resume_key(tunnel, request.resume_key)), None)
+        resuming = False
+        if old_session is not None:
+            if request.resume_streams:
+                old_session.detach("the agent came back on a new link")
+                resuming = old_session.parked
+            if not resuming:
+                if old_session.parked:
+                    old_session.abandon()
+                else:
+                    old_session.close()
+        granted = tuple(
+            GrantedTunnel(index, "http", self.public_url(names[index]), name=names[index]) if index in names
+            else GrantedTunnel(index, "tcp", f"tcp://{self.config.domain}:{ports[index]}", port=ports[index])
+            for index in range(len(request.tunnels)))
+        first = granted[0]
+        link_grant = LinkGrant(first.name or str(first.port), first.url, secrets.token_urlsafe(24),
+                               streams_resumed=resuming, tunnels=granted)
+        conn.write(link_grant.encode())
+        visitor.mark_upgraded()
+        transport = conn.transport
+        assert transport is not None
+        session = old_session if resuming else MuxSession(Role.SERVER, self.config.mux)
+        assert session is not None
+        tunnels: list[AgentTunnel | TcpTunnel] = []
+        for index, name in names.items():
+            existing = self.registry.get(name)
+            if isinstance(existing, AgentTunnel):
+                existing.session, existing.resume_key = session, link_grant.resume_key
+                existing.access = access[index]
+                tunnel = existing
+            else:
+                tunnel = AgentTunnel(name, session, link_grant.resume_key, access[index],
+                                     owner=grant.digest if grant else "")
+            tunnel.preamble = stream_preamble(index, None)
+            self.registry.add(tunnel)
+            tunnels.append(tunnel)
+        for index, port in ports.items():
+            existing_port = self.ports.get(port)
+            if existing_port is not None:
+                existing_port.session, existing_port.resume_key = session, link_grant.resume_key
+                existing_port.index = index
+                existing_port.listener.allow_networks = access[index].allow_networks
+                port_tunnel = existing_port
+            else:
+                port_tunnel = TcpTunnel(port, index, session, link_grant.resume_key, listeners[port],
+                                        owner=grant.digest if grant else "")
+            self.ports.add(port_tunnel)
+            tunnels.append(port_tunnel)
+        labels = ", ".join(tunnel.url for tunnel in granted)
+        if resuming:
+            old_session.resume_on(transport, link_bytes)
+            log.info("tunnels %s online again: %d streams resumed", labels, len(session.streams))
+            await session.link_down()
+            return False
+        session.on_go_away = lambda: [tunnel.drop_idle() for tunnel in tunnels if isinstance(tunnel, AgentTunnel)]
+        session.on_link_lost = lambda reason: self._tunnels_parked(tunnels, reason)
+        transport.set_protocol(session)
+        session.connection_made(transport)
+        if link_bytes:
+            session.data_received(link_bytes)
+        log.info("tunnels online at %s", labels)
+        reason_closed = await session.closed
+        log.info("tunnels %s offline: %s", labels, reason_closed)
+        if session.protocol_error:
+            self.counters.protocol_errors["link"] += 1
+        for tunnel in tunnels:
+            if tunnel.session is not session:
+                continue  # taken on by a newer link
+            tunnel.drop_idle()
+            book = self.ports if isinstance(tunnel, TcpTunnel) else self.registry
+            if session.go_away_received:
+                book.remove(tunnel)
+            else:
+                book.free_after(tunnel, self.config.grace_period)
+        return False
+
+    def _tunnels_parked(self, tunnels: list, reason: str) -> None:
+        window = self.config.mux.resume_window
+        log.info("tunnels offline: %s (their open streams wait up to %gs for the agent)", reason, window)
+        for tunnel in tunnels:
+            (self.ports if isinstance(tunnel, TcpTunnel) else self.registry).free_after(
+                tunnel, window + self.config.grace_period)
+
+    def _verify(self, token: str | None, peer_ip: str) -> Grant:
+        """The token's grant, for a link that asks for TCP tunnels only (names are verified by their claim)."""
+        throttle, now = self.claims.throttle, asyncio.get_running_loop().time()
+        if throttle.blocked(peer_ip, now):
+            raise HttpError(429, THROTTLED)
+        grant = self.claims.tokens.verify(token)
+        if grant is None:
+            throttle.record_failure(peer_ip, now)
+            self.counters.auth_failures["token"] += 1
+            raise HttpError(401, "this relay needs a valid token (--token or PORTWAY_TOKEN)" if not token
+                            else "the token was not accepted by this relay")
+        return grant
+
+    def _on_visitor(self, port: int) -> Callable[[Connection], None]:
+        def on_visitor(conn: Connection) -> None:
+            tunnel = self.ports.get(port)
+            transport = conn.transport
+            assert transport is not None
+            if tunnel is None or not tunnel.online:
+                conn.abort()  # the agent is away (grace period): the visitor learns at once
+                return
+            sock = transport.get_extra_info("socket")
+            if sock is not None:  # a TCP visitor may be quiet for hours: a dead peer is found by keepalives
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            assert tunnel.session is not None
+            stream = tunnel.session.open_stream()
+            stream.write(stream_preamble(tunnel.index, Endpoints.of(transport.get_extra_info("peername"),
+                                                                    transport.get_extra_info("sockname"))))
+            StreamBridge.take_over(conn, stream)
+        return on_visitor
+
+
+class TcpTunnel:
+    """A TCP tunnel: its public port's listener, and the link (and the tunnel's index on it) visitors go to."""
+
+    kind = "tcp"
+
+    def __init__(self, port: int, index: int, session: MuxSession, resume_key: str, listener: TcpListener,
+                 owner: str = "") -> None:
+        self.port = port
+        self.index = index
+        self.session: MuxSession | None = session
+        self.resume_key = resume_key
+        self.listener = listener
+        self.owner = owner
+
+    @property
+    def online(self) -> bool:
+        return self.session is not None and not self.session.closed.done() and not self.session.parked
+
+    def drop_idle(self) -> None:
+        return None  # visitors are never pooled: each has its own stream, which ends with it
+
+
+class TcpPorts:
+    """Port → TCP tunnel on this relay: policy/ports.py's PortHolders. An offline tunnel keeps its port (and its
+    listener bound, so no other program takes it) for the grace period."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._tunnels: dict[int, TcpTunnel] = {}
+        self._grace_handles: dict[int, asyncio.TimerHandle] = {}
+
+    def get(self, port: int) -> TcpTunnel | None:
+        return self._tunnels.get(port)
+
+    def ports(self) -> frozenset[int]:
+        return frozenset(self._tunnels)
+
+    def held_by(self, owner: str) -> int:
+        return self.registry.held_by(owner) + sum(1 for tunnel in self._tunnels.values() if tunnel.owner == owner)
+
+    def frees_at(self, port: int) -> float | None:
+        handle = self._grace_handles.get(port)
+        return handle.when() if handle is not None else None
+
+    def add(self, tunnel: TcpTunnel) -> None:
+        self._cancel_grace(tunnel.port)
+        self._tunnels[tunnel.port] = tunnel
+
+    def remove(self, tunnel: TcpTunnel) -> None:
+        self._cancel_grace(tunnel.port)
+        if self._tunnels.get(tunnel.port) is tunnel:
+            del self._tunnels[tunnel.port]
+            tunnel.listener.close()
+
+    def free_after(self, tunnel: TcpTunnel, delay: float) -> None:
+        self._cancel_grace(tunnel.port)
+        self._grace_handles[tunnel.port] = asyncio.get_running_loop().call_later(delay, self._expire, tunnel)
+
+    def close(self) -> None:
+        for tunnel in list(self._tunnels.values()):
+            self.remove(tunnel)
+
+    def _cancel_grace(self, port: int) -> None:
+        handle = self._grace_handles.pop(port, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _expire(self, tunnel: TcpTunnel) -> None:
+        self._grace_handles.pop(tunnel.port, None)
+        if not tunnel.online:
+            self.remove(tunnel)
+
+
+def access_policy(request: LinkRequest | TunnelRequest) -> AccessPolicy:
+    """The visitor rules an agent asked for (for its link, or one of its tunnels), as the relay enforces them;
+    HttpError(400) for a bad network."""
     access = AccessPolicy()
     if request.basic_auth is not None:
         access.basic_auth = b"Basic " + base64.b64encode(request.basic_auth.encode())
@@ -143,8 +413,8 @@ def access_policy(request: LinkRequest) -> AccessPolicy:
     return access
 
 
-def _holds_resume_key(tunnel: Tunnel, resume_key: str | None) -> bool:
-    """A reconnecting agent proves it is the one that held the name by the key it was given."""
-    if not isinstance(tunnel, AgentTunnel) or resume_key is None:
+def _holds_resume_key(tunnel: object, resume_key: str | None) -> bool:
+    """A reconnecting agent proves it is the one that held the name (or port) by the key it was given."""
+    if not isinstance(tunnel, (AgentTunnel, TcpTunnel)) or resume_key is None:
         return False
     return secrets.compare_digest(resume_key, tunnel.resume_key)

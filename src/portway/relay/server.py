@@ -154,6 +154,11 @@ class Relay:
             if isinstance(tunnel, AgentTunnel) and tunnel.session is not None:
                 tunnel.session.close()
             self.registry.remove(tunnel)
+        for port in self.agents.ports.ports():  # TCP tunnels: their links, then their public ports
+            tcp_tunnel = self.agents.ports.get(port)
+            if tcp_tunnel is not None and tcp_tunnel.session is not None:
+                tcp_tunnel.session.close()
+        self.agents.ports.close()
         await self.registry.close()
 
     @property

@@ -127,6 +127,7 @@ class AgentTunnel(Tunnel):
         super().__init__(name, access, owner)
         self.session: MuxSession | None = session
         self.resume_key = resume_key
+        self.preamble = b""  # on a several-tunnel link: the first bytes of each stream, naming this tunnel
 
     @property
     def online(self) -> bool:
@@ -152,6 +153,9 @@ class AgentTunnel(Tunnel):
         if session.parked or session.closed.done():
             raise HttpError(502, f"the agent for tunnel {self.name!r} is not connected (agent reconnecting)")
         try:
-            return session.open_stream()
+            stream = session.open_stream()
         except MuxClosedError:
             raise HttpError(502, f"the agent for tunnel {self.name!r} is going away") from None
+        if self.preamble:
+            stream.write(self.preamble)  # fits any fresh stream's window: sent with the stream's first bytes
+        return stream
