@@ -149,8 +149,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     shows once in a while can then be read from the failing run itself, not only from a rerun that passes."""
     outcome = yield
     report = outcome.get_result()
-    processes = getattr(item, "funcargs", {}).get("procs")
-    if report.failed and isinstance(processes, Processes):
+    funcargs = getattr(item, "funcargs", {})
+    processes = funcargs.get("procs") or funcargs.get("lab")  # `lab`: the NAT test-bed's (tests/e2e/test_netlab.py)
+    if report.failed and processes is not None:
         for proc in processes.procs:
             report.sections.append((f"output of {proc.name} (pid {proc.popen.pid})", proc.output()[-20_000:]))
 
