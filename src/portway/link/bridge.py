@@ -117,7 +117,7 @@ class StreamBridge(asyncio.Protocol):
         except (KeyError, ValueError, MuxClosedError, ProtocolError):
             self._abort()
             return
-        session.flush_after_send(sent)
+        session.schedule_flush()
         if sent < len(view):
             self._unsent = view[sent:]
             self._pause_reading()

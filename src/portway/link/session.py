@@ -170,7 +170,7 @@ class MuxStream(ReceiveBuffer):
                 sent = session.mux.send_data(self.stream_id, view)
             except (KeyError, MuxClosedError, ProtocolError) as error:
                 raise ConduitReset(f"stream {self.stream_id} is gone: {error}") from None
-            session.flush_after_send(sent)
+            session.schedule_flush()
             if sent == len(view):
                 break
             view = view[sent:]
@@ -428,17 +428,10 @@ class MuxSession(asyncio.Protocol):
             if self.closed.done():
                 raise ConduitReset("the agent link is closed")
 
-    SMALL_WRITE = 16 * 1024
-
-    def flush_after_send(self, size: int) -> None:
-        """A small write (a request, a WebSocket message) goes out at once: waiting a loop pass to coalesce
-        costs it latency. Bulk data still coalesces into one vectored write per pass."""
-        if size < self.SMALL_WRITE and not self._flush_scheduled:
-            self._flush_now()
-        else:
-            self.schedule_flush()
-
     def schedule_flush(self) -> None:
+        """One vectored link write per loop pass, whatever the streams sent in it: with many visitors the
+        requests (relay) and responses (agent) of a pass share a writev instead of one each, the way sshd
+        and ssh write their channels. The wait is the rest of the pass, not a timer."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush_now)
