@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from portway.errors import HttpError
 from portway.proto.http1 import RequestParser
 from portway.proto.node_link import (MAX_CLOCK_SKEW, MAX_PREAMBLE, MAX_REMEMBERED_NONCES, NodeLinkGate,
-                                     NodeLinkRequest, PreambleReader, StreamPreamble)
+                                     NodeLinkRequest, LineReader, StreamPreamble,
+                                     TunnelAnswer, parse_answer, parse_preamble)
 
 NOW = 1_800_000_000.0
 
@@ -103,11 +104,10 @@ def test_a_request_without_the_node_upgrade_is_refused():
 @settings(max_examples=200, deadline=None)
 @given(tunnel=st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True).filter(
            lambda name: name not in {"www", "api", "relay", "portway", "admin", "status", "metrics", "inspect"}),
-       address=st.ip_addresses().map(str), scheme=st.sampled_from(["http", "https"]),
        rest=st.binary(max_size=64), cut=st.integers(min_value=0, max_value=200))
-def test_a_preamble_round_trips_however_split(tunnel, address, scheme, rest, cut):
-    wire = StreamPreamble(tunnel, address, scheme).encode() + rest
-    reader = PreambleReader()
+def test_a_preamble_round_trips_however_split(tunnel, rest, cut):
+    wire = StreamPreamble(tunnel).encode() + rest
+    reader = LineReader()
     result = reader.feed(wire[:cut])
     if result is None:
         result = reader.feed(wire[cut:])
@@ -115,20 +115,37 @@ def test_a_preamble_round_trips_however_split(tunnel, address, scheme, rest, cut
         after = result[1]
     else:  # the line ended in the first piece: what came after it there, then the second piece
         after = result[1] + wire[cut:]
-    assert result[0] == StreamPreamble(tunnel, address, scheme) and after == rest
+    assert parse_preamble(result[0]) == StreamPreamble(tunnel) and after == rest
 
 
-@pytest.mark.parametrize("line", [b"GET / HTTP/1.1", b"PORTWAY-NODE-STREAM web 1.2.3.4",
-                                  b"PORTWAY-NODE-STREAM Web 1.2.3.4 http", b"PORTWAY-NODE-STREAM web not-an-ip http", b"PORTWAY-NODE-STREAM web 1.2.3.4 ftp",
-                                  b"PORTWAY-NODE-STREAM api 1.2.3.4 http"])
+@pytest.mark.parametrize("line", [b"GET / HTTP/1.1", b"PORTWAY-NODE-STREAM web 1.2.3.4", b"PORTWAY-NODE-STREAM Web",
+                                  b"PORTWAY-NODE-STREAM -web", b"PORTWAY-NODE-STREAM api", b"PORTWAY-NODE-STREAM"])
 def test_a_malformed_preamble_is_refused(line):
     with pytest.raises(HttpError) as caught:
-        PreambleReader().feed(line + b"\r\n")
+        parse_preamble(LineReader().feed(line + b"\r\n")[0])
     assert caught.value.status == 400
 
 
 def test_a_preamble_without_an_end_is_bounded():
-    reader = PreambleReader()
+    reader = LineReader()
     assert reader.feed(b"P" * MAX_PREAMBLE) is None
     with pytest.raises(HttpError):
         reader.feed(b"P")
+
+
+@pytest.mark.parametrize("answer", [
+    TunnelAnswer(200), TunnelAnswer(200, "", "ab" * 32, ("10.0.0.0/8", "2001:db8::/32")),
+    TunnelAnswer(502, "The agent for tunnel 'web' is not connected (agent reconnecting); try again."),
+    TunnelAnswer(404, "There is no tunnel at web here.")])
+def test_an_answer_round_trips(answer):
+    line, rest = LineReader().feed(answer.encode() + b"GET")
+    assert parse_answer(line) == answer and rest == b"GET"
+
+
+@pytest.mark.parametrize("line", [b"HTTP/1.1 200 OK", b"PORTWAY-NODE-TUNNEL ok xyz -",
+                                  b"PORTWAY-NODE-TUNNEL ok - 10.0.0.300", b"PORTWAY-NODE-TUNNEL refused 200 fine", b"PORTWAY-NODE-TUNNEL refused x y",
+                                  b"PORTWAY-NODE-TUNNEL ok -"])
+def test_a_line_that_is_no_answer_is_a_bad_gateway(line):
+    with pytest.raises(HttpError) as caught:
+        parse_answer(line)
+    assert caught.value.status == 502

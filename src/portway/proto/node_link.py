@@ -16,8 +16,9 @@ The secret itself never crosses the wire; a proof is good for MAX_CLOCK_SKEW sec
 and for one use (A remembers the nonces it accepted for that long, boundedly). A node without --cluster-secret
 accepts no node link at all: membership would rest on nothing but network reachability.
 
-Every stream B opens on the link starts with one preamble line naming the tunnel, the visitor's address and the
-scheme the visitor used; what follows is exactly what B would send down an agent link for that visitor.
+Every stream B opens on the link starts with one preamble line naming the tunnel; A answers with one line: the
+tunnel's visitor rules (B checks them, as for a tunnel of its own) or a refusal. What follows is exactly what B
+would send down an agent link, and A splices it to a stream of the tunnel's agent link without reading it.
 """
 
 from __future__ import annotations
@@ -36,10 +37,9 @@ NODE_LINK_PATH = "/_portway/node"
 NODE_LINK_UPGRADE = b"portway-node"
 MAX_CLOCK_SKEW = 30.0  # seconds a proof's time may differ from the accepting node's clock
 MAX_REMEMBERED_NONCES = 4096  # accepted proofs kept for replay detection; beyond, new links are refused
-MAX_PREAMBLE = 512  # bytes: a stream whose first line is longer is not a node stream
+MAX_PREAMBLE = 4096  # bytes: a stream whose first line is longer is not a node stream
 _PROOF_CONTEXT = b"portway node link"
 _PREAMBLE_MAGIC = b"PORTWAY-NODE-STREAM"
-_SCHEMES = (b"http", b"https")
 
 
 def proof(secret: str, from_node: str, to_node: str, timestamp: int, nonce: str) -> str:
@@ -133,50 +133,85 @@ class NodeLinkGate:
 
 @dataclass(frozen=True, slots=True)
 class StreamPreamble:
-    """The first line of a stream on a node link: which tunnel, for which visitor address, over which scheme."""
+    """The first line of a stream on a node link: which tunnel it is for. (Not the visitor: a stream is reused for
+    later visitors of the same tunnel, and each request's head carries its visitor in X-Forwarded-For.)"""
 
     tunnel: str
-    visitor_ip: str
-    scheme: str
 
     def encode(self) -> bytes:
-        return b" ".join((_PREAMBLE_MAGIC, self.tunnel.encode(), self.visitor_ip.encode(),
-                          self.scheme.encode())) + b"\r\n"
+        return _PREAMBLE_MAGIC + b" " + self.tunnel.encode() + b"\r\n"
 
 
-class PreambleReader:
-    """Reads a stream's preamble from the bytes as they arrive: `feed` returns (preamble, rest) once the line is
-    complete, None before; HttpError(400) when it is malformed or longer than MAX_PREAMBLE."""
+def parse_preamble(line: bytes) -> StreamPreamble:
+    """HttpError(400) unless `line` is a preamble naming a valid, canonical tunnel name."""
+    parts = line.split(b" ")
+    if len(parts) != 2 or parts[0] != _PREAMBLE_MAGIC:
+        raise HttpError(400, "not a node stream preamble")
+    try:
+        tunnel = parts[1].decode("ascii")
+        if validate_name(tunnel) != tunnel:
+            raise InvalidName("not canonical")
+    except (UnicodeDecodeError, InvalidName):
+        raise HttpError(400, "node stream preamble names no valid tunnel") from None
+    return StreamPreamble(tunnel)
+
+
+_ANSWER_MAGIC = b"PORTWAY-NODE-TUNNEL"
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelAnswer:
+    """The accepting node's first line on a stream: the tunnel is served here and these are its visitor rules
+    (so the node that faces the visitor checks them, as for a local tunnel), or a refusal with a status.
+
+    Basic auth travels as the SHA-256 of the expected `Authorization` value, never the password itself."""
+
+    status: int  # 200: served; else the refusal's status
+    message: str = ""
+    basic_auth_digest: str | None = None  # hex
+    allow_networks: tuple[str, ...] = ()
+
+    def encode(self) -> bytes:
+        if self.status != 200:
+            return b"%s refused %d %s\r\n" % (_ANSWER_MAGIC, self.status, self.message.encode("utf-8"))
+        return b" ".join((_ANSWER_MAGIC, b"ok", (self.basic_auth_digest or "-").encode(),
+                          (",".join(self.allow_networks) or "-").encode())) + b"\r\n"
+
+
+def parse_answer(line: bytes) -> TunnelAnswer:
+    """HttpError(502) when the line is not a node's answer (the other end is no Portway node of this version)."""
+    parts = line.split(b" ", 3)
+    try:
+        if parts[0] == _ANSWER_MAGIC and parts[1] == b"refused" and len(parts) == 4:
+            status = int(parts[2])
+            if 400 <= status <= 599:
+                return TunnelAnswer(status, parts[3].decode("utf-8"))
+        elif parts[0] == _ANSWER_MAGIC and parts[1] == b"ok" and len(parts) == 4:
+            digest = None if parts[2] == b"-" else parts[2].decode("ascii")
+            if digest is not None and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
+                raise ValueError(digest)
+            networks = () if parts[3] == b"-" else tuple(
+                str(ipaddress.ip_network(part.decode("ascii"), strict=False)) for part in parts[3].split(b","))
+            return TunnelAnswer(200, "", digest, networks)
+    except (ValueError, UnicodeDecodeError, IndexError):
+        pass
+    raise HttpError(502, "the other relay node's answer is not a node stream answer")
+
+
+class LineReader:
+    """One CRLF-ended line from bytes as they arrive: `feed` returns (line, rest) once complete, None before;
+    HttpError(400) past MAX_PREAMBLE bytes without an end."""
 
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> tuple[StreamPreamble, bytes] | None:
+    def feed(self, data: bytes) -> tuple[bytes, bytes] | None:
         self._buffer += data
         end = self._buffer.find(b"\r\n")
-        if end < 0:
-            if len(self._buffer) > MAX_PREAMBLE:
-                raise HttpError(400, "node stream preamble too long")
+        if end < 0 and len(self._buffer) <= MAX_PREAMBLE:
             return None
-        if end > MAX_PREAMBLE:
-            raise HttpError(400, "node stream preamble too long")
+        if end < 0 or end > MAX_PREAMBLE:
+            raise HttpError(400, "node stream line too long")
         line, rest = bytes(self._buffer[:end]), bytes(self._buffer[end + 2:])
         self._buffer.clear()
-        return parse_preamble(line), rest
-
-
-def parse_preamble(line: bytes) -> StreamPreamble:
-    parts = line.split(b" ")
-    if len(parts) != 4 or parts[0] != _PREAMBLE_MAGIC or parts[3] not in _SCHEMES:
-        raise HttpError(400, "not a node stream preamble")
-    try:
-        tunnel = parts[1].decode("ascii")
-        address = str(ipaddress.ip_address(parts[2].decode("ascii")))
-    except (UnicodeDecodeError, ValueError):
-        raise HttpError(400, "node stream preamble names no tunnel or no visitor address") from None
-    try:
-        if validate_name(tunnel) != tunnel:
-            raise InvalidName("not canonical")
-    except InvalidName:
-        raise HttpError(400, "node stream preamble names no valid tunnel") from None
-    return StreamPreamble(tunnel, address, parts[3].decode("ascii"))
+        return line, rest
