@@ -271,8 +271,11 @@ class NodeLinks:
             return
         tunnel = self.registry.get(preamble.tunnel)
         try:
-            if not isinstance(tunnel, AgentTunnel):
+            if tunnel is None:
                 raise HttpError(404, f"There is no tunnel {preamble.tunnel!r} on relay node {self.node_id}.")
+            if not isinstance(tunnel, AgentTunnel):  # a localtunnel client's pool sockets: served on their node only
+                raise HttpError(502, f"Tunnel {tunnel.name!r} is a localtunnel tunnel on relay node "
+                                     f"{self.node_id}; only that node serves it.")
             if not tunnel.online:
                 raise HttpError(502, f"The agent for tunnel {tunnel.name!r} is not connected (agent "
                                      "reconnecting); try again in a moment.")
