@@ -212,9 +212,7 @@ class VisitorConnection:
             if tunnel is None and isinstance(route, ToTunnel):
                 # held by another node of the cluster? then it is served from here over a node link (nodes.py)
                 try:
-                    elsewhere = await self.registry.held_elsewhere(route.name)
-                    if elsewhere is not None:
-                        tunnel = await self.nodes.tunnel(route.name, elsewhere)
+                    tunnel = await self.nodes.find(route.name) if self.nodes is not None else None
                 except HttpError as error:
                     self.counters.unrouted_requests += 1
                     return await self.refuse(head, error.status, error.message)

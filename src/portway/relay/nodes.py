@@ -46,6 +46,9 @@ NODE_CONNECT_TIMEOUT = 3.0  # seconds to reach another node: an unreachable one 
 NODE_ANSWER_TIMEOUT = 5.0  # seconds for a node's 101, and for its answer line on each new stream
 MAX_NODE_LINKS = 64  # links this node keeps open to other nodes, and accepts from them
 MAX_REMOTE_TUNNELS = 4096  # other nodes' tunnels this node keeps a pool of streams for
+# seconds a lease read from Redis is trusted for later visitors: a Redis read per request cost more CPU than the
+# forwarding itself; a name that moved meanwhile is answered for by the node that held it (404: not here)
+LEASE_RECHECK = 1.0
 
 
 def node_mux_config(config: RelayConfig):
@@ -64,6 +67,7 @@ class RemoteTunnel(Tunnel):
         self.lease = lease
         self.links = links
         self.answered = False  # its node has stated the tunnel's rules at least once
+        self.checked_at = float("-inf")  # when the lease was last read from the registry (loop time)
 
     @property
     def online(self) -> bool:
@@ -136,6 +140,21 @@ class NodeLinks:
         self.tunnels: OrderedDict[str, RemoteTunnel] = OrderedDict()
 
     # forwarding side
+    async def find(self, name: str) -> RemoteTunnel | None:
+        """The tunnel `name` as held by another node, or None when no node holds it; HttpError as `tunnel`'s,
+        and 503 when the registry can't be asked."""
+        now = asyncio.get_running_loop().time()
+        tunnel = self.tunnels.get(name)
+        if tunnel is not None and tunnel.answered and now - tunnel.checked_at < LEASE_RECHECK:
+            self.tunnels.move_to_end(name)
+            return tunnel
+        lease = await self.registry.held_elsewhere(name)
+        if lease is None:
+            return None
+        tunnel = await self.tunnel(name, lease)
+        tunnel.checked_at = now
+        return tunnel
+
     async def tunnel(self, name: str, lease: RemoteLease) -> RemoteTunnel:
         """The other node's tunnel `name` under `lease`, its access rules known; HttpError (502 naming the node,
         or the node's own refusal) when it can't be served from here."""
