@@ -47,7 +47,8 @@ NODE_ANSWER_TIMEOUT = 5.0  # seconds for a node's 101, and for its answer line o
 MAX_NODE_LINKS = 64  # links this node keeps open to other nodes, and accepts from them
 MAX_REMOTE_TUNNELS = 4096  # other nodes' tunnels this node keeps a pool of streams for
 # seconds a lease read from Redis is trusted for later visitors: a Redis read per request cost more CPU than the
-# forwarding itself; a name that moved meanwhile is answered for by the node that held it (404: not here)
+# forwarding itself; a name that moved meanwhile is answered for by the node that held it (404: not here), and
+# that refusal sends the next visitor's lookup back to Redis
 LEASE_RECHECK = 1.0
 
 
@@ -97,6 +98,7 @@ class RemoteTunnel(Tunnel):
             stream.put_back([rest])
         if answer.status != 200:
             stream.close()
+            self.checked_at = float("-inf")  # the name may have moved: the next visitor reads the lease again
             raise HttpError(answer.status, answer.message)
         self.access = AccessPolicy(
             allow_networks=tuple(ipaddress.ip_network(network) for network in answer.allow_networks),
