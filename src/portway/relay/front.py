@@ -27,6 +27,7 @@ from .metrics import RelayCounters
 
 if TYPE_CHECKING:
     from ..config import RelayConfig
+    from .nodes import NodeLinks
     from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class FrontServices:
     access_log: AccessLog | None = None
     draining: asyncio.Event = field(default_factory=asyncio.Event)  # set when the relay stops gracefully
     admission: Admission | None = None  # per-address caps: an upgrade moves a connection to its own count
+    nodes: "NodeLinks | None" = None  # the cluster's other nodes, for tunnels held there (None: not in a cluster)
 
 
 class VisitorConnection:
@@ -70,6 +72,7 @@ class VisitorConnection:
         self.access_log = services.access_log
         self.draining = services.draining
         self.admission = services.admission
+        self.nodes = services.nodes
         self.idle = False  # waiting for the first byte of a request: a draining relay closes it at once
         self.served = 0  # requests handled: an idle connection that served one is a keep-alive one
         self.upgraded = False  # switched protocols (a WebSocket, an agent link): counted as upgraded
@@ -206,22 +209,21 @@ class VisitorConnection:
         self.status = self.bytes_in = self.bytes_out = 0
         self.switched = False
         try:
+            if tunnel is None and isinstance(route, ToTunnel):
+                # held by another node of the cluster? then it is served from here over a node link (nodes.py)
+                try:
+                    tunnel = await self.nodes.find(route.name) if self.nodes is not None else None
+                except HttpError as error:
+                    self.counters.unrouted_requests += 1
+                    return await self.refuse(head, error.status, error.message)
             if tunnel is None:
                 self.counters.unrouted_requests += 1
                 if isinstance(route, NotServed):
                     return await self.refuse(head, 404, f"No tunnel is served at {route.hostname} by this relay.")
-                try:
-                    elsewhere = await self.registry.held_elsewhere(route.name)
-                except HttpError as error:
-                    return await self.refuse(head, error.status, error.message)
-                if elsewhere is not None:  # until nodes forward visitors to each other, say where the tunnel is
-                    return await self.refuse(head, 502, f"Tunnel {route.name!r} is served by relay node "
-                                                        f"{elsewhere.node}, and this node does not forward "
-                                                        "visitors to other nodes.")
                 return await self.refuse(head, 404, f"There is no tunnel at {route.name}.{self.router.domain}.")
             access = tunnel.access
             try:
-                if access.basic_auth is not None or access.allow_networks:  # most tunnels have no rules
+                if access.requires_login or access.allow_networks:  # most tunnels have no rules
                     access.check(self.conn.peer_ip, head, self.guard, tunnel.name, self.loop.time())
             except HttpError as error:
                 extra = error.headers
@@ -283,7 +285,7 @@ class VisitorConnection:
     async def exchange(self, head: RequestHead, tunnel) -> bool:
         request_bytes = http1.encode_request_head(
             head, peer_ip=self.conn.peer_ip, scheme=self.scheme,
-            drop_authorization=tunnel.access.basic_auth is not None,
+            drop_authorization=tunnel.access.requires_login,
         )
         retry_allowed = exchange.retry_allowed(head)
         request_complete: bool | None = None

@@ -18,6 +18,7 @@ from ..link.connection import Connection
 from ..link.deadlines import DeadlineSweeper, resolution_for
 from ..policy.admission import Admission, AdmissionLimits, Refusal
 from ..proto.control import LINK_PATH
+from ..proto.node_link import NODE_LINK_PATH
 from ..proto.http1 import RequestHead
 from ..proto.names import SYSTEM_NAMES
 from ..proto.pages import error_response, json_response, landing_page
@@ -31,6 +32,7 @@ from .front import FrontServices, VisitorConnection
 from .localtunnel import LocalTunnelService
 from .metrics import RelayCollector, RelayCounters, serve_metrics
 from .naming import NameClaims
+from .nodes import NodeLinks
 from .registry import MemoryRegistry, Registry
 from .tunnels import AgentTunnel
 
@@ -57,6 +59,7 @@ class Relay:
         guard = BasicAuthGuard(config.auth_failures_per_address, config.auth_failures_per_tunnel,
                                config.auth_failure_window)
         self.agents = AgentLinks(config, self.registry, self.claims, self.public_url)
+        self.nodes = NodeLinks(config, self.registry)
         self.localtunnel = LocalTunnelService(config, self.registry, self.claims, self.public_url, self.listen_hosts)
         self.admission = Admission(AdmissionLimits(
             connections=config.max_connections_per_ip, upgraded=config.max_upgraded_per_ip,
@@ -68,7 +71,7 @@ class Relay:
         self.extra_servers: list[asyncio.base_events.Server] = []
         access_log = AccessLog(sys.stderr, config.log_format) if config.access_log else None
         self.front = FrontServices(config, self.router, self.registry, self.serve_own, self.counters, guard,
-                                   access_log, admission=self.admission)
+                                   access_log, admission=self.admission, nodes=self.nodes)
 
     # lifecycle
     async def start(self) -> None:
@@ -150,6 +153,7 @@ class Relay:
             server.close()
         if self.deadlines is not None:
             self.deadlines.close()
+        self.nodes.close()
         for tunnel in self.registry:
             if isinstance(tunnel, AgentTunnel) and tunnel.session is not None:
                 tunnel.session.close()
@@ -246,6 +250,8 @@ class Relay:
         path, _, query = head.target.decode("latin-1").partition("?")
         if path == LINK_PATH:
             return await self.agents.register(visitor, head, query)
+        if path == NODE_LINK_PATH:
+            return await self.nodes.accept(visitor, head)
         if self.localtunnel.wants(head, path, query):
             return await self.localtunnel.serve(visitor, head, path, query)
         if not await visitor.skip_body(head):

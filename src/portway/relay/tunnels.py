@@ -7,6 +7,7 @@ complete exchange are kept idle for the next request, like a keep-alive pool.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import secrets
@@ -29,6 +30,18 @@ class AccessPolicy:
 
     basic_auth: bytes | None = None  # the expected `Authorization` header value
     allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # a tunnel served by another node: its rules came over the node link, basic auth as the value's SHA-256 (hex)
+    basic_auth_digest: str | None = None
+
+    @property
+    def requires_login(self) -> bool:
+        return self.basic_auth is not None or self.basic_auth_digest is not None
+
+    def login_digest(self) -> str | None:
+        """The expected `Authorization` value as SHA-256 hex: how the rule travels to the node a visitor is on."""
+        if self.basic_auth is not None:
+            return hashlib.sha256(self.basic_auth).hexdigest()
+        return self.basic_auth_digest
 
     def check(self, peer_ip: str, head: RequestHead, guard: BasicAuthGuard | None = None, tunnel: str = "",
               now: float = 0.0) -> None:
@@ -41,7 +54,7 @@ class AccessPolicy:
                 raise HttpError(403, "this tunnel does not accept visitors from your address", close=False)
             if not any(address in network for network in self.allow_networks):
                 raise HttpError(403, "this tunnel does not accept visitors from your address", close=False)
-        if self.basic_auth is not None:
+        if self.requires_login:
             authorization = head.header(b"authorization")
             if guard is not None:
                 wait = guard.refusal(tunnel, peer_ip, authorization is not None, now)
@@ -51,7 +64,11 @@ class AccessPolicy:
                                     headers=[("Retry-After", str(seconds))])
             if authorization is None:
                 raise HttpError(401, "this tunnel requires a user name and password", close=False)
-            succeeded = secrets.compare_digest(authorization, self.basic_auth)
+            if self.basic_auth is not None:
+                succeeded = secrets.compare_digest(authorization, self.basic_auth)
+            else:
+                assert self.basic_auth_digest is not None
+                succeeded = secrets.compare_digest(hashlib.sha256(authorization).hexdigest(), self.basic_auth_digest)
             if guard is not None:
                 guard.record(tunnel, peer_ip, succeeded, now)
             if not succeeded:
@@ -91,6 +108,10 @@ class Tunnel:
                 return conduit
             conduit.close()  # the origin closed it or sent stray bytes (a 408) while it sat idle
         return None
+
+    async def fresh_conduit(self):
+        """A new conduit to the origin, never a pooled one (for a stream another node keeps for itself)."""
+        return await self._new_conduit()
 
     async def acquire(self):
         """A conduit to the origin: an idle one still clean, else a new one; and whether it was reused."""

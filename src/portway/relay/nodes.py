@@ -1,0 +1,351 @@
+"""Relay nodes forwarding visitors to each other: any node serves any tunnel of the cluster.
+
+A visitor lands on node B for a tunnel whose agent is on node A. B parses and checks the request exactly as for a
+tunnel of its own (head rules, routing, the tunnel's access rules, per-address caps, every deadline) and sends
+A the same bytes it would send down an agent link, over one multiplexed link to A's --advertise address that B
+opens on demand (proto/node_link.py proves the cluster secret) and reuses for every later visitor. A splices each
+stream to a stream of the tunnel's agent link without reading it: nothing is parsed twice.
+
+Where the checks happen: B does everything a relay checks about a visitor's request; the tunnel's access rules
+live with the agent's registration on A, so A states them in its answer to each stream (basic auth as a digest)
+and B enforces them. A checks only that the stream comes over an admitted node link and names a tunnel it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import json
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from ..config import RelayConfig
+from ..errors import ConduitReset, HttpError, MuxClosedError
+from ..link.bridge import StreamBridge
+from ..link.connection import Connection
+from ..link.session import MuxSession, MuxStream
+from ..proto import http1
+from ..proto.control import refusal
+from ..proto.http1 import RequestHead
+from ..proto.mux import Role
+from ..proto.node_link import (NODE_LINK_UPGRADE, LineReader, NodeLinkGate, NodeLinkRequest, StreamPreamble,
+                               TunnelAnswer, parse_answer, parse_preamble)
+from .registry import Registry, RemoteLease
+from .tunnels import AccessPolicy, AgentTunnel, Tunnel
+
+if TYPE_CHECKING:
+    from .front import VisitorConnection
+
+log = logging.getLogger(__name__)
+
+NODE_CONNECT_TIMEOUT = 3.0  # seconds to reach another node: an unreachable one is a quick 502, not a hang
+NODE_ANSWER_TIMEOUT = 5.0  # seconds for a node's 101, and for its answer line on each new stream
+MAX_NODE_LINKS = 64  # links this node keeps open to other nodes, and accepts from them
+MAX_REMOTE_TUNNELS = 4096  # other nodes' tunnels this node keeps a pool of streams for
+# seconds a lease read from Redis is trusted for later visitors: a Redis read per request cost more CPU than the
+# forwarding itself; a name that moved meanwhile is answered for by the node that held it (404: not here), and
+# that refusal sends the next visitor's lookup back to Redis
+LEASE_RECHECK = 1.0
+
+
+def node_mux_config(config: RelayConfig):
+    """A node link's streams are visitors' exchanges, never parked: a lost node link resets them visibly."""
+    return dataclasses.replace(config.mux, resume_window=0)
+
+
+class RemoteTunnel(Tunnel):
+    """A tunnel served by another node's agent, as this node forwards to it: conduits are streams on the node
+    link to that node; access rules are those the node stated in its last answer."""
+
+    kind = "remote"
+
+    def __init__(self, name: str, lease: RemoteLease, links: "NodeLinks") -> None:
+        super().__init__(name)
+        self.lease = lease
+        self.links = links
+        self.answered = False  # its node has stated the tunnel's rules at least once
+        self.checked_at = float("-inf")  # when the lease was last read from the registry (loop time)
+
+    @property
+    def online(self) -> bool:
+        return True  # as far as the lease says: a node that can't serve it answers so, per stream
+
+    async def _new_conduit(self) -> MuxStream:
+        node = self.lease.node
+        session = await self.links.session(self.lease, self.name)
+        try:
+            stream = session.open_stream()
+        except MuxClosedError:
+            raise HttpError(502, f"Tunnel {self.name!r} is served by relay node {node}, and the link to it "
+                                 "is closing; try again.") from None
+        stream.write(StreamPreamble(self.name).encode())
+        reader = LineReader()
+        try:
+            async with asyncio.timeout(NODE_ANSWER_TIMEOUT):
+                while (got := reader.feed(b"".join(await _read_some(stream)))) is None:
+                    pass
+            line, rest = got
+            answer = parse_answer(line)
+        except (ConduitReset, TimeoutError, HttpError):
+            stream.abort()
+            raise HttpError(502, f"Tunnel {self.name!r} is served by relay node {node}, which did not answer "
+                                 "for it.") from None
+        if rest:
+            stream.put_back([rest])
+        if answer.status != 200:
+            stream.close()
+            self.checked_at = float("-inf")  # the name may have moved: the next visitor reads the lease again
+            raise HttpError(answer.status, answer.message)
+        self.access = AccessPolicy(
+            allow_networks=tuple(ipaddress.ip_network(network) for network in answer.allow_networks),
+            basic_auth_digest=answer.basic_auth_digest)
+        self.answered = True
+        return stream
+
+    def release(self, conduit, reusable: bool) -> None:
+        session = self.links.sessions.get(self.lease.node)
+        if session is None or session.mux.going_away:
+            reusable = False
+        super().release(conduit, reusable)
+
+    async def join(self, conn: Connection, conduit, unread: bytes) -> None:
+        await StreamBridge.take_over(conn, conduit, unread).closed
+
+
+async def _read_some(stream: MuxStream) -> list[bytes]:
+    chunks = await stream.read_chunks()
+    if not chunks:
+        raise ConduitReset("the stream ended")
+    return chunks
+
+
+class NodeLinks:
+    """This node's links to the other nodes of the cluster, both ways.
+
+    Opening (forwarding side): one link per node, dialled on the first visitor for one of its tunnels and reused;
+    concurrent visitors wait for the same dial. Accepting (serving side): a node link's upgrade request must
+    prove the cluster secret (NodeLinkGate); each stream on it is spliced to the named tunnel's agent link.
+    """
+
+    def __init__(self, config: RelayConfig, registry: Registry) -> None:
+        self.config = config
+        self.registry = registry
+        self.node_id = config.node_id or ""
+        self.gate = NodeLinkGate(self.node_id, config.cluster_secret)
+        self.sessions: dict[str, MuxSession] = {}  # node id -> the link this node opened to it
+        self._dialling: dict[str, asyncio.Task[MuxSession]] = {}
+        self.accepted: set[MuxSession] = set()
+        self.tunnels: OrderedDict[str, RemoteTunnel] = OrderedDict()
+
+    # forwarding side
+    async def find(self, name: str) -> RemoteTunnel | None:
+        """The tunnel `name` as held by another node, or None when no node holds it; HttpError as `tunnel`'s,
+        and 503 when the registry can't be asked."""
+        now = asyncio.get_running_loop().time()
+        tunnel = self.tunnels.get(name)
+        if tunnel is not None and tunnel.answered and now - tunnel.checked_at < LEASE_RECHECK:
+            self.tunnels.move_to_end(name)
+            return tunnel
+        lease = await self.registry.held_elsewhere(name)
+        if lease is None:
+            return None
+        tunnel = await self.tunnel(name, lease)
+        tunnel.checked_at = now
+        return tunnel
+
+    async def tunnel(self, name: str, lease: RemoteLease) -> RemoteTunnel:
+        """The other node's tunnel `name` under `lease`, its access rules known; HttpError (502 naming the node,
+        or the node's own refusal) when it can't be served from here."""
+        tunnel = self.tunnels.get(name)
+        if tunnel is None or tunnel.lease != lease:  # a new registration: new rules, maybe another node
+            if tunnel is not None:
+                tunnel.close()
+            tunnel = self.tunnels[name] = RemoteTunnel(name, lease, self)
+            while len(self.tunnels) > MAX_REMOTE_TUNNELS:
+                _, evicted = self.tunnels.popitem(last=False)
+                evicted.close()
+        self.tunnels.move_to_end(name)
+        if not tunnel.answered:
+            conduit = await tunnel.fresh_conduit()
+            tunnel.release(conduit, True)
+        return tunnel
+
+    async def session(self, lease: RemoteLease, name: str) -> MuxSession:
+        session = self.sessions.get(lease.node)
+        if session is not None and not session.closed.done() and not session.mux.going_away:
+            return session
+        dial = self._dialling.get(lease.node)
+        if dial is None:
+            if len(self.sessions) >= MAX_NODE_LINKS:
+                raise HttpError(503, f"Tunnel {name!r} is served by relay node {lease.node}, and this node "
+                                     f"holds its {MAX_NODE_LINKS} node links already.")
+            dial = self._dialling[lease.node] = asyncio.get_running_loop().create_task(self._dial(lease, name))
+            dial.add_done_callback(lambda _: self._dialling.pop(lease.node, None))
+        return await asyncio.shield(dial)
+
+    async def _dial(self, lease: RemoteLease, name: str) -> MuxSession:
+        node = lease.node
+        unreachable = f"Tunnel {name!r} is served by relay node {node}, which this node cannot reach"
+        secret = self.config.cluster_secret
+        if secret is None:
+            raise HttpError(502, f"Tunnel {name!r} is served by relay node {node}; this node runs without "
+                                 "--cluster-secret and forwards no visitors to other nodes.")
+        host, _, port = lease.advertise.rpartition(":")
+        host = host.strip("[]")
+        loop = asyncio.get_running_loop()
+        try:
+            transport, conn = await asyncio.wait_for(
+                loop.create_connection(Connection, host, int(port)), NODE_CONNECT_TIMEOUT)
+        except (OSError, ValueError, asyncio.TimeoutError) as error:
+            reason = "timed out" if isinstance(error, asyncio.TimeoutError) else getattr(error, "strerror", None)
+            raise HttpError(502, f"{unreachable} ({reason or error}).") from None
+        request = NodeLinkRequest.make(secret, self.node_id, node, time.time(), secrets.token_hex(16))
+        parser = http1.ResponseParser("GET", NODE_LINK_UPGRADE)
+        body = b""
+        try:
+            conn.write(request.encode(lease.advertise))
+            async with asyncio.timeout(NODE_ANSWER_TIMEOUT):
+                switched = None
+                while switched is None:
+                    data = await conn.read()
+                    for event in parser.feed(data) if data else parser.feed_eof():
+                        if isinstance(event, http1.Switched):
+                            switched = event
+                        elif isinstance(event, http1.Body):
+                            body += event.data
+                        elif event is http1.MESSAGE_END:
+                            raise HttpError(502, f"{unreachable}: it refused this node's link "
+                                                 f"({_message_of(body)}).")
+        except (ConduitReset, TimeoutError, HttpError) as error:
+            conn.close()
+            message = error.message if isinstance(error, HttpError) and error.status == 502 else \
+                f"{unreachable}: its link did not open."
+            log.warning("node link to %s at %s: %s", node, lease.advertise, message)
+            raise HttpError(502, message) from None
+        session = MuxSession(Role.SERVER, node_mux_config(self.config))
+        link_bytes = switched.trailing + conn.take_buffered()
+        transport.set_protocol(session)
+        session.connection_made(transport)
+        if link_bytes:
+            session.data_received(link_bytes)
+        self.sessions[node] = session
+        session.closed.add_done_callback(lambda _: self._forget(node, session))
+        log.info("node link to %s at %s open", node, lease.advertise)
+        return session
+
+    def _forget(self, node: str, session: MuxSession) -> None:
+        if self.sessions.get(node) is session:
+            del self.sessions[node]
+        for tunnel in self.tunnels.values():
+            if tunnel.lease.node == node:
+                tunnel.drop_idle()
+
+    # serving side
+    async def accept(self, visitor: "VisitorConnection", head: RequestHead) -> bool:
+        """Serve one node link on `visitor`'s connection until it ends; the connection never returns to HTTP."""
+        conn = visitor.conn
+        visitor.carries_agent_link = True  # a link, not an exchange a drain waits for
+        try:
+            request = NodeLinkRequest.parse(head)
+            self.gate.admit(request, time.time())
+            if len(self.accepted) >= MAX_NODE_LINKS:
+                raise HttpError(503, f"relay node {self.node_id} holds {MAX_NODE_LINKS} node links already")
+        except HttpError as error:
+            log.warning("refused a node link from %s: %s", conn.peer_ip, error.message)
+            conn.write(refusal(error.status, error.message))
+            return False
+        switched = [event for event in visitor.pending if isinstance(event, http1.Switched)]
+        visitor.pending.clear()
+        link_bytes = (switched[0].trailing if switched else b"") + (conn.take_buffered() if conn.has_unread else b"")
+        conn.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: portway-node\r\nConnection: Upgrade\r\n\r\n")
+        transport = conn.transport
+        assert transport is not None
+        session = MuxSession(Role.CLIENT, node_mux_config(self.config), on_stream=self.serve_stream)
+        transport.set_protocol(session)
+        session.connection_made(transport)
+        if link_bytes:
+            session.data_received(link_bytes)
+        self.accepted.add(session)
+        log.info("node link from %s (%s) open", request.from_node, conn.peer_ip)
+        try:
+            reason = await session.closed
+        finally:
+            self.accepted.discard(session)
+        log.info("node link from %s closed: %s", request.from_node, reason)
+        return False
+
+    async def serve_stream(self, stream: MuxStream) -> None:
+        """One stream from another node: name the tunnel's rules and splice it to the tunnel's agent link."""
+        reader = LineReader()
+        try:
+            async with asyncio.timeout(NODE_ANSWER_TIMEOUT):
+                while (got := reader.feed(b"".join(await _read_some(stream)))) is None:
+                    pass
+            line, rest = got
+            preamble = parse_preamble(line)
+        except (ConduitReset, TimeoutError, HttpError):
+            stream.abort()
+            return
+        tunnel = self.registry.get(preamble.tunnel)
+        try:
+            if tunnel is None:
+                raise HttpError(404, f"There is no tunnel {preamble.tunnel!r} on relay node {self.node_id}.")
+            if not isinstance(tunnel, AgentTunnel):  # a localtunnel client's pool sockets: served on their node only
+                raise HttpError(502, f"Tunnel {tunnel.name!r} is a localtunnel tunnel on relay node "
+                                     f"{self.node_id}; only that node serves it.")
+            if not tunnel.online:
+                raise HttpError(502, f"The agent for tunnel {tunnel.name!r} is not connected (agent "
+                                     "reconnecting); try again in a moment.")
+            agent_stream = await tunnel.fresh_conduit()
+        except HttpError as error:
+            try:
+                stream.write(TunnelAnswer(error.status, error.message).encode())
+                stream.write_eof()
+            except ConduitReset:
+                pass
+            stream.close()
+            return
+        access = tunnel.access
+        stream.write(TunnelAnswer(200, "", access.login_digest(),
+                                  tuple(str(network) for network in access.allow_networks)).encode())
+        if rest:
+            stream.put_back([rest])
+        await splice(stream, agent_stream)
+
+    def close(self) -> None:
+        for dial in list(self._dialling.values()):
+            dial.cancel()
+        for session in [*self.sessions.values(), *self.accepted]:
+            session.close()
+        for tunnel in self.tunnels.values():
+            tunnel.close()
+
+
+async def splice(first: MuxStream, second: MuxStream) -> None:
+    """Copy bytes both ways until both directions ended, each at the pace its receiver grants (stream windows);
+    a reset on either side resets the other."""
+
+    async def pump(source: MuxStream, sink: MuxStream) -> None:
+        try:
+            while chunks := await source.read_chunks():
+                for chunk in chunks:
+                    await sink.send(chunk)
+            sink.write_eof()
+        except ConduitReset:
+            source.abort()
+            sink.abort()
+
+    await asyncio.gather(pump(first, second), pump(second, first))
+    first.close()
+    second.close()
+
+
+def _message_of(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["message"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode("utf-8", "replace")[:200] or "no reason given"

@@ -1,0 +1,137 @@
+"""Any node serves any tunnel: three real `portway server --cluster` nodes on one real redis-server, the agent on
+node A, visitors spread over all three. Bodies arrive whole (checksummed 50 MB each way), WebSockets echo through
+node B, node B enforces the tunnel's own access rules, a node link without the cluster secret is refused, and with
+node A gone node B answers a quick 502 naming it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from portway.proto.node_link import NodeLinkRequest
+from tests.redis_server import RedisServer
+
+from .conftest import assert_websocket_echo, start_agent, start_origin
+from .payload import expected_sha256
+from .test_cluster import start_node
+
+TOKEN = "cluster-e2e-token"
+LOGIN = "Basic " + base64.b64encode(b"user:pass").decode()
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cluster(procs, redis_server, tmp_path):
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nlabel = "team"\ntoken = "{TOKEN}"\n')
+    nodes = [start_node(procs, redis_server, f"node-{letter}", tokens) for letter in "abc"]
+    origin = start_origin(procs)
+    start_agent(procs, nodes[0], origin, "--token", TOKEN, "--no-inspect", name="web")
+    start_agent(procs, nodes[0], origin, "--token", TOKEN, "--no-inspect", "--basic-auth", "user:pass",
+                name="guarded")
+    return nodes
+
+
+def request(relay, name, method="GET", path="/", body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers={"Host": relay.host(name), **(headers or {})})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_visitors_on_every_node_reach_the_tunnel_on_node_a(cluster):
+    for index in range(12):  # round robin over the nodes
+        assert request(cluster[index % 3], "web") == (200, b"hello from origin")
+    status, body = request(cluster[1], "web", path="/whoami", headers={"X-Forwarded-For": "6.6.6.6"})
+    seen = json.loads(body)["headers"]
+    assert status == 200 and seen["x-forwarded-for"] == "127.0.0.1" and seen["host"] == cluster[1].host("web")
+    assert request(cluster[2], "nowhere")[0] == 404
+
+
+def test_keep_alive_connection_on_node_b_serves_many_requests(cluster):
+    conn = http.client.HTTPConnection("127.0.0.1", cluster[1].port, timeout=30)
+    try:
+        for _ in range(20):
+            conn.request("GET", "/", headers={"Host": cluster[1].host("web")})
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, b"hello from origin")
+    finally:
+        conn.close()
+
+
+def test_50mb_each_way_through_node_b_intact(cluster):
+    node_b = cluster[1]
+    size = 50 * 1024 * 1024
+    status, body = request(node_b, "web", path=f"/download?bytes={size}&seed=fw")
+    assert status == 200 and len(body) == size and hashlib.sha256(body).hexdigest() == expected_sha256(size, "fw")
+    payload = os.urandom(1024 * 1024) * 50
+    status, body = request(node_b, "web", method="POST", path="/upload", body=payload,
+                           headers={"Content-Length": str(size)})
+    answer = json.loads(body)
+    assert status == 200 and answer["bytes"] == size and answer["sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+def test_websocket_echo_through_node_b(cluster):
+    assert_websocket_echo(cluster[1], "web")
+
+
+def test_node_b_enforces_the_rules_the_agent_gave_node_a(cluster):
+    node_b = cluster[1]
+    assert request(node_b, "guarded")[0] == 401
+    assert request(node_b, "guarded", headers={"Authorization": "Basic " + base64.b64encode(b"u:x").decode()})[0] \
+        == 401
+    status, body = request(node_b, "guarded", path="/whoami", headers={"Authorization": LOGIN})
+    assert status == 200 and "authorization" not in json.loads(body)["headers"]  # kept from the origin, as on A
+
+
+def node_link_status(node, request: NodeLinkRequest) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)
+    try:
+        conn.putrequest("GET", "/_portway/node", skip_host=True)
+        for line in request.encode(f"localhost:{node.port}").decode().split("\r\n")[1:]:
+            if line:
+                key, _, value = line.partition(": ")
+                conn.putheader(key, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.read() if response.status != 101 else b""
+    finally:
+        conn.close()
+
+
+def test_a_node_link_needs_the_cluster_secret(cluster):
+    node_a = cluster[0]
+    wrong = NodeLinkRequest.make("not-the-secret", "node-x", "node-a", time.time(), os.urandom(16).hex())
+    status, body = node_link_status(node_a, wrong)
+    assert status == 403 and b"does not match this node's --cluster-secret" in body
+    right = NodeLinkRequest.make("e2e-secret", "node-x", "node-a", time.time(), os.urandom(16).hex())
+    assert node_link_status(node_a, right)[0] == 101
+    assert node_link_status(node_a, right)[0] == 403  # a proof is good once
+
+
+def test_node_a_gone_gives_a_quick_502_naming_it(cluster):
+    node_a, node_b, _ = cluster
+    assert request(node_b, "web")[0] == 200
+    node_a.proc.kill(signal.SIGKILL)
+    node_a.proc.wait_exit()
+    started = time.monotonic()
+    status, body = request(node_b, "web")
+    assert status == 502 and b"relay node node-a" in body
+    assert time.monotonic() - started < 30  # a bound against hanging, not a performance figure
