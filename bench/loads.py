@@ -106,9 +106,13 @@ def wait_ready(target: Target, timeout: float = 20.0, expect: bytes = b"hello fr
 # wrk
 
 
-def run_wrk(target: Target, connections: int, duration: float, registry, timeout_s: float = 5.0) -> dict:
+def run_wrk(target: Target, connections: int, duration: float, registry, timeout_s: float = 5.0,
+            new_connections: bool = False) -> dict:
+    """wrk's GET load; with `new_connections`, every request on a connection of its own (Connection: close):
+    a rate of new connections through the path, each one set up and torn down by the tunnel."""
+    close = ["-H", "Connection: close"] if new_connections else []
     args = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", f"--timeout={timeout_s:g}s", "--latency",
-            "-s", str(WRK_LUA), "-H", f"Host: {target.host}", target.url]
+            "-s", str(WRK_LUA), "-H", f"Host: {target.host}", *close, target.url]
     proc = registry.start(args, f"wrk-c{connections}")
     try:
         rc = proc.popen.wait(duration + 30)

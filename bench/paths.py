@@ -68,6 +68,7 @@ def setup_direct(reg: Registry, origin_port: int) -> Path:
 # Every visitor of the benchmark comes from 127.0.0.1, so the relay's per-address cap on concurrent
 # visitor connections (a defence, default 256) would turn most of the 1,000 streams into 429s.
 VISITOR_CAP = 4096
+VISITOR_RATE = 1_000_000  # new connections per second: the connection-rate case opens one per request
 _help_texts: dict[str, str] = {}
 
 
@@ -86,6 +87,8 @@ def _relay_extra_args() -> list[str]:
     extra = []
     if "--max-connections-per-ip" in _help("server"):
         extra += ["--max-connections-per-ip", str(VISITOR_CAP)]
+    if "--max-connection-rate-per-ip" in _help("server"):
+        extra += ["--max-connection-rate-per-ip", str(VISITOR_RATE)]
     if "--no-access-log" in _help("server"):
         extra.append("--no-access-log")  # the data path is measured, like the peers' (none logs per request)
     return extra
@@ -123,6 +126,31 @@ def setup_portway(reg: Registry, origin_port: int, inspect: bool = False) -> Pat
                     roles={"server": relay, "client": agent},
                     role_labels={"server": "portway relay", "client": "portway agent" + (" + inspector" if inspect else "")},
                     procs=procs)
+        wait_ready(path.target)
+        return path
+    except BaseException:
+        reg.kill(procs)
+        raise
+
+
+def setup_portway_tcp(reg: Registry, origin_port: int) -> Path:
+    """Relay with one TCP port + `portway tcp` (the agent's TCP tunnel: bytes only, no HTTP work on either side);
+    visitors connect to that public port, as they do to ssh -R's forwarded one."""
+    if "--tcp-ports" not in _help("server"):
+        raise Skip("this portway has no TCP tunnels")
+    port, public = free_port(), free_port()
+    relay = reg.start(PORTWAY + ["server", "--port", str(port), "--domain", "localhost", "--tcp-ports", str(public),
+                                 *_relay_extra_args()], "portway-relay-tcp")
+    procs = [relay]
+    try:
+        relay.wait_for(r"listening on", 20)
+        agent = reg.start(PORTWAY + ["tcp", str(origin_port), "--relay", f"http://127.0.0.1:{port}",
+                                     "--remote-port", str(public)], "portway-agent-tcp")
+        procs.append(agent)
+        agent.wait_for(rf"^tcp://localhost:{public}$", 20)
+        path = Path("portway_tcp", Target("127.0.0.1", public, f"127.0.0.1:{public}"),
+                    roles={"server": relay, "client": agent},
+                    role_labels={"server": "portway relay", "client": "portway agent (tcp tunnel)"}, procs=procs)
         wait_ready(path.target)
         return path
     except BaseException:

@@ -33,18 +33,20 @@ from procs import Monitor, Registry, StartError, machine_cpu_share, read_machine
 ROOT = FsPath(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
 
-PATH_ORDER = ["direct", "portway", "portway_inspect", "portway_lt", "localtunnel", "ssh"]
+PATH_ORDER = ["direct", "portway", "portway_inspect", "portway_tcp", "portway_lt", "localtunnel", "ssh"]
 PATH_TITLES = {
     "direct": "direct",
     "portway": "Portway",
     "portway_inspect": "Portway + inspector",
+    "portway_tcp": "Portway TCP tunnel",
     "portway_lt": "Portway relay + lt",
     "localtunnel": "lt server + lt",
     "ssh": "ssh -R",
 }
 # Paths that run the many-streams case (one multiplexed link; lt has a pool of 10 sockets).
-STREAM_PATHS = {"direct", "portway", "portway_inspect", "ssh"}
+STREAM_PATHS = {"direct", "portway", "portway_inspect", "portway_tcp", "ssh"}
 CONCURRENCY = [1, 10, 50, 200]
+CONN_RATE_CONNECTIONS = 10  # wrk connections of the new-connection case, each request on a connection of its own
 
 
 def config_for(quick: bool) -> dict:
@@ -160,6 +162,8 @@ def setup_path(key: str, reg: Registry, mon: Monitor, origin_port: int, args, ou
             path = paths.setup_portway(reg, origin_port)
         elif key == "portway_inspect":
             path = paths.setup_portway(reg, origin_port, inspect=True)
+        elif key == "portway_tcp":
+            path = paths.setup_portway_tcp(reg, origin_port)
         elif key == "portway_lt":
             path = paths.setup_portway_lt(reg, origin_port)
         elif key == "localtunnel":
@@ -192,6 +196,8 @@ def case_plan(cfg: dict, expected: dict) -> list[tuple[str, object, set[str] | N
     plan: list[tuple[str, object, set[str] | None]] = []
     for c in CONCURRENCY:
         plan.append((f"get_c{c}", lambda target, reg, c=c: loads.run_wrk(target, c, cfg["wrk_seconds"], reg), None))
+    plan.append(("conn_rate", lambda target, reg: loads.run_wrk(target, CONN_RATE_CONNECTIONS, cfg["wrk_seconds"], reg,
+                                                              new_connections=True), None))
     plan += [
         ("download", lambda target, reg: loads.bulk_download(target, cfg["bulk_bytes"], "bench-down",
                                                              expected["download"], cfg["bulk_deadline_s"]), None),
@@ -295,13 +301,13 @@ def run_paths(selected: list[str], reg: Registry, mon: Monitor, origin, origin_p
 
 
 # What a case's work is counted in, for the CPU each tunnel side spends per unit of it.
-CASE_UNITS = {"download": "MB", "upload": "MB", "ws_rtt": "round trip", "ws_1mib": "MB"}
+CASE_UNITS = {"conn_rate": "connection", "download": "MB", "upload": "MB", "ws_rtt": "round trip", "ws_1mib": "MB"}
 TUNNEL_ROLES = ("server", "client")  # the relay side and the agent side of every path (none for direct)
 
 
 def work_units(name: str, case: dict) -> float | None:
     """How many units of work the (median) run of a case did: requests, MB moved or round trips."""
-    if name.startswith("get_c"):
+    if name.startswith("get_c") or name == "conn_rate":
         return case.get("requests")
     if name in ("download", "upload"):
         return case["bytes"] / 1e6 if case.get("bytes") else None
@@ -403,6 +409,12 @@ def build_table(results: dict, cfg: dict) -> tuple[str, list[str]]:
             r = prs[k].get("cases", {}).get(case) or {}
             row.append(err or f"{_num(r['p50_ms'])} / {_num(r['p99_ms'])}")
         rows.append(row)
+    row = metric_row(f"new connections/s (a request each), {CONN_RATE_CONNECTIONS} conn", "conn_rate", "rps")
+    for i, k in enumerate(keys, 1):
+        r = prs[k].get("cases", {}).get("conn_rate") or {}
+        if r.get("errors"):
+            row[i] += f", {r['errors']:,} errors"
+    rows.append(row)
     mb = cfg["bulk_bytes"] / 1e6
     rows.append(metric_row(f"download {mb:g} MB, MB/s", "download", "mb_s"))
     rows.append(metric_row(f"upload {mb:g} MB, MB/s", "upload", "mb_s"))
@@ -442,6 +454,7 @@ def build_table(results: dict, cfg: dict) -> tuple[str, list[str]]:
 
     for c in CONCURRENCY:
         rows.append(cpu_row(f"tunnel CPU µs/request, {c} conn", f"get_c{c}"))
+    rows.append(cpu_row("tunnel CPU µs/new connection", "conn_rate"))
     rows.append(cpu_row("tunnel CPU µs/MB downloaded", "download"))
     rows.append(cpu_row("tunnel CPU µs/MB uploaded", "upload"))
     rows.append(cpu_row("tunnel CPU µs/WebSocket round trip", "ws_rtt"))

@@ -14,15 +14,17 @@ import pytest
 
 from .conftest import ROOT, Processes, require_node_tools
 
-CASES = {"get_c1", "get_c10", "get_c50", "get_c200", "download", "upload", "ws_rtt", "ws_1mib", "streams"}
+CASES = {"get_c1", "get_c10", "get_c50", "get_c200", "conn_rate", "download", "upload", "ws_rtt", "ws_1mib",
+         "streams"}
 
 
-def test_quick_benchmark_runs_every_case_on_direct_and_portway(procs: Processes, tmp_path):
+def test_quick_benchmark_runs_every_case_on_direct_portway_and_its_tcp_tunnel(procs: Processes, tmp_path):
     require_node_tools()
     if shutil.which("wrk") is None:
         pytest.skip("wrk is not installed (scripts/test.sh installs it)")
     results_file = tmp_path / "bench.json"
-    bench = procs.start([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--paths", "direct,portway",
+    bench = procs.start([sys.executable, str(ROOT / "bench" / "run.py"), "--quick",
+                         "--paths", "direct,portway,portway_tcp",
                          "--json", str(results_file), "--keep-logs"], "bench")
     try:
         assert bench.wait_exit(timeout=240) == 0, bench.output()
@@ -42,13 +44,13 @@ def portway_logs(bench_output: str) -> str:
 
 def check(results: dict, logs: str) -> None:
     assert not results["interrupted"]
-    for key in ("direct", "portway"):
+    for key in ("direct", "portway", "portway_tcp"):
         cases = results["paths"][key]["cases"]
         assert set(cases) == CASES, key
         failed = {name: case["error"] for name, case in cases.items() if case.get("error")}
         assert not failed, f"{key}: {failed}\n{logs}"
-        for concurrency in (1, 10, 50, 200):
-            get = cases[f"get_c{concurrency}"]
+        for case in ("get_c1", "get_c10", "get_c50", "get_c200", "conn_rate"):
+            get = cases[case]
             assert get["requests"] > 0 and get["errors"] == 0, (key, get)
         # bulk loads raise on a SHA-256 mismatch, so getting here with a rate means the bytes were right
         assert cases["download"]["mb_s"] > 0 and cases["upload"]["mb_s"] > 0

@@ -9,7 +9,7 @@ import ipaddress
 import logging
 import ssl
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..auth import BasicAuthGuard, FailureThrottle, TokenBook
 from ..config import RelayConfig
@@ -25,9 +25,7 @@ from ..proto.pages import error_response, json_response, landing_page
 from ..proto.routing import OneTunnel, Router
 from .agents import AgentLinks
 from .access_log import AccessLog
-from .acme import AcmeCertificates
 from .certificates import CertificateFiles
-from .cluster import RedisRegistry
 from .front import FrontServices, VisitorConnection
 from .localtunnel import LocalTunnelService
 from .metrics import RelayCollector, RelayCounters, serve_metrics
@@ -35,6 +33,9 @@ from .naming import NameClaims
 from .nodes import NodeLinks
 from .registry import MemoryRegistry, Registry
 from .tunnels import AgentTunnel
+
+if TYPE_CHECKING:
+    from .acme import AcmeCertificates
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class Relay:
             self.ssl_context = self.certificates.context
             self.certificates.watch(self.config.tls_reload_interval)
         elif self.config.acme_email:
+            from .acme import AcmeCertificates  # the acme library and its dependencies: only when ACME is on
+
             self.acme = AcmeCertificates(self.config, lambda name: self.registry.get(name) is not None)
             self.acme.prepare()
             self.ssl_context = self.acme.context
@@ -289,6 +292,8 @@ def make_registry(config: RelayConfig) -> Registry:
     """The cluster's Redis registry with --cluster, else this process's memory."""
     if config.cluster is None:
         return MemoryRegistry()
+    from .cluster import RedisRegistry  # redis-py: only for a cluster node
+
     return RedisRegistry(config.cluster, config.node_id, config.advertise, secret=config.cluster_secret,
                          auth_failures_per_address=config.auth_failures_per_address,
                          auth_failure_window=config.auth_failure_window)
