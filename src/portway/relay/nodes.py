@@ -83,12 +83,8 @@ class RemoteTunnel(Tunnel):
             raise HttpError(502, f"Tunnel {self.name!r} is served by relay node {node}, and the link to it "
                                  "is closing; try again.") from None
         stream.write(StreamPreamble(self.name).encode())
-        reader = LineReader()
         try:
-            async with asyncio.timeout(NODE_ANSWER_TIMEOUT):
-                while (got := reader.feed(b"".join(await _read_some(stream)))) is None:
-                    pass
-            line, rest = got
+            line, rest = await _read_line(stream)
             answer = parse_answer(line)
         except (ConduitReset, TimeoutError, HttpError):
             stream.abort()
@@ -114,6 +110,16 @@ class RemoteTunnel(Tunnel):
 
     async def join(self, conn: Connection, conduit, unread: bytes) -> None:
         await StreamBridge.take_over(conn, conduit, unread).closed
+
+
+async def _read_line(stream: MuxStream) -> tuple[bytes, bytes]:
+    """A stream's first line (a preamble or an answer) and what came after it, within NODE_ANSWER_TIMEOUT;
+    TimeoutError, ConduitReset (the stream ended first) or HttpError (a line too long) otherwise."""
+    reader = LineReader()
+    async with asyncio.timeout(NODE_ANSWER_TIMEOUT):
+        while (got := reader.feed(b"".join(await _read_some(stream)))) is None:
+            pass
+    return got
 
 
 async def _read_some(stream: MuxStream) -> list[bytes]:
@@ -280,12 +286,8 @@ class NodeLinks:
 
     async def serve_stream(self, stream: MuxStream) -> None:
         """One stream from another node: name the tunnel's rules and splice it to the tunnel's agent link."""
-        reader = LineReader()
         try:
-            async with asyncio.timeout(NODE_ANSWER_TIMEOUT):
-                while (got := reader.feed(b"".join(await _read_some(stream)))) is None:
-                    pass
-            line, rest = got
+            line, rest = await _read_line(stream)
             preamble = parse_preamble(line)
         except (ConduitReset, TimeoutError, HttpError):
             stream.abort()
