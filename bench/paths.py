@@ -33,6 +33,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free right now (held together while chosen, so none comes back twice)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 @dataclass
 class Path:
     key: str
@@ -138,7 +152,7 @@ def setup_portway_tcp(reg: Registry, origin_port: int) -> Path:
     visitors connect to that public port, as they do to ssh -R's forwarded one."""
     if "--tcp-ports" not in _help("server"):
         raise Skip("this portway has no TCP tunnels")
-    port, public = free_port(), free_port()
+    port, public = free_ports(2)
     relay = reg.start(PORTWAY + ["server", "--port", str(port), "--domain", "localhost", "--tcp-ports", str(public),
                                  *_relay_extra_args()], "portway-relay-tcp")
     procs = [relay]

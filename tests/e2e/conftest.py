@@ -35,6 +35,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free right now: held together while chosen, so none comes back twice (one relay's
+    own port and its TCP tunnels' ports must differ)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def wait_until(condition, timeout: float = DEFAULT_TIMEOUT, interval: float = 0.02, what: str = "condition"):
     """Poll `condition` until it returns something truthy; the value is returned."""
     deadline = time.monotonic() + timeout
@@ -185,8 +200,8 @@ class Relay:
         return f"{name}.{self.domain}:{self.port}"
 
 
-def start_relay(procs: Processes, *extra: str, domain: str = "localhost") -> Relay:
-    port = free_port()
+def start_relay(procs: Processes, *extra: str, domain: str = "localhost", port: int | None = None) -> Relay:
+    port = port or free_port()
     proc = procs.start(PORTWAY + ["server", "--port", str(port), "--domain", domain, *extra], "relay")
     proc.wait_for_line(r"listening on")
     return Relay(proc, port, domain)

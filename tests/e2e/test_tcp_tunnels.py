@@ -20,7 +20,7 @@ import pytest
 
 from portway.proto.proxy_protocol import HeaderReader
 
-from .conftest import PORTWAY, Processes, Relay, free_port, start_relay, wait_until
+from .conftest import PORTWAY, Processes, Relay, free_port, free_ports, start_relay, wait_until
 from tests.redis_server import RedisServer
 
 from .linkproxy import LinkProxy
@@ -31,12 +31,8 @@ SSHD = "/usr/sbin/sshd"
 
 def start_tcp_relay(procs: Processes, count: int = 3, *extra: str) -> tuple[Relay, list[int]]:
     """A relay offering `count` free ports for TCP tunnels (given as a list, A,B,C)."""
-    ports = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    relay = start_relay(procs, "--tcp-ports", ",".join(map(str, ports)), *extra)
+    relay_port, *ports = free_ports(count + 1)
+    relay = start_relay(procs, "--tcp-ports", ",".join(map(str, ports)), *extra, port=relay_port)
     return relay, ports
 
 
@@ -149,10 +145,11 @@ def test_without_proxy_protocol_the_service_gets_the_visitor_bytes_first(procs):
 
 def test_refusals_are_one_line_each_and_a_failing_exit(procs, tmp_path):
     tokens = tmp_path / "tokens.toml"
-    relay_ports = [free_port() for _ in range(3)]
+    own_port, *relay_ports = free_ports(4)
     reserved = relay_ports[2]
     tokens.write_text(f'[[token]]\ntoken = "alice"\n\n[[token]]\ntoken = "bob"\nports = [{reserved}]\n')
-    relay = start_relay(procs, "--tcp-ports", ",".join(map(str, relay_ports)), "--tokens", str(tokens))
+    relay = start_relay(procs, "--tcp-ports", ",".join(map(str, relay_ports)), "--tokens", str(tokens),
+                        port=own_port)
     outside = next(port for port in range(20000, 65000) if port not in relay_ports)
     message = refused(procs, relay, "tcp", "22", "--remote-port", str(outside), "--token", "alice")
     assert re.fullmatch(rf"error: port {outside} is outside this relay's TCP range .*", message), message
