@@ -66,9 +66,11 @@ class AgentLinks:
             access = access_policy(request)
             if request.tunnels:
                 return await self._register_tunnels(visitor, request)
+            resume_key = secrets.token_urlsafe(24)  # before the lease: a cluster's lease keeps its digest
             claimed = await self.claims.claim(
                 token=request.token, peer_ip=conn.peer_ip, requested=request.name,
                 may_replace=lambda tunnel: _holds_resume_key(tunnel, request.resume_key),
+                proof=request.resume_key, key=resume_key,
             )
         except HttpError as error:
             conn.write(refusal(error.status, error.message))
@@ -91,7 +93,7 @@ class AgentLinks:
                     old_session.abandon()
                 else:
                     old_session.close()
-        grant = LinkGrant(name, self.public_url(name), secrets.token_urlsafe(24), streams_resumed=resuming)
+        grant = LinkGrant(name, self.public_url(name), resume_key, streams_resumed=resuming)
         conn.write(grant.encode())
         visitor.mark_upgraded()
         transport = conn.transport
@@ -153,12 +155,14 @@ class AgentLinks:
         refused: list[tuple[int, HttpError]] = []
         grant: Grant | None = None
         may_replace = lambda tunnel: _holds_resume_key(tunnel, request.resume_key)  # noqa: E731
+        resume_key = secrets.token_urlsafe(24)  # before the leases: a cluster's lease keeps its digest
         access = [access_policy(wanted) for wanted in request.tunnels]
         for index, wanted in enumerate(request.tunnels):
             try:
                 if wanted.proto == "http":
                     claimed = await self.claims.claim(token=request.token, peer_ip=conn.peer_ip,
-                                                      requested=wanted.name, may_replace=may_replace)
+                                                      requested=wanted.name, may_replace=may_replace,
+                                                      proof=request.resume_key, key=resume_key)
                     grant = claimed.grant
                     names[index] = claimed.name
                 else:
@@ -227,7 +231,7 @@ class AgentLinks:
             else GrantedTunnel(index, "tcp", f"tcp://{self.config.domain}:{ports[index]}", port=ports[index])
             for index in range(len(request.tunnels)))
         first = granted[0]
-        link_grant = LinkGrant(first.name or str(first.port), first.url, secrets.token_urlsafe(24),
+        link_grant = LinkGrant(first.name or str(first.port), first.url, resume_key,
                                streams_resumed=resuming, tunnels=granted)
         conn.write(link_grant.encode())
         visitor.mark_upgraded()
