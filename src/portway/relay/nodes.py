@@ -75,6 +75,26 @@ class RemoteTunnel(Tunnel):
         return True  # as far as the lease says: a node that can't serve it answers so, per stream
 
     async def _new_conduit(self) -> MuxStream:
+        """A stream to the tunnel's agent through the node holding it. Nothing of the request has left when
+        that fails (the node can't be reached, its link is closing, it no longer holds the name), so the lease
+        is read again: when the name moved (its agent went to another node, or to this one), the stream comes
+        from its new place instead of a refusal."""
+        try:
+            return await self._conduit_from_holder()
+        except HttpError:
+            lease = await self.links.registry.held_elsewhere(self.name)
+            local = self.links.registry.get(self.name) if lease is None else None
+            if isinstance(local, AgentTunnel) and local.online:
+                return await local.fresh_conduit()  # the agent moved to this node meanwhile
+            if lease is None or lease == self.lease:
+                raise
+        log.info("tunnel %s moved from relay node %s to %s", self.name, self.lease.node, lease.node)
+        self.drop_idle()
+        self.lease = lease
+        self.checked_at = asyncio.get_running_loop().time()
+        return await self._conduit_from_holder()
+
+    async def _conduit_from_holder(self) -> MuxStream:
         node = self.lease.node
         session = await self.links.session(self.lease, self.name)
         try:
@@ -104,8 +124,8 @@ class RemoteTunnel(Tunnel):
 
     def release(self, conduit, reusable: bool) -> None:
         session = self.links.sessions.get(self.lease.node)
-        if session is None or session.mux.going_away:
-            reusable = False
+        if session is None or session.mux.going_away or conduit.session is not session:
+            reusable = False  # going away, or a stream of another link (a node the name left, or this node's)
         super().release(conduit, reusable)
 
     async def join(self, conn: Connection, conduit, unread: bytes) -> None:
