@@ -338,6 +338,16 @@ class NodeLinks:
             stream.put_back([rest])
         await splice(stream, agent_stream)
 
+    def go_away(self) -> None:
+        """This node is stopping: the nodes linked to it open no new streams here (they look the lease up again
+        and find the tunnel's new node); the streams in flight finish."""
+        for session in self.accepted:
+            session.go_away()
+
+    def streams_in_flight(self) -> int:
+        """Other nodes' visitors being served through this node right now."""
+        return sum(len(session.streams) for session in self.accepted)
+
     def close(self) -> None:
         for dial in list(self._dialling.values()):
             dial.cancel()
