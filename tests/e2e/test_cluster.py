@@ -9,30 +9,10 @@ import http.client
 import json
 import signal
 
-import pytest
-
-from tests.redis_server import RedisServer
-
+from .cluster_nodes import redis_server, start_node  # noqa: F401 (a fixture)
 from .conftest import PORTWAY, Processes, Relay, free_port, start_agent, start_origin, wait_until
 
 TOKEN = "cluster-e2e-token"
-
-
-@pytest.fixture
-def redis_server():
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-def start_node(procs: Processes, redis: RedisServer, node_id: str, tokens_file) -> Relay:
-    port = free_port()
-    proc = procs.start(PORTWAY + ["server", "--port", str(port), "--tokens", str(tokens_file),
-                                  "--cluster", redis.url, "--node-id", node_id, "--advertise", f"127.0.0.1:{port}",
-                                  "--cluster-secret", "e2e-secret"], f"relay {node_id}")
-    proc.wait_for_line(r"listening on")
-    return Relay(proc, port, "localhost")
 
 
 def get(relay: Relay, name: str) -> tuple[int, bytes]:

@@ -260,12 +260,17 @@ class NodeLinks:
             session.data_received(link_bytes)
         self.sessions[node] = session
         session.closed.add_done_callback(lambda _: self._forget(node, session))
+        # the node is stopping: streams pooled idle for it would hold its drain up; visitors look again
+        session.on_go_away = lambda: self._drop_idle(node)
         log.info("node link to %s at %s open", node, lease.advertise)
         return session
 
     def _forget(self, node: str, session: MuxSession) -> None:
         if self.sessions.get(node) is session:
             del self.sessions[node]
+        self._drop_idle(node)
+
+    def _drop_idle(self, node: str) -> None:
         for tunnel in self.tunnels.values():
             if tunnel.lease.node == node:
                 tunnel.drop_idle()
