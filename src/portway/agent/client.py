@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import random
 import socket
 import ssl
@@ -375,9 +376,10 @@ class Agent:
             ), CONNECT_TIMEOUT)
         except ssl.SSLError:
             raise
-        except (OSError, asyncio.TimeoutError) as error:
-            raise RelayUnreachable("timed out" if isinstance(error, asyncio.TimeoutError)
-                                   else error.strerror or str(error)) from None
+        except asyncio.TimeoutError:
+            raise RelayUnreachable("timed out") from None
+        except OSError as error:  # asyncio's own text repeats the address: the system's reason says it all
+            raise RelayUnreachable(os.strerror(error.errno) if error.errno else str(error)) from None
         parked = self.session if self.session is not None and self.session.parked else None
         request = LinkRequest(name=self.name, token=self.config.token, resume_key=self.resume_key,
                               # a several-tunnel link carries each tunnel's visitor rules with the tunnel
