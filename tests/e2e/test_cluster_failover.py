@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import signal
+import socket
 import threading
 import time
 
@@ -88,6 +89,21 @@ def served_by_all(nodes: list[Relay]) -> bool:
     return True
 
 
+def received_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end of a loopback TCP connection has read everything sent so far: its socket's receive
+    queue (in /proc/net/tcp) is empty."""
+    def endpoint(address: tuple[str, int]) -> str:
+        return f"{socket.inet_aton(address[0])[::-1].hex().upper()}:{address[1]:04X}"
+
+    theirs, ours = endpoint(sock.getpeername()), endpoint(sock.getsockname())
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == theirs and fields[2] == ours:
+                return int(fields[4].split(":")[1], 16) == 0
+    return False
+
+
 class Visitors(threading.Thread):
     """New visitors one after the other, round robin over the nodes; a visitor whose node refuses the
     connection goes on to the next node (as a client of a DNS name with several addresses does). Anything else
@@ -157,7 +173,21 @@ def test_sigterm_hands_the_agent_over_without_a_failed_request(cluster):
     visitors.start()
     wait_until(lambda: visitors.served >= 20, what="visitors served through all three nodes")
     served_before = visitors.served
-    node_a.proc.kill(signal.SIGTERM)
+    # a visitor of node A whose request is still on its way when A stops: its connection isn't idle, so A keeps
+    # it, and the request, complete only once the agent has moved, is forwarded to the agent's new node
+    late = socket.create_connection(("127.0.0.1", node_a.port), timeout=20)
+    size = SIZES[-1]
+    late.sendall(f"GET /download?bytes={size}&seed=s{size} HTTP/1.1\r\nHost: {node_a.host('web')}\r\n".encode())
+    wait_until(lambda: received_by_peer(late), what="node A to read the first part of the request")
+    node_a.proc.popen.send_signal(signal.SIGTERM)  # (Proc.kill would wait for the exit)
+    cluster.agent.wait_for_line(r"moved to relay node at")
+    late.sendall(b"Connection: close\r\n\r\n")
+    with late, late.makefile("rb") as answer:
+        response = http.client.HTTPResponse(late)
+        response.fp = answer
+        response.begin()
+        body = response.read()
+    assert response.status == 200 and hashlib.sha256(body).hexdigest() == EXPECTED[size]
     assert node_a.proc.wait_exit(timeout=15) == 0
     wait_until(lambda: visitors.served >= served_before + 40, what="visitors served after the node stopped")
     visitors.stop()

@@ -275,7 +275,8 @@ class Agent:
                     down.cancel()
             if down.done() and not down.cancelled():
                 return registered, down.result()
-            registered = await self.move(registered)
+            if session.moved_to is not None:  # (not a MOVE on a link already left behind)
+                registered = await self.move(registered)
 
     async def move(self, registered: Registered) -> Registered:
         """The relay node is stopping and named another (MOVE): register there (or at any other relay address)
