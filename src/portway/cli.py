@@ -337,8 +337,9 @@ async def run_server(config: RelayConfig, stop: asyncio.Event | None = None) -> 
     try:
         await (stop or asyncio.Event()).wait()
         busy = relay.exchanges_in_flight()
+        agents = "agents are handed over to the other nodes" if config.cluster else "agents were told to reconnect"
         stderr.print(f"stopping: no new visitors; {busy} exchange(s) in flight get up to {config.drain_timeout:g} s to "
-                     "finish, agents were told to reconnect (a second signal stops at once)")
+                     f"finish, {agents} (a second signal stops at once)")
         cut = await relay.drain(config.drain_timeout)
         stderr.print(f"stopped: {cut} exchange(s) cut at the drain timeout" if cut else "stopped: all exchanges done")
     finally:

@@ -158,7 +158,9 @@ def test_sigkill_of_the_busy_node_the_agent_serves_through_another_within_5s_and
     assert served_after <= FAILOVER_BOUND, f"served again {served_after:.1f} s after the node died"
     new_holder = cluster.holder()
     assert new_holder in ("node-b", "node-c") and cluster.epoch() > epoch_before
-    cluster.agent.wait_for_line(r"reconnected: http://web\.localhost:%d" % cluster.node(new_holder).port)
+    cluster.agent.wait_for_line(r"reconnected: http://web\.localhost:%d \(relay node at 127\.0\.0\.1:%d; the link "
+                                r"was on 127\.0\.0\.1:%d\)" % (cluster.node(new_holder).port,
+                                                             cluster.node(new_holder).port, node_a.port))
 
     # node A back on its port with its --node-id: the name stays where the agent is, and A forwards there
     restarted = start_node(cluster.procs, cluster.redis, "node-a", cluster.tokens, *FAST, port=node_a.port)

@@ -181,6 +181,7 @@ class Agent:
         first = True
         stay = True
         while True:
+            was_on = self.rotation.current
             try:
                 registered = await self.connect_round(stay)
             except ssl.SSLCertVerificationError as error:
@@ -224,7 +225,9 @@ class Agent:
                 self.on_status(f"forwarding {registered.url} → {self.local_target}")
             else:
                 self.reconnects += 1
-                self.on_status(f"reconnected: {registered.url}")
+                now_on = self.rotation.current
+                moved = f" (relay node at {now_on}; the link was on {was_on})" if now_on != was_on else ""
+                self.on_status(f"reconnected: {registered.url}{moved}")
             first = False
             try:
                 registered, reason = await self.serve_link(registered)
