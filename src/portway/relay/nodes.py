@@ -81,8 +81,11 @@ class RemoteTunnel(Tunnel):
         from its new place instead of a refusal."""
         try:
             return await self._conduit_from_holder()
-        except HttpError:
-            lease = await self.links.registry.held_elsewhere(self.name)
+        except HttpError as refused:
+            try:
+                lease = await self.links.registry.held_elsewhere(self.name)
+            except HttpError:
+                raise refused from None  # the registry can't say where it went: the holder's answer stands
             local = self.links.registry.get(self.name) if lease is None else None
             if isinstance(local, AgentTunnel) and local.online:
                 return await local.fresh_conduit()  # the agent moved to this node meanwhile
