@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from portway.agent.client import Agent
+from portway.agent.client import CONNECT_TIMEOUT, NEXT_ADDRESS_AFTER, Agent
 from portway.agent.reconnect import RelayAddress
 from portway.config import AgentConfig, RelayConfig
 from portway.relay.server import Relay
@@ -60,5 +60,38 @@ def test_a_round_goes_on_at_once_past_an_address_that_refuses():
             registered.session.close()
         finally:
             await relay.close()
+
+    asyncio.run(main())
+
+
+def test_an_address_that_never_answers_gives_way_to_the_next_before_the_full_connect_timeout():
+    async def main():
+        # a listener that accepts nothing, its backlog full: further connects get no answer at all, like a
+        # machine that vanished
+        black_hole = socket.socket()
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen(0)
+        filling = []
+        for _ in range(4):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(black_hole.getsockname())
+            filling.append(sock)
+        assert NEXT_ADDRESS_AFTER + 2 < CONNECT_TIMEOUT
+        relay = Relay(RelayConfig(port=0))
+        await relay.start()
+        statuses: list[str] = []
+        hole = black_hole.getsockname()[1]
+        agent = agent_for(f"http://127.0.0.1:{hole}", f"http://127.0.0.1:{relay.port}", statuses=statuses)
+        try:
+            async with asyncio.timeout(NEXT_ADDRESS_AFTER + 2):  # well below CONNECT_TIMEOUT
+                registered = await agent.connect_round(stay=True)
+            assert statuses == [f"relay at 127.0.0.1:{hole} is unreachable (timed out); trying "
+                                f"127.0.0.1:{relay.port}"]
+            registered.session.close()
+        finally:
+            await relay.close()
+            for sock in (*filling, black_hole):
+                sock.close()
 
     asyncio.run(main())

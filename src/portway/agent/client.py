@@ -29,6 +29,7 @@ from .reconnect import Backoff, RelayAddress, Rotation, retry_status
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0  # seconds a connect to the relay (TCP, and TLS) may take: a black-holed network never refuses
+NEXT_ADDRESS_AFTER = 2.0  # ...but with another relay address left to try in the round, it is tried after this
 HANDSHAKE_TIMEOUT = 15.0  # seconds the relay may take to answer a link request
 DRAIN_CHECK = 0.1  # seconds between looks at the streams still in flight while stopping gracefully
 PROBE_INTERVAL = 1.0  # while the relay can't be reached, a bare TCP connect tries it this often...
@@ -153,7 +154,8 @@ class Agent:
         order = self.rotation.round(addresses, stay=stay)
         for index, address in enumerate(order):
             try:
-                registered = await self.register(address)
+                registered = await self.register(address, NEXT_ADDRESS_AFTER if index + 1 < len(order)
+                                                 else CONNECT_TIMEOUT)
             except ssl.SSLCertVerificationError:
                 raise
             except RegistrationError as error:
@@ -299,7 +301,8 @@ class Agent:
         self.on_status(f"relay node at {current} is stopping; moving to {candidates[0] if candidates else '?'}")
         for index, address in enumerate(candidates):
             try:
-                moved = await self.register(address)
+                moved = await self.register(address, NEXT_ADDRESS_AFTER if index + 1 < len(candidates)
+                                            else CONNECT_TIMEOUT)
             except (RegistrationError, RelayUnreachable, OSError) as error:
                 why = f"refused ({error.message})" if isinstance(error, RegistrationError) else describe_failure(error)
                 following = f"; trying {candidates[index + 1]}" if index + 1 < len(candidates) else ""
@@ -368,8 +371,10 @@ class Agent:
         addresses = [RelayAddress(host, port, host) for _, host, port in self.relays]
         return any(await asyncio.gather(*(listening(address) for address in addresses)))
 
-    async def register(self, address: RelayAddress | None = None) -> Registered:
-        """Dial `address` (the first --relay by default) and register the tunnel(s) there."""
+    async def register(self, address: RelayAddress | None = None,
+                       connect_timeout: float = CONNECT_TIMEOUT) -> Registered:
+        """Dial `address` (the first --relay by default) within `connect_timeout` and register the tunnel(s)
+        there."""
         if address is None:
             address = RelayAddress(self.relay_host, self.relay_port, self.relay_host)
         loop = asyncio.get_running_loop()
@@ -377,7 +382,7 @@ class Agent:
             transport, conn = await asyncio.wait_for(loop.create_connection(
                 Connection, address.host, address.port, ssl=self.ssl_context,
                 server_hostname=address.server_name if self.ssl_context else None,
-            ), CONNECT_TIMEOUT)
+            ), connect_timeout)
         except ssl.SSLError:
             raise
         except asyncio.TimeoutError:
