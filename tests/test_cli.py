@@ -72,7 +72,7 @@ def test_every_agent_setting_reaches_the_config():
     built = config("http", "8080", "--relay", "https://r.example", "--name", "Demo", "--local-host", "::1",
                    "--token", "t", "--basic-auth", "u:p", "--allow-ip", "10.0.0.0/8", "--allow-ip", "::1/128",
                    "--ca", "ca.pem")
-    assert built == AgentConfig(port=8080, relay="https://r.example", name="demo", local_host="::1", token="t",
+    assert built == AgentConfig(port=8080, relay=("https://r.example",), name="demo", local_host="::1", token="t",
                                 basic_auth="u:p", allow_ip=("10.0.0.0/8", "::1/128"), ca_file="ca.pem")
     assert config("http", "8080", environ={"PORTWAY_ALLOW_IP": "10.0.0.0/8, 192.0.2.0/24"}).allow_ip == \
         ("10.0.0.0/8", "192.0.2.0/24")

@@ -215,7 +215,7 @@ def test_a_missing_or_undecodable_file_is_one_line(tmp_path):
 
 def test_the_issue_shape_parses_into_tunnels(tmp_path):
     parsed = read_agent_file(write(tmp_path, ISSUE_SHAPE))
-    assert dict(parsed.settings) == {"relay": "https://relay.example.com", "token": "t0ken"}
+    assert dict(parsed.settings) == {"relay": ("https://relay.example.com",), "token": "t0ken"}
     assert parsed.tunnels == (HttpTunnel(key="web", name="web", port=8080),
                               TcpTunnel(key="db", name="db", port=5432, remote_port=20001))
     assert parsed.summary() == "1 http tunnel, 1 tcp tunnel"
@@ -261,13 +261,13 @@ basic_auth = "table:pw"
 allow_ip = ["10.0.0.0/8"]
 """)
     assert start("--config", str(path)) == AgentConfig(
-        port=8080, relay="http://top.example", token="top", name="web", basic_auth="table:pw",
+        port=8080, relay=("http://top.example",), token="top", name="web", basic_auth="table:pw",
         allow_ip=("10.0.0.0/8",), log_format="json", mux=MuxConfig(keepalive_interval=5))
     environ = {"PORTWAY_TOKEN": "env", "PORTWAY_BASIC_AUTH": "env:pw", "PORTWAY_NAME": "ignored",
                "PORTWAY_RELAY": "http://env.example"}
     built = start("--config", str(path), "--relay", "http://flag.example", environ=environ)
     assert (built.relay, built.token, built.basic_auth, built.name, built.allow_ip) == \
-        ("http://flag.example", "env", "env:pw", "web", ("10.0.0.0/8",))
+        (("http://flag.example",), "env", "env:pw", "web", ("10.0.0.0/8",))
 
 
 def test_every_agent_setting_but_the_name_is_a_top_level_key():
@@ -338,10 +338,22 @@ def test_tunnel_keys_are_the_documented_ones():
 TWO_HTTP_ONE_TCP = ISSUE_SHAPE + '[tunnels.api]\nproto = "http"\nport = 3000\nname = "api-demo"\n'
 
 
+def test_the_relay_key_takes_one_url_or_several(tmp_path):
+    one = write(tmp_path, 'relay = "http://a.example"\n[tunnels.web]\nproto = "http"\nport = 8080\n', "one.toml")
+    several = write(tmp_path, 'relay = ["http://a.example", "http://b.example:8000"]\n[tunnels.web]\n'
+                              'proto = "http"\nport = 8080\n', "several.toml")
+    assert start("--config", str(one)).relay == ("http://a.example",)
+    assert start("--config", str(several)).relay == ("http://a.example", "http://b.example:8000")
+    assert start("--config", str(several), environ={"PORTWAY_RELAY": "http://c.example, http://d.example"}).relay \
+        == ("http://c.example", "http://d.example")
+    with pytest.raises(ConfigurationError, match="'relay' must be an array, each item a string"):
+        start("--config", str(write(tmp_path, 'relay = 8\n[tunnels.web]\nproto = "http"\nport = 1\n', "bad.toml")))
+
+
 def test_start_runs_one_named_http_tunnel(tmp_path):
     path = str(write(tmp_path, TWO_HTTP_ONE_TCP))
     assert start("--config", path, "api-demo") == AgentConfig(port=3000, name="api-demo", relay=
-                                                              "https://relay.example.com", token="t0ken")
+                                                              ("https://relay.example.com",), token="t0ken")
     assert start("--config", path, "WEB").name == "web"
 
 

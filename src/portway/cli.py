@@ -337,8 +337,9 @@ async def run_server(config: RelayConfig, stop: asyncio.Event | None = None) -> 
     try:
         await (stop or asyncio.Event()).wait()
         busy = relay.exchanges_in_flight()
+        agents = "agents are handed over to the other nodes" if config.cluster else "agents were told to reconnect"
         stderr.print(f"stopping: no new visitors; {busy} exchange(s) in flight get up to {config.drain_timeout:g} s to "
-                     "finish, agents were told to reconnect (a second signal stops at once)")
+                     f"finish, {agents} (a second signal stops at once)")
         cut = await relay.drain(config.drain_timeout)
         stderr.print(f"stopped: {cut} exchange(s) cut at the drain timeout" if cut else "stopped: all exchanges done")
     finally:
@@ -421,12 +422,13 @@ async def run_http(config: AgentConfig, inspect=None, stop: asyncio.Event | None
     from .agent.metrics import AgentCollector, exposition
 
     relay = None
-    relay_url = config.relay
-    if relay_url is None:
+    relay_urls = config.relay
+    if not relay_urls:
         relay = await start_embedded_relay(config.mux)
-        relay_url = f"http://127.0.0.1:{relay.port}"
+        relay_urls = (f"http://127.0.0.1:{relay.port}",)
         stderr.print(f"No --relay given: running an embedded relay on 127.0.0.1:{relay.port}. Its URL works on this "
                      "machine only; to share beyond it, run `portway server` on a public host and pass --relay URL.")
+    relay_url = ", ".join(relay_urls)
     if config.basic_auth:
         stderr.print("visitors must log in (--basic-auth)")
     if config.allow_ip:
@@ -456,7 +458,7 @@ async def run_http(config: AgentConfig, inspect=None, stop: asyncio.Event | None
             if relay is not None and url.startswith("http"):
                 asyncio.get_running_loop().create_task(serve_direct(relay, url, console.status))
 
-        agent = Agent(config, relay_url, on_url=show_url, on_status=console.status, tunnels=tunnels)
+        agent = Agent(config, relay_urls, on_url=show_url, on_status=console.status, tunnels=tunnels)
         console.agent = agent
         if inspector is not None:
             agent.new_tap = inspector.tap

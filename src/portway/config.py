@@ -293,6 +293,7 @@ class Setting:
     is_switch: bool = False  # --flag / --no-flag
     is_flag: bool = False  # a flag without a value that turns something on (or, named --no-…, off)
     is_path: bool = False  # a file: a relative path in a config file is relative to that file's folder
+    one_or_more: bool = False  # repeatable, and a config file may give one value as it is, not in an array
 
     @property
     def env(self) -> str:
@@ -405,9 +406,10 @@ RELAY_SETTINGS = (
 )
 
 AGENT_SETTINGS = (
-    Setting("relay", "--relay", text, None,
+    Setting("relay", "--relay", text, (),
             "relay URL, e.g. https://relay.example.com (default: an embedded relay on 127.0.0.1 with *.localhost "
-            "names)", "URL"),
+            "names); repeatable, for the nodes of a cluster: the agent moves to the next when its node is lost (a "
+            "name resolving to several addresses counts as several)", "URL", repeatable=True, one_or_more=True),
     Setting("name", "--name", tunnel_name, None, "tunnel name (default: a random readable one)"),
     Setting("local_host", "--local-host", text, "localhost", "host of the local service"),
     Setting("token", "--token", text, None, "token the relay asks for"),
@@ -557,7 +559,7 @@ class AgentConfig:
 
     port: int
     local_host: str = "localhost"
-    relay: str | None = None  # None: run an embedded relay in this process
+    relay: tuple[str, ...] = ()  # the relay's URL, or one per cluster node; (): an embedded relay in this process
     name: str | None = None
     token: str | None = None
     basic_auth: str | None = None

@@ -125,6 +125,8 @@ def check_keys(table: Mapping[str, Any], allowed: Iterable[str], path: Path, pre
 def setting_value(setting: Setting, raw: Any, path: Path, key: str) -> Any:
     """A file's value for `setting`, type-checked and parsed like its flag's."""
     types, described = TOML_TYPES.get(setting.parse, STRING)
+    if setting.one_or_more and type(raw) in types:
+        raw = [raw]
     if setting.repeatable:
         if not isinstance(raw, list) or any(type(item) not in types for item in raw):
             raise ConfigurationError(f"{path}: '{key}' must be an array, each item {described}, "

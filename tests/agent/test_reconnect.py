@@ -10,7 +10,8 @@ import socket
 import pytest
 
 from portway.agent.client import PROBE_INTERVAL, PROBE_TIMEOUT, Agent
-from portway.agent.reconnect import FIRST_DELAY, HEALTHY_AFTER, MAX_DELAY, Backoff, retry_status
+from portway.agent.reconnect import (FIRST_DELAY, HEALTHY_AFTER, MAX_DELAY, Backoff, RelayAddress, Rotation,
+                                     retry_status)
 from portway.config import AgentConfig
 
 
@@ -123,3 +124,36 @@ def test_without_probing_the_wait_is_the_whole_delay():
         return loop.time() - started
 
     assert asyncio.run(main()) >= 0.4
+
+
+A, B, C = (RelayAddress(f"127.0.0.{index}", 8000, "relay.test") for index in (1, 2, 3))
+
+
+def test_a_round_tries_every_address_once_from_the_current_one_or_the_next():
+    rotation = Rotation()
+    assert rotation.round([A, B, C], stay=True) == [A, B, C]  # nothing dialled yet: in the order given
+    rotation.link_up(B)
+    assert rotation.round([A, B, C], stay=True) == [B, C, A]  # its streams may resume there
+    assert rotation.round([A, B, C], stay=False) == [C, A, B]
+    rotation.link_up(C)
+    assert rotation.round([A, B, C], stay=False) == [A, B, C]
+    assert rotation.round([A, B], stay=True) == [A, B]  # C no longer listed (a name resolves elsewhere now)
+    assert str(RelayAddress("::1", 443, "relay.test")) == "[::1]:443"
+
+
+def test_the_backoff_comes_once_every_address_dropped_a_young_link():
+    rotation = Rotation()
+    for address in (A, B):
+        rotation.link_up(address)
+        assert not rotation.link_down([A, B, C], healthy=False)  # another node may be fine: go on at once
+    rotation.link_up(C)
+    assert rotation.link_down([A, B, C], healthy=False)  # every node failed soon: wait before the next round
+    rotation.link_up(A)
+    assert not rotation.link_down([A, B, C], healthy=False)  # counting starts over
+    rotation.link_up(B)
+    assert not rotation.link_down([A, B, C], healthy=True)  # a healthy link clears it
+    rotation.link_up(C)
+    assert not rotation.link_down([A, B, C], healthy=False)
+    one = Rotation()
+    one.link_up(A)
+    assert one.link_down([A], healthy=False)  # one address: as before, a young drop waits the backoff

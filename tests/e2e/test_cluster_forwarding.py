@@ -16,22 +16,12 @@ import time
 import pytest
 
 from portway.proto.node_link import NodeLinkRequest
-from tests.redis_server import RedisServer
-
+from .cluster_nodes import redis_server, start_node  # noqa: F401 (a fixture)
 from .conftest import assert_websocket_echo, start_agent, start_origin
 from .payload import expected_sha256
-from .test_cluster import start_node
 
 TOKEN = "cluster-e2e-token"
 LOGIN = "Basic " + base64.b64encode(b"user:pass").decode()
-
-
-@pytest.fixture
-def redis_server():
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

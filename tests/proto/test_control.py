@@ -31,10 +31,19 @@ def parsed(request: LinkRequest) -> LinkRequest:
                                      st.text(max_size=8)).map(":".join),
     allow_ip=st.lists(st.sampled_from(["10.0.0.0/8", "127.0.0.2/32", "::1/128"]), max_size=3).map(tuple),
     resume_streams=st.booleans(),
+    can_move=st.booleans(),
 )
-def test_what_the_agent_asks_is_what_the_relay_reads(name, token, resume_key, basic_auth, allow_ip, resume_streams):
-    request = LinkRequest(name, token, resume_key, basic_auth, allow_ip, resume_streams and resume_key is not None)
+def test_what_the_agent_asks_is_what_the_relay_reads(name, token, resume_key, basic_auth, allow_ip, resume_streams,
+                                                      can_move):
+    request = LinkRequest(name, token, resume_key, basic_auth, allow_ip, resume_streams and resume_key is not None,
+                          can_move=can_move)
     assert parsed(request) == request
+
+
+def test_an_agent_that_does_not_say_it_understands_move_is_never_sent_one():
+    assert not LinkRequest.parse(link_head(UPGRADE), "").can_move  # an older agent
+    assert not LinkRequest.parse(link_head(UPGRADE + b"Portway-Move: yes\r\n"), "").can_move
+    assert LinkRequest.parse(link_head(UPGRADE + b"Portway-Move: 1\r\n"), "").can_move
 
 
 def test_streams_are_resumed_only_with_the_key_that_proves_the_name():

@@ -13,6 +13,7 @@ from portway.proto.frame import (
     HEADER_SIZE,
     INITIAL_LINK_WINDOW,
     INITIAL_STREAM_WINDOW,
+    MAX_MOVE_ADDRESS,
     MAX_STREAM_ID,
     MAX_WINDOW_SIZE,
     PROTOCOL_VERSION,
@@ -37,7 +38,8 @@ def test_wire_constants_are_pinned() -> None:
     assert MAX_WINDOW_SIZE == 2**31 - 1
     assert PROTOCOL_VERSION == 1
     assert [(t.name, t.value) for t in FrameType] == [
-        ("DATA", 0), ("WINDOW_UPDATE", 1), ("PING", 2), ("GO_AWAY", 3), ("RESUME", 4), ("FIN_ACK", 5)
+        ("DATA", 0), ("WINDOW_UPDATE", 1), ("PING", 2), ("GO_AWAY", 3), ("RESUME", 4), ("FIN_ACK", 5),
+        ("MOVE", 6),
     ]
     assert [(f.name, f.value) for f in Flag] == [("SYN", 1), ("ACK", 2), ("FIN", 4), ("RST", 8), ("GROW", 16)]
     assert [(c.name, c.value) for c in GoAwayCode] == [("NORMAL", 0), ("PROTOCOL_ERROR", 1), ("INTERNAL_ERROR", 2)]
@@ -166,7 +168,7 @@ def test_a_payload_is_a_view_only_of_a_read_at_most_four_times_its_frame() -> No
 MALFORMED = [
     pytest.param(frames.header(0, 0, 1, 0, version=0), "version", id="version-0-peer"),
     pytest.param(frames.header(0, 0, 1, 0, version=2), "version", id="bad-version"),
-    pytest.param(frames.header(6, 0, 1, 0), "unknown frame type", id="unknown-type"),
+    pytest.param(frames.header(7, 0, 1, 0), "unknown frame type", id="unknown-type"),
     pytest.param(frames.header(0, 0x20, 1, 0), "unknown flags", id="unknown-flag"),
     pytest.param(frames.header(0, Flag.GROW, 1, 0), "GROW", id="data-with-grow"),
     pytest.param(frames.header(1, Flag.GROW, 0, 1), "stream 0 .* no flags", id="link-window-update-with-grow"),
@@ -276,6 +278,8 @@ valid_frames = st.one_of(
     st.builds(lambda delta: Frame(FrameType.WINDOW_UPDATE, Flag(0), 0, delta), u32),
     st.builds(lambda flag, token: Frame(FrameType.PING, flag, 0, token), st.sampled_from([Flag.SYN, Flag.ACK]), u32),
     st.builds(lambda code: Frame(FrameType.GO_AWAY, Flag(0), 0, code), st.sampled_from(list(GoAwayCode))),
+    st.builds(lambda address: Frame(FrameType.MOVE, Flag(0), 0, len(address), address),
+              st.binary(min_size=1, max_size=255)),
 )
 
 
@@ -378,3 +382,29 @@ def test_buffer_stays_bounded_while_a_frame_is_always_pending() -> None:
         assert all(bytes(f.payload) == b"x" * 1000 for f in decoder)
         largest = max(largest, len(decoder._buffer))
     assert largest < 4 * 64 * 1024
+
+
+# ---------------------------------------------------------------------------- MOVE
+
+def test_a_move_frame_carries_an_address_on_stream_0() -> None:
+    frame = Frame(FrameType.MOVE, Flag(0), 0, 13, b"10.0.0.2:8000")
+    wire = frame.encode()
+    assert wire == HEADER.pack(PROTOCOL_VERSION, 6, 0, 0, 13) + b"10.0.0.2:8000"
+    decoder = FrameDecoder()
+    decoder.feed(wire[:15])  # a partial payload waits for the rest
+    assert list(decoder) == []
+    decoder.feed(wire[15:])
+    assert list(decoder) == [frame]
+
+
+@pytest.mark.parametrize(("wire", "message"), [
+    (HEADER.pack(PROTOCOL_VERSION, 6, 0, 1, 4) + b"a:80", "MOVE names stream 0"),
+    (HEADER.pack(PROTOCOL_VERSION, 6, Flag.FIN, 0, 4) + b"a:80", "takes no flags"),
+    (HEADER.pack(PROTOCOL_VERSION, 6, 0, 0, 0), "MOVE address of 0 bytes"),
+    (HEADER.pack(PROTOCOL_VERSION, 6, 0, 0, MAX_MOVE_ADDRESS + 1), "MOVE address of 256 bytes"),
+])
+def test_a_malformed_move_frame_is_refused_before_its_payload(wire: bytes, message: str) -> None:
+    decoder = FrameDecoder()
+    decoder.feed(wire)
+    with pytest.raises(FrameError, match=message):
+        list(decoder)

@@ -20,6 +20,7 @@ from portway.proto.events import (
     GoAwayReceived,
     LinkLost,
     LinkResumed,
+    MoveRequested,
     PingAcked,
     StreamAccepted,
     StreamEnded,
@@ -919,6 +920,40 @@ def test_go_away_is_sent_once_and_checks_its_code() -> None:
 
 def test_go_away_code_is_reported() -> None:
     assert Mux(Role.CLIENT).receive_data(f.go_away(2), 0.0) == [GoAwayReceived(2)]
+
+
+# ---------------------------------------------------------------------------- move
+
+
+def test_move_names_another_node_and_the_link_carries_on_until_the_agent_goes_away() -> None:
+    pair = MuxPair()
+    client, server = pair.client, pair.server
+    stream_id = pair.open_stream()
+    server.move("10.0.0.2:8000")
+    assert pair.transfer() == ([MoveRequested("10.0.0.2:8000")], [])
+    # both ways as before: the stream in flight, and new streams the relay opens while the agent moves
+    server.send_data(stream_id, b"response", end_stream=True)
+    assert pair.transfer()[0] == [DataReceived(stream_id, b"response"), StreamEnded(stream_id)]
+    assert pair.open_stream(Role.SERVER) % 2 == 0
+    client.go_away()  # the agent registered at the other node: no new streams here
+    assert pair.transfer() == ([], [GoAwayReceived(GoAwayCode.NORMAL)])
+    server.move("10.0.0.3:8000")  # too late: nobody to move
+    assert server.data_to_send() == b""
+
+
+def test_only_the_relay_sends_move_and_an_address_must_fit() -> None:
+    with pytest.raises(ValueError, match="only the relay"):
+        started(Role.CLIENT).move("10.0.0.2:8000")
+    for address in ("", "x" * 256):
+        with pytest.raises(ValueError, match="MOVE address"):
+            started(Role.SERVER).move(address)
+    relay = started(Role.SERVER)
+    wire = FrameFactory.header(FrameType.MOVE, 0, 0, 4) + b"a:80"
+    with pytest.raises(ProtocolError, match="only a relay"):
+        relay.receive_data(wire, 0.0)
+    agent = started(Role.CLIENT)
+    with pytest.raises(ProtocolError, match="not ASCII"):
+        agent.receive_data(FrameFactory.header(FrameType.MOVE, 0, 0, 2) + "é".encode(), 0.0)
 
 
 # ---------------------------------------------------------------------------- limits

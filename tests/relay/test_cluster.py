@@ -357,3 +357,91 @@ def test_lookups_for_visitors_are_bounded_and_leave_room_for_registrations(redis
         await taken(b, "mine")  # and the pool still has room for a registration
 
     with_nodes(redis, scenario)
+
+
+# ----------------------------------------------------------------------------------------------- failover
+
+class KeyedTunnel(FakeTunnel):
+    """A tunnel whose agent was given a resume key with its registration (what an AgentTunnel keeps)."""
+
+    def __init__(self, name: str, owner: str, resume_key: str) -> None:
+        super().__init__(name, owner)
+        self.resume_key = resume_key
+
+
+async def moved(registry, name: str, owner: str, proof: str | None, key: str) -> KeyedTunnel:
+    await registry.lease(name, owner=owner, kind="portway", max_tunnels=0, proof=proof, key=key)
+    tunnel = KeyedTunnel(name, owner, key)
+    registry.add(tunnel)
+    return tunnel
+
+
+def test_the_agent_that_held_a_live_lease_takes_it_over_on_another_node_and_only_it(redis):
+    async def scenario(nodes):
+        a, b, c = nodes.node("node-a"), nodes.node("node-b"), nodes.node("node-c")
+        await moved(a, "web", "alice", None, "key-1")
+        first_epoch = int(lease_of(redis, "web")["epoch"])
+        # A's lease is live (A may be dead, its TTL not run out): only the agent's own key and token take it
+        for owner, proof in (("alice", None), ("alice", "wrong"), ("mallory", "key-1")):
+            refused = await refusal(b.lease("web", owner=owner, kind="portway", max_tunnels=0, proof=proof,
+                                            key="other"))
+            assert refused.status == 409 and "node-a" in refused.message
+        on_c = await moved(c, "web", "alice", "key-1", "key-2")
+        lease = lease_of(redis, "web")
+        assert (lease["node"], int(lease["epoch"]) > first_epoch) == ("node-c", True)
+        assert (await b.held_elsewhere("web")).node == "node-c"
+        # the key of the lease on A is spent: it can't move the name again
+        assert (await refusal(b.lease("web", owner="alice", kind="portway", max_tunnels=0, proof="key-1",
+                                      key="x"))).status == 409
+        await a.renew()  # A, alive or back: its heartbeat finds a newer holder and drops the tunnel
+        assert a.get("web") is None and lease_of(redis, "web")["node"] == "node-c"
+        await moved(b, "web", "alice", "key-2", "key-3")  # and on it goes with the newest key
+        await c.renew()
+        assert c.get("web") is None and on_c.closed and lease_of(redis, "web")["node"] == "node-b"
+
+    with_nodes(redis, scenario)
+
+
+def test_a_node_restarted_after_its_agent_moved_does_not_take_the_name_back(redis):
+    async def scenario(nodes):
+        a = nodes.node("node-a")
+        c = nodes.node("node-c")
+        await moved(a, "web", "alice", None, "key-1")
+        stale_epoch = a._epochs["web"]
+        await moved(c, "web", "alice", "key-1", "key-2")
+        # A, back with its old state, would re-assert its lease: a newer holder, or once that lease lapsed too the
+        # name's fence, refuses it
+        a_again = nodes.node("node-a")
+        a_again.add(KeyedTunnel("web", "alice", "key-1"))
+        a_again._epochs["web"] = stale_epoch
+        with redis.client() as client:
+            client.delete("portway:lease:web")  # C's lease lapsed (C is slow, or Redis lost it)
+        await a_again.renew()
+        assert a_again.get("web") is None and not lease_of(redis, "web")
+        await c.renew()  # C's heartbeat re-creates its lease, with the key that proves the agent
+        assert lease_of(redis, "web")["node"] == "node-c"
+        await moved(a_again, "web", "alice", "key-2", "key-3")
+        assert lease_of(redis, "web")["node"] == "node-a"
+
+    with_nodes(redis, scenario)
+
+
+def test_live_nodes_lists_the_others_with_their_addresses_until_they_leave_or_stop_beating(redis):
+    async def scenario(nodes):
+        a = nodes.node("node-a", lease_ttl=0.6)
+        b = nodes.node("node-b", lease_ttl=0.6)
+        c = nodes.node("node-c", lease_ttl=0.6)
+        for node in (a, b, c):
+            await node.start()
+        assert await a.live_nodes() == [("node-b", b.advertise), ("node-c", c.advertise)]
+        await b.leave()  # stopping: no agent is sent there any more, though its heartbeat still runs
+        await asyncio.sleep(0.5)  # past a heartbeat (TTL/3): leaving must stick
+        assert await a.live_nodes() == [("node-c", c.advertise)]
+        c._heartbeat.cancel()  # c died: it is gone from the list once its TTL ran out
+        deadline = asyncio.get_running_loop().time() + 5
+        while await a.live_nodes() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert await a.live_nodes() == []
+        assert await c.live_nodes() == [("node-a", a.advertise)]
+
+    with_nodes(redis, scenario)

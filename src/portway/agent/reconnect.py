@@ -64,3 +64,56 @@ def retry_status(delay: float, attempt: int, reason: str, *, reconnecting: bool)
     """The line the user sees while the agent waits, e.g. `reconnecting in 4 s (attempt 3): connection refused`."""
     shown = f"{delay:.1f}" if delay < 10 else f"{delay:.0f}"
     return f"{'reconnecting' if reconnecting else 'retrying'} in {shown} s (attempt {attempt}): {reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class RelayAddress:
+    """One address a relay (node) is dialled at: `host` is what is connected to (an address the relay's name
+    resolved to, or the name itself), `server_name` the name from --relay (the Host header, and the name TLS
+    checks the relay's certificate against)."""
+
+    host: str
+    port: int
+    server_name: str
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass
+class Rotation:
+    """Which relay address the agent dials, when it was given several (--relay repeated, or a name that resolves
+    to several addresses): each *round* tries every address once, at once one after the other; the backoff's
+    delay comes between rounds, not between addresses, so a dead node costs no wait when another is up.
+
+    A round after a lost link starts with the address the link was on when that link was healthy or its streams
+    wait to be resumed there (only that relay can resume them), else with the next one. A link that dropped soon
+    after it came up counts against its address; once every address has had one such drop since the last healthy
+    link, the agent waits the backoff's delay before the next round (it never hops between failing nodes in a
+    tight loop).
+    """
+
+    current: RelayAddress | None = None  # the address of the link up now, or of the last one
+    _dropped_young: set[RelayAddress] | None = None
+
+    def round(self, addresses: list[RelayAddress], *, stay: bool) -> list[RelayAddress]:
+        """The addresses of one round, in the order to try them."""
+        if self.current not in addresses:
+            return list(addresses)
+        index = addresses.index(self.current) + (0 if stay else 1)
+        return addresses[index % len(addresses):] + addresses[:index % len(addresses)]
+
+    def link_up(self, address: RelayAddress) -> None:
+        self.current = address
+
+    def link_down(self, addresses: list[RelayAddress], *, healthy: bool) -> bool:
+        """The current link dropped (`healthy`: it had lived long enough); returns whether to wait the backoff's
+        delay before the next round."""
+        if healthy or self.current is None:
+            self._dropped_young = None
+            return False
+        dropped = self._dropped_young = (self._dropped_young or set()) | {self.current}
+        if all(address in dropped for address in addresses):
+            self._dropped_young = None
+            return True
+        return False

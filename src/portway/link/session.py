@@ -265,6 +265,8 @@ class MuxSession(asyncio.Protocol):
         self._exchange_done: asyncio.Future[None] | None = None  # while a resume exchange runs
         self.go_away_received = False
         self.on_go_away: Callable[[], None] | None = None  # called once the peer said it is going away
+        self.moved_to: str | None = None  # the relay node is stopping and named this HOST:PORT to go to
+        self.on_move: Callable[[str], None] | None = None  # called with it
         self.protocol_error = False  # the peer broke the frame protocol (the link was closed for it)
 
     # asyncio.Protocol
@@ -446,6 +448,11 @@ class MuxSession(asyncio.Protocol):
         self.mux.go_away(0)
         self._flush_now()
 
+    def move(self, address: str) -> None:
+        """The relay's side: tell the agent to go to `address` (another node); the link carries on meanwhile."""
+        self.mux.move(address)
+        self._flush_now()
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -483,6 +490,10 @@ class MuxSession(asyncio.Protocol):
                 self.go_away_received = True
                 if self.on_go_away is not None:
                     self.on_go_away()
+            elif kind is ev.MoveRequested:
+                self.moved_to = event.address
+                if self.on_move is not None:
+                    self.on_move(event.address)
             elif kind is ev.ConnectionTerminated:
                 self._terminate(event.reason)
             elif kind is ev.LinkLost:  # keepalive: the peer went silent and the mux parked the streams

@@ -10,6 +10,7 @@ same connection, starting with the bytes that followed the 101 head in the same 
                     Portway-Resume: KEY             (reconnecting: proves it held NAME)
                     Portway-Resume-Streams: 1       (and it still holds the old link's streams)
                     Portway-Basic-Auth: base64(USER:PASS)      Portway-Allow-Ip: CIDR, CIDR
+                    Portway-Move: 1                 (it understands MOVE: a stopping node names where to go)
     relay → agent   HTTP/1.1 101 Switching Protocols
                     Upgrade: portway-mux            Connection: Upgrade
                     Portway-Name: NAME   Portway-Url: URL   Portway-Resume: KEY
@@ -154,6 +155,7 @@ class LinkRequest:
     allow_ip: tuple[str, ...] = ()  # CIDR networks visitors must come from
     resume_streams: bool = False  # with resume_key: the agent still holds the streams of the link it lost
     tunnels: tuple[TunnelRequest, ...] = ()  # the several-tunnel form (then `name` is unused); () the old form
+    can_move: bool = False  # the agent understands MOVE (proto/frame.py): a stopping relay node may send it
 
     def encode(self, host: str) -> bytes:
         """The request head, for the relay reached as `host` (HOST:PORT)."""
@@ -170,6 +172,8 @@ class LinkRequest:
             lines.append("Portway-Basic-Auth: " + base64.b64encode(self.basic_auth.encode()).decode())
         if self.allow_ip:
             lines.append("Portway-Allow-Ip: " + ", ".join(self.allow_ip))
+        if self.can_move:
+            lines.append("Portway-Move: 1")
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
     @classmethod
@@ -208,6 +212,7 @@ class LinkRequest:
             allow_ip=allow_ip,
             resume_streams=bool(resume) and (head.header(b"portway-resume-streams") or b"").strip() == b"1",
             tunnels=tunnels,
+            can_move=(head.header(b"portway-move") or b"").strip() == b"1",
         )
 
 

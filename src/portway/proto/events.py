@@ -13,6 +13,7 @@ __all__ = [
     "DataReceived",
     "Event",
     "GoAwayReceived",
+    "MoveRequested",
     "LinkLost",
     "LinkResumed",
     "PingAcked",
@@ -86,6 +87,13 @@ class GoAwayReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class MoveRequested:
+    """The relay node is stopping and names where to go (``HOST:PORT`` of another node); the link carries on."""
+
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
 class LinkLost:
     """The peer stopped answering pings: the mux parked its streams (``Mux.park``) for a new link. Hang up the
     old one; ``resume`` on a new one within the resume window, or the streams are reset."""
@@ -121,6 +129,7 @@ Event = (
     | WindowUpdated
     | PingAcked
     | GoAwayReceived
+    | MoveRequested
     | LinkLost
     | LinkResumed
     | ConnectionTerminated

@@ -4,7 +4,7 @@ Every frame starts with the same big-endian header::
 
     version u8 (always 0) | type u8 | flags u16 | stream id u32 | length u32
 
-DATA and RESUME frames carry a payload (``length`` bytes of it). For the other types ``length`` is a value:
+DATA, RESUME and MOVE frames carry a payload (``length`` bytes of it). For the other types ``length`` is a value:
 the window delta for WINDOW_UPDATE, an opaque token echoed back for PING, the error code for GO_AWAY; FIN_ACK
 carries nothing. Stream id 0 names the link itself, so PING, GO_AWAY and RESUME must use it and DATA and
 FIN_ACK must not; a WINDOW_UPDATE on stream 0 (no flags) grants credit for the link as a whole.
@@ -39,6 +39,7 @@ __all__ = [
     "HEADER_SIZE",
     "INITIAL_LINK_WINDOW",
     "INITIAL_STREAM_WINDOW",
+    "MAX_MOVE_ADDRESS",
     "MAX_STREAM_ID",
     "MAX_WINDOW_SIZE",
     "PROTOCOL_VERSION",
@@ -63,6 +64,8 @@ announced by a WINDOW_UPDATE on stream 0."""
 MAX_WINDOW_SIZE = 2**31 - 1
 """A send window may never exceed this; a WINDOW_UPDATE that would push it over is a protocol error."""
 MAX_STREAM_ID = 2**32 - 1
+MAX_MOVE_ADDRESS = 255
+"""Bytes a MOVE frame's address may take."""
 
 
 class FrameType(IntEnum):
@@ -75,6 +78,10 @@ class FrameType(IntEnum):
     one (proto/resume.py has the payload); FIN marks the last part."""
     FIN_ACK = 5
     """The sender received the peer's FIN on the stream: everything the peer sent on it arrived."""
+    MOVE = 6
+    """Stream 0, from a relay node that is stopping: the payload is where the agent should go (another node's
+    ``HOST:PORT``, ASCII). The link carries on until the agent, registered there, says GO_AWAY itself. Sent
+    only to agents that said they understand it (proto/control.py, ``Portway-Move``)."""
 
 
 class Flag(IntFlag):
@@ -108,7 +115,7 @@ class Frame(NamedTuple):
 
     def encode(self) -> bytes:
         """Serialise the frame; raise ValueError for a frame the decoder would reject as malformed."""
-        if self.type == FrameType.DATA or self.type == FrameType.RESUME:
+        if self.type in (FrameType.DATA, FrameType.RESUME, FrameType.MOVE):
             if self.length != len(self.payload):
                 raise ValueError(f"a {FrameType(self.type).name} frame's length must equal its payload length")
         elif self.payload:
@@ -238,6 +245,17 @@ class FrameDecoder:
             payload = bytes(buffer[offset + HEADER_SIZE : offset + end])  # rare: a copy is fine
             self._offset = offset + end
             return Frame(FrameType.RESUME, _FLAGS_BY_VALUE[flags_value], 0, length, payload)
+        elif type_value == 6:  # MOVE
+            if stream_id != 0 or flags_value:
+                raise FrameError("MOVE names stream 0 and takes no flags")
+            if not 0 < length <= MAX_MOVE_ADDRESS:
+                raise FrameError(f"MOVE address of {length} bytes (1 to {MAX_MOVE_ADDRESS})")
+            end = HEADER_SIZE + length
+            if available < end:
+                raise StopIteration
+            payload = bytes(buffer[offset + HEADER_SIZE : offset + end])
+            self._offset = offset + end
+            return Frame(FrameType.MOVE, Flag(0), 0, length, payload)
         elif type_value == 5:  # FIN_ACK
             if stream_id == 0 or flags_value or length:
                 raise FrameError("FIN_ACK names a stream other than 0 and takes no flags and no length")

@@ -39,6 +39,7 @@ from portway.proto.events import (
     DataReceived,
     Event,
     GoAwayReceived,
+    MoveRequested,
     LinkLost,
     LinkResumed,
     PingAcked,
@@ -53,6 +54,7 @@ from portway.proto.frame import (
     HEADER,
     INITIAL_LINK_WINDOW,
     INITIAL_STREAM_WINDOW,
+    MAX_MOVE_ADDRESS,
     MAX_STREAM_ID,
     MAX_WINDOW_SIZE,
     PROTOCOL_VERSION,
@@ -466,6 +468,15 @@ class Mux:
             self._count_control_frame(now)
             self._go_away_received = True
             events.append(GoAwayReceived(length))
+        elif frame_type is FrameType.MOVE:
+            self._count_control_frame(now)
+            if self.role is not Role.CLIENT:
+                raise ProtocolError("MOVE from an agent: only a relay names where to go")
+            try:
+                address = payload.decode("ascii")
+            except UnicodeDecodeError:
+                raise ProtocolError("MOVE address is not ASCII") from None
+            events.append(MoveRequested(address))
         elif stream_id == 0:  # WINDOW_UPDATE for the link; the decoder let it through with no flags only
             self._receive_link_credit(length, now)
         else:
@@ -818,6 +829,18 @@ class Mux:
         self._next_ping_token = (token + 1) & _PING_TOKEN_MASK
         self._pings[token] = now
         self._queue_header(_PING, _SYN, 0, token)
+
+    def move(self, address: str) -> None:
+        """A relay that is stopping: tell the agent where to go (another node's ``HOST:PORT``). Nothing else
+        changes: streams open both ways as before, until the agent, registered there, says GO_AWAY."""
+        if self.role is not Role.SERVER:
+            raise ValueError("only the relay's side of a link sends MOVE")
+        encoded = address.encode("ascii")
+        if not 0 < len(encoded) <= MAX_MOVE_ADDRESS:
+            raise ValueError(f"a MOVE address takes 1 to {MAX_MOVE_ADDRESS} bytes, not {len(encoded)}")
+        if self._closed or not self._live or self._go_away_sent or self._go_away_received:
+            return  # closed, parked (a lost link), or going away already: nobody is there to move
+        self._outbound.append(_pack_header(PROTOCOL_VERSION, FrameType.MOVE, 0, 0, len(encoded)) + encoded)
 
     def go_away(self, code: int = GoAwayCode.NORMAL) -> None:
         """Tell the peer no new streams will be accepted or opened; existing streams drain normally."""

@@ -56,6 +56,7 @@ class AgentLinks:
         self.counters = claims.counters
         self.ports = TcpPorts(registry)
         self._rng = secrets.SystemRandom()  # a port picked at random must not be predictable
+        self._lookups: set[asyncio.Task] = set()
 
     async def register(self, visitor: "VisitorConnection", head: RequestHead, query: str) -> bool:
         """Serve one agent link on `visitor`'s connection until it ends; the connection never returns to HTTP."""
@@ -66,9 +67,11 @@ class AgentLinks:
             access = access_policy(request)
             if request.tunnels:
                 return await self._register_tunnels(visitor, request)
+            resume_key = secrets.token_urlsafe(24)  # before the lease: a cluster's lease keeps its digest
             claimed = await self.claims.claim(
                 token=request.token, peer_ip=conn.peer_ip, requested=request.name,
                 may_replace=lambda tunnel: _holds_resume_key(tunnel, request.resume_key),
+                proof=request.resume_key, key=resume_key,
             )
         except HttpError as error:
             conn.write(refusal(error.status, error.message))
@@ -91,7 +94,7 @@ class AgentLinks:
                     old_session.abandon()
                 else:
                     old_session.close()
-        grant = LinkGrant(name, self.public_url(name), secrets.token_urlsafe(24), streams_resumed=resuming)
+        grant = LinkGrant(name, self.public_url(name), resume_key, streams_resumed=resuming)
         conn.write(grant.encode())
         visitor.mark_upgraded()
         transport = conn.transport
@@ -115,9 +118,10 @@ class AgentLinks:
             tunnel = existing
         else:
             tunnel = AgentTunnel(name, session, grant.resume_key, access, owner=claimed.grant.digest)
+        tunnel.can_move = request.can_move
         self.registry.add(tunnel)
         # an agent stopping gracefully takes no new streams: streams pooled idle for it are let go at once
-        session.on_go_away = tunnel.drop_idle
+        session.on_go_away = lambda: self._went_away([tunnel], session)
         session.on_link_lost = lambda reason: self._parked(tunnel, reason)
         transport.set_protocol(session)
         session.connection_made(transport)
@@ -136,6 +140,29 @@ class AgentLinks:
                 self.registry.free_after(tunnel, self.config.grace_period)
         return False
 
+    def _went_away(self, tunnels: list, session: MuxSession) -> None:
+        """The agent said GO_AWAY: no new streams go to it over this link. It is stopping, or (in a cluster) it
+        moved to another node, which holds the names now: then this node lets them go at once, and its visitors
+        for them are forwarded there while the streams in flight here finish."""
+        for tunnel in tunnels:
+            if isinstance(tunnel, AgentTunnel):
+                tunnel.drop_idle()
+        task = asyncio.get_running_loop().create_task(self._forget_moved(tunnels, session))
+        self._lookups.add(task)
+        task.add_done_callback(self._lookups.discard)
+
+    async def _forget_moved(self, tunnels: list, session: MuxSession) -> None:
+        for tunnel in tunnels:
+            if not isinstance(tunnel, AgentTunnel) or tunnel.session is not session:
+                continue
+            try:
+                lease = await self.registry.held_elsewhere(tunnel.name)
+            except HttpError:
+                continue  # the registry can't say: the name stays until the link ends, as for a stopping agent
+            if lease is not None and tunnel.session is session:
+                log.info("tunnel %s: its agent moved to relay node %s", tunnel.name, lease.node)
+                self.registry.remove(tunnel)
+
     def _parked(self, tunnel: AgentTunnel, reason: str) -> None:
         """The link was lost and its streams wait for the agent: the name is held for the resume window and the
         grace period after it (a resume cancels that; the session's end restarts the grace period)."""
@@ -153,12 +180,14 @@ class AgentLinks:
         refused: list[tuple[int, HttpError]] = []
         grant: Grant | None = None
         may_replace = lambda tunnel: _holds_resume_key(tunnel, request.resume_key)  # noqa: E731
+        resume_key = secrets.token_urlsafe(24)  # before the leases: a cluster's lease keeps its digest
         access = [access_policy(wanted) for wanted in request.tunnels]
         for index, wanted in enumerate(request.tunnels):
             try:
                 if wanted.proto == "http":
                     claimed = await self.claims.claim(token=request.token, peer_ip=conn.peer_ip,
-                                                      requested=wanted.name, may_replace=may_replace)
+                                                      requested=wanted.name, may_replace=may_replace,
+                                                      proof=request.resume_key, key=resume_key)
                     grant = claimed.grant
                     names[index] = claimed.name
                 else:
@@ -227,7 +256,7 @@ class AgentLinks:
             else GrantedTunnel(index, "tcp", f"tcp://{self.config.domain}:{ports[index]}", port=ports[index])
             for index in range(len(request.tunnels)))
         first = granted[0]
-        link_grant = LinkGrant(first.name or str(first.port), first.url, secrets.token_urlsafe(24),
+        link_grant = LinkGrant(first.name or str(first.port), first.url, resume_key,
                                streams_resumed=resuming, tunnels=granted)
         conn.write(link_grant.encode())
         visitor.mark_upgraded()
@@ -246,6 +275,7 @@ class AgentLinks:
                 tunnel = AgentTunnel(name, session, link_grant.resume_key, access[index],
                                      owner=grant.digest if grant else "")
             tunnel.preamble = stream_preamble(index, None)
+            tunnel.can_move = request.can_move
             self.registry.add(tunnel)
             tunnels.append(tunnel)
         for index, port in ports.items():
@@ -266,7 +296,7 @@ class AgentLinks:
             log.info("tunnels %s online again: %d streams resumed", labels, len(session.streams))
             await session.link_down()
             return False
-        session.on_go_away = lambda: [tunnel.drop_idle() for tunnel in tunnels if isinstance(tunnel, AgentTunnel)]
+        session.on_go_away = lambda: self._went_away(tunnels, session)
         session.on_link_lost = lambda reason: self._tunnels_parked(tunnels, reason)
         transport.set_protocol(session)
         session.connection_made(transport)

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..config import ClusterTarget
 from ..errors import ConfigurationError, HttpError
-from .registry import MemoryRegistry, RemoteLease, registry_unavailable
+from .registry import MemoryRegistry, RemoteLease, key_digest, registry_unavailable
 from .tunnels import AgentTunnel, Tunnel
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,18 @@ end
 """
 
 # KEYS: lease, fence, epoch counter, the claiming owner's names
-# ARGV: node, owner, kind, ttl ms, max tunnels (0: any), advertise, name, fence ttl ms, key prefix
-# -> {'ok', epoch} | {'taken', node} | {'quota', names held}
+# ARGV: node, owner, kind, ttl ms, max tunnels (0: any), advertise, name, fence ttl ms, key prefix,
+#       the new resume key's digest, the presented resume key's digest ('' for none)
+# -> {'ok', epoch, node it was taken over from or ''} | {'taken', node} | {'quota', names held}
+# A live lease of another node is taken over only by the agent that held it: same owner, and the resume key it
+# was given there (the lease keeps its digest).
 CLAIM = _NOW + _KEEP_OWNER + """
-local held = redis.call('HMGET', KEYS[1], 'node', 'owner')
-if held[1] and held[1] ~= ARGV[1] then return {'taken', held[1]} end
+local held = redis.call('HMGET', KEYS[1], 'node', 'owner', 'key')
+local moved_from = ''
+if held[1] and held[1] ~= ARGV[1] then
+  if ARGV[11] == '' or held[3] ~= ARGV[11] or held[2] ~= ARGV[2] then return {'taken', held[1]} end
+  moved_from = held[1]
+end
 local ttl = tonumber(ARGV[4])
 local max = tonumber(ARGV[5])
 if max > 0 then
@@ -95,21 +102,28 @@ end
 if held[2] and held[2] ~= ARGV[2] then redis.call('ZREM', ARGV[9] .. 'owner:' .. held[2], ARGV[7]) end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'owner', ARGV[2], 'kind', ARGV[3], 'epoch', epoch,
-           'advertise', ARGV[6])
+           'advertise', ARGV[6], 'key', ARGV[10])
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('SET', KEYS[2], epoch, 'PX', ARGV[8])
 keep_owner(KEYS[4], ARGV[7], now, ttl)
-return {'ok', tostring(epoch)}
+return {'ok', tostring(epoch), moved_from}
 """
 
-# KEYS: epoch counter
-# ARGV: node, ttl ms, fence ttl ms, key prefix, advertise, then (name, owner, kind, epoch) for every name held
+# KEYS: epoch counter, the live nodes (sorted set, scored by when each is no longer alive), their addresses (hash)
+# ARGV: node, ttl ms, fence ttl ms, key prefix, advertise, whether the node is alive for new agents ('1' or '0'),
+#       then (name, owner, kind, epoch, resume key digest) for every name held
 # -> {name, epoch (0: lost to another node), ...}
 RENEW = _NOW + _KEEP_OWNER + """
 local node, ttl, fence_ttl, prefix = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+if ARGV[6] == '1' then
+  redis.call('ZADD', KEYS[2], now + ttl, node)
+  redis.call('HSET', KEYS[3], node, ARGV[5])
+else
+  redis.call('ZREM', KEYS[2], node)
+end
 local result = {}
-for i = 6, #ARGV, 4 do
-  local name, owner, kind, epoch = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+for i = 7, #ARGV, 5 do
+  local name, owner, kind, epoch, key = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4]
   local lease, fence_key = prefix .. 'lease:' .. name, prefix .. 'fence:' .. name
   local holder = redis.call('HGET', lease, 'node')
   if holder == node then
@@ -125,7 +139,8 @@ for i = 6, #ARGV, 4 do
     else
       if epoch == 0 then epoch = redis.call('INCR', KEYS[1]) end
       if tonumber(redis.call('GET', KEYS[1]) or '0') < epoch then redis.call('SET', KEYS[1], epoch) end
-      redis.call('HSET', lease, 'node', node, 'owner', owner, 'kind', kind, 'epoch', epoch, 'advertise', ARGV[5])
+      redis.call('HSET', lease, 'node', node, 'owner', owner, 'kind', kind, 'epoch', epoch, 'advertise', ARGV[5],
+                 'key', key)
       redis.call('PEXPIRE', lease, ttl)
     end
   end
@@ -148,6 +163,25 @@ if held[1] == ARGV[1] and held[2] == ARGV[2] then
   return 1
 end
 return 0
+"""
+
+# KEYS: the live nodes (sorted set), their addresses (hash). ARGV: this node.
+# -> {node, advertise, ...} for every other node alive and not stopping
+NODES = _NOW + """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, node in ipairs(gone) do redis.call('HDEL', KEYS[2], node) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local result = {}
+for _, node in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if node ~= ARGV[1] then
+    local advertise = redis.call('HGET', KEYS[2], node)
+    if advertise then
+      result[#result + 1] = node
+      result[#result + 1] = advertise
+    end
+  end
+end
+return result
 """
 
 # KEYS: an address's failure times. ARGV: max failures, window ms. -> ms until it may try again, or -1
@@ -206,7 +240,7 @@ class RedisRegistry(MemoryRegistry):
         self.call_timeout = call_timeout
         self.redis = connect(self.target, call_timeout)
         self.scripts = {name: self.redis.register_script(text) for name, text in (
-            ("claim", CLAIM), ("renew", RENEW), ("release", RELEASE),
+            ("claim", CLAIM), ("renew", RENEW), ("release", RELEASE), ("nodes", NODES),
             ("failure_wait", FAILURE_WAIT), ("failure_record", FAILURE_RECORD))}
         self.failures = RedisFailures(self, auth_failures_per_address, auth_failure_window)
         self.reachable = True  # as far as the last call knew
@@ -214,6 +248,7 @@ class RedisRegistry(MemoryRegistry):
         self._heartbeat: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self._lookups = 0  # held_elsewhere() calls waiting on Redis
+        self.leaving = False  # stopping: no longer listed among the live nodes agents are sent to
 
     @property
     def _ttl_ms(self) -> int:
@@ -256,6 +291,10 @@ class RedisRegistry(MemoryRegistry):
         if not hmac.compare_digest(expected or b"", presented.encode()):
             raise ConfigurationError(f"--cluster-secret does not match the one the cluster at {self.target} "
                                      "was started with")
+        try:
+            await self.renew()  # listed among the live nodes from the start
+        except HttpError:
+            pass  # Redis went away right after answering: the heartbeat keeps trying
         self._heartbeat = asyncio.get_running_loop().create_task(self._keep_leases())
 
     async def close(self) -> None:
@@ -281,11 +320,12 @@ class RedisRegistry(MemoryRegistry):
                 pass  # unreachable: logged once by ask(); the next beat tries again
 
     # the shared half
-    async def lease(self, name: str, *, owner: str, kind: str, max_tunnels: int) -> None:
-        verdict, detail = await self.ask(self.scripts["claim"](
+    async def lease(self, name: str, *, owner: str, kind: str, max_tunnels: int, proof: str | None = None,
+                    key: str = "") -> None:
+        verdict, detail, *moved = await self.ask(self.scripts["claim"](
             keys=[self._lease_key(name), self._fence_key(name), f"{KEY_PREFIX}epoch", self._owner_key(owner)],
             args=[self.node_id, owner, kind, self._ttl_ms, max_tunnels, self.advertise, name,
-                  round(FENCE_TTL * 1000), KEY_PREFIX]))
+                  round(FENCE_TTL * 1000), KEY_PREFIX, key_digest(key), key_digest(proof)]))
         detail = detail.decode()
         if verdict == b"taken":
             raise HttpError(409, f"tunnel name {name!r} is already in use (on relay node {detail})")
@@ -293,6 +333,17 @@ class RedisRegistry(MemoryRegistry):
             raise HttpError(403, f"this token may hold {max_tunnels} tunnel(s) at once and holds {detail} "
                                  "over the cluster")
         self._epochs[name] = int(detail)
+        if moved and moved[0]:
+            log.info("tunnel %s: its agent moved here from relay node %s; lease taken over under epoch %s", name,
+                     moved[0].decode(), detail)
+
+    async def live_nodes(self) -> list[tuple[str, str]]:
+        reply = await self.ask(self.scripts["nodes"](keys=self._node_keys, args=[self.node_id]))
+        return [(reply[index].decode(), reply[index + 1].decode()) for index in range(0, len(reply), 2)]
+
+    async def leave(self) -> None:
+        self.leaving = True
+        await self.renew()
 
     async def held_elsewhere(self, name: str) -> RemoteLease | None:
         if self._lookups >= MAX_LOOKUPS:
@@ -311,10 +362,12 @@ class RedisRegistry(MemoryRegistry):
         """One heartbeat: extend every lease this node holds, re-create those Redis lost, and drop the tunnels
         whose name another node holds now."""
         held = list(self._tunnels.items())
-        args: list = [self.node_id, self._ttl_ms, round(FENCE_TTL * 1000), KEY_PREFIX, self.advertise]
+        args: list = [self.node_id, self._ttl_ms, round(FENCE_TTL * 1000), KEY_PREFIX, self.advertise,
+                      "0" if self.leaving else "1"]
         for name, tunnel in held:
-            args += [name, tunnel.owner, tunnel.kind, self._epochs.get(name, 0)]
-        reply = await self.ask(self.scripts["renew"](keys=[f"{KEY_PREFIX}epoch"], args=args))
+            args += [name, tunnel.owner, tunnel.kind, self._epochs.get(name, 0),
+                     key_digest(getattr(tunnel, "resume_key", None))]
+        reply = await self.ask(self.scripts["renew"](keys=[f"{KEY_PREFIX}epoch", *self._node_keys], args=args))
         for index in range(0, len(reply), 2):
             name, epoch = reply[index].decode(), int(reply[index + 1])
             if epoch:
@@ -354,6 +407,8 @@ class RedisRegistry(MemoryRegistry):
                                                    args=[self.node_id, epoch, name]))
         except HttpError:
             pass  # unreachable: the lease expires on its own within its TTL
+
+    _node_keys = [f"{KEY_PREFIX}nodes", f"{KEY_PREFIX}node-addresses"]
 
     @staticmethod
     def _lease_key(name: str) -> str:

@@ -209,13 +209,15 @@ class VisitorConnection:
         self.status = self.bytes_in = self.bytes_out = 0
         self.switched = False
         try:
-            if tunnel is None and isinstance(route, ToTunnel):
-                # held by another node of the cluster? then it is served from here over a node link (nodes.py)
+            if (tunnel is None or not tunnel.online) and isinstance(route, ToTunnel) and self.nodes is not None:
+                # held by another node of the cluster? then it is served from here over a node link (nodes.py);
+                # so is a name whose agent, away from this node, came back on another one
                 try:
-                    tunnel = await self.nodes.find(route.name) if self.nodes is not None else None
+                    tunnel = await self.nodes.find(route.name) or tunnel
                 except HttpError as error:
-                    self.counters.unrouted_requests += 1
-                    return await self.refuse(head, error.status, error.message)
+                    if tunnel is None:
+                        self.counters.unrouted_requests += 1
+                        return await self.refuse(head, error.status, error.message)
             if tunnel is None:
                 self.counters.unrouted_requests += 1
                 if isinstance(route, NotServed):

@@ -32,8 +32,9 @@ class NameClaims:
 
     async def claim(self, *, token: str | None, peer_ip: str, requested: str | None,
                     may_replace: Callable[[Tunnel], bool], rng: random.Random | None = None,
-                    kind: str = "portway") -> Claim:
-        """The name the request may hold, leased for this node; raises HttpError with the refusal."""
+                    kind: str = "portway", proof: str | None = None, key: str = "") -> Claim:
+        """The name the request may hold, leased for this node; raises HttpError with the refusal. `key` is the
+        resume key the registration will be given, `proof` the one the agent presented (Registry.lease)."""
         shared = self.registry.failures
         if shared is not None and await shared.retry_after(peer_ip) is not None:
             raise HttpError(429, THROTTLED)
@@ -52,7 +53,7 @@ class NameClaims:
                 raise
             try:
                 await self.registry.lease(claimed.name, owner=claimed.grant.digest, kind=kind,
-                                          max_tunnels=claimed.grant.max_tunnels)
+                                          max_tunnels=claimed.grant.max_tunnels, proof=proof, key=key)
             except HttpError as refused:
                 if refused.status == 409 and requested is None and tries < RANDOM_NAME_TRIES:
                     continue

@@ -75,6 +75,29 @@ class RemoteTunnel(Tunnel):
         return True  # as far as the lease says: a node that can't serve it answers so, per stream
 
     async def _new_conduit(self) -> MuxStream:
+        """A stream to the tunnel's agent through the node holding it. Nothing of the request has left when
+        that fails (the node can't be reached, its link is closing, it no longer holds the name), so the lease
+        is read again: when the name moved (its agent went to another node, or to this one), the stream comes
+        from its new place instead of a refusal."""
+        try:
+            return await self._conduit_from_holder()
+        except HttpError as refused:
+            try:
+                lease = await self.links.registry.held_elsewhere(self.name)
+            except HttpError:
+                raise refused from None  # the registry can't say where it went: the holder's answer stands
+            local = self.links.registry.get(self.name) if lease is None else None
+            if isinstance(local, AgentTunnel) and local.online:
+                return await local.fresh_conduit()  # the agent moved to this node meanwhile
+            if lease is None or lease == self.lease:
+                raise
+        log.info("tunnel %s moved from relay node %s to %s", self.name, self.lease.node, lease.node)
+        self.drop_idle()
+        self.lease = lease
+        self.checked_at = asyncio.get_running_loop().time()
+        return await self._conduit_from_holder()
+
+    async def _conduit_from_holder(self) -> MuxStream:
         node = self.lease.node
         session = await self.links.session(self.lease, self.name)
         try:
@@ -104,8 +127,8 @@ class RemoteTunnel(Tunnel):
 
     def release(self, conduit, reusable: bool) -> None:
         session = self.links.sessions.get(self.lease.node)
-        if session is None or session.mux.going_away:
-            reusable = False
+        if session is None or session.mux.going_away or conduit.session is not session:
+            reusable = False  # going away, or a stream of another link (a node the name left, or this node's)
         super().release(conduit, reusable)
 
     async def join(self, conn: Connection, conduit, unread: bytes) -> None:
@@ -240,12 +263,17 @@ class NodeLinks:
             session.data_received(link_bytes)
         self.sessions[node] = session
         session.closed.add_done_callback(lambda _: self._forget(node, session))
+        # the node is stopping: streams pooled idle for it would hold its drain up; visitors look again
+        session.on_go_away = lambda: self._drop_idle(node)
         log.info("node link to %s at %s open", node, lease.advertise)
         return session
 
     def _forget(self, node: str, session: MuxSession) -> None:
         if self.sessions.get(node) is session:
             del self.sessions[node]
+        self._drop_idle(node)
+
+    def _drop_idle(self, node: str) -> None:
         for tunnel in self.tunnels.values():
             if tunnel.lease.node == node:
                 tunnel.drop_idle()
@@ -317,6 +345,16 @@ class NodeLinks:
         if rest:
             stream.put_back([rest])
         await splice(stream, agent_stream)
+
+    def go_away(self) -> None:
+        """This node is stopping: the nodes linked to it open no new streams here (they look the lease up again
+        and find the tunnel's new node); the streams in flight finish."""
+        for session in self.accepted:
+            session.go_away()
+
+    def streams_in_flight(self) -> int:
+        """Other nodes' visitors being served through this node right now."""
+        return sum(len(session.streams) for session in self.accepted)
 
     def close(self) -> None:
         for dial in list(self._dialling.values()):

@@ -16,6 +16,7 @@ per address that must be global. For the memory registry these answer at once: o
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -23,6 +24,11 @@ from ..errors import HttpError
 from .tunnels import Tunnel
 
 REGISTRY_UNAVAILABLE = "registry unavailable: this relay can't reach the cluster's registry now; try again shortly"
+
+
+def key_digest(resume_key: str | None) -> str:
+    """How a resume key is kept in a shared registry: its SHA-256 (hex), "" for none."""
+    return hashlib.sha256(resume_key.encode()).hexdigest() if resume_key else ""
 
 
 def registry_unavailable() -> HttpError:
@@ -90,11 +96,24 @@ class Registry(Protocol):
 
     async def close(self) -> None: ...
 
-    async def lease(self, name: str, *, owner: str, kind: str, max_tunnels: int) -> None:
+    async def lease(self, name: str, *, owner: str, kind: str, max_tunnels: int, proof: str | None = None,
+                    key: str = "") -> None:
         """Take `name` for this node, for the token with digest `owner` holding at most `max_tunnels` names over
         the whole cluster (0: no limit); the claim policy has already allowed it against this node's tunnels.
         Atomic: of two nodes leasing one name at once, one wins. HttpError 409 (held by another node), 403
-        (the token's quota) or 503 (the registry can't be reached); add() then registers the tunnel."""
+        (the token's quota) or 503 (the registry can't be reached); add() then registers the tunnel.
+
+        `key` is the resume key the tunnel's agent is given with this registration; `proof` the one it presented
+        (the key of its last registration). A live lease of another node is taken over, under a higher epoch,
+        when the proof matches that lease's key and the owner is the same: the agent moved here (its node died,
+        or handed it over), and proves it is the one that held the name."""
+
+    async def live_nodes(self) -> list[tuple[str, str]]:
+        """The other nodes alive in the cluster (their heartbeat seen within a lease's TTL) that are not stopping,
+        as (node id, advertised HOST:PORT); HttpError(503) when the registry can't be reached."""
+
+    async def leave(self) -> None:
+        """This node is stopping: other nodes no longer send agents here (its leases stay until released)."""
 
     async def held_elsewhere(self, name: str) -> RemoteLease | None:
         """The lease of the node that holds `name` when it isn't this one, or None; HttpError(503) when the
@@ -116,8 +135,15 @@ class MemoryRegistry:
     async def close(self) -> None:
         return None
 
-    async def lease(self, name: str, *, owner: str, kind: str, max_tunnels: int) -> None:
+    async def lease(self, name: str, *, owner: str, kind: str, max_tunnels: int, proof: str | None = None,
+                    key: str = "") -> None:
         return None  # one process: the claim policy saw every name and quota, and nothing ran in between
+
+    async def live_nodes(self) -> list[tuple[str, str]]:
+        return []  # a relay that runs alone
+
+    async def leave(self) -> None:
+        return None
 
     async def held_elsewhere(self, name: str) -> RemoteLease | None:
         return None

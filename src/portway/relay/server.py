@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Callable
 
 from ..auth import BasicAuthGuard, FailureThrottle, TokenBook
 from ..config import RelayConfig
-from ..errors import InsecureConfiguration
+from ..errors import HttpError, InsecureConfiguration
 from ..link.connection import Connection
 from ..link.deadlines import DeadlineSweeper, resolution_for
+from ..link.session import MuxSession
 from ..policy.admission import Admission, AdmissionLimits, Refusal
 from ..proto.control import LINK_PATH
 from ..proto.node_link import NODE_LINK_PATH
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
     from .acme import AcmeCertificates
 
 log = logging.getLogger(__name__)
+
+HANDOVER_TIMEOUT = 5.0  # seconds a stopping cluster node waits for its agents to register on the nodes it named
+DRAIN_CHECK = 0.05  # seconds between looks at other nodes' streams still in flight through a stopping node
 
 
 class Relay:
@@ -123,7 +127,13 @@ class Relay:
     async def drain(self, timeout: float) -> int:
         """Stop gracefully: stop accepting connections, close idle ones, tell every agent no new streams will
         come (GO_AWAY), and give the exchanges in flight up to `timeout` seconds to finish. Returns how many were
-        still going when it gave up (0: all finished). The caller then closes the relay."""
+        still going when it gave up (0: all finished). The caller then closes the relay.
+
+        A cluster node first hands its agents over: each agent that understands MOVE is sent to another live node,
+        registers there (taking its names' leases over) and then says GO_AWAY here; meanwhile this node serves
+        its visitors as before, so there is no gap. Only then are the other nodes' links told GO_AWAY."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         self.front.draining.set()
         for server in (self.server, *self.extra_servers):
             if server is not None:
@@ -132,16 +142,50 @@ class Relay:
             for visitor in list(visitors):
                 if visitor.idle:
                     visitor.conn.close()
+        moving = await self._hand_over_agents(min(deadline, loop.time() + HANDOVER_TIMEOUT))
         for tunnel in self.registry:
-            if isinstance(tunnel, AgentTunnel) and tunnel.online:
+            if isinstance(tunnel, AgentTunnel) and tunnel.online and tunnel.session not in moving:
                 tunnel.drop_idle()
                 tunnel.session.go_away()
+        self.nodes.go_away()
         if self.exchanges_in_flight():
             try:
-                await asyncio.wait_for(self._exchanges_done.wait(), timeout)
+                await asyncio.wait_for(self._exchanges_done.wait(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
                 pass
-        return self.exchanges_in_flight()
+        # streams other nodes' visitors have through this node (none is waited for on one relay)
+        while self.nodes.streams_in_flight() and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_CHECK)
+        return self.exchanges_in_flight() + self.nodes.streams_in_flight()
+
+    async def _hand_over_agents(self, deadline: float) -> set[MuxSession]:
+        """Send every agent link whose agent understands MOVE to another live node of the cluster (spread over
+        them), and wait until deadline for each to say GO_AWAY here (registered there) or to end. Returns the
+        links that were sent; none on a relay that runs alone or when no other node is alive."""
+        try:
+            await self.registry.leave()
+            nodes = await self.registry.live_nodes()
+        except HttpError:
+            return set()  # Redis is away: agents are told GO_AWAY and find another node through their --relay list
+        sessions: list[MuxSession] = []
+        for tunnel in self.registry:
+            if (isinstance(tunnel, AgentTunnel) and tunnel.online and tunnel.can_move
+                    and tunnel.session not in sessions):
+                sessions.append(tunnel.session)
+        if not nodes or not sessions:
+            return set()
+        for index, session in enumerate(sessions):
+            node, address = nodes[index % len(nodes)]
+            session.move(address)
+        log.info("handing %d agent link(s) over to %s", len(sessions), ", ".join(node for node, _ in nodes))
+        loop = asyncio.get_running_loop()
+        while any(not session.go_away_received and not session.closed.done() for session in sessions) \
+                and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_CHECK)
+        stayed = [session for session in sessions if not session.go_away_received and not session.closed.done()]
+        if stayed:
+            log.warning("%d agent link(s) did not move within %g s: told to go away", len(stayed), HANDOVER_TIMEOUT)
+        return {session for session in sessions if session not in stayed}
 
     async def close(self) -> None:
         if self.server is not None:

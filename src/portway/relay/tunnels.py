@@ -149,6 +149,7 @@ class AgentTunnel(Tunnel):
         self.session: MuxSession | None = session
         self.resume_key = resume_key
         self.preamble = b""  # on a several-tunnel link: the first bytes of each stream, naming this tunnel
+        self.can_move = False  # its agent understands MOVE: a stopping cluster node may send it to another node
 
     @property
     def online(self) -> bool:
