@@ -144,6 +144,7 @@ class NodeLinks:
         self.gate = NodeLinkGate(self.node_id, config.cluster_secret)
         self.sessions: dict[str, MuxSession] = {}  # node id -> the link this node opened to it
         self._dialling: dict[str, asyncio.Task[MuxSession]] = {}
+        self._lookups: dict[str, asyncio.Task[RemoteTunnel | None]] = {}  # tunnel name -> its lease being read
         self.accepted: set[MuxSession] = set()
         self.tunnels: OrderedDict[str, RemoteTunnel] = OrderedDict()
 
@@ -151,11 +152,28 @@ class NodeLinks:
     async def find(self, name: str) -> RemoteTunnel | None:
         """The tunnel `name` as held by another node, or None when no node holds it; HttpError as `tunnel`'s,
         and 503 when the registry can't be asked."""
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
         tunnel = self.tunnels.get(name)
-        if tunnel is not None and tunnel.answered and now - tunnel.checked_at < LEASE_RECHECK:
+        if tunnel is not None and tunnel.answered and loop.time() - tunnel.checked_at < LEASE_RECHECK:
             self.tunnels.move_to_end(name)
             return tunnel
+        # Every visitor arriving while the lease is looked up waits for that one lookup: when the cached lease of a
+        # busy tunnel runs out, its hundreds of visitors would otherwise each ask Redis, past the registry's bound
+        # on lookups at once (503 for the rest).
+        lookup = self._lookups.get(name)
+        if lookup is None:
+            lookup = self._lookups[name] = loop.create_task(self._look_up(name))
+            lookup.add_done_callback(lambda done: self._looked_up(name, done))
+        return await asyncio.shield(lookup)
+
+    def _looked_up(self, name: str, lookup: "asyncio.Task[RemoteTunnel | None]") -> None:
+        if self._lookups.get(name) is lookup:
+            del self._lookups[name]
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved: each visitor that waited for it got it already
+
+    async def _look_up(self, name: str) -> RemoteTunnel | None:
+        now = asyncio.get_running_loop().time()
         lease = await self.registry.held_elsewhere(name)
         if lease is None:
             return None
@@ -319,8 +337,8 @@ class NodeLinks:
         await splice(stream, agent_stream)
 
     def close(self) -> None:
-        for dial in list(self._dialling.values()):
-            dial.cancel()
+        for task in [*self._dialling.values(), *self._lookups.values()]:
+            task.cancel()
         for session in [*self.sessions.values(), *self.accepted]:
             session.close()
         for tunnel in self.tunnels.values():
