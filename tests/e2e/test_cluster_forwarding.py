@@ -1,5 +1,5 @@
 """Any node serves any tunnel: three real `portway server --cluster` nodes on one real redis-server, the agent on
-node A, visitors spread over all three. Bodies arrive whole (checksummed 50 MB each way), WebSockets echo through
+node A, visitors spread over all three (an `lt` client's tunnel on node A too). Bodies arrive whole (checksummed 50 MB each way), WebSockets echo through
 node B, node B enforces the tunnel's own access rules, a node link without the cluster secret is refused, and with
 node A gone node B answers a quick 502 naming it."""
 
@@ -20,7 +20,8 @@ from tests.redis_server import RedisServer
 
 from .conftest import assert_websocket_echo, start_agent, start_origin
 from .payload import expected_sha256
-from .test_cluster import start_node
+from .test_cluster import lt_register, start_node
+from .test_localtunnel import POOL, lt_url, start_lt, wait_for_sockets
 
 TOKEN = "cluster-e2e-token"
 LOGIN = "Basic " + base64.b64encode(b"user:pass").decode()
@@ -135,3 +136,37 @@ def test_node_a_gone_gives_a_quick_502_naming_it(cluster):
     status, body = request(node_b, "web")
     assert status == 502 and b"relay node node-a" in body
     assert time.monotonic() - started < 30  # a bound against hanging, not a performance figure
+
+
+@pytest.fixture
+def lt_on_node_a(procs, redis_server, tmp_path):
+    """Two nodes; the stock `lt` client holds `ltweb` on node A under a token allowed one tunnel."""
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nlabel = "team"\ntoken = "{TOKEN}"\nmax_tunnels = 1\n')
+    node_a, node_b = (start_node(procs, redis_server, f"node-{letter}", tokens) for letter in "ab")
+    origin = start_origin(procs)
+    lt = start_lt(procs, node_a, origin, "ltweb", credentials=f":{TOKEN}@")
+    assert lt_url(lt) == f"http://{node_a.host('ltweb')}"
+    wait_for_sockets(node_a, "ltweb", POOL)
+    return node_a, node_b
+
+
+def test_an_lt_tunnel_on_node_a_serves_visitors_on_node_b(lt_on_node_a):
+    node_a, node_b = lt_on_node_a
+    # more exchanges than the pool has sockets: each forwarded one uses a socket once, and lt opens another
+    for _ in range(POOL + 5):
+        assert request(node_b, "ltweb") == (200, b"hello from origin")
+    status, body = request(node_b, "ltweb", path="/whoami")
+    assert status == 200 and json.loads(body)["headers"]["x-forwarded-for"] == "127.0.0.1"
+    payload = os.urandom(2 * 1024 * 1024)
+    status, body = request(node_b, "ltweb", method="POST", path="/upload", body=payload,
+                           headers={"Content-Length": str(len(payload))})
+    answer = json.loads(body)
+    assert status == 200 and answer["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert_websocket_echo(node_b, "ltweb")
+    wait_for_sockets(node_a, "ltweb", POOL)  # the pool is whole again
+    assert request(node_a, "ltweb") == (200, b"hello from origin")
+    # the lt tunnel holds the name and counts in the token's quota over the whole cluster
+    assert lt_register(node_b, "ltweb")[1] == {"message": "name ltweb is taken"}
+    status, answer = lt_register(node_b, "other")
+    assert "1" in answer["message"] and "cluster" in answer["message"], answer

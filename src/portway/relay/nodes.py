@@ -6,6 +6,10 @@ A the same bytes it would send down an agent link, over one multiplexed link to 
 opens on demand (proto/node_link.py proves the cluster secret) and reuses for every later visitor. A splices each
 stream to a stream of the tunnel's agent link without reading it: nothing is parsed twice.
 
+A localtunnel (`lt`) tunnel on A is served the same way: A joins each forwarded stream to one of the lt client's
+pool sockets, for that one stream (B never pools streams to an lt tunnel, since each would hold one of the pool's
+few sockets while idle; lt opens a new socket as soon as one closes).
+
 Where the checks happen: B does everything a relay checks about a visitor's request; the tunnel's access rules
 live with the agent's registration on A, so A states them in its answer to each stream (basic auth as a digest)
 and B enforces them. A checks only that the stream comes over an admitted node link and names a tunnel it serves.
@@ -34,6 +38,7 @@ from ..proto.http1 import RequestHead
 from ..proto.mux import Role
 from ..proto.node_link import (NODE_LINK_UPGRADE, LineReader, NodeLinkGate, NodeLinkRequest, StreamPreamble,
                                TunnelAnswer, parse_answer, parse_preamble)
+from .localtunnel import LtTunnel
 from .registry import Registry, RemoteLease
 from .tunnels import AccessPolicy, AgentTunnel, Tunnel
 
@@ -50,6 +55,9 @@ MAX_REMOTE_TUNNELS = 4096  # other nodes' tunnels this node keeps a pool of stre
 # forwarding itself; a name that moved meanwhile is answered for by the node that held it (404: not here), and
 # that refusal sends the next visitor's lookup back to Redis
 LEASE_RECHECK = 1.0
+# seconds a forwarded visitor waits on the tunnel's node for a free lt pool socket: less than the forwarding node
+# waits for the answer, so a busy pool is answered as such (503) rather than as a node that did not answer
+LT_SOCKET_WAIT = NODE_ANSWER_TIMEOUT - 1.0
 
 
 def node_mux_config(config: RelayConfig):
@@ -67,7 +75,8 @@ class RemoteTunnel(Tunnel):
         super().__init__(name)
         self.lease = lease
         self.links = links
-        self.answered = False  # its node has stated the tunnel's rules at least once
+        # its node has stated the tunnel's rules at least once; an lt registration can state none
+        self.answered = lease.kind == LtTunnel.kind
         self.checked_at = float("-inf")  # when the lease was last read from the registry (loop time)
 
     @property
@@ -104,8 +113,8 @@ class RemoteTunnel(Tunnel):
 
     def release(self, conduit, reusable: bool) -> None:
         session = self.links.sessions.get(self.lease.node)
-        if session is None or session.mux.going_away:
-            reusable = False
+        if session is None or session.mux.going_away or self.lease.kind == LtTunnel.kind:
+            reusable = False  # an idle stream to an lt tunnel would hold one of its node's few pool sockets
         super().release(conduit, reusable)
 
     async def join(self, conn: Connection, conduit, unread: bytes) -> None:
@@ -312,15 +321,15 @@ class NodeLinks:
             return
         tunnel = self.registry.get(preamble.tunnel)
         try:
-            if tunnel is None:
+            if isinstance(tunnel, LtTunnel):
+                origin = await _lt_socket(tunnel)
+            elif isinstance(tunnel, AgentTunnel):
+                if not tunnel.online:
+                    raise HttpError(502, f"The agent for tunnel {tunnel.name!r} is not connected (agent "
+                                         "reconnecting); try again in a moment.")
+                origin = await tunnel.fresh_conduit()
+            else:
                 raise HttpError(404, f"There is no tunnel {preamble.tunnel!r} on relay node {self.node_id}.")
-            if not isinstance(tunnel, AgentTunnel):  # a localtunnel client's pool sockets: served on their node only
-                raise HttpError(502, f"Tunnel {tunnel.name!r} is a localtunnel tunnel on relay node "
-                                     f"{self.node_id}; only that node serves it.")
-            if not tunnel.online:
-                raise HttpError(502, f"The agent for tunnel {tunnel.name!r} is not connected (agent "
-                                     "reconnecting); try again in a moment.")
-            agent_stream = await tunnel.fresh_conduit()
         except HttpError as error:
             try:
                 stream.write(TunnelAnswer(error.status, error.message).encode())
@@ -334,7 +343,7 @@ class NodeLinks:
                                   tuple(str(network) for network in access.allow_networks)).encode())
         if rest:
             stream.put_back([rest])
-        await splice(stream, agent_stream)
+        await splice(stream, origin)
 
     def close(self) -> None:
         for task in [*self._dialling.values(), *self._lookups.values()]:
@@ -345,9 +354,20 @@ class NodeLinks:
             tunnel.close()
 
 
-async def splice(first: MuxStream, second: MuxStream) -> None:
-    """Copy bytes both ways until both directions ended, each at the pace its receiver grants (stream windows);
-    a reset on either side resets the other."""
+async def _lt_socket(tunnel: LtTunnel):
+    """One of the lt client's pool sockets, for one forwarded stream; HttpError when none is connected or none
+    became free within LT_SOCKET_WAIT."""
+    try:
+        sock, _ = await asyncio.wait_for(tunnel.acquire(), LT_SOCKET_WAIT)
+    except asyncio.TimeoutError:
+        raise HttpError(503, f"Tunnel {tunnel.name!r} is busy: no connection to its origin became free in "
+                             "time.") from None
+    return sock
+
+
+async def splice(first: MuxStream, second) -> None:
+    """Copy bytes both ways between a node stream and a conduit (an agent's stream or an lt pool socket) until
+    both directions ended, each at the pace its receiver grants; a reset on either side resets the other."""
 
     async def pump(source: MuxStream, sink: MuxStream) -> None:
         try:
