@@ -26,11 +26,11 @@ def redis_server():
     server.stop()
 
 
-def start_node(procs: Processes, redis: RedisServer, node_id: str, tokens_file) -> Relay:
+def start_node(procs: Processes, redis: RedisServer, node_id: str, tokens_file, *extra: str) -> Relay:
     port = free_port()
     proc = procs.start(PORTWAY + ["server", "--port", str(port), "--tokens", str(tokens_file),
                                   "--cluster", redis.url, "--node-id", node_id, "--advertise", f"127.0.0.1:{port}",
-                                  "--cluster-secret", "e2e-secret"], f"relay {node_id}")
+                                  "--cluster-secret", "e2e-secret", *extra], f"relay {node_id}")
     proc.wait_for_line(r"listening on")
     return Relay(proc, port, "localhost")
 

@@ -18,10 +18,11 @@ import pytest
 from portway.proto.node_link import NodeLinkRequest
 from tests.redis_server import RedisServer
 
-from .conftest import assert_websocket_echo, start_agent, start_origin
+from .conftest import assert_websocket_echo, free_port, start_agent, start_origin, wait_until
 from .payload import expected_sha256
 from .test_cluster import lt_register, start_node
 from .test_localtunnel import POOL, lt_url, start_lt, wait_for_sockets
+from .test_metrics import samples, scrape
 
 TOKEN = "cluster-e2e-token"
 LOGIN = "Basic " + base64.b64encode(b"user:pass").decode()
@@ -170,3 +171,37 @@ def test_an_lt_tunnel_on_node_a_serves_visitors_on_node_b(lt_on_node_a):
     assert lt_register(node_b, "ltweb")[1] == {"message": "name ltweb is taken"}
     status, answer = lt_register(node_b, "other")
     assert "1" in answer["message"] and "cluster" in answer["message"], answer
+
+
+def test_node_links_are_in_the_metrics(procs, redis_server, tmp_path):
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nlabel = "team"\ntoken = "{TOKEN}"\n')
+    metrics_a, metrics_b = free_port(), free_port()
+    node_a = start_node(procs, redis_server, "node-a", tokens, "--metrics", f"127.0.0.1:{metrics_a}")
+    node_b = start_node(procs, redis_server, "node-b", tokens, "--metrics", f"127.0.0.1:{metrics_b}")
+    agent, _ = start_agent(procs, node_a, start_origin(procs), "--token", TOKEN, "--no-inspect", name="web")
+
+    def node_metrics(port):
+        found = samples(scrape(port))
+        return {(name.removeprefix("portway_"), *dict(labels).values()): value for (name, labels), value in found.items()
+                if "node_link" in name or "forwarded_streams" in name}
+
+    for _ in range(3):
+        assert request(node_b, "web") == (200, b"hello from origin")
+    on_a, on_b = node_metrics(metrics_a), node_metrics(metrics_b)
+    assert on_b[("node_links", "out")] == 1 and on_b[("node_links", "in")] == 0
+    assert on_a[("node_links", "in")] == 1 and on_a[("node_links", "out")] == 0
+    assert on_b[("forwarded_streams_total", "out")] >= 1  # streams are pooled: fewer than the requests
+    assert on_a[("forwarded_streams_total", "in")] == on_b[("forwarded_streams_total", "out")]
+    assert on_a[("forwarded_streams_total", "out")] == on_b[("forwarded_streams_total", "in")] == 0
+    wrong = NodeLinkRequest.make("not-the-secret", "node-x", "node-a", time.time(), os.urandom(16).hex())
+    assert node_link_status(node_a, wrong)[0] == 403
+    assert node_metrics(metrics_a)[("node_link_failures_total", "rejected")] == 1
+    # node A dies with the name still leased to it (its agent is killed first: on its own it waits for a relay)
+    agent.kill(signal.SIGKILL)
+    node_a.proc.kill(signal.SIGKILL)
+    node_a.proc.wait_exit()
+    assert request(node_b, "web")[0] == 502
+    on_b = wait_until(lambda: (found := node_metrics(metrics_b))[("node_links", "out")] == 0 and found,
+                      what="node B's link to node A counted as closed")
+    assert on_b[("node_link_failures_total", "unreachable")] >= 1 and on_b[("node_link_failures_total", "refused")] == 0

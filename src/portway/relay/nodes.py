@@ -39,6 +39,7 @@ from ..proto.mux import Role
 from ..proto.node_link import (NODE_LINK_UPGRADE, LineReader, NodeLinkGate, NodeLinkRequest, StreamPreamble,
                                TunnelAnswer, parse_answer, parse_preamble)
 from .localtunnel import LtTunnel
+from .metrics import RelayCounters
 from .registry import Registry, RemoteLease
 from .tunnels import AccessPolicy, AgentTunnel, Tunnel
 
@@ -91,6 +92,7 @@ class RemoteTunnel(Tunnel):
         except MuxClosedError:
             raise HttpError(502, f"Tunnel {self.name!r} is served by relay node {node}, and the link to it "
                                  "is closing; try again.") from None
+        self.links.counters.forwarded_streams["out"] += 1
         stream.write(StreamPreamble(self.name).encode())
         try:
             line, rest = await _read_line(stream)
@@ -146,9 +148,10 @@ class NodeLinks:
     prove the cluster secret (NodeLinkGate); each stream on it is spliced to the named tunnel's agent link.
     """
 
-    def __init__(self, config: RelayConfig, registry: Registry) -> None:
+    def __init__(self, config: RelayConfig, registry: Registry, counters: RelayCounters) -> None:
         self.config = config
         self.registry = registry
+        self.counters = counters
         self.node_id = config.node_id or ""
         self.gate = NodeLinkGate(self.node_id, config.cluster_secret)
         self.sessions: dict[str, MuxSession] = {}  # node id -> the link this node opened to it
@@ -234,6 +237,7 @@ class NodeLinks:
             transport, conn = await asyncio.wait_for(
                 loop.create_connection(Connection, host, int(port)), NODE_CONNECT_TIMEOUT)
         except (OSError, ValueError, asyncio.TimeoutError) as error:
+            self.counters.node_link_failures["unreachable"] += 1
             reason = "timed out" if isinstance(error, asyncio.TimeoutError) else getattr(error, "strerror", None)
             raise HttpError(502, f"{unreachable} ({reason or error}).") from None
         request = NodeLinkRequest.make(secret, self.node_id, node, time.time(), secrets.token_hex(16))
@@ -255,8 +259,9 @@ class NodeLinks:
                                                  f"({_message_of(body)}).")
         except (ConduitReset, TimeoutError, HttpError) as error:
             conn.close()
-            message = error.message if isinstance(error, HttpError) and error.status == 502 else \
-                f"{unreachable}: its link did not open."
+            refused = isinstance(error, HttpError) and error.status == 502
+            self.counters.node_link_failures["refused" if refused else "unreachable"] += 1
+            message = error.message if refused else f"{unreachable}: its link did not open."
             log.warning("node link to %s at %s: %s", node, lease.advertise, message)
             raise HttpError(502, message) from None
         session = MuxSession(Role.SERVER, node_mux_config(self.config))
@@ -288,6 +293,7 @@ class NodeLinks:
             if len(self.accepted) >= MAX_NODE_LINKS:
                 raise HttpError(503, f"relay node {self.node_id} holds {MAX_NODE_LINKS} node links already")
         except HttpError as error:
+            self.counters.node_link_failures["rejected"] += 1
             log.warning("refused a node link from %s: %s", conn.peer_ip, error.message)
             conn.write(refusal(error.status, error.message))
             return False
@@ -313,6 +319,7 @@ class NodeLinks:
 
     async def serve_stream(self, stream: MuxStream) -> None:
         """One stream from another node: name the tunnel's rules and splice it to the tunnel's agent link."""
+        self.counters.forwarded_streams["in"] += 1
         try:
             line, rest = await _read_line(stream)
             preamble = parse_preamble(line)
@@ -344,6 +351,10 @@ class NodeLinks:
         if rest:
             stream.put_back([rest])
         await splice(stream, origin)
+
+    def open_links(self) -> dict[str, int]:
+        """Node links open now: opened by this node ("out") and accepted from other nodes ("in")."""
+        return {"out": len(self.sessions), "in": len(self.accepted)}
 
     def close(self) -> None:
         for task in [*self._dialling.values(), *self._lookups.values()]:
