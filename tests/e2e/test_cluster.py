@@ -137,3 +137,21 @@ def test_a_node_that_cannot_reach_its_redis_stops_with_one_line(procs):
     assert proc.wait_exit() == 2
     lines = [line for line in proc.output().splitlines() if line.strip()]
     assert len(lines) == 1 and f"cannot reach the cluster registry at redis://127.0.0.1:{port}/0" in lines[0]
+
+
+def test_a_node_id_is_used_by_one_live_node_at_a_time(procs, redis_server, tmp_path):
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nlabel = "team"\ntoken = "{TOKEN}"\n')
+    node_a = start_node(procs, redis_server, "node-a", tokens)
+    port = free_port()
+    twin = procs.start(PORTWAY + ["server", "--port", str(port), "--cluster", redis_server.url, "--node-id", "node-a",
+                                  "--advertise", f"127.0.0.1:{port}", "--cluster-secret", "e2e-secret"], "twin")
+    assert twin.wait_exit() == 2
+    line = twin.output().strip().splitlines()[-1]
+    assert f"node id 'node-a' is live in the cluster (heartbeat " in line and f"from 127.0.0.1:{node_a.port}); " \
+        "pick another --node-id" in line, twin.output()
+    assert get(node_a, "anything")[0] == 404  # the running node is untouched
+    node_a.proc.kill(signal.SIGKILL)  # a node that died...
+    node_a.proc.wait_exit()
+    restarted = start_node(procs, redis_server, "node-a", tokens)  # ...restarts under its id at once
+    assert "waiting up to" in restarted.proc.output() and get(restarted, "anything")[0] == 404

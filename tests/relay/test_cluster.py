@@ -5,6 +5,8 @@ and what a node does while Redis is gone and once it is back."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 
 import pytest
 
@@ -273,6 +275,63 @@ def test_a_node_with_another_cluster_secret_refuses_to_join(redis):
             await nodes.node("node-c", secret="two").start()
         with pytest.raises(ConfigurationError, match="--cluster-secret does not match"):
             await nodes.node("node-d").start()
+
+    with_nodes(redis, scenario)
+
+
+def test_a_second_live_node_with_the_same_id_refuses_to_start(redis):
+    async def scenario(nodes):
+        first = nodes.node("node-a", presence_ttl=0.6)
+        await first.start()
+        with pytest.raises(ConfigurationError) as refused:
+            await nodes.node("node-a", presence_ttl=0.6).start()
+        assert re.fullmatch(r"node id 'node-a' is live in the cluster \(heartbeat 0\.\d s ago from 127\.0\.0\.1:9100\); "
+                            r"pick another --node-id", str(refused.value)), refused.value
+        await taken(first, "web")  # the running node is untouched
+        await nodes.node("node-b", presence_ttl=0.6).start()  # another id is welcome
+
+    with_nodes(redis, scenario)
+
+
+def test_a_node_restarted_after_it_died_waits_for_its_old_presence_to_end(redis, caplog):
+    async def scenario(nodes):
+        with redis.client() as client:  # what a node killed a moment ago leaves behind: a presence not refreshed
+            client.set("portway:node:node-a", "0123456789abcdef 10.0.0.9:8000", px=500)
+        restarted = nodes.node("node-a", presence_ttl=0.6)
+        with caplog.at_level(logging.WARNING, logger="portway.relay.cluster"):
+            await restarted.start()
+        assert re.search(r"node id 'node-a' was last seen 0\.\d s ago \(from 10\.0\.0\.9:8000\): waiting up to 0\.\d s "
+                         r"to tell a node restarted after it died from one still running", caplog.text), caplog.text
+        with redis.client() as client:
+            assert client.get("portway:node:node-a").decode() == restarted.presence
+
+    with_nodes(redis, scenario)
+
+
+def test_a_node_stopped_on_purpose_frees_its_id_at_once(redis, caplog):
+    async def scenario(nodes):
+        first = nodes.node("node-a", presence_ttl=30)  # a presence that would outlive the test if left behind
+        await first.start()
+        await first.close()
+        with redis.client() as client:
+            assert client.get("portway:node:node-a") is None
+        with caplog.at_level(logging.WARNING, logger="portway.relay.cluster"):
+            async with asyncio.timeout(2):
+                await nodes.node("node-a", presence_ttl=30).start()
+        assert "was last seen" not in caplog.text
+
+    with_nodes(redis, scenario)
+
+
+def test_a_presence_without_a_ttl_counts_as_stale(redis):
+    async def scenario(nodes):
+        with redis.client() as client:
+            client.set("portway:node:node-a", "written by hand")
+        node = nodes.node("node-a", presence_ttl=0.4)
+        async with asyncio.timeout(3):
+            await node.start()
+        with redis.client() as client:
+            assert client.get("portway:node:node-a").decode() == node.presence and client.pttl("portway:node:node-a") > 0
 
     with_nodes(redis, scenario)
 
