@@ -8,12 +8,13 @@ import base64
 import http.client
 import json
 import signal
+import socket
 
 import pytest
 
 from tests.redis_server import RedisServer
 
-from .conftest import PORTWAY, Processes, Relay, free_port, start_agent, start_origin, wait_until
+from .conftest import PORTWAY, Processes, Relay, free_port, free_ports, start_agent, start_origin, wait_until
 
 TOKEN = "cluster-e2e-token"
 
@@ -26,8 +27,9 @@ def redis_server():
     server.stop()
 
 
-def start_node(procs: Processes, redis: RedisServer, node_id: str, tokens_file, *extra: str) -> Relay:
-    port = free_port()
+def start_node(procs: Processes, redis: RedisServer, node_id: str, tokens_file, *extra: str,
+               port: int | None = None) -> Relay:
+    port = port or free_port()
     proc = procs.start(PORTWAY + ["server", "--port", str(port), "--tokens", str(tokens_file),
                                   "--cluster", redis.url, "--node-id", node_id, "--advertise", f"127.0.0.1:{port}",
                                   "--cluster-secret", "e2e-secret", *extra], f"relay {node_id}")
@@ -155,3 +157,38 @@ def test_a_node_id_is_used_by_one_live_node_at_a_time(procs, redis_server, tmp_p
     node_a.proc.wait_exit()
     restarted = start_node(procs, redis_server, "node-a", tokens)  # ...restarts under its id at once
     assert "waiting up to" in restarted.proc.output() and get(restarted, "anything")[0] == 404
+
+
+def test_tcp_ports_are_leased_over_the_cluster_and_named_by_their_node(procs, redis_server, tmp_path):
+    """Two nodes offering the same two TCP ports: a port goes to one tunnel over the cluster, a port picked at
+    random skips those other nodes hold, a TCP tunnel counts in its token's quota everywhere, and its address
+    names the node whose port it is."""
+    from .test_tcp_tunnels import refused
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nlabel = "team"\ntoken = "{TOKEN}"\nmax_tunnels = 3\n')
+    port_a, port_b, first, second = free_ports(4)
+    offered = ("--tcp-ports", f"{first},{second}")
+    node_a = start_node(procs, redis_server, "node-a", tokens, *offered, port=port_a)
+    node_b = start_node(procs, redis_server, "node-b", tokens, *offered, port=port_b)
+    origin = start_origin(procs)
+    tcp_a = procs.start(PORTWAY + ["tcp", str(origin), "--relay", node_a.url, "--token", TOKEN,
+                                   "--remote-port", str(first)], "tcp agent a")
+    tcp_a.wait_for_line(rf"^tcp://node-a\.localhost:{first}$")
+    assert f"TCP port {first} is already in use (on relay node node-a)" in refused(
+        procs, node_b, "tcp", str(origin), "--token", TOKEN, "--remote-port", str(first))
+    tcp_b = procs.start(PORTWAY + ["tcp", str(origin), "--relay", node_b.url, "--token", TOKEN], "tcp agent b")
+    tcp_b.wait_for_line(rf"^tcp://node-b\.localhost:{second}$")  # the only port no node holds
+    start_agent(procs, node_b, origin, "--token", TOKEN, "--no-inspect", name="web")  # the token's third tunnel
+    assert "holds 3 over the cluster" in refused_agent(procs, node_a, origin, "shop")
+    for port in (first, second):  # each port is served by its own node
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert b"hello from origin" in read_all(sock)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -16,7 +16,7 @@ from portway.errors import ConfigurationError, HttpError
 from portway.relay.cluster import MAX_LOOKUPS, RedisRegistry
 from portway.relay.metrics import RelayCounters
 from portway.relay.naming import NameClaims
-from portway.relay.registry import REGISTRY_UNAVAILABLE, RemoteLease
+from portway.relay.registry import REGISTRY_UNAVAILABLE, RemoteLease, port_lease_name
 from portway.relay.tunnels import AgentTunnel
 from tests.redis_server import SentinelServer, redis_server  # noqa: F401 (a fixture)
 from tests.relay.test_registry_contract import FakeTunnel, eventually, taken
@@ -168,6 +168,45 @@ def test_the_heartbeat_renews_a_lease_past_its_ttl(redis):
         await asyncio.sleep(1.0)  # more than three TTLs: only the heartbeat can have kept it
         assert lease_of(redis, "kept")["node"] == "node-a"
         assert (await refusal(b.lease("kept", owner="", kind="portway", max_tunnels=0))).status == 409
+
+    with_nodes(redis, scenario)
+
+
+def test_a_tcp_port_is_leased_once_over_the_cluster_and_counts_in_the_quota(redis):
+    async def scenario(nodes):
+        a, b = nodes.node("node-a"), nodes.node("node-b")
+        await a.lease(port_lease_name(20001), owner="alice", kind="tcp", max_tunnels=2)
+        a.hold(port_lease_name(20001), owner="alice", kind="tcp", lost=lambda: None)
+        assert lease_of(redis, "tcp:20001")["node"] == "node-a"
+        refused = await refusal(b.lease(port_lease_name(20001), owner="bob", kind="tcp", max_tunnels=0))
+        assert (refused.status, refused.message) == (409, "TCP port 20001 is already in use (on relay node node-a)")
+        await taken(b, "web", owner="alice", max_tunnels=2)  # a name and a port: alice's two
+        refused = await refusal(b.lease(port_lease_name(20002), owner="alice", kind="tcp", max_tunnels=2))
+        assert refused.status == 403 and "holds 2 over the cluster" in refused.message
+        a.let_go(port_lease_name(20001))  # released at once
+        await eventually(lambda: not lease_of(redis, "tcp:20001"))
+        await b.lease(port_lease_name(20001), owner="alice", kind="tcp", max_tunnels=2)
+
+    with_nodes(redis, scenario)
+
+
+def test_the_heartbeat_keeps_a_held_port_and_tells_when_another_node_has_it(redis):
+    async def scenario(nodes):
+        a = nodes.node("node-a", lease_ttl=0.3)
+        await a.start()
+        lost: list[str] = []
+        await a.lease(port_lease_name(20001), owner="", kind="tcp", max_tunnels=0)
+        a.hold(port_lease_name(20001), owner="", kind="tcp", lost=lambda: lost.append("20001"))
+        await asyncio.sleep(1.0)  # more than three TTLs: only the heartbeat can have kept it
+        assert lease_of(redis, "tcp:20001")["node"] == "node-a" and not lost
+        late = nodes.node("node-c", lease_ttl=0.3)  # never started: nothing renews its lease
+        await late.lease(port_lease_name(20002), owner="", kind="tcp", max_tunnels=0)
+        late.hold(port_lease_name(20002), owner="", kind="tcp", lost=lambda: lost.append("20002"))
+        await eventually(lambda: not lease_of(redis, "tcp:20002"))
+        b = nodes.node("node-b", lease_ttl=0.3)
+        await b.lease(port_lease_name(20002), owner="", kind="tcp", max_tunnels=0)
+        await late.renew()  # back late: the port is node B's now
+        assert lost == ["20002"] and lease_of(redis, "tcp:20002")["node"] == "node-b"
 
     with_nodes(redis, scenario)
 

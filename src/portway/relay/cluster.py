@@ -25,6 +25,8 @@ import hashlib
 import hmac
 import logging
 import secrets
+from dataclasses import dataclass
+from typing import Callable
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -34,7 +36,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..config import ClusterTarget
 from ..errors import ConfigurationError, HttpError
-from .registry import MemoryRegistry, RemoteLease, registry_unavailable
+from .registry import MemoryRegistry, RemoteLease, leased_thing, registry_unavailable
 from .tunnels import AgentTunnel, Tunnel
 
 log = logging.getLogger(__name__)
@@ -191,6 +193,16 @@ return 1
 """
 
 
+@dataclass(frozen=True, slots=True)
+class HeldLease:
+    """A lease this node keeps alive for something other than a tunnel's name (a TCP port): for whom, of what
+    kind, and what to do when another node turns out to hold it."""
+
+    owner: str
+    kind: str
+    lost: Callable[[], None]
+
+
 def _address_of(presence: bytes) -> str:
     """The advertised address in a node's presence value ("INSTANCE ADDRESS")."""
     return presence.decode("utf-8", "replace").partition(" ")[2] or "an unknown address"
@@ -250,6 +262,7 @@ class RedisRegistry(MemoryRegistry):
         self.failures = RedisFailures(self, auth_failures_per_address, auth_failure_window)
         self.reachable = True  # as far as the last call knew
         self._epochs: dict[str, int] = {}  # name -> the epoch of this node's lease on it, as last seen
+        self._held: dict[str, HeldLease] = {}  # leases kept alive besides the tunnels' names (TCP ports)
         self._heartbeat: asyncio.Task | None = None
         self._presence: asyncio.Task | None = None
         self._present = False  # this node's presence is (as far as it knows) the one under its id
@@ -403,7 +416,7 @@ class RedisRegistry(MemoryRegistry):
                   round(FENCE_TTL * 1000), KEY_PREFIX]))
         detail = detail.decode()
         if verdict == b"taken":
-            raise HttpError(409, f"tunnel name {name!r} is already in use (on relay node {detail})")
+            raise HttpError(409, f"{leased_thing(name)} is already in use (on relay node {detail})")
         if verdict == b"quota":
             raise HttpError(403, f"this token may hold {max_tunnels} tunnel(s) at once and holds {detail} "
                                  "over the cluster")
@@ -425,10 +438,11 @@ class RedisRegistry(MemoryRegistry):
     async def renew(self) -> None:
         """One heartbeat: extend every lease this node holds, re-create those Redis lost, and drop the tunnels
         whose name another node holds now."""
-        held = list(self._tunnels.items())
         args: list = [self.node_id, self._ttl_ms, round(FENCE_TTL * 1000), KEY_PREFIX, self.advertise]
-        for name, tunnel in held:
+        for name, tunnel in self._tunnels.items():
             args += [name, tunnel.owner, tunnel.kind, self._epochs.get(name, 0)]
+        for name, held in self._held.items():
+            args += [name, held.owner, held.kind, self._epochs.get(name, 0)]
         reply = await self.ask(self.scripts["renew"](keys=[f"{KEY_PREFIX}epoch"], args=args))
         for index in range(0, len(reply), 2):
             name, epoch = reply[index].decode(), int(reply[index + 1])
@@ -436,12 +450,17 @@ class RedisRegistry(MemoryRegistry):
                 self._epochs[name] = epoch
             else:
                 self._lose(name)
-        for name in set(self._epochs) - set(self._tunnels):
+        for name in set(self._epochs) - set(self._tunnels) - set(self._held):
             del self._epochs[name]  # a lease taken but never used: left to expire in Redis
 
     def _lose(self, name: str) -> None:
         tunnel = self._tunnels.get(name)
         self._epochs.pop(name, None)
+        held = self._held.pop(name, None)
+        if held is not None:
+            log.warning("%s: another relay node holds it now (this node's lease lapsed); dropping it here",
+                        leased_thing(name))
+            held.lost()
         if tunnel is None:
             return
         log.warning("tunnel %s: another relay node holds its name now (this node's lease lapsed); dropping it "
@@ -460,9 +479,20 @@ class RedisRegistry(MemoryRegistry):
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
+    def hold(self, name: str, *, owner: str, kind: str, lost: Callable[[], None]) -> None:
+        self._held[name] = HeldLease(owner, kind, lost)
+
+    def let_go(self, name: str) -> None:
+        held = self._held.pop(name, None)
+        epoch = self._epochs.get(name)
+        if held is not None and epoch:
+            task = asyncio.get_running_loop().create_task(self._release(name, held.owner, epoch))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
     async def _release(self, name: str, owner: str, epoch: int) -> None:
-        if name in self._tunnels:
-            return  # taken again here meanwhile: the lease is the new tunnel's
+        if name in self._tunnels or name in self._held:
+            return  # taken again here meanwhile: the lease is the new holder's
         self._epochs.pop(name, None)
         try:
             await self.ask(self.scripts["release"](keys=[self._lease_key(name), self._owner_key(owner)],
