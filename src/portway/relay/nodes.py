@@ -56,8 +56,9 @@ MAX_REMOTE_TUNNELS = 4096  # other nodes' tunnels this node keeps a pool of stre
 # forwarding itself; a name that moved meanwhile is answered for by the node that held it (404: not here), and
 # that refusal sends the next visitor's lookup back to Redis
 LEASE_RECHECK = 1.0
-# seconds a forwarded visitor waits on the tunnel's node for a free lt pool socket: less than the forwarding node
-# waits for the answer, so a busy pool is answered as such (503) rather than as a node that did not answer
+# seconds a forwarded visitor waits on the tunnel's node for a free lt pool socket at most (--pool-wait-timeout
+# when shorter): less than the forwarding node waits for the answer, so a busy pool is answered as such (503)
+# rather than as a node that did not answer
 LT_SOCKET_WAIT = NODE_ANSWER_TIMEOUT - 1.0
 
 
@@ -329,7 +330,7 @@ class NodeLinks:
         tunnel = self.registry.get(preamble.tunnel)
         try:
             if isinstance(tunnel, LtTunnel):
-                origin = await _lt_socket(tunnel)
+                origin = await _lt_socket(tunnel, min(self.config.pool_wait_timeout, LT_SOCKET_WAIT))
             elif isinstance(tunnel, AgentTunnel):
                 if not tunnel.online:
                     raise HttpError(502, f"The agent for tunnel {tunnel.name!r} is not connected (agent "
@@ -365,11 +366,11 @@ class NodeLinks:
             tunnel.close()
 
 
-async def _lt_socket(tunnel: LtTunnel):
+async def _lt_socket(tunnel: LtTunnel, wait: float):
     """One of the lt client's pool sockets, for one forwarded stream; HttpError when none is connected or none
-    became free within LT_SOCKET_WAIT."""
+    became free within `wait` seconds."""
     try:
-        sock, _ = await asyncio.wait_for(tunnel.acquire(), LT_SOCKET_WAIT)
+        sock, _ = await asyncio.wait_for(tunnel.acquire(), wait)
     except asyncio.TimeoutError:
         raise HttpError(503, f"Tunnel {tunnel.name!r} is busy: no connection to its origin became free in "
                              "time.") from None
