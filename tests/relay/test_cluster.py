@@ -362,6 +362,22 @@ def test_a_node_stopped_on_purpose_frees_its_id_at_once(redis, caplog):
     with_nodes(redis, scenario)
 
 
+def test_a_running_node_whose_id_was_taken_meanwhile_says_so_once(redis, caplog):
+    async def scenario(nodes):
+        node = nodes.node("node-a", presence_ttl=0.3)
+        await node.start()
+        with caplog.at_level(logging.ERROR, logger="portway.relay.cluster"):
+            with redis.client() as client:  # what a node started while this one's presence had lapsed writes
+                client.set("portway:node:node-a", "fedcba9876543210 10.0.0.7:8000", px=60_000)
+            await eventually(lambda: "node id 'node-a' is also used by the node at 10.0.0.7:8000" in caplog.text)
+            await asyncio.sleep(0.5)  # several refreshes later: still one line
+        assert caplog.text.count("is also used by") == 1
+        with redis.client() as client:  # the other node's presence is left alone
+            assert client.get("portway:node:node-a") == b"fedcba9876543210 10.0.0.7:8000"
+
+    with_nodes(redis, scenario)
+
+
 def test_a_presence_without_a_ttl_counts_as_stale(redis):
     async def scenario(nodes):
         with redis.client() as client:

@@ -347,8 +347,12 @@ class NodeLinks:
             stream.close()
             return
         access = tunnel.access
-        stream.write(TunnelAnswer(200, "", access.login_digest(),
-                                  tuple(str(network) for network in access.allow_networks)).encode())
+        try:
+            stream.write(TunnelAnswer(200, "", access.login_digest(),
+                                      tuple(str(network) for network in access.allow_networks)).encode())
+        except ConduitReset:  # the other node gave up on the stream meanwhile: let the conduit go too
+            origin.abort()
+            return
         if rest:
             stream.put_back([rest])
         await splice(stream, origin)
@@ -377,11 +381,11 @@ async def _lt_socket(tunnel: LtTunnel, wait: float):
     return sock
 
 
-async def splice(first: MuxStream, second) -> None:
+async def splice(first: MuxStream, second: MuxStream | Connection) -> None:
     """Copy bytes both ways between a node stream and a conduit (an agent's stream or an lt pool socket) until
     both directions ended, each at the pace its receiver grants; a reset on either side resets the other."""
 
-    async def pump(source: MuxStream, sink: MuxStream) -> None:
+    async def pump(source: MuxStream | Connection, sink: MuxStream | Connection) -> None:
         try:
             while chunks := await source.read_chunks():
                 for chunk in chunks:
