@@ -205,3 +205,27 @@ def test_node_links_are_in_the_metrics(procs, redis_server, tmp_path):
     on_b = wait_until(lambda: (found := node_metrics(metrics_b))[("node_links", "out")] == 0 and found,
                       what="node B's link to node A counted as closed")
     assert on_b[("node_link_failures_total", "unreachable")] >= 1 and on_b[("node_link_failures_total", "refused")] == 0
+
+
+def test_an_agent_stopping_finishes_what_node_b_forwards_and_leaves(procs, redis_server, tmp_path):
+    """Node B keeps a stream to the agent idle after each exchange; when the agent stops (SIGTERM), node A tells
+    node B, which lets go of its idle streams: the agent leaves once the exchange in flight is done, not at its
+    drain timeout, and that exchange arrives whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nlabel = "team"\ntoken = "{TOKEN}"\n')
+    node_a = start_node(procs, redis_server, "node-a", tokens)
+    node_b = start_node(procs, redis_server, "node-b", tokens)
+    agent, _ = start_agent(procs, node_a, start_origin(procs), "--token", TOKEN, "--no-inspect",
+                           "--drain-timeout", "60", name="web")
+    for _ in range(3):  # streams node B keeps idle afterwards
+        assert request(node_b, "web") == (200, b"hello from origin")
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(request, node_b, "web", "GET", "/slow?ms=1500&bytes=20000&seed=drain")
+        wait_until(lambda: request(node_a, "web", path="/whoami")[0] == 200)  # (the agent serves, the slow one runs)
+        agent.kill(signal.SIGTERM)
+        status, body = slow.result(timeout=30)
+    assert status == 200 and hashlib.sha256(body).hexdigest() == expected_sha256(20000, "drain")
+    assert agent.wait_exit(timeout=20) == 0  # bound well below --drain-timeout 60: the idle streams did not count
+    assert "in flight get up to 60 s" in agent.output()

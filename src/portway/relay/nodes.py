@@ -24,6 +24,7 @@ import json
 import logging
 import secrets
 import time
+import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -36,8 +37,8 @@ from ..proto import http1
 from ..proto.control import refusal
 from ..proto.http1 import RequestHead
 from ..proto.mux import Role
-from ..proto.node_link import (NODE_LINK_UPGRADE, LineReader, NodeLinkGate, NodeLinkRequest, StreamPreamble,
-                               TunnelAnswer, parse_answer, parse_preamble)
+from ..proto.node_link import (NODE_LINK_UPGRADE, AgentGoingAway, LineReader, NodeLinkGate, NodeLinkRequest,
+                               StreamPreamble, TunnelAnswer, parse_answer, parse_going_away, parse_preamble)
 from .localtunnel import LtTunnel
 from .metrics import RelayCounters
 from .registry import Registry, RemoteLease
@@ -80,6 +81,7 @@ class RemoteTunnel(Tunnel):
         # its node has stated the tunnel's rules at least once; an lt registration can state none
         self.answered = lease.kind == LtTunnel.kind
         self.checked_at = float("-inf")  # when the lease was last read from the registry (loop time)
+        self.agent_going_away = False  # its node said the agent is going away: no stream is kept idle any more
 
     @property
     def online(self) -> bool:
@@ -116,7 +118,7 @@ class RemoteTunnel(Tunnel):
 
     def release(self, conduit, reusable: bool) -> None:
         session = self.links.sessions.get(self.lease.node)
-        if session is None or session.mux.going_away or self.lease.kind == LtTunnel.kind:
+        if session is None or session.mux.going_away or self.agent_going_away or self.lease.kind == LtTunnel.kind:
             reusable = False  # an idle stream to an lt tunnel would hold one of its node's few pool sockets
         super().release(conduit, reusable)
 
@@ -160,6 +162,10 @@ class NodeLinks:
         self._lookups: dict[str, asyncio.Task[RemoteTunnel | None]] = {}  # tunnel name -> its lease being read
         self.accepted: set[MuxSession] = set()
         self.tunnels: OrderedDict[str, RemoteTunnel] = OrderedDict()
+        # this node's agent tunnels -> the accepted node links that carried streams of theirs (told when the agent
+        # goes away); an entry goes with its tunnel
+        self._forwarded_to: weakref.WeakKeyDictionary[AgentTunnel, set[MuxSession]] = weakref.WeakKeyDictionary()
+        self._notices: set[asyncio.Task] = set()
 
     # forwarding side
     async def find(self, name: str) -> RemoteTunnel | None:
@@ -265,7 +271,8 @@ class NodeLinks:
             message = error.message if refused else f"{unreachable}: its link did not open."
             log.warning("node link to %s at %s: %s", node, lease.advertise, message)
             raise HttpError(502, message) from None
-        session = MuxSession(Role.SERVER, node_mux_config(self.config))
+        session = MuxSession(Role.SERVER, node_mux_config(self.config),
+                             on_stream=lambda stream: self._take_notice(stream, node))
         link_bytes = switched.trailing + conn.take_buffered()
         transport.set_protocol(session)
         session.connection_made(transport)
@@ -336,6 +343,8 @@ class NodeLinks:
                     raise HttpError(502, f"The agent for tunnel {tunnel.name!r} is not connected (agent "
                                          "reconnecting); try again in a moment.")
                 origin = await tunnel.fresh_conduit()
+                self._forwarded_to.setdefault(tunnel, set()).add(stream.session)
+                tunnel.on_going_away = self._tell_going_away
             else:
                 raise HttpError(404, f"There is no tunnel {preamble.tunnel!r} on relay node {self.node_id}.")
         except HttpError as error:
@@ -357,12 +366,55 @@ class NodeLinks:
             stream.put_back([rest])
         await splice(stream, origin)
 
+    def _tell_going_away(self, tunnel: AgentTunnel) -> None:
+        """The agent of `tunnel` said it is going away: tell every node that forwarded visitors to it."""
+        for session in self._forwarded_to.pop(tunnel, ()):
+            if session.closed.done():
+                continue
+            try:
+                stream = session.open_stream()
+            except MuxClosedError:
+                continue  # that link is going away itself: its streams end with it
+            task = asyncio.get_running_loop().create_task(self._send_notice(stream, tunnel.name))
+            self._notices.add(task)
+            task.add_done_callback(self._notices.discard)
+
+    async def _send_notice(self, stream: MuxStream, name: str) -> None:
+        try:
+            stream.write(AgentGoingAway(name).encode())
+            stream.write_eof()
+            async with asyncio.timeout(NODE_ANSWER_TIMEOUT):  # the other node ends its side once it has read it
+                while await stream.read_chunks():
+                    pass
+        except (ConduitReset, TimeoutError):
+            pass
+        stream.close()
+
+    async def _take_notice(self, stream: MuxStream, node: str) -> None:
+        """A stream the node `node` opened on the link this node dialled: its agent of a tunnel is going away, so
+        the streams kept idle for that tunnel go (the agent waits for each one) and no more are kept."""
+        try:
+            line, _ = await _read_line(stream)
+            notice = parse_going_away(line)
+        except (ConduitReset, TimeoutError, HttpError):
+            stream.abort()
+            return
+        tunnel = self.tunnels.get(notice.tunnel)
+        if tunnel is not None and tunnel.lease.node == node:
+            tunnel.agent_going_away = True
+            tunnel.drop_idle()
+        try:
+            stream.write_eof()
+        except ConduitReset:
+            pass
+        stream.close()
+
     def open_links(self) -> dict[str, int]:
         """Node links open now: opened by this node ("out") and accepted from other nodes ("in")."""
         return {"out": len(self.sessions), "in": len(self.accepted)}
 
     def close(self) -> None:
-        for task in [*self._dialling.values(), *self._lookups.values()]:
+        for task in [*self._dialling.values(), *self._lookups.values(), *self._notices]:
             task.cancel()
         for session in [*self.sessions.values(), *self.accepted]:
             session.close()
