@@ -1,6 +1,7 @@
 """The node-link handshake (proto/node_link.py) without sockets: a proof made with the cluster secret is
 admitted once, anything else (wrong secret, wrong node, stale time, replay, no secret configured) is refused with
-one line; stream preambles round-trip and malformed ones are refused however the bytes are split."""
+one line; stream preambles round-trip and malformed ones are refused however the bytes are split; so do the
+going-away notices."""
 
 from __future__ import annotations
 

@@ -18,7 +18,9 @@ accepts no node link at all: membership would rest on nothing but network reacha
 
 Every stream B opens on the link starts with one preamble line naming the tunnel; A answers with one line: the
 tunnel's visitor rules (B checks them, as for a tunnel of its own) or a refusal. What follows is exactly what B
-would send down an agent link, and A splices it to a stream of the tunnel's agent link without reading it.
+would send down an agent link, and A splices it to a stream of the tunnel's agent link (or an lt client's pool
+socket) without reading it. The other way, A opens a stream only to say, in one line, that a tunnel's agent is
+going away (B then keeps none of that tunnel's streams idle).
 """
 
 from __future__ import annotations
