@@ -1,4 +1,4 @@
-"""The five ways a visitor reaches the origin. Each `setup_*` starts what its path needs and
+"""The ways a visitor reaches the origin. Each `setup_*` starts what its path needs and
 returns a `Path`; the caller kills `path.procs` when done (and `Registry.kill_all()` in any case)."""
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def free_ports(count: int) -> list[int]:
 class Path:
     key: str
     target: Target
-    # role -> process: "server" (relay, lt server, sshd) and "client" (agent, lt, ssh)
+    # role -> process: "server" (relay, lt server, sshd) and "client" (agent, lt, ssh); the cluster path adds
+    # "entry", the relay node its visitors land on (it forwards every request to the server node)
     roles: dict[str, Proc] = field(default_factory=dict)
     role_labels: dict[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
@@ -165,6 +166,60 @@ def setup_portway_tcp(reg: Registry, origin_port: int) -> Path:
         path = Path("portway_tcp", Target("127.0.0.1", public, f"127.0.0.1:{public}"),
                     roles={"server": relay, "client": agent},
                     role_labels={"server": "portway relay", "client": "portway agent (tcp tunnel)"}, procs=procs)
+        wait_ready(path.target)
+        return path
+    except BaseException:
+        reg.kill(procs)
+        raise
+
+
+REDIS_SERVER = "redis-server"
+CLUSTER_SECRET = "bench-cluster-secret"
+
+
+def _start_redis(reg: Registry, port: int) -> Proc:
+    """A throwaway redis-server on a free 127.0.0.1 port (no persistence) for the cluster path's two nodes."""
+    binary = shutil.which(REDIS_SERVER)
+    if binary is None:
+        raise Skip("redis-server not installed (Debian: apt-get install redis-server)")
+    redis = reg.start([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                       "--protected-mode", "no"], "redis-server")
+    wait_port(redis, port, 15)
+    return redis
+
+
+def _start_cluster_node(reg: Registry, redis_port: int, node_id: str, port: int) -> Proc:
+    node = reg.start(PORTWAY + ["server", "--port", str(port), "--domain", "localhost",
+                                "--cluster", f"redis://127.0.0.1:{redis_port}/0", "--node-id", node_id,
+                                "--advertise", f"127.0.0.1:{port}", "--cluster-secret", CLUSTER_SECRET,
+                                *_relay_extra_args()], f"portway-relay-{node_id}")
+    node.wait_for(r"listening on", 20)
+    return node
+
+
+def setup_portway_cluster(reg: Registry, origin_port: int) -> Path:
+    """Two relay nodes sharing a redis-server, the agent on node A and every visitor sent to node B: each request
+    takes the extra hop B -> A over their node link. Roles: server = node A (holds the tunnel), entry = node B
+    (the visitors' node), client = the agent."""
+    if "--cluster" not in _help("server"):
+        raise Skip("this portway has no --cluster")
+    redis_port, port_a, port_b = free_ports(3)
+    procs = [_start_redis(reg, redis_port)]
+    try:
+        node_a = _start_cluster_node(reg, redis_port, "bench-a", port_a)
+        procs.append(node_a)
+        node_b = _start_cluster_node(reg, redis_port, "bench-b", port_b)
+        procs.append(node_b)
+        agent = reg.start(PORTWAY + ["http", str(origin_port), "--relay", f"http://127.0.0.1:{port_a}",
+                                     "--name", "bench", *_agent_inspect_args(False)], "portway-agent-cluster")
+        procs.append(agent)
+        agent.wait_for(rf"^http://bench\.localhost:{port_a}$", 20)
+        path = Path("portway_cluster", Target("127.0.0.1", port_b, f"bench.localhost:{port_b}"),
+                    roles={"server": node_a, "entry": node_b, "client": agent},
+                    role_labels={"server": "portway relay node A (holds the tunnel)",
+                                 "entry": "portway relay node B (visitors land here, forwards to A)",
+                                 "client": "portway agent (on node A)"},
+                    procs=procs)
         wait_ready(path.target)
         return path
     except BaseException:

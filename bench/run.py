@@ -33,18 +33,19 @@ from procs import Monitor, Registry, StartError, machine_cpu_share, read_machine
 ROOT = FsPath(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
 
-PATH_ORDER = ["direct", "portway", "portway_inspect", "portway_tcp", "portway_lt", "localtunnel", "ssh"]
+PATH_ORDER = ["direct", "portway", "portway_inspect", "portway_cluster", "portway_tcp", "portway_lt", "localtunnel", "ssh"]
 PATH_TITLES = {
     "direct": "direct",
     "portway": "Portway",
     "portway_inspect": "Portway + inspector",
+    "portway_cluster": "Portway cluster, via node B",
     "portway_tcp": "Portway TCP tunnel",
     "portway_lt": "Portway relay + lt",
     "localtunnel": "lt server + lt",
     "ssh": "ssh -R",
 }
 # Paths that run the many-streams case (one multiplexed link; lt has a pool of 10 sockets).
-STREAM_PATHS = {"direct", "portway", "portway_inspect", "portway_tcp", "ssh"}
+STREAM_PATHS = {"direct", "portway", "portway_inspect", "portway_cluster", "portway_tcp", "ssh"}
 CONCURRENCY = [1, 10, 50, 200]
 CONN_RATE_CONNECTIONS = 10  # wrk connections of the new-connection case, each request on a connection of its own
 
@@ -162,6 +163,8 @@ def setup_path(key: str, reg: Registry, mon: Monitor, origin_port: int, args, ou
             path = paths.setup_portway(reg, origin_port)
         elif key == "portway_inspect":
             path = paths.setup_portway(reg, origin_port, inspect=True)
+        elif key == "portway_cluster":
+            path = paths.setup_portway_cluster(reg, origin_port)
         elif key == "portway_tcp":
             path = paths.setup_portway_tcp(reg, origin_port)
         elif key == "portway_lt":
@@ -302,7 +305,9 @@ def run_paths(selected: list[str], reg: Registry, mon: Monitor, origin, origin_p
 
 # What a case's work is counted in, for the CPU each tunnel side spends per unit of it.
 CASE_UNITS = {"conn_rate": "connection", "download": "MB", "upload": "MB", "ws_rtt": "round trip", "ws_1mib": "MB"}
-TUNNEL_ROLES = ("server", "client")  # the relay side and the agent side of every path (none for direct)
+# The relay side and the agent side of every path (none for direct); the cluster path has a second relay node,
+# "entry", where its visitors land (server is then the node that holds the tunnel).
+TUNNEL_ROLES = ("server", "entry", "client")
 
 
 def work_units(name: str, case: dict) -> float | None:
@@ -319,14 +324,17 @@ def work_units(name: str, case: dict) -> float | None:
 
 
 def cpu_per_unit(name: str, case: dict, resources: dict) -> dict | None:
-    """CPU µs the relay side (server) and the agent side (client) spent per unit of a case's work, measured
-    over the very run the table reports (its phase); None when the case failed or the path has no tunnel."""
+    """CPU µs the relay side (server, and entry for the cluster path) and the agent side (client) spent per unit
+    of a case's work, measured over the very run the table reports (its phase); None when the case failed or the
+    path has no tunnel."""
     units = work_units(name, case)
     if case.get("error") or not units or not any(role in resources for role in TUNNEL_ROLES):
         return None
     phase = case.get("phase", name)
     cost: dict = {"unit": CASE_UNITS.get(name, "request")}
     for role in TUNNEL_ROLES:
+        if role == "entry" and role not in resources:
+            continue  # a path with one relay
         cpu_s = resources.get(role, {}).get("phases", {}).get(phase, {}).get("cpu_s")
         cost[role] = round(cpu_s / units * 1e6, 1) if cpu_s is not None else None
     return cost
@@ -445,11 +453,11 @@ def build_table(results: dict, cfg: dict) -> tuple[str, list[str]]:
         for k in keys:
             err = cell_error(k, case)
             cost = prs[k]["cases"][case].get("cpu_us_per_unit") if not err else None
-            if err or not cost or None in (cost.get("server"), cost.get("client")):
+            sides = [cost.get(role) for role in TUNNEL_ROLES if role in cost] if cost and not err else []
+            if err or not sides or None in sides:
                 row.append(err or "–")
             else:
-                row.append(f"{_num(cost['server'] + cost['client'])} ({_num(cost['server'])} + "
-                           f"{_num(cost['client'])})")
+                row.append(f"{_num(sum(sides))} ({' + '.join(_num(side) for side in sides)})")
         return row
 
     for c in CONCURRENCY:
@@ -459,9 +467,14 @@ def build_table(results: dict, cfg: dict) -> tuple[str, list[str]]:
     rows.append(cpu_row("tunnel CPU µs/MB uploaded", "upload"))
     rows.append(cpu_row("tunnel CPU µs/WebSocket round trip", "ws_rtt"))
     rows.append(cpu_row("tunnel CPU µs/MB, WebSocket 1 MiB messages", "ws_1mib"))
+    with_entry = any("entry" in prs[k].get("resources", {}) for k in keys)
     rows.append(res_row("server peak RSS MiB (rest / streams)", "server", rss))
+    if with_entry:
+        rows.append(res_row("entry node peak RSS MiB (rest / streams)", "entry", rss))
     rows.append(res_row("client peak RSS MiB (rest / streams)", "client", rss))
     rows.append(res_row("server CPU s", "server", lambda r: f"{r['cpu_s']:.1f}"))
+    if with_entry:
+        rows.append(res_row("entry node CPU s", "entry", lambda r: f"{r['cpu_s']:.1f}"))
     rows.append(res_row("client CPU s", "client", lambda r: f"{r['cpu_s']:.1f}"))
     rows.append(res_row("origin CPU s", "origin", lambda r: f"{r['cpu_s']:.1f}"))
 
@@ -481,8 +494,8 @@ def build_table(results: dict, cfg: dict) -> tuple[str, list[str]]:
         elif "error" in p:
             notes.append(f"{PATH_TITLES[k]}: setup failed: {p['error']}")
         elif p.get("roles"):
-            notes.append(f"{PATH_TITLES[k]}: server = {p['roles'].get('server')}, "
-                         f"client = {p['roles'].get('client')}")
+            notes.append(f"{PATH_TITLES[k]}: " + ", ".join(f"{role} = {p['roles'][role]}" for role in TUNNEL_ROLES
+                                                           if role in p["roles"]))
         for n in p.get("notes", []):
             notes.append(f"{PATH_TITLES[k]}: {n}")
     notes += [f"[{i}] {f}" for i, f in enumerate(footnotes, 1)]

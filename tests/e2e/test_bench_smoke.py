@@ -18,13 +18,13 @@ CASES = {"get_c1", "get_c10", "get_c50", "get_c200", "conn_rate", "download", "u
          "streams"}
 
 
-def test_quick_benchmark_runs_every_case_on_direct_portway_and_its_tcp_tunnel(procs: Processes, tmp_path):
+def test_quick_benchmark_runs_every_case_on_direct_portway_its_tcp_tunnel_and_a_cluster(procs: Processes, tmp_path):
     require_node_tools()
     if shutil.which("wrk") is None:
         pytest.skip("wrk is not installed (scripts/test.sh installs it)")
     results_file = tmp_path / "bench.json"
     bench = procs.start([sys.executable, str(ROOT / "bench" / "run.py"), "--quick",
-                         "--paths", "direct,portway,portway_tcp",
+                         "--paths", "direct,portway,portway_tcp,portway_cluster",
                          "--json", str(results_file), "--keep-logs"], "bench")
     try:
         assert bench.wait_exit(timeout=240) == 0, bench.output()
@@ -44,7 +44,7 @@ def portway_logs(bench_output: str) -> str:
 
 def check(results: dict, logs: str) -> None:
     assert not results["interrupted"]
-    for key in ("direct", "portway", "portway_tcp"):
+    for key in ("direct", "portway", "portway_tcp", "portway_cluster"):
         cases = results["paths"][key]["cases"]
         assert set(cases) == CASES, key
         failed = {name: case["error"] for name, case in cases.items() if case.get("error")}
@@ -68,6 +68,10 @@ def check(results: dict, logs: str) -> None:
         assert cost["server"] is not None and cost["client"] is not None and cost["server"] + cost["client"] > 0, \
             (name, cost)
     assert "cpu_us_per_unit" not in results["paths"]["direct"]["cases"]["get_c50"]  # no tunnel, no tunnel CPU
+    # the cluster path: node A (server), node B where the visitors land (entry) and the agent each counted apart
+    cluster_cost = results["paths"]["portway_cluster"]["cases"]["get_c10"]["cpu_us_per_unit"]
+    assert all(cluster_cost[role] > 0 for role in ("server", "entry", "client")), cluster_cost
+    assert "entry" not in results["paths"]["portway"]["cases"]["get_c10"]["cpu_us_per_unit"]
     table = results["table_markdown"]
-    assert "| GET req/s, 50 conn" in table and "Portway" in table
+    assert "| GET req/s, 50 conn" in table and "Portway" in table and "Portway cluster, via node B" in table
     assert "| tunnel CPU µs/request, 10 conn" in table and "| tunnel CPU µs/MB uploaded" in table

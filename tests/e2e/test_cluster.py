@@ -8,9 +8,10 @@ import base64
 import http.client
 import json
 import signal
+import socket
 
-from .cluster_nodes import redis_server, start_node  # noqa: F401 (a fixture)
-from .conftest import PORTWAY, Processes, Relay, free_port, start_agent, start_origin, wait_until
+from .cluster_nodes import CLUSTER_SECRET, redis_server, start_node  # noqa: F401 (a fixture)
+from .conftest import PORTWAY, Processes, Relay, free_port, free_ports, start_agent, start_origin, wait_until
 
 TOKEN = "cluster-e2e-token"
 
@@ -119,3 +120,56 @@ def test_a_node_that_cannot_reach_its_redis_stops_with_one_line(procs):
     assert proc.wait_exit() == 2
     lines = [line for line in proc.output().splitlines() if line.strip()]
     assert len(lines) == 1 and f"cannot reach the cluster registry at redis://127.0.0.1:{port}/0" in lines[0]
+
+
+def test_a_node_id_is_used_by_one_live_node_at_a_time(procs, redis_server, tmp_path):
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nlabel = "team"\ntoken = "{TOKEN}"\n')
+    node_a = start_node(procs, redis_server, "node-a", tokens)
+    port = free_port()
+    twin = procs.start(PORTWAY + ["server", "--port", str(port), "--cluster", redis_server.url, "--node-id", "node-a",
+                                  "--advertise", f"127.0.0.1:{port}", "--cluster-secret", CLUSTER_SECRET], "twin")
+    assert twin.wait_exit() == 2
+    line = twin.output().strip().splitlines()[-1]
+    assert "node id 'node-a' is live in the cluster (heartbeat " in line and f"from 127.0.0.1:{node_a.port}); " \
+        "pick another --node-id" in line, twin.output()
+    assert get(node_a, "anything")[0] == 404  # the running node is untouched
+    node_a.proc.kill(signal.SIGKILL)  # a node that died...
+    node_a.proc.wait_exit()
+    restarted = start_node(procs, redis_server, "node-a", tokens)  # ...restarts under its id at once
+    assert "waiting up to" in restarted.proc.output() and get(restarted, "anything")[0] == 404
+
+
+def test_tcp_ports_are_leased_over_the_cluster_and_named_by_their_node(procs, redis_server, tmp_path):
+    """Two nodes offering the same two TCP ports: a port goes to one tunnel over the cluster, a port picked at
+    random skips those other nodes hold, a TCP tunnel counts in its token's quota everywhere, and its address
+    names the node whose port it is."""
+    from .test_tcp_tunnels import refused
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[token]]\nlabel = "team"\ntoken = "{TOKEN}"\nmax_tunnels = 3\n')
+    port_a, port_b, first, second = free_ports(4)
+    offered = ("--tcp-ports", f"{first},{second}")
+    node_a = start_node(procs, redis_server, "node-a", tokens, *offered, port=port_a)
+    node_b = start_node(procs, redis_server, "node-b", tokens, *offered, port=port_b)
+    origin = start_origin(procs)
+    tcp_a = procs.start(PORTWAY + ["tcp", str(origin), "--relay", node_a.url, "--token", TOKEN,
+                                   "--remote-port", str(first)], "tcp agent a")
+    tcp_a.wait_for_line(rf"^tcp://node-a\.localhost:{first}$")
+    assert f"TCP port {first} is already in use (on relay node node-a)" in refused(
+        procs, node_b, "tcp", str(origin), "--token", TOKEN, "--remote-port", str(first))
+    tcp_b = procs.start(PORTWAY + ["tcp", str(origin), "--relay", node_b.url, "--token", TOKEN], "tcp agent b")
+    tcp_b.wait_for_line(rf"^tcp://node-b\.localhost:{second}$")  # the only port no node holds
+    start_agent(procs, node_b, origin, "--token", TOKEN, "--no-inspect", name="web")  # the token's third tunnel
+    assert "holds 3 over the cluster" in refused_agent(procs, node_a, origin, "shop")
+    for port in (first, second):  # each port is served by its own node
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert b"hello from origin" in read_all(sock)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,6 +1,7 @@
 """The node-link handshake (proto/node_link.py) without sockets: a proof made with the cluster secret is
 admitted once, anything else (wrong secret, wrong node, stale time, replay, no secret configured) is refused with
-one line; stream preambles round-trip and malformed ones are refused however the bytes are split."""
+one line; stream preambles round-trip and malformed ones are refused however the bytes are split; so do the
+going-away notices."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from hypothesis import strategies as st
 
 from portway.errors import HttpError
 from portway.proto.http1 import RequestParser
-from portway.proto.node_link import (MAX_CLOCK_SKEW, MAX_PREAMBLE, MAX_REMEMBERED_NONCES, NodeLinkGate,
-                                     NodeLinkRequest, LineReader, StreamPreamble,
-                                     TunnelAnswer, parse_answer, parse_preamble)
+from portway.proto.node_link import (MAX_CLOCK_SKEW, MAX_PREAMBLE, MAX_REMEMBERED_NONCES, AgentGoingAway,
+                                     NodeLinkGate, NodeLinkRequest, LineReader, StreamPreamble, TunnelAnswer,
+                                     parse_answer, parse_going_away, parse_preamble)
 
 NOW = 1_800_000_000.0
 
@@ -149,3 +150,21 @@ def test_a_line_that_is_no_answer_is_a_bad_gateway(line):
     with pytest.raises(HttpError) as caught:
         parse_answer(line)
     assert caught.value.status == 502
+
+
+@pytest.mark.parametrize("tunnel", ["web", "a", "my-app-2"])
+def test_a_going_away_notice_round_trips_and_is_not_a_preamble(tunnel):
+    line, rest = LineReader().feed(AgentGoingAway(tunnel).encode() + b"after")
+    assert parse_going_away(line) == AgentGoingAway(tunnel) and rest == b"after"
+    with pytest.raises(HttpError):
+        parse_preamble(line)
+    with pytest.raises(HttpError):
+        parse_going_away(StreamPreamble(tunnel).encode().rstrip())
+
+
+@pytest.mark.parametrize("line", [b"PORTWAY-NODE-AWAY", b"PORTWAY-NODE-AWAY Web", b"PORTWAY-NODE-AWAY a b",
+                                  b"PORTWAY-NODE-AWAY \xff"])
+def test_a_malformed_going_away_notice_is_refused(line):
+    with pytest.raises(HttpError) as caught:
+        parse_going_away(line)
+    assert caught.value.status == 400

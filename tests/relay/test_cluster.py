@@ -5,6 +5,8 @@ and what a node does while Redis is gone and once it is back."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 
 import pytest
 
@@ -14,7 +16,7 @@ from portway.errors import ConfigurationError, HttpError
 from portway.relay.cluster import MAX_LOOKUPS, RedisRegistry
 from portway.relay.metrics import RelayCounters
 from portway.relay.naming import NameClaims
-from portway.relay.registry import REGISTRY_UNAVAILABLE, RemoteLease
+from portway.relay.registry import REGISTRY_UNAVAILABLE, RemoteLease, port_lease_name
 from portway.relay.tunnels import AgentTunnel
 from tests.redis_server import SentinelServer, redis_server  # noqa: F401 (a fixture)
 from tests.relay.test_registry_contract import FakeTunnel, eventually, taken
@@ -170,6 +172,45 @@ def test_the_heartbeat_renews_a_lease_past_its_ttl(redis):
     with_nodes(redis, scenario)
 
 
+def test_a_tcp_port_is_leased_once_over_the_cluster_and_counts_in_the_quota(redis):
+    async def scenario(nodes):
+        a, b = nodes.node("node-a"), nodes.node("node-b")
+        await a.lease(port_lease_name(20001), owner="alice", kind="tcp", max_tunnels=2)
+        a.hold(port_lease_name(20001), owner="alice", kind="tcp", lost=lambda: None)
+        assert lease_of(redis, "tcp:20001")["node"] == "node-a"
+        refused = await refusal(b.lease(port_lease_name(20001), owner="bob", kind="tcp", max_tunnels=0))
+        assert (refused.status, refused.message) == (409, "TCP port 20001 is already in use (on relay node node-a)")
+        await taken(b, "web", owner="alice", max_tunnels=2)  # a name and a port: alice's two
+        refused = await refusal(b.lease(port_lease_name(20002), owner="alice", kind="tcp", max_tunnels=2))
+        assert refused.status == 403 and "holds 2 over the cluster" in refused.message
+        a.let_go(port_lease_name(20001))  # released at once
+        await eventually(lambda: not lease_of(redis, "tcp:20001"))
+        await b.lease(port_lease_name(20001), owner="alice", kind="tcp", max_tunnels=2)
+
+    with_nodes(redis, scenario)
+
+
+def test_the_heartbeat_keeps_a_held_port_and_tells_when_another_node_has_it(redis):
+    async def scenario(nodes):
+        a = nodes.node("node-a", lease_ttl=0.3)
+        await a.start()
+        lost: list[str] = []
+        await a.lease(port_lease_name(20001), owner="", kind="tcp", max_tunnels=0)
+        a.hold(port_lease_name(20001), owner="", kind="tcp", lost=lambda: lost.append("20001"))
+        await asyncio.sleep(1.0)  # more than three TTLs: only the heartbeat can have kept it
+        assert lease_of(redis, "tcp:20001")["node"] == "node-a" and not lost
+        late = nodes.node("node-c", lease_ttl=0.3)  # never started: nothing renews its lease
+        await late.lease(port_lease_name(20002), owner="", kind="tcp", max_tunnels=0)
+        late.hold(port_lease_name(20002), owner="", kind="tcp", lost=lambda: lost.append("20002"))
+        await eventually(lambda: not lease_of(redis, "tcp:20002"))
+        b = nodes.node("node-b", lease_ttl=0.3)
+        await b.lease(port_lease_name(20002), owner="", kind="tcp", max_tunnels=0)
+        await late.renew()  # back late: the port is node B's now
+        assert lost == ["20002"] and lease_of(redis, "tcp:20002")["node"] == "node-b"
+
+    with_nodes(redis, scenario)
+
+
 def test_redis_gone_keeps_local_names_refuses_new_ones_fast_and_leases_come_back(redis):
     async def scenario(nodes):
         a = nodes.node("node-a", lease_ttl=1.0, call_timeout=0.5)
@@ -273,6 +314,79 @@ def test_a_node_with_another_cluster_secret_refuses_to_join(redis):
             await nodes.node("node-c", secret="two").start()
         with pytest.raises(ConfigurationError, match="--cluster-secret does not match"):
             await nodes.node("node-d").start()
+
+    with_nodes(redis, scenario)
+
+
+def test_a_second_live_node_with_the_same_id_refuses_to_start(redis):
+    async def scenario(nodes):
+        first = nodes.node("node-a", presence_ttl=0.6)
+        await first.start()
+        with pytest.raises(ConfigurationError) as refused:
+            await nodes.node("node-a", presence_ttl=0.6).start()
+        assert re.fullmatch(r"node id 'node-a' is live in the cluster \(heartbeat 0\.\d s ago from 127\.0\.0\.1:9100\); "
+                            r"pick another --node-id", str(refused.value)), refused.value
+        await taken(first, "web")  # the running node is untouched
+        await nodes.node("node-b", presence_ttl=0.6).start()  # another id is welcome
+
+    with_nodes(redis, scenario)
+
+
+def test_a_node_restarted_after_it_died_waits_for_its_old_presence_to_end(redis, caplog):
+    async def scenario(nodes):
+        with redis.client() as client:  # what a node killed a moment ago leaves behind: a presence not refreshed
+            client.set("portway:node:node-a", "0123456789abcdef 10.0.0.9:8000", px=500)
+        restarted = nodes.node("node-a", presence_ttl=0.6)
+        with caplog.at_level(logging.WARNING, logger="portway.relay.cluster"):
+            await restarted.start()
+        assert re.search(r"node id 'node-a' was last seen 0\.\d s ago \(from 10\.0\.0\.9:8000\): waiting up to 0\.\d s "
+                         r"to tell a node restarted after it died from one still running", caplog.text), caplog.text
+        with redis.client() as client:
+            assert client.get("portway:node:node-a").decode() == restarted.presence
+
+    with_nodes(redis, scenario)
+
+
+def test_a_node_stopped_on_purpose_frees_its_id_at_once(redis, caplog):
+    async def scenario(nodes):
+        first = nodes.node("node-a", presence_ttl=30)  # a presence that would outlive the test if left behind
+        await first.start()
+        await first.close()
+        with redis.client() as client:
+            assert client.get("portway:node:node-a") is None
+        with caplog.at_level(logging.WARNING, logger="portway.relay.cluster"):
+            async with asyncio.timeout(2):
+                await nodes.node("node-a", presence_ttl=30).start()
+        assert "was last seen" not in caplog.text
+
+    with_nodes(redis, scenario)
+
+
+def test_a_running_node_whose_id_was_taken_meanwhile_says_so_once(redis, caplog):
+    async def scenario(nodes):
+        node = nodes.node("node-a", presence_ttl=0.3)
+        await node.start()
+        with caplog.at_level(logging.ERROR, logger="portway.relay.cluster"):
+            with redis.client() as client:  # what a node started while this one's presence had lapsed writes
+                client.set("portway:node:node-a", "fedcba9876543210 10.0.0.7:8000", px=60_000)
+            await eventually(lambda: "node id 'node-a' is also used by the node at 10.0.0.7:8000" in caplog.text)
+            await asyncio.sleep(0.5)  # several refreshes later: still one line
+        assert caplog.text.count("is also used by") == 1
+        with redis.client() as client:  # the other node's presence is left alone
+            assert client.get("portway:node:node-a") == b"fedcba9876543210 10.0.0.7:8000"
+
+    with_nodes(redis, scenario)
+
+
+def test_a_presence_without_a_ttl_counts_as_stale(redis):
+    async def scenario(nodes):
+        with redis.client() as client:
+            client.set("portway:node:node-a", "written by hand")
+        node = nodes.node("node-a", presence_ttl=0.4)
+        async with asyncio.timeout(3):
+            await node.start()
+        with redis.client() as client:
+            assert client.get("portway:node:node-a").decode() == node.presence and client.pttl("portway:node:node-a") > 0
 
     with_nodes(redis, scenario)
 

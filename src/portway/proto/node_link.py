@@ -18,7 +18,9 @@ accepts no node link at all: membership would rest on nothing but network reacha
 
 Every stream B opens on the link starts with one preamble line naming the tunnel; A answers with one line: the
 tunnel's visitor rules (B checks them, as for a tunnel of its own) or a refusal. What follows is exactly what B
-would send down an agent link, and A splices it to a stream of the tunnel's agent link without reading it.
+would send down an agent link, and A splices it to a stream of the tunnel's agent link (or an lt client's pool
+socket) without reading it. The other way, A opens a stream only to say, in one line, that a tunnel's agent is
+going away (B then keeps none of that tunnel's streams idle).
 """
 
 from __future__ import annotations
@@ -144,16 +146,41 @@ class StreamPreamble:
 
 def parse_preamble(line: bytes) -> StreamPreamble:
     """HttpError(400) unless `line` is a preamble naming a valid, canonical tunnel name."""
+    return StreamPreamble(_named_tunnel(line, _PREAMBLE_MAGIC, "node stream preamble"))
+
+
+_GOING_AWAY_MAGIC = b"PORTWAY-NODE-AWAY"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentGoingAway:
+    """The only line of a stream the node holding a tunnel opens towards a node that forwards visitors to it: the
+    tunnel's agent is going away (it sent GO_AWAY and waits for every stream it has open to end). The forwarding
+    node then drops the streams it keeps idle for the tunnel and keeps none idle any more under that lease; else
+    the agent would wait for them until its drain timeout."""
+
+    tunnel: str
+
+    def encode(self) -> bytes:
+        return _GOING_AWAY_MAGIC + b" " + self.tunnel.encode() + b"\r\n"
+
+
+def parse_going_away(line: bytes) -> AgentGoingAway:
+    """HttpError(400) unless `line` is a going-away notice naming a valid, canonical tunnel name."""
+    return AgentGoingAway(_named_tunnel(line, _GOING_AWAY_MAGIC, "going-away notice"))
+
+
+def _named_tunnel(line: bytes, magic: bytes, what: str) -> str:
     parts = line.split(b" ")
-    if len(parts) != 2 or parts[0] != _PREAMBLE_MAGIC:
-        raise HttpError(400, "not a node stream preamble")
+    if len(parts) != 2 or parts[0] != magic:
+        raise HttpError(400, f"not a {what}")
     try:
         tunnel = parts[1].decode("ascii")
         if validate_name(tunnel) != tunnel:
             raise InvalidName("not canonical")
     except (UnicodeDecodeError, InvalidName):
-        raise HttpError(400, "node stream preamble names no valid tunnel") from None
-    return StreamPreamble(tunnel)
+        raise HttpError(400, f"{what} names no valid tunnel") from None
+    return tunnel
 
 
 _ANSWER_MAGIC = b"PORTWAY-NODE-TUNNEL"

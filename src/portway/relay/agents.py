@@ -28,7 +28,7 @@ from ..proto.http1 import RequestHead
 from ..proto.mux import Role
 from ..proto.proxy_protocol import Endpoints
 from .naming import NameClaims
-from .registry import Registry
+from .registry import Registry, port_lease_name
 from .tcp_listeners import TcpListener, TcpListenerError
 from .tunnels import AccessPolicy, AgentTunnel
 
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from .front import VisitorConnection
 
 log = logging.getLogger(__name__)
+
+PORT_PICKS = 5  # random ports tried for a TCP tunnel when other cluster nodes hold the ones picked
 
 
 class AgentLinks:
@@ -57,6 +59,8 @@ class AgentLinks:
         self.ports = TcpPorts(registry)
         self._rng = secrets.SystemRandom()  # a port picked at random must not be predictable
         self._lookups: set[asyncio.Task] = set()
+        # the host of TCP tunnels' addresses: a port listens on its own node only, so a cluster node names itself
+        self.tcp_host = f"{config.node_id}.{config.domain}" if config.cluster is not None else config.domain
 
     async def register(self, visitor: "VisitorConnection", head: RequestHead, query: str) -> bool:
         """Serve one agent link on `visitor`'s connection until it ends; the connection never returns to HTTP."""
@@ -192,11 +196,8 @@ class AgentLinks:
                     names[index] = claimed.name
                 else:
                     grant = grant or self._verify(request.token, conn.peer_ip)
-                    ports[index] = claim_port(
-                        grant=grant, tokens=self.claims.tokens,
-                        offered=self.config.tcp_ports - frozenset(ports.values()), holders=self.ports,
-                        requested=wanted.port, may_replace=may_replace, now=asyncio.get_running_loop().time(),
-                        rng=self._rng)
+                    ports[index] = await self._claim_port(grant, wanted.port, frozenset(ports.values()), may_replace,
+                                                          proof=request.resume_key, key=resume_key)
             except HttpError as error:
                 if error.status in (401, 429):  # the token or the address: nothing else is worth asking
                     raise
@@ -253,7 +254,7 @@ class AgentLinks:
                     old_session.close()
         granted = tuple(
             GrantedTunnel(index, "http", self.public_url(names[index]), name=names[index]) if index in names
-            else GrantedTunnel(index, "tcp", f"tcp://{self.config.domain}:{ports[index]}", port=ports[index])
+            else GrantedTunnel(index, "tcp", f"tcp://{self.tcp_host}:{ports[index]}", port=ports[index])
             for index in range(len(request.tunnels)))
         first = granted[0]
         link_grant = LinkGrant(first.name or str(first.port), first.url, resume_key,
@@ -317,6 +318,29 @@ class AgentLinks:
             else:
                 book.free_after(tunnel, self.config.grace_period)
         return False
+
+    async def _claim_port(self, grant: Grant, requested: int | None, asked_on_this_link: frozenset[int],
+                          may_replace: Callable[[object], bool], *, proof: str | None, key: str) -> int:
+        """A public port for a TCP tunnel: allowed by policy/ports.py against this relay's ports, then leased over
+        the cluster (a port is given once, and counts in the token's quota with its names). A port picked at random
+        that another node holds is replaced by another pick, a few times. `proof` and `key` are the resume keys
+        presented and given (Registry.lease): the agent that held the port on a node it left takes it over."""
+        elsewhere: set[int] = set()
+        for attempt in range(PORT_PICKS):
+            port = claim_port(grant=grant, tokens=self.claims.tokens,
+                              offered=self.config.tcp_ports - asked_on_this_link - elsewhere, holders=self.ports,
+                              requested=requested, may_replace=may_replace, now=asyncio.get_running_loop().time(),
+                              rng=self._rng)
+            try:
+                await self.registry.lease(port_lease_name(port), owner=grant.digest, kind=TcpTunnel.kind,
+                                          max_tunnels=grant.max_tunnels, proof=proof, key=key)
+            except HttpError as error:
+                if error.status != 409 or requested is not None or attempt == PORT_PICKS - 1:
+                    raise
+                elsewhere.add(port)
+                continue
+            return port
+        raise AssertionError("unreachable: the last pick returns or raises")
 
     def _tunnels_parked(self, tunnels: list, reason: str) -> None:
         window = self.config.mux.resume_window
@@ -388,6 +412,13 @@ class TcpPorts:
         self._tunnels: dict[int, TcpTunnel] = {}
         self._grace_handles: dict[int, asyncio.TimerHandle] = {}
 
+    def _lost(self, tunnel: TcpTunnel) -> None:
+        """Another cluster node holds the port now (this node's lease lapsed): the tunnel goes, and its agent's link
+        is closed so that the agent reconnects and learns."""
+        if tunnel.session is not None:
+            tunnel.session.close()
+        self.remove(tunnel)
+
     def get(self, port: int) -> TcpTunnel | None:
         return self._tunnels.get(port)
 
@@ -404,12 +435,15 @@ class TcpPorts:
     def add(self, tunnel: TcpTunnel) -> None:
         self._cancel_grace(tunnel.port)
         self._tunnels[tunnel.port] = tunnel
+        self.registry.hold(port_lease_name(tunnel.port), owner=tunnel.owner, kind=tunnel.kind,
+                           lost=lambda: self._lost(tunnel))
 
     def remove(self, tunnel: TcpTunnel) -> None:
         self._cancel_grace(tunnel.port)
         if self._tunnels.get(tunnel.port) is tunnel:
             del self._tunnels[tunnel.port]
             tunnel.listener.close()
+            self.registry.let_go(port_lease_name(tunnel.port))
 
     def free_after(self, tunnel: TcpTunnel, delay: float) -> None:
         self._cancel_grace(tunnel.port)

@@ -12,6 +12,10 @@ The node's own tunnels stay in its memory (the MemoryRegistry half): a visitor r
 Every Redis call has a bounded time; when Redis can't be reached, what needs it (a new name, a visitor for a
 name this node doesn't hold) is refused with 503 "registry unavailable" and the heartbeat keeps trying; once
 Redis answers again the heartbeat re-asserts this node's leases (re-creating those a restarted Redis lost).
+
+One node id is one running node: each node keeps a short-lived *presence* under its id, and a node starting under
+an id whose presence is still refreshed refuses to start (two nodes with one id would take each other's leases
+for their own), while one whose presence lapses unrefreshed was left by a node that died: the restart goes on.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import hashlib
 import hmac
 import logging
 import secrets
+from dataclasses import dataclass
+from typing import Callable
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -30,7 +36,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..config import ClusterTarget
 from ..errors import ConfigurationError, HttpError
-from .registry import MemoryRegistry, RemoteLease, key_digest, registry_unavailable
+from .registry import MemoryRegistry, RemoteLease, key_digest, leased_thing, registry_unavailable
 from .tunnels import AgentTunnel, Tunnel
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,11 @@ DEFAULT_CALL_TIMEOUT = 1.0  # seconds any one Redis call may take before the reg
 FENCE_TTL = 86_400.0  # seconds a name's highest epoch is remembered after its last lease
 MAX_CONNECTIONS = 128  # to Redis, at once; one more call is refused (503) rather than queued
 MAX_LOOKUPS = 64  # visitor lookups of names held elsewhere at once: a flood of unknown hosts leaves room for the rest
+# A running node's presence under its id, beside its leases: refreshed every PRESENCE_INTERVAL, gone PRESENCE_TTL
+# after the last refresh. A node starting under an id whose presence is fresh waits up to that long: a presence
+# refreshed meanwhile is a node still running (refused), one that ends is a node that died (the restart goes on).
+DEFAULT_PRESENCE_TTL = 3.0
+PRESENCE_POLL = 0.1  # seconds between looks at another node's presence while waiting for it to end
 
 
 def connect(target: ClusterTarget, timeout: float) -> Redis:
@@ -184,6 +195,21 @@ end
 return result
 """
 
+# KEYS: a node id's presence. ARGV: this node's presence value, TTL ms. -> nil when refreshed, else the value of
+# the other node that holds the id (not overwritten)
+PRESENCE_REFRESH = """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then return current end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+# KEYS: a node id's presence. ARGV: this node's presence value. -> 1 removed, 0 not ours
+PRESENCE_END = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # KEYS: an address's failure times. ARGV: max failures, window ms. -> ms until it may try again, or -1
 FAILURE_WAIT = _NOW + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
@@ -199,6 +225,26 @@ redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[1]) + 1))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLease:
+    """A lease this node keeps alive for something other than a tunnel's name (a TCP port): for whom, of what
+    kind, and what to do when another node turns out to hold it."""
+
+    owner: str
+    kind: str
+    lost: Callable[[], None]
+
+
+def _address_of(presence: bytes) -> str:
+    """The advertised address in a node's presence value ("INSTANCE ADDRESS")."""
+    return presence.decode("utf-8", "replace").partition(" ")[2] or "an unknown address"
+
+
+def _seen_ago(ttl_ms: int, remaining_ms: int) -> float:
+    """Seconds since a presence with `remaining_ms` of its `ttl_ms` left was last refreshed."""
+    return max(0.0, (ttl_ms - max(remaining_ms, 0)) / 1000)
 
 
 class RedisFailures:
@@ -230,7 +276,8 @@ class RedisRegistry(MemoryRegistry):
 
     def __init__(self, target: ClusterTarget | str, node_id: str, advertise: str, *, secret: str | None = None,
                  lease_ttl: float = DEFAULT_LEASE_TTL, call_timeout: float = DEFAULT_CALL_TIMEOUT,
-                 auth_failures_per_address: int = 10, auth_failure_window: float = 60.0) -> None:
+                 presence_ttl: float = DEFAULT_PRESENCE_TTL, auth_failures_per_address: int = 10,
+                 auth_failure_window: float = 60.0) -> None:
         super().__init__()
         self.target = ClusterTarget.parse(target) if isinstance(target, str) else target
         self.node_id = node_id
@@ -238,14 +285,21 @@ class RedisRegistry(MemoryRegistry):
         self.secret = secret
         self.lease_ttl = lease_ttl
         self.call_timeout = call_timeout
+        self.presence_ttl = presence_ttl
+        # this process's presence under its node id: a random instance (a restart is another one) and its address
+        self.presence = f"{secrets.token_hex(8)} {advertise}"
         self.redis = connect(self.target, call_timeout)
         self.scripts = {name: self.redis.register_script(text) for name, text in (
             ("claim", CLAIM), ("renew", RENEW), ("release", RELEASE), ("nodes", NODES),
+            ("presence_refresh", PRESENCE_REFRESH), ("presence_end", PRESENCE_END),
             ("failure_wait", FAILURE_WAIT), ("failure_record", FAILURE_RECORD))}
         self.failures = RedisFailures(self, auth_failures_per_address, auth_failure_window)
         self.reachable = True  # as far as the last call knew
         self._epochs: dict[str, int] = {}  # name -> the epoch of this node's lease on it, as last seen
+        self._held: dict[str, HeldLease] = {}  # leases kept alive besides the tunnels' names (TCP ports)
         self._heartbeat: asyncio.Task | None = None
+        self._presence: asyncio.Task | None = None
+        self._present = False  # this node's presence is (as far as it knows) the one under its id
         self._background: set[asyncio.Task] = set()
         self._lookups = 0  # held_elsewhere() calls waiting on Redis
         self.leaving = False  # stopping: no longer listed among the live nodes agents are sent to
@@ -292,14 +346,88 @@ class RedisRegistry(MemoryRegistry):
             raise ConfigurationError(f"--cluster-secret does not match the one the cluster at {self.target} "
                                      "was started with")
         try:
+            await self._take_node_id()
+        except (RedisError, OSError, TimeoutError) as error:
+            raise ConfigurationError(f"cannot reach the cluster registry at {self.target}: "
+                                     f"{str(error) or type(error).__name__}") from None
+        try:
             await self.renew()  # listed among the live nodes from the start
         except HttpError:
             pass  # Redis went away right after answering: the heartbeat keeps trying
-        self._heartbeat = asyncio.get_running_loop().create_task(self._keep_leases())
+        loop = asyncio.get_running_loop()
+        self._presence = loop.create_task(self._keep_presence())
+        self._heartbeat = loop.create_task(self._keep_leases())
+
+    async def _take_node_id(self) -> None:
+        """Record this node's presence under its id. Another presence there is either a node still running
+        (its presence is refreshed while we look: ConfigurationError) or one that died (it ends within
+        presence_ttl: we wait for that, saying so)."""
+        key = self._presence_key()
+        ttl_ms = max(1, round(self.presence_ttl * 1000))
+        loop = asyncio.get_running_loop()
+        waited = False
+
+        async def look() -> tuple[bytes | None, int]:
+            async with asyncio.timeout(self.call_timeout * 3):
+                return await self.redis.get(key), await self.redis.pttl(key)
+
+        while True:
+            async with asyncio.timeout(self.call_timeout * 3):
+                if await self.redis.set(key, self.presence, nx=True, px=ttl_ms):
+                    self._present = True
+                    return
+            seen, remaining_ms = await look()
+            if seen is None:
+                continue  # it ended just now
+            if not waited:
+                log.warning("node id %r was last seen %.1f s ago (from %s): waiting up to %.1f s to tell a node "
+                            "restarted after it died from one still running", self.node_id,
+                            _seen_ago(ttl_ms, remaining_ms), _address_of(seen), max(remaining_ms, 0) / 1000)
+                waited = True
+            # a presence without a TTL (not one a node wrote) counts as one that is never refreshed
+            deadline = loop.time() + (remaining_ms if remaining_ms >= 0 else ttl_ms) / 1000 + PRESENCE_POLL
+            last_remaining = remaining_ms
+            while loop.time() < deadline:
+                await asyncio.sleep(PRESENCE_POLL)
+                now_seen, remaining_ms = await look()
+                if now_seen is None:
+                    break  # it ended: that node is gone
+                if now_seen != seen or remaining_ms > last_remaining:  # refreshed: that node is running
+                    raise ConfigurationError(
+                        f"node id {self.node_id!r} is live in the cluster (heartbeat "
+                        f"{_seen_ago(ttl_ms, remaining_ms):.1f} s ago from {_address_of(now_seen)}); pick another "
+                        "--node-id")
+                last_remaining = remaining_ms
+            else:
+                async with asyncio.timeout(self.call_timeout * 3):  # outlived its TTL unrefreshed: stale
+                    await self.scripts["presence_end"](keys=[key], args=[seen])
+
+    async def _keep_presence(self) -> None:
+        """Refresh this node's presence every third of its TTL; another node holding the id (it started while
+        this one could not reach Redis) is logged, once."""
+        ttl_ms = max(1, round(self.presence_ttl * 1000))
+        while True:
+            await asyncio.sleep(self.presence_ttl / 3)
+            try:
+                other = await self.ask(self.scripts["presence_refresh"](keys=[self._presence_key()],
+                                                                        args=[self.presence, ttl_ms]))
+            except HttpError:
+                continue  # unreachable: logged once by ask()
+            if other is not None and self._present:
+                log.error("node id %r is also used by the node at %s (it started while this node could not "
+                          "reach Redis): stop one of them, or give it another --node-id", self.node_id,
+                          _address_of(other))
+            self._present = other is None
 
     async def close(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        if self._presence is not None:
+            self._presence.cancel()
+            if self._present:  # a node stopped on purpose: its id is free again at once
+                task = asyncio.get_running_loop().create_task(self._end_presence())
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         if self._background:  # releases of names given up just before: let them reach Redis, boundedly
             await asyncio.wait(self._background, timeout=self.call_timeout * 2)
         for task in self._background:
@@ -328,7 +456,7 @@ class RedisRegistry(MemoryRegistry):
                   round(FENCE_TTL * 1000), KEY_PREFIX, key_digest(key), key_digest(proof)]))
         detail = detail.decode()
         if verdict == b"taken":
-            raise HttpError(409, f"tunnel name {name!r} is already in use (on relay node {detail})")
+            raise HttpError(409, f"{leased_thing(name)} is already in use (on relay node {detail})")
         if verdict == b"quota":
             raise HttpError(403, f"this token may hold {max_tunnels} tunnel(s) at once and holds {detail} "
                                  "over the cluster")
@@ -361,12 +489,14 @@ class RedisRegistry(MemoryRegistry):
     async def renew(self) -> None:
         """One heartbeat: extend every lease this node holds, re-create those Redis lost, and drop the tunnels
         whose name another node holds now."""
-        held = list(self._tunnels.items())
         args: list = [self.node_id, self._ttl_ms, round(FENCE_TTL * 1000), KEY_PREFIX, self.advertise,
                       "0" if self.leaving else "1"]
-        for name, tunnel in held:
+        for name, tunnel in self._tunnels.items():
             args += [name, tunnel.owner, tunnel.kind, self._epochs.get(name, 0),
                      key_digest(getattr(tunnel, "resume_key", None))]
+        for name, held in self._held.items():
+            # a re-created port lease carries no key: only a lease the claim wrote can be taken over at once
+            args += [name, held.owner, held.kind, self._epochs.get(name, 0), ""]
         reply = await self.ask(self.scripts["renew"](keys=[f"{KEY_PREFIX}epoch", *self._node_keys], args=args))
         for index in range(0, len(reply), 2):
             name, epoch = reply[index].decode(), int(reply[index + 1])
@@ -374,12 +504,17 @@ class RedisRegistry(MemoryRegistry):
                 self._epochs[name] = epoch
             else:
                 self._lose(name)
-        for name in set(self._epochs) - set(self._tunnels):
+        for name in set(self._epochs) - set(self._tunnels) - set(self._held):
             del self._epochs[name]  # a lease taken but never used: left to expire in Redis
 
     def _lose(self, name: str) -> None:
         tunnel = self._tunnels.get(name)
         self._epochs.pop(name, None)
+        held = self._held.pop(name, None)
+        if held is not None:
+            log.warning("%s: another relay node holds it now (this node's lease lapsed); dropping it here",
+                        leased_thing(name))
+            held.lost()
         if tunnel is None:
             return
         log.warning("tunnel %s: another relay node holds its name now (this node's lease lapsed); dropping it "
@@ -398,9 +533,20 @@ class RedisRegistry(MemoryRegistry):
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
+    def hold(self, name: str, *, owner: str, kind: str, lost: Callable[[], None]) -> None:
+        self._held[name] = HeldLease(owner, kind, lost)
+
+    def let_go(self, name: str) -> None:
+        held = self._held.pop(name, None)
+        epoch = self._epochs.get(name)
+        if held is not None and epoch:
+            task = asyncio.get_running_loop().create_task(self._release(name, held.owner, epoch))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
     async def _release(self, name: str, owner: str, epoch: int) -> None:
-        if name in self._tunnels:
-            return  # taken again here meanwhile: the lease is the new tunnel's
+        if name in self._tunnels or name in self._held:
+            return  # taken again here meanwhile: the lease is the new holder's
         self._epochs.pop(name, None)
         try:
             await self.ask(self.scripts["release"](keys=[self._lease_key(name), self._owner_key(owner)],
@@ -409,6 +555,15 @@ class RedisRegistry(MemoryRegistry):
             pass  # unreachable: the lease expires on its own within its TTL
 
     _node_keys = [f"{KEY_PREFIX}nodes", f"{KEY_PREFIX}node-addresses"]
+
+    async def _end_presence(self) -> None:
+        try:
+            await self.ask(self.scripts["presence_end"](keys=[self._presence_key()], args=[self.presence]))
+        except HttpError:
+            pass  # unreachable: the presence ends with its TTL
+
+    def _presence_key(self) -> str:
+        return f"{KEY_PREFIX}node:{self.node_id}"
 
     @staticmethod
     def _lease_key(name: str) -> str:

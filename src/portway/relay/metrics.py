@@ -50,6 +50,12 @@ class RelayCounters:
         self.protocol_errors = {"visitor": 0, "origin": 0, "link": 0}
         # 429s of the per-address limits (policy/admission.py): connections, new connections per second, upgrades
         self.refused_connections = {"connections": 0, "rate": 0, "upgraded": 0}
+        # a cluster node's node links (relay/nodes.py): streams it opened to other nodes for its visitors ("out")
+        # and accepted from them for its own tunnels ("in"); links that did not open, by why: this node could not
+        # reach the other one or got no answer ("unreachable"), the other one refused it ("refused"), or this node
+        # refused one ("rejected": a bad proof of the cluster secret, or its bound on links)
+        self.forwarded_streams = {"out": 0, "in": 0}
+        self.node_link_failures = {"unreachable": 0, "refused": 0, "rejected": 0}
 
     @staticmethod
     def status_index(status: int) -> int:
@@ -59,10 +65,12 @@ class RelayCounters:
 class RelayCollector(Collector):
     """Turns a relay's counters and registry into metric families at scrape time."""
 
-    def __init__(self, counters: RelayCounters, registry: "Registry", visitor_connections: Callable[[], int]) -> None:
+    def __init__(self, counters: RelayCounters, registry: "Registry", visitor_connections: Callable[[], int],
+                 node_links: Callable[[], dict[str, int]] | None = None) -> None:
         self.counters = counters
         self.registry = registry
         self.visitor_connections = visitor_connections
+        self.node_links = node_links  # a cluster node's open node links by direction; None on a relay of its own
 
     def collect(self) -> Iterable:
         from .tunnels import AgentTunnel
@@ -127,6 +135,28 @@ class RelayCollector(Collector):
         for limit, count in counters.refused_connections.items():
             refused.add_metric([limit], count)
         yield refused
+        if self.node_links is not None:
+            yield from self._node_link_families()
+
+    def _node_link_families(self) -> Iterable:
+        assert self.node_links is not None
+        counters = self.counters
+        links = GaugeMetricFamily("portway_node_links", "Node links open: opened by this node to other nodes (out), "
+                                  "accepted from them (in)", labels=["direction"])
+        for direction, count in self.node_links().items():
+            links.add_metric([direction], count)
+        yield links
+        streams = CounterMetricFamily("portway_forwarded_streams", "Streams over node links: opened to other nodes "
+                                      "for this node's visitors (out), accepted for this node's tunnels (in)",
+                                      labels=["direction"])
+        for direction, count in counters.forwarded_streams.items():
+            streams.add_metric([direction], count)
+        yield streams
+        failures = CounterMetricFamily("portway_node_link_failures", "Node links that did not open, by why",
+                                       labels=["reason"])
+        for reason, count in counters.node_link_failures.items():
+            failures.add_metric([reason], count)
+        yield failures
 
 
 async def serve_metrics(host: str, port: int, collector: Collector) -> asyncio.base_events.Server:

@@ -6,6 +6,10 @@ A the same bytes it would send down an agent link, over one multiplexed link to 
 opens on demand (proto/node_link.py proves the cluster secret) and reuses for every later visitor. A splices each
 stream to a stream of the tunnel's agent link without reading it: nothing is parsed twice.
 
+A localtunnel (`lt`) tunnel on A is served the same way: A joins each forwarded stream to one of the lt client's
+pool sockets, for that one stream (B never pools streams to an lt tunnel, since each would hold one of the pool's
+few sockets while idle; lt opens a new socket as soon as one closes).
+
 Where the checks happen: B does everything a relay checks about a visitor's request; the tunnel's access rules
 live with the agent's registration on A, so A states them in its answer to each stream (basic auth as a digest)
 and B enforces them. A checks only that the stream comes over an admitted node link and names a tunnel it serves.
@@ -20,6 +24,7 @@ import json
 import logging
 import secrets
 import time
+import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -32,8 +37,10 @@ from ..proto import http1
 from ..proto.control import refusal
 from ..proto.http1 import RequestHead
 from ..proto.mux import Role
-from ..proto.node_link import (NODE_LINK_UPGRADE, LineReader, NodeLinkGate, NodeLinkRequest, StreamPreamble,
-                               TunnelAnswer, parse_answer, parse_preamble)
+from ..proto.node_link import (NODE_LINK_UPGRADE, AgentGoingAway, LineReader, NodeLinkGate, NodeLinkRequest,
+                               StreamPreamble, TunnelAnswer, parse_answer, parse_going_away, parse_preamble)
+from .localtunnel import LtTunnel
+from .metrics import RelayCounters
 from .registry import Registry, RemoteLease
 from .tunnels import AccessPolicy, AgentTunnel, Tunnel
 
@@ -50,6 +57,10 @@ MAX_REMOTE_TUNNELS = 4096  # other nodes' tunnels this node keeps a pool of stre
 # forwarding itself; a name that moved meanwhile is answered for by the node that held it (404: not here), and
 # that refusal sends the next visitor's lookup back to Redis
 LEASE_RECHECK = 1.0
+# seconds a forwarded visitor waits on the tunnel's node for a free lt pool socket at most (--pool-wait-timeout
+# when shorter): less than the forwarding node waits for the answer, so a busy pool is answered as such (503)
+# rather than as a node that did not answer
+LT_SOCKET_WAIT = NODE_ANSWER_TIMEOUT - 1.0
 
 
 def node_mux_config(config: RelayConfig):
@@ -67,8 +78,10 @@ class RemoteTunnel(Tunnel):
         super().__init__(name)
         self.lease = lease
         self.links = links
-        self.answered = False  # its node has stated the tunnel's rules at least once
+        # its node has stated the tunnel's rules at least once; an lt registration can state none
+        self.answered = lease.kind == LtTunnel.kind
         self.checked_at = float("-inf")  # when the lease was last read from the registry (loop time)
+        self.agent_going_away = False  # its node said the agent is going away: no stream is kept idle any more
 
     @property
     def online(self) -> bool:
@@ -105,6 +118,7 @@ class RemoteTunnel(Tunnel):
         except MuxClosedError:
             raise HttpError(502, f"Tunnel {self.name!r} is served by relay node {node}, and the link to it "
                                  "is closing; try again.") from None
+        self.links.counters.forwarded_streams["out"] += 1
         stream.write(StreamPreamble(self.name).encode())
         try:
             line, rest = await _read_line(stream)
@@ -127,8 +141,11 @@ class RemoteTunnel(Tunnel):
 
     def release(self, conduit, reusable: bool) -> None:
         session = self.links.sessions.get(self.lease.node)
-        if session is None or session.mux.going_away or conduit.session is not session:
-            reusable = False  # going away, or a stream of another link (a node the name left, or this node's)
+        if (session is None or session.mux.going_away or conduit.session is not session or self.agent_going_away
+                or self.lease.kind == LtTunnel.kind):
+            # going away; a stream of another link (a node the name left, or this node's); or an lt tunnel, where
+            # an idle stream would hold one of its node's few pool sockets
+            reusable = False
         super().release(conduit, reusable)
 
     async def join(self, conn: Connection, conduit, unread: bytes) -> None:
@@ -160,25 +177,48 @@ class NodeLinks:
     prove the cluster secret (NodeLinkGate); each stream on it is spliced to the named tunnel's agent link.
     """
 
-    def __init__(self, config: RelayConfig, registry: Registry) -> None:
+    def __init__(self, config: RelayConfig, registry: Registry, counters: RelayCounters) -> None:
         self.config = config
         self.registry = registry
+        self.counters = counters
         self.node_id = config.node_id or ""
         self.gate = NodeLinkGate(self.node_id, config.cluster_secret)
         self.sessions: dict[str, MuxSession] = {}  # node id -> the link this node opened to it
         self._dialling: dict[str, asyncio.Task[MuxSession]] = {}
+        self._lookups: dict[str, asyncio.Task[RemoteTunnel | None]] = {}  # tunnel name -> its lease being read
         self.accepted: set[MuxSession] = set()
         self.tunnels: OrderedDict[str, RemoteTunnel] = OrderedDict()
+        # this node's agent tunnels -> the accepted node links that carried streams of theirs (told when the agent
+        # goes away); an entry goes with its tunnel
+        self._forwarded_to: weakref.WeakKeyDictionary[AgentTunnel, set[MuxSession]] = weakref.WeakKeyDictionary()
+        self._notices: set[asyncio.Task] = set()
 
     # forwarding side
     async def find(self, name: str) -> RemoteTunnel | None:
         """The tunnel `name` as held by another node, or None when no node holds it; HttpError as `tunnel`'s,
         and 503 when the registry can't be asked."""
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
         tunnel = self.tunnels.get(name)
-        if tunnel is not None and tunnel.answered and now - tunnel.checked_at < LEASE_RECHECK:
+        if tunnel is not None and tunnel.answered and loop.time() - tunnel.checked_at < LEASE_RECHECK:
             self.tunnels.move_to_end(name)
             return tunnel
+        # Every visitor arriving while the lease is looked up waits for that one lookup: when the cached lease of a
+        # busy tunnel runs out, its hundreds of visitors would otherwise each ask Redis, past the registry's bound
+        # on lookups at once (503 for the rest).
+        lookup = self._lookups.get(name)
+        if lookup is None:
+            lookup = self._lookups[name] = loop.create_task(self._look_up(name))
+            lookup.add_done_callback(lambda done: self._looked_up(name, done))
+        return await asyncio.shield(lookup)
+
+    def _looked_up(self, name: str, lookup: "asyncio.Task[RemoteTunnel | None]") -> None:
+        if self._lookups.get(name) is lookup:
+            del self._lookups[name]
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved: each visitor that waited for it got it already
+
+    async def _look_up(self, name: str) -> RemoteTunnel | None:
+        now = asyncio.get_running_loop().time()
         lease = await self.registry.held_elsewhere(name)
         if lease is None:
             return None
@@ -230,6 +270,7 @@ class NodeLinks:
             transport, conn = await asyncio.wait_for(
                 loop.create_connection(Connection, host, int(port)), NODE_CONNECT_TIMEOUT)
         except (OSError, ValueError, asyncio.TimeoutError) as error:
+            self.counters.node_link_failures["unreachable"] += 1
             reason = "timed out" if isinstance(error, asyncio.TimeoutError) else getattr(error, "strerror", None)
             raise HttpError(502, f"{unreachable} ({reason or error}).") from None
         request = NodeLinkRequest.make(secret, self.node_id, node, time.time(), secrets.token_hex(16))
@@ -251,11 +292,13 @@ class NodeLinks:
                                                  f"({_message_of(body)}).")
         except (ConduitReset, TimeoutError, HttpError) as error:
             conn.close()
-            message = error.message if isinstance(error, HttpError) and error.status == 502 else \
-                f"{unreachable}: its link did not open."
+            refused = isinstance(error, HttpError) and error.status == 502
+            self.counters.node_link_failures["refused" if refused else "unreachable"] += 1
+            message = error.message if refused else f"{unreachable}: its link did not open."
             log.warning("node link to %s at %s: %s", node, lease.advertise, message)
             raise HttpError(502, message) from None
-        session = MuxSession(Role.SERVER, node_mux_config(self.config))
+        session = MuxSession(Role.SERVER, node_mux_config(self.config),
+                             on_stream=lambda stream: self._take_notice(stream, node))
         link_bytes = switched.trailing + conn.take_buffered()
         transport.set_protocol(session)
         session.connection_made(transport)
@@ -289,6 +332,7 @@ class NodeLinks:
             if len(self.accepted) >= MAX_NODE_LINKS:
                 raise HttpError(503, f"relay node {self.node_id} holds {MAX_NODE_LINKS} node links already")
         except HttpError as error:
+            self.counters.node_link_failures["rejected"] += 1
             log.warning("refused a node link from %s: %s", conn.peer_ip, error.message)
             conn.write(refusal(error.status, error.message))
             return False
@@ -314,6 +358,7 @@ class NodeLinks:
 
     async def serve_stream(self, stream: MuxStream) -> None:
         """One stream from another node: name the tunnel's rules and splice it to the tunnel's agent link."""
+        self.counters.forwarded_streams["in"] += 1
         try:
             line, rest = await _read_line(stream)
             preamble = parse_preamble(line)
@@ -322,15 +367,17 @@ class NodeLinks:
             return
         tunnel = self.registry.get(preamble.tunnel)
         try:
-            if tunnel is None:
+            if isinstance(tunnel, LtTunnel):
+                origin = await _lt_socket(tunnel, min(self.config.pool_wait_timeout, LT_SOCKET_WAIT))
+            elif isinstance(tunnel, AgentTunnel):
+                if not tunnel.online:
+                    raise HttpError(502, f"The agent for tunnel {tunnel.name!r} is not connected (agent "
+                                         "reconnecting); try again in a moment.")
+                origin = await tunnel.fresh_conduit()
+                self._forwarded_to.setdefault(tunnel, set()).add(stream.session)
+                tunnel.on_going_away = self._tell_going_away
+            else:
                 raise HttpError(404, f"There is no tunnel {preamble.tunnel!r} on relay node {self.node_id}.")
-            if not isinstance(tunnel, AgentTunnel):  # a localtunnel client's pool sockets: served on their node only
-                raise HttpError(502, f"Tunnel {tunnel.name!r} is a localtunnel tunnel on relay node "
-                                     f"{self.node_id}; only that node serves it.")
-            if not tunnel.online:
-                raise HttpError(502, f"The agent for tunnel {tunnel.name!r} is not connected (agent "
-                                     "reconnecting); try again in a moment.")
-            agent_stream = await tunnel.fresh_conduit()
         except HttpError as error:
             try:
                 stream.write(TunnelAnswer(error.status, error.message).encode())
@@ -340,11 +387,62 @@ class NodeLinks:
             stream.close()
             return
         access = tunnel.access
-        stream.write(TunnelAnswer(200, "", access.login_digest(),
-                                  tuple(str(network) for network in access.allow_networks)).encode())
+        try:
+            stream.write(TunnelAnswer(200, "", access.login_digest(),
+                                      tuple(str(network) for network in access.allow_networks)).encode())
+        except ConduitReset:  # the other node gave up on the stream meanwhile: let the conduit go too
+            origin.abort()
+            return
         if rest:
             stream.put_back([rest])
-        await splice(stream, agent_stream)
+        await splice(stream, origin)
+
+    def _tell_going_away(self, tunnel: AgentTunnel) -> None:
+        """The agent of `tunnel` said it is going away: tell every node that forwarded visitors to it."""
+        for session in self._forwarded_to.pop(tunnel, ()):
+            if session.closed.done():
+                continue
+            try:
+                stream = session.open_stream()
+            except MuxClosedError:
+                continue  # that link is going away itself: its streams end with it
+            task = asyncio.get_running_loop().create_task(self._send_notice(stream, tunnel.name))
+            self._notices.add(task)
+            task.add_done_callback(self._notices.discard)
+
+    async def _send_notice(self, stream: MuxStream, name: str) -> None:
+        try:
+            stream.write(AgentGoingAway(name).encode())
+            stream.write_eof()
+            async with asyncio.timeout(NODE_ANSWER_TIMEOUT):  # the other node ends its side once it has read it
+                while await stream.read_chunks():
+                    pass
+        except (ConduitReset, TimeoutError):
+            pass
+        stream.close()
+
+    async def _take_notice(self, stream: MuxStream, node: str) -> None:
+        """A stream the node `node` opened on the link this node dialled: its agent of a tunnel is going away, so
+        the streams kept idle for that tunnel go (the agent waits for each one) and no more are kept."""
+        try:
+            line, _ = await _read_line(stream)
+            notice = parse_going_away(line)
+        except (ConduitReset, TimeoutError, HttpError):
+            stream.abort()
+            return
+        tunnel = self.tunnels.get(notice.tunnel)
+        if tunnel is not None and tunnel.lease.node == node:
+            tunnel.agent_going_away = True
+            tunnel.drop_idle()
+        try:
+            stream.write_eof()
+        except ConduitReset:
+            pass
+        stream.close()
+
+    def open_links(self) -> dict[str, int]:
+        """Node links open now: opened by this node ("out") and accepted from other nodes ("in")."""
+        return {"out": len(self.sessions), "in": len(self.accepted)}
 
     def go_away(self) -> None:
         """This node is stopping: the nodes linked to it open no new streams here (they look the lease up again
@@ -357,19 +455,30 @@ class NodeLinks:
         return sum(len(session.streams) for session in self.accepted)
 
     def close(self) -> None:
-        for dial in list(self._dialling.values()):
-            dial.cancel()
+        for task in [*self._dialling.values(), *self._lookups.values(), *self._notices]:
+            task.cancel()
         for session in [*self.sessions.values(), *self.accepted]:
             session.close()
         for tunnel in self.tunnels.values():
             tunnel.close()
 
 
-async def splice(first: MuxStream, second: MuxStream) -> None:
-    """Copy bytes both ways until both directions ended, each at the pace its receiver grants (stream windows);
-    a reset on either side resets the other."""
+async def _lt_socket(tunnel: LtTunnel, wait: float):
+    """One of the lt client's pool sockets, for one forwarded stream; HttpError when none is connected or none
+    became free within `wait` seconds."""
+    try:
+        sock, _ = await asyncio.wait_for(tunnel.acquire(), wait)
+    except asyncio.TimeoutError:
+        raise HttpError(503, f"Tunnel {tunnel.name!r} is busy: no connection to its origin became free in "
+                             "time.") from None
+    return sock
 
-    async def pump(source: MuxStream, sink: MuxStream) -> None:
+
+async def splice(first: MuxStream, second: MuxStream | Connection) -> None:
+    """Copy bytes both ways between a node stream and a conduit (an agent's stream or an lt pool socket) until
+    both directions ended, each at the pace its receiver grants; a reset on either side resets the other."""
+
+    async def pump(source: MuxStream | Connection, sink: MuxStream | Connection) -> None:
         try:
             while chunks := await source.read_chunks():
                 for chunk in chunks:

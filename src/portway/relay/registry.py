@@ -11,6 +11,10 @@ asked on every visitor request and never waiting on the network. The asynchronou
 is asked: `lease` takes a name for this node (atomically, across the cluster) once the claim policy has allowed
 it, `held_elsewhere` says which other node holds a name (and where), and `failures` is the failed-token count
 per address that must be global. For the memory registry these answer at once: one process sees everything.
+
+A TCP tunnel's public port is leased the same way, under `port_lease_name(port)`, so that a port is given once
+over the cluster and counts in its token's quota with the names; `hold` keeps such a lease alive (the registry
+renews its own tunnels' names by itself) and `let_go` gives it up.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from ..errors import HttpError
 from .tunnels import Tunnel
@@ -34,6 +38,21 @@ def key_digest(resume_key: str | None) -> str:
 def registry_unavailable() -> HttpError:
     """The refusal of anything that needs the shared registry while it can't be reached."""
     return HttpError(503, REGISTRY_UNAVAILABLE)
+
+
+PORT_LEASE_KIND = "tcp"
+
+
+def port_lease_name(port: int) -> str:
+    """The lease of a TCP tunnel's public port: never a tunnel name (those have no ':'), so names and ports share
+    the leases' keys and the quotas without meeting."""
+    return f"tcp:{port}"
+
+
+def leased_thing(name: str) -> str:
+    """What a lease is of, for a refusal: "TCP port 20001" or "tunnel name 'web'"."""
+    kind, _, port = name.partition(":")
+    return f"TCP port {port}" if kind == PORT_LEASE_KIND and port else f"tunnel name {name!r}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +138,13 @@ class Registry(Protocol):
         """The lease of the node that holds `name` when it isn't this one, or None; HttpError(503) when the
         registry can't be reached."""
 
+    def hold(self, name: str, *, owner: str, kind: str, lost: Callable[[], None]) -> None:
+        """Keep the lease on `name` (taken with lease(), for something other than a registered tunnel: a TCP
+        port) alive until let_go(); `lost` is called if another node holds it meanwhile."""
+
+    def let_go(self, name: str) -> None:
+        """Stop keeping `name`'s lease alive and release it."""
+
 
 class MemoryRegistry:
     """Name → tunnel in this relay's memory. Offline tunnels keep their name for a grace period."""
@@ -146,6 +172,12 @@ class MemoryRegistry:
         return None
 
     async def held_elsewhere(self, name: str) -> RemoteLease | None:
+        return None
+
+    def hold(self, name: str, *, owner: str, kind: str, lost: Callable[[], None]) -> None:
+        return None  # one process: nothing to keep alive
+
+    def let_go(self, name: str) -> None:
         return None
 
     def get(self, name: str) -> Tunnel | None:

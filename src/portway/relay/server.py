@@ -64,7 +64,7 @@ class Relay:
         guard = BasicAuthGuard(config.auth_failures_per_address, config.auth_failures_per_tunnel,
                                config.auth_failure_window)
         self.agents = AgentLinks(config, self.registry, self.claims, self.public_url)
-        self.nodes = NodeLinks(config, self.registry)
+        self.nodes = NodeLinks(config, self.registry, self.counters)
         self.localtunnel = LocalTunnelService(config, self.registry, self.claims, self.public_url, self.listen_hosts)
         self.admission = Admission(AdmissionLimits(
             connections=config.max_connections_per_ip, upgraded=config.max_upgraded_per_ip,
@@ -106,7 +106,8 @@ class Relay:
         if self.acme is not None:
             self.acme.start()
         if config.metrics is not None:
-            collector = RelayCollector(self.counters, self.registry, self.visitor_connections)
+            collector = RelayCollector(self.counters, self.registry, self.visitor_connections,
+                                       self.nodes.open_links if config.cluster is not None else None)
             host, port = config.metrics
             self.metrics_server = await serve_metrics(host, port, collector)
 

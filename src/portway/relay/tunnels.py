@@ -12,6 +12,7 @@ import ipaddress
 import math
 import secrets
 from dataclasses import dataclass
+from typing import Callable
 
 from ..auth import BasicAuthGuard
 from ..errors import HttpError, MuxClosedError
@@ -150,11 +151,20 @@ class AgentTunnel(Tunnel):
         self.resume_key = resume_key
         self.preamble = b""  # on a several-tunnel link: the first bytes of each stream, naming this tunnel
         self.can_move = False  # its agent understands MOVE: a stopping cluster node may send it to another node
+        # set by relay/nodes.py once other cluster nodes forward visitors here: told when the agent says it is going
+        # away, as they keep streams of this tunnel idle (the agent waits for every stream it has open to end)
+        self.on_going_away: Callable[["AgentTunnel"], None] | None = None
 
     @property
     def online(self) -> bool:
         """The agent's link is up (a parked session, whose link is lost, is not online: it waits for one)."""
         return self.session is not None and not self.session.closed.done() and not self.session.parked
+
+    def drop_idle(self) -> None:
+        super().drop_idle()
+        session = self.session
+        if self.on_going_away is not None and session is not None and session.go_away_received:
+            self.on_going_away(self)
 
     def release(self, conduit, reusable: bool) -> None:
         # a link going away (either end sent GO_AWAY) carries the exchanges in flight, no new ones: don't pool
