@@ -1,12 +1,14 @@
 """Prometheus plumbing shared by the relay's metrics (relay/metrics.py) and the agent's (agent/metrics.py):
-plain-integer histograms, the status classes and duration buckets, and the text exposition of a collector."""
+plain-integer histograms, the status classes and duration buckets, and the text exposition of a collector.
+
+prometheus-client is imported at the first scrape, not at start: it and what it pulls in (wsgiref, http.server,
+email) are 4 MiB of a relay's or agent's resident memory, and most never serve /metrics.
+"""
 
 from __future__ import annotations
 
 import bisect
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.registry import Collector
+from typing import Iterable, Protocol
 
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -36,7 +38,15 @@ class Histogram:
         return buckets
 
 
+class Collector(Protocol):
+    """What prometheus-client's registry takes: an object whose collect() yields metric families."""
+
+    def collect(self) -> Iterable: ...
+
+
 def exposition(collector: Collector) -> bytes:
+    from prometheus_client import CollectorRegistry, generate_latest
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     return generate_latest(registry)

@@ -39,7 +39,7 @@ from portway.proto.frame import (
     FrameType,
     GoAwayCode,
 )
-from portway.proto.mux import ASSUMED_RTT, Mux, MuxConfig, Role
+from portway.proto.mux import ASSUMED_RTT, LINK_CONFIRM_EVERY, Mux, MuxConfig, Role
 
 from .helpers import FrameFactory, MuxPair, decode_all, window_credit
 
@@ -567,6 +567,24 @@ def test_bytes_the_mux_drops_on_arrival_return_their_link_credit(reads: list[byt
         credit += window_credit(decode_all(server.data_to_send()), 0)
     assert credit + server._link_unannounced == 9 * len(CHUNK)
     assert credit >= LINK // 2
+
+
+def test_many_quiet_streams_get_their_consumption_confirmed_every_mib() -> None:
+    """Pooled conduits carry small requests: each stream owes far less than half its window, so only the link's
+    sweep confirms what was consumed, and what the sender keeps for a resend stays near LINK_CONFIRM_EVERY, not
+    near half the link window (16 MiB by default)."""
+    pair = MuxPair()
+    ids = [pair.open_stream(Role.SERVER) for _ in range(64)]
+    request = b"r" * 500
+    peak = 0
+    for _ in range(200):  # 64 streams x 100 KB: each below half its window, 6.4 MB in all
+        for stream_id in ids:
+            assert pair.server.send_data(stream_id, request) == len(request)
+        pair.transfer(SLOW, acknowledge=True)
+        peak = max(peak, pair.server.retransmit_size)
+    assert peak < LINK_CONFIRM_EVERY + 64 * len(request) < 2 * MiB  # without the sweep: all 6.4 MB
+    assert pair.server.retransmit_size < LINK_CONFIRM_EVERY
+    assert all(pair.server.send_window(stream_id) > WINDOW // 2 for stream_id in ids)
 
 
 def test_owed_link_credit_goes_out_when_slow_streams_hold_the_rest() -> None:

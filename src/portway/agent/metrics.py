@@ -1,16 +1,14 @@
 """The agent's Prometheus metrics, served at `/metrics` on the inspector's port.
 
 As in the relay (relay/metrics.py): the capture's store listener only adds to plain integers (the console's
-`Tally`); they become metric families when Prometheus scrapes, through a prometheus-client custom collector.
+`Tally`); they become metric families when Prometheus scrapes, through a prometheus-client custom collector
+(imported then).
 No per-path or per-visitor labels. Without the inspector there is no capture, and no `/metrics`.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
 
 from ..inspector.capture import SERVICE, VISITOR
 from ..metrics import STATUS_CLASSES, exposition
@@ -22,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["AgentCollector", "exposition"]
 
 
-class AgentCollector(Collector):
+class AgentCollector:
     """An agent's tally and link, as metric families at scrape time."""
 
     def __init__(self, tally: "Tally", agent: "Agent") -> None:
@@ -30,6 +28,8 @@ class AgentCollector(Collector):
         self.agent = agent
 
     def collect(self) -> Iterable:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
         tally, agent = self.tally, self.agent
         requests = CounterMetricFamily("portway_agent_requests", "Requests answered through the tunnel, by status "
                                        "class (none: ended without an answer)", labels=["status_class"])

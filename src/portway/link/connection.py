@@ -75,11 +75,17 @@ class ReceiveBuffer:
         """The chunks that have arrived (at least one; a stream hands out at most its READ_BUDGET bytes at a
         time), or [] at a clean end; raises ConduitReset after an abort. The chunks stay apart, so they can
         leave in one vectored write without being joined."""
-        while (readable := self.poll_readable()) is not True:
-            if readable is False:
-                return []
-            await readable
-        return self._take_chunks()
+        while type(chunks := self.chunks_or_waiter()) is not list:
+            await chunks
+        return chunks
+
+    def chunks_or_waiter(self) -> "list[bytes] | asyncio.Future[None]":
+        """What read_chunks() returns if it can return now, else the future to await before asking again: a
+        reader on the hot path loops on this inline instead of creating a coroutine per read."""
+        readable = self.poll_readable()
+        if readable is True:
+            return self._take_chunks()
+        return [] if readable is False else readable
 
     def _take_chunks(self) -> list[bytes]:
         raise NotImplementedError

@@ -131,6 +131,7 @@ _PING_FLAGS = frozenset((Flag.SYN, Flag.ACK))
 _RESUME_FLAGS = frozenset((0, Flag.FIN))
 _GO_AWAY_CODES = frozenset(GoAwayCode)
 _make_frame = tuple.__new__  # builds a Frame without NamedTuple's Python-level __new__ (hot path)
+_GROW_BIT = int(Flag.GROW)  # tested per DATA frame: `int & Flag` runs the enum's Python-level operator
 _COMPACT_AFTER = 64 * 1024
 """Consumed bytes worth moving out of the buffer's way once they outweigh what is still unread."""
 _VIEW_PIN_LIMIT = 4
@@ -204,7 +205,7 @@ class FrameDecoder:
         if type_value == 0:  # DATA
             if stream_id == 0:
                 raise FrameError("DATA frame on stream 0")
-            if flags_value & Flag.GROW:
+            if flags_value & _GROW_BIT:
                 raise FrameError("GROW is only for WINDOW_UPDATE")
             if length > self.max_frame_size:
                 raise FrameError(f"DATA frame of {length} bytes exceeds the {self.max_frame_size}-byte limit")

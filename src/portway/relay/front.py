@@ -87,21 +87,26 @@ class VisitorConnection:
         self.loop = asyncio.get_running_loop()
         self.deadline = Deadline(self.loop)
 
-    async def _read_and_parse(self) -> None:
-        conn = self.conn
+    def _parse_or_waiter(self) -> "asyncio.Future[None] | None":
+        """Parse what the visitor sent into `pending`, or return the future to await for more first. Readers
+        loop on this inline: a coroutine per read would cost one per request."""
         try:
-            while (readable := conn.poll_readable()) is not True:
-                if readable is False:
-                    raise VisitorGone
-                await readable
+            readable = self.conn.poll_readable()
         except ConduitReset:
             raise VisitorGone from None
-        self.pending.extend(self.parser.feed(conn.take_buffered()))
+        if readable is True:
+            self.pending.extend(self.parser.feed(self.conn.take_buffered()))
+            return None
+        if readable is False:
+            raise VisitorGone
+        return readable
 
     async def next_event(self) -> object:
-        while not self.pending:
-            await self._read_and_parse()
-        return self.pending.popleft()
+        pending = self.pending
+        while not pending:
+            if (waiter := self._parse_or_waiter()) is not None:
+                await waiter
+        return pending.popleft()
 
     async def next_head(self) -> RequestHead:
         """The next request head: an idle connection may wait idle_timeout for its first byte, then the
@@ -115,11 +120,14 @@ class VisitorConnection:
         deadline.arm(config.idle_timeout, self.conn.close)
         started = False
         self.idle = True
+        pending = self.pending
         try:
-            while not self.pending:
-                await self._read_and_parse()
+            while not pending:
+                if (waiter := self._parse_or_waiter()) is not None:
+                    await waiter
+                    continue
                 self.idle = False
-                if not started and not self.pending:
+                if not started and not pending:
                     started = True
                     deadline.arm(config.head_timeout, self._head_timed_out)
         finally:
@@ -409,7 +417,8 @@ class VisitorConnection:
         try:
             while True:
                 try:
-                    chunks = await conduit.read_chunks()
+                    while type(chunks := conduit.chunks_or_waiter()) is not list:  # inline: no coroutine per read
+                        await chunks
                     if chunks:
                         received_any = True
                         events = parser.feed(chunks[0])

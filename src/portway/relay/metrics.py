@@ -1,7 +1,8 @@
 """The relay's Prometheus metrics (`portway server --metrics ADDR`).
 
 The data path only adds to plain integers (a `TunnelCounters` per tunnel, one `RelayCounters` per relay); they
-become metric families when Prometheus scrapes, through a prometheus-client custom collector. So a request costs
+become metric families when Prometheus scrapes, through a prometheus-client custom collector (the library is
+imported then, see portway/metrics.py). So a request costs
 a few integer additions, not a labelled-metric lookup and a lock. Labels stay bounded: per-tunnel series exist
 only for tunnels registered at scrape time, never per visitor or per path.
 """
@@ -12,10 +13,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
-
-from ..metrics import DURATION_BUCKETS, STATUS_CLASSES, Histogram, exposition  # noqa: F401 (exposition: re-exported)
+from ..metrics import DURATION_BUCKETS, STATUS_CLASSES, Collector, Histogram, exposition  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -62,7 +60,7 @@ class RelayCounters:
         return min(max(status // 100, 1), 5) - 1
 
 
-class RelayCollector(Collector):
+class RelayCollector:
     """Turns a relay's counters and registry into metric families at scrape time."""
 
     def __init__(self, counters: RelayCounters, registry: "Registry", visitor_connections: Callable[[], int],
@@ -73,6 +71,8 @@ class RelayCollector(Collector):
         self.node_links = node_links  # a cluster node's open node links by direction; None on a relay of its own
 
     def collect(self) -> Iterable:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
         from .tunnels import AgentTunnel
 
         counters = self.counters
