@@ -139,6 +139,8 @@ class RelayCollector:
             yield from self._node_link_families()
 
     def _node_link_families(self) -> Iterable:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         assert self.node_links is not None
         counters = self.counters
         links = GaugeMetricFamily("portway_node_links", "Node links open: opened by this node to other nodes (out), "
