@@ -93,8 +93,9 @@ def test_two_nodes_share_names_quotas_and_survive_losing_redis(procs, redis_serv
 
     redis_server.start()  # empty: the nodes re-assert their leases without a restart
     with redis_server.client() as client:
-        wait_until(lambda: client.hget("portway:lease:web", "node") == b"node-a", timeout=30,
-                   what="node A's lease on 'web' re-asserted")
+        wait_until(lambda: client.hget("portway:lease:web", "node") == b"node-a"
+                   and client.hget("portway:lease:shop", "node") == b"node-b", timeout=30,
+                   what="node A's lease on 'web' and node B's on 'shop' re-asserted")  # each on its own heartbeat
     assert "already in use (on relay node node-a)" in refused_agent(procs, node_b, origin, "web")
     assert get(node_a, "web")[0] == 200
     assert "holds 2 over the cluster" in refused_agent(procs, node_b, origin, "fresh")  # re-asserted: the quota too

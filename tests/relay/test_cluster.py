@@ -234,15 +234,18 @@ def test_redis_gone_keeps_local_names_refuses_new_ones_fast_and_leases_come_back
     with_nodes(redis, scenario)
 
 
+class Session:
+    """What the registry sees of an agent's link: whether it closed it."""
+
+    def __init__(self) -> None:
+        self.closed_by_registry = False
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def close(self) -> None:
+        self.closed_by_registry = True
+
+
 def test_a_dropped_agent_tunnel_has_its_link_closed(redis):
-    class Session:
-        def __init__(self) -> None:
-            self.closed_by_registry = False
-            self.closed = asyncio.get_running_loop().create_future()
-
-        def close(self) -> None:
-            self.closed_by_registry = True
-
     async def scenario(nodes):
         a = nodes.node("node-a", lease_ttl=0.3)
         b = nodes.node("node-b", lease_ttl=0.3)
@@ -252,6 +255,25 @@ def test_a_dropped_agent_tunnel_has_its_link_closed(redis):
         await taken(b, "web")
         await a.renew()
         assert session.closed_by_registry and a.get("web") is None
+
+    with_nodes(redis, scenario)
+
+
+def test_a_stopping_node_drops_a_name_its_agent_took_elsewhere_without_cutting_the_link(redis):
+    """During a hand-over the agent registers on another node first and says GO_AWAY on the old link after: a
+    heartbeat of the stopping node in between must not close that link, whose exchanges in flight finish."""
+
+    async def scenario(nodes):
+        a = nodes.node("node-a")
+        b = nodes.node("node-b")
+        session = Session()
+        await a.lease("web", owner="", kind="portway", max_tunnels=0, key="key-from-a")
+        a.add(AgentTunnel("web", session, "key-from-a"))
+        await a.leave()
+        await b.lease("web", owner="", kind="portway", max_tunnels=0, proof="key-from-a", key="key-from-b")
+        await a.renew()
+        assert a.get("web") is None and not session.closed_by_registry
+        assert lease_of(redis, "web")["node"] == "node-b"
 
     with_nodes(redis, scenario)
 

@@ -519,8 +519,10 @@ class RedisRegistry(MemoryRegistry):
             return
         log.warning("tunnel %s: another relay node holds its name now (this node's lease lapsed); dropping it "
                     "here", name)
-        if isinstance(tunnel, AgentTunnel) and tunnel.session is not None:
+        if isinstance(tunnel, AgentTunnel) and tunnel.session is not None and not self.leaving:
             tunnel.session.close()  # the agent reconnects and learns where the name is
+        # (a stopping node is handing its agents over: the agent took its name elsewhere and is about to say
+        # GO_AWAY here; closing the link would cut the exchanges it still finishes on it)
         super().remove(tunnel)
 
     # the local half, with the leases behind it
