@@ -76,6 +76,7 @@ def test_tls_nodes_forward_over_verified_tls_and_hand_agents_over(procs, redis_s
     node_a, node_b = (tls_node(procs, redis_server, f"node-{letter}", tokens, certificates, "wildcard")
                       for letter in "ab")
     node_c = tls_node(procs, redis_server, "node-c", tokens, certificates, "narrow")
+    node_b.proc.wait_for_line(r"node links over TLS, each node checked as NODE-ID\.cluster\.test")
     origin = start_origin(procs)
     tls_agent(procs, node_a, origin, "web", certificates["ca"])
     other = tls_agent(procs, node_c, origin, "other", certificates["ca"])
@@ -83,7 +84,7 @@ def test_tls_nodes_forward_over_verified_tls_and_hand_agents_over(procs, redis_s
     size = 1024 * 1024
     status, body = https_get(node_b, "web", f"/download?bytes={size}&seed=tls", certificates["ca"])
     assert status == 200 and len(body) == size and hashlib.sha256(body).hexdigest() == expected_sha256(size, "tls")
-    assert "node link" not in node_b.proc.output()  # (only failures are logged at the default level)
+    assert "node link to" not in node_b.proc.output()  # (only failures are logged at the default level)
 
     status, body = https_get(node_b, "other", "/", certificates["ca"])
     refusal = (f"Tunnel 'other' is served by relay node node-c, whose certificate this node does not accept for "
