@@ -100,6 +100,7 @@ cluster = "redis://127.0.0.1:6390/2"
 node_id = "node-a"
 advertise = "10.0.0.1:9001"
 cluster_secret = "shh"
+cluster_ca = "cluster-ca.pem"
 tokens_file = "tokens.toml"
 tls_cert = "cert.pem"
 tls_key = "key.pem"
@@ -123,7 +124,8 @@ def test_a_relay_file_sets_what_the_flags_set(tmp_path):
     write(tmp_path, '[[token]]\nlabel = "alice"\ntoken = "s3cret"\n', "tokens.toml")
     from_file = server("--config", str(write(tmp_path, RELAY_FILE, "relay.toml")))
     assert from_file == server(*RELAY_FLAGS, "--tokens", str(tmp_path / "tokens.toml"),
-                               "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"))
+                               "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"),
+                               "--cluster-ca", str(tmp_path / "cluster-ca.pem"))
     assert from_file != server()
     assert (from_file.port, from_file.domain, from_file.mux.link_window) == (9001, "t.example", 64 * 1024 * 1024)
 

@@ -324,7 +324,10 @@ async def run_server(config: RelayConfig, stop: asyncio.Event | None = None) -> 
         tls = f"TLS by ACME ({'a wildcard certificate through DNS-01' if config.acme_dns else 'per-name TLS-ALPN-01'})"
     stderr.print(f"{tokens}, {tls}, access log {config.log_format if config.access_log else 'off'}")
     if config.cluster is not None:
-        stderr.print(f"cluster node {config.node_id} (reached at {config.advertise}), registry {config.cluster}")
+        links = (f"over TLS, each node checked as NODE-ID.{config.domain}" if relay.nodes.tls is not None
+                 else "in plain TCP (keep them on a private network)")
+        stderr.print(f"cluster node {config.node_id} (reached at {config.advertise}), registry {config.cluster}, "
+                     f"node links {links}")
     if relay.metrics_address is not None:
         host, port = relay.metrics_address
         stderr.print(f"metrics: http://{host}:{port}/metrics" if ":" not in host

@@ -400,6 +400,9 @@ RELAY_SETTINGS = (
     Setting("cluster_secret", "--cluster-secret", text, None,
             "a secret every --cluster node must share: a node started with another one refuses to join",
             "SECRET"),
+    Setting("cluster_ca", "--cluster-ca", text, None,
+            "CA certificate(s) trusted, besides the system's, for the other --cluster nodes' certificates (node "
+            "links of a TLS node dial TLS and check each node as NODE-ID.DOMAIN)", "FILE", is_path=True),
     DRAIN,
     *KEEPALIVE,
     *RESUME,
@@ -515,6 +518,7 @@ class RelayConfig:
     node_id: str | None = None  # this node's id in the cluster
     advertise: str | None = None  # HOST:PORT where the other nodes reach this one
     cluster_secret: str | None = field(default=None, repr=False)
+    cluster_ca: str | None = None  # trust this CA too for other nodes' certificates (node links of a TLS node)
     mux: MuxConfig = field(default_factory=MuxConfig)
 
     def __post_init__(self) -> None:
@@ -522,6 +526,10 @@ class RelayConfig:
             raise ConfigurationError("--cluster needs --node-id ID and --advertise HOST:PORT too")
         if self.cluster is None and (self.node_id or self.advertise or self.cluster_secret):
             raise ConfigurationError("--node-id, --advertise and --cluster-secret go with --cluster")
+        if self.cluster_ca and not (self.cluster and (self.tls_cert or self.acme_email)):
+            raise ConfigurationError("--cluster-ca checks the certificates of other nodes on node links, which are "
+                                     "TLS when the node serves TLS: it goes with --cluster and --tls-cert or "
+                                     "--acme-email")
         for name in ("idle_timeout", "head_timeout", "response_timeout", "linger_timeout", "pool_wait_timeout",
                      "grace_period", "drain_timeout", "lt_grace_period", "auth_failure_window", "tls_reload_interval"):
             if not 0 < getattr(self, name) < math.inf:

@@ -3,6 +3,7 @@ choice, driven through in-memory TLS handshakes (ssl.MemoryBIO) against the rela
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ssl
 from pathlib import Path
@@ -200,6 +201,33 @@ def test_an_unregistered_name_is_refused_and_never_ordered(tmp_path):
     with pytest.raises(ssl.SSLError):
         handshake(acme.context, "elsewhere.example.net", ca)
     assert set(acme.plan.states) == {DOMAIN} and not acme._tasks
+
+
+def test_a_cluster_node_certifies_its_own_node_name_for_the_other_nodes_links(tmp_path):
+    """Other nodes dial this one's node links with TLS and check its certificate as NODE-ID.DOMAIN: a per-name
+    node orders that certificate at start (no tunnel holds the name) and serves it; the wildcard covers it."""
+    ca = trustme.CA()
+    cluster = {"cluster": "redis://127.0.0.1:1/0", "node_id": "node-a", "advertise": "127.0.0.1:9", "domain": DOMAIN,
+               "acme_email": "ops@example.com", "state_dir": str(tmp_path)}
+    acme = AcmeCertificates(server_settings(**cluster), lambda name: False)
+    node_name = f"node-a.{DOMAIN}"
+    store(acme, ca, node_name, node_name)
+    acme.prepare()
+    handshake(acme.context, node_name, ca)
+    assert acme._may_order(node_name) and not acme._may_order(f"node-b.{DOMAIN}")
+
+    async def started() -> set[str]:
+        acme.start()
+        wanted = {key for key, state in acme.plan.states.items() if state.scheduled}
+        acme.close()
+        return wanted
+
+    assert asyncio.run(started()) == {DOMAIN, node_name}
+    wildcard = AcmeCertificates(server_settings(**cluster, acme_dns=f"rfc2136://k:{SECRET}@127.0.0.1/{DOMAIN}"),
+                                lambda name: False)
+    assert wildcard.node_key == WILDCARD
+    with pytest.raises(ConfigurationError, match="--node-id Relay_A: with ACME, a node's id must be a DNS label"):
+        AcmeCertificates(server_settings(**{**cluster, "node_id": "Relay_A"}), lambda name: False)
 
 
 def test_the_other_modes_certificates_are_not_served(tmp_path):

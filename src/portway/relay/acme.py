@@ -116,6 +116,15 @@ class AcmeCertificates:
         self.domain = config.domain.lower().rstrip(".")
         self.wildcard = config.acme_dns is not None
         self.registered = registered  # is this tunnel name registered right now?
+        # A cluster node's own name, NODE-ID.DOMAIN: the other nodes check its certificate under that name on
+        # their node links to it, so it is certified like the bare domain (covered by the wildcard one).
+        self.node_key: str | None = None
+        if config.cluster is not None and config.node_id:
+            self.node_key = certificate_key(f"{config.node_id}.{self.domain}", self.domain, self.wildcard)
+            if self.node_key is None:
+                raise ConfigurationError(f"--node-id {config.node_id}: with ACME, a node's id must be a DNS label "
+                                         "(lowercase letters, digits, '-'; not a reserved name like 'relay'): the "
+                                         f"other nodes check its certificate as {config.node_id}.{self.domain}")
         self.store = CertificateStore(store_directory(config.state_dir, config.acme_directory))
         self.account = AcmeAccount(config.acme_directory, config.acme_email, config.acme_ca, self.store.account_key)
         self.directory_url = config.acme_directory
@@ -163,6 +172,8 @@ class AcmeCertificates:
         """Once the relay listens (TLS-ALPN-01 validations come to its port): the certificate the relay itself needs
         is ordered if it has none, and every certificate renewed on time from now on."""
         self.plan.want(WILDCARD if self.wildcard else self.domain)
+        if self.node_key is not None:
+            self.plan.want(self.node_key)
         for key in list(self.contexts):
             self.plan.want(key)
         self._schedule()
@@ -196,7 +207,7 @@ class AcmeCertificates:
 
     def _may_order(self, key: str) -> bool:
         tunnel = tunnel_of(key, self.domain)
-        return tunnel is None or self.registered(tunnel)
+        return tunnel is None or key == self.node_key or self.registered(tunnel)
 
     # orders
     def _order(self, key: str) -> None:

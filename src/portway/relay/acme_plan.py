@@ -87,7 +87,8 @@ class IssuancePlan:
     states: dict[str, _State] = field(default_factory=dict)
 
     def want(self, key: str) -> None:
-        """Ask for a certificate `key` on the timer (the wildcard one, the relay's own domain)."""
+        """Ask for a certificate `key` on the timer (the wildcard one, the relay's own domain, a cluster node's
+        own NODE-ID.DOMAIN)."""
         self.states.setdefault(key, _State()).scheduled = True
 
     def installed(self, key: str, not_before: float, not_after: float) -> None:

@@ -53,7 +53,7 @@ class RelayCounters:
         # reach the other one or got no answer ("unreachable"), the other one refused it ("refused"), or this node
         # refused one ("rejected": a bad proof of the cluster secret, or its bound on links)
         self.forwarded_streams = {"out": 0, "in": 0}
-        self.node_link_failures = {"unreachable": 0, "refused": 0, "rejected": 0}
+        self.node_link_failures = {"unreachable": 0, "refused": 0, "rejected": 0, "untrusted": 0}
 
     @staticmethod
     def status_index(status: int) -> int:

@@ -23,13 +23,14 @@ import ipaddress
 import json
 import logging
 import secrets
+import ssl
 import time
 import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from ..config import RelayConfig
-from ..errors import ConduitReset, HttpError, MuxClosedError
+from ..errors import ConduitReset, ConfigurationError, HttpError, MuxClosedError
 from ..link.bridge import StreamBridge
 from ..link.connection import Connection
 from ..link.session import MuxSession, MuxStream
@@ -66,6 +67,28 @@ LT_SOCKET_WAIT = NODE_ANSWER_TIMEOUT - 1.0
 def node_mux_config(config: RelayConfig):
     """A node link's streams are visitors' exchanges, never parked: a lost node link resets them visibly."""
     return dataclasses.replace(config.mux, resume_window=0)
+
+
+def node_server_name(node: str, domain: str) -> str:
+    """The name a node's certificate must hold for a node link: NODE-ID.DOMAIN, the node's own DNS name (its TCP
+    tunnels' address), which the lease names and a wildcard certificate for *.DOMAIN covers."""
+    return f"{node}.{domain.rstrip('.')}".lower()
+
+
+def node_link_tls(config: RelayConfig) -> ssl.SSLContext | None:
+    """How this node dials the others: plain TCP (None) when it serves no TLS itself; else TLS, each node's
+    certificate verified (hostname and chain) against the system trust store and --cluster-ca. A node that serves
+    TLS expects its peers to, as they are set up alike: a node link never falls back to plain TCP."""
+    if not (config.tls_cert or config.acme_email):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if config.cluster_ca:
+        try:
+            context.load_verify_locations(cafile=config.cluster_ca)
+        except (OSError, ssl.SSLError) as error:
+            raise ConfigurationError(f"--cluster-ca {config.cluster_ca}: not a readable PEM CA certificate "
+                                     f"({getattr(error, 'strerror', None) or error})") from None
+    return context
 
 
 class RemoteTunnel(Tunnel):
@@ -183,6 +206,7 @@ class NodeLinks:
         self.counters = counters
         self.node_id = config.node_id or ""
         self.gate = NodeLinkGate(self.node_id, config.cluster_secret)
+        self.tls = node_link_tls(config)
         self.sessions: dict[str, MuxSession] = {}  # node id -> the link this node opened to it
         self._dialling: dict[str, asyncio.Task[MuxSession]] = {}
         self._lookups: dict[str, asyncio.Task[RemoteTunnel | None]] = {}  # tunnel name -> its lease being read
@@ -266,9 +290,22 @@ class NodeLinks:
         host, _, port = lease.advertise.rpartition(":")
         host = host.strip("[]")
         loop = asyncio.get_running_loop()
+        server_name = node_server_name(node, self.config.domain) if self.tls is not None else None
         try:
             transport, conn = await asyncio.wait_for(
-                loop.create_connection(Connection, host, int(port)), NODE_CONNECT_TIMEOUT)
+                loop.create_connection(Connection, host, int(port), ssl=self.tls, server_hostname=server_name),
+                NODE_CONNECT_TIMEOUT)
+        except ssl.SSLCertVerificationError as error:
+            self.counters.node_link_failures["untrusted"] += 1
+            message = (f"Tunnel {name!r} is served by relay node {node}, whose certificate this node does not "
+                       f"accept for {server_name} ({error.verify_message.rstrip('.')}).")
+            log.warning("node link to %s at %s: %s", node, lease.advertise, message)
+            raise HttpError(502, message) from None
+        except ssl.SSLError as error:  # no TLS there (a node serving plain TCP), or no certificate for the name
+            self.counters.node_link_failures["unreachable"] += 1
+            message = f"{unreachable} over TLS as {server_name} ({error.reason or error})."
+            log.warning("node link to %s at %s: %s", node, lease.advertise, message)
+            raise HttpError(502, message) from None
         except (OSError, ValueError, asyncio.TimeoutError) as error:
             self.counters.node_link_failures["unreachable"] += 1
             reason = "timed out" if isinstance(error, asyncio.TimeoutError) else getattr(error, "strerror", None)
