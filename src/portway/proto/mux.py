@@ -72,7 +72,7 @@ from portway.proto.resume import (
     encode_resume,
 )
 
-__all__ = ["ASSUMED_RTT", "Mux", "MuxConfig", "Role", "StreamState"]
+__all__ = ["ASSUMED_RTT", "GROWTH_ROUND_TRIPS", "RTT_PROBE_INTERVAL", "Mux", "MuxConfig", "Role", "StreamState"]
 
 ASSUMED_RTT = 0.1
 """Round-trip time (seconds) window growth assumes until a ping has measured one: a typical WAN path.
@@ -80,6 +80,27 @@ ASSUMED_RTT = 0.1
 Guessing is safe in both directions: growth also needs the application to consume a whole window that fast,
 so a slow reader never earns a bigger window whatever the RTT.
 """
+
+RTT_PROBE_INTERVAL = 0.1
+"""While a stream's data is being consumed, a ping goes out with its credit (WINDOW_UPDATE) at most this often
+(seconds), and only once the previous one was answered, so that window growth compares with the round trip the
+link has *under load*. A keepalive ping measures an idle link; loaded, the peer's answer waits behind the data it
+already queued, and on a lossy link behind TCP's loss recovery, just as the data our credit lets it send does.
+At most 10 pings a second each way: far below any peer's control-frame budget."""
+
+GROWTH_ROUND_TRIPS = 4
+"""A stream's window doubles when the application consumed a whole window within this many round trips: the
+peer then sent at least a quarter of the window per round trip, and credit returned at half a window, after
+a round trip and after the stalls of TCP's loss recovery, would hold it at about that. QUIC stacks grow theirs
+on the same pace (half a window within two smoothed RTTs)."""
+
+_MIN_GROWTH_RTT = 0.001
+"""Growth takes the round trip as at least this (seconds): on loopback, or with a coarse clock, a ping can come
+back within the same clock reading, and a round trip of 0 would never let a window grow."""
+
+_RTT_GAIN = 1 / 8
+"""Weight of a new round-trip sample in the smoothed RTT, as TCP's (RFC 6298): one slow answer (a loss
+recovered) moves it by an eighth, a link that stays slower moves it within a second or two of probes."""
 
 # Plain ints for the flag bits: the Flag enum's operators run in Python and this module tests flags per frame.
 _SYN, _ACK, _FIN, _RST, _GROW = 0x1, 0x2, 0x4, 0x8, 0x10
@@ -314,6 +335,9 @@ class Mux:
         self._pings: dict[int, float] = {}  # token -> sent at; insertion order makes the first the oldest
         self._next_ping_token = 0
         self._last_rtt: float | None = None
+        self._smoothed_rtt: float | None = None  # what window growth compares with (see RTT_PROBE_INTERVAL)
+        self._probe_token: int | None = None  # the last RTT probe's ping token; outstanding while in _pings
+        self._probe_due_at = now
         self._last_received_at = now
         self._pinged_since_heard = False  # a keepalive ping went out since the peer was last heard
         self._control_period_started_at = now
@@ -368,6 +392,12 @@ class Mux:
     def last_rtt(self) -> float | None:
         """Round-trip time measured by the latest answered ping, or None before the first answer."""
         return self._last_rtt
+
+    @property
+    def smoothed_rtt(self) -> float | None:
+        """Round-trip time smoothed over every answered ping (keepalive and probes alike), or None before the
+        first answer; window growth compares with it."""
+        return self._smoothed_rtt
 
     @property
     def can_park(self) -> bool:
@@ -636,8 +666,11 @@ class Mux:
             return
         sent_at = self._pings.pop(token, None)
         if sent_at is not None:  # answers to pings we didn't send (or already timed out) mean nothing
-            self._last_rtt = now - sent_at
-            events.append(PingAcked(self._last_rtt))
+            sample = now - sent_at
+            self._last_rtt = sample
+            smoothed = self._smoothed_rtt
+            self._smoothed_rtt = sample if smoothed is None else smoothed + (sample - smoothed) * _RTT_GAIN
+            events.append(PingAcked(sample))
 
     def _count_control_frame(self, now: float) -> None:
         if now - self._control_period_started_at >= _CONTROL_BUDGET_PERIOD:
@@ -765,10 +798,13 @@ class Mux:
 
         Credit is batched: a WINDOW_UPDATE goes out once at least half the window is owed, so tiny reads don't
         cost a frame each. Auto-growth doubles the window (up to ``max_window``) when the application consumed
-        a whole window within two round trips of finishing the previous one (or of the peer being able to
-        start sending: its SYN, or its ACK of our open): the window, not the reader, was then limiting
-        throughput. Until a ping has measured the RTT, ``ASSUMED_RTT`` stands in. Growth stops once the windows of
-        all the link's streams together are half the link window above the protocol's base.
+        a whole window within ``GROWTH_ROUND_TRIPS`` round trips of finishing the previous one (or of the peer
+        being able to start sending: its SYN, or its ACK of our open): the window, not the reader, was then
+        limiting throughput. The round trip is the smoothed RTT of the pings answered so far, which include the RTT
+        probes sent from here while data is consumed (see ``RTT_PROBE_INTERVAL``), so it is the link's round
+        trip under load, losses recovered included; until a ping has been answered, ``ASSUMED_RTT`` stands in.
+        Growth stops once the windows of all the link's streams together are half the link window above the
+        protocol's base.
         Acknowledging for a stream that is already gone does nothing (its bytes' link credit went back when it
         went). Link credit is batched likewise: it goes out once half the link window is owed, or once what is
         owed is at least what the peer has left (slow streams holding the rest), in pieces of 64 KiB or more.
@@ -792,8 +828,9 @@ class Mux:
             return  # the peer has finished sending, stream credit would be wasted (link credit is not)
         stream.epoch_consumed += n
         if stream.epoch_consumed >= stream.receive_window:
-            rtt = ASSUMED_RTT if self._last_rtt is None else self._last_rtt
-            if now - stream.epoch_started_at < 2 * rtt and stream.receive_window < self.config.max_window:
+            rtt = ASSUMED_RTT if self._smoothed_rtt is None else max(self._smoothed_rtt, _MIN_GROWTH_RTT)
+            if (now - stream.epoch_started_at < GROWTH_ROUND_TRIPS * rtt
+                    and stream.receive_window < self.config.max_window):
                 growth = min(stream.receive_window, self.config.max_window - stream.receive_window,
                              self._link_window // 2 - self._link_growth)
                 if growth > 0:
@@ -804,6 +841,11 @@ class Mux:
             stream.epoch_consumed = 0
         if (stream.unannounced + stream.unannounced_growth) * 2 >= stream.receive_window:
             self._announce_window(stream_id, stream, 0)
+            if now >= self._probe_due_at and self._live and self._probe_token not in self._pings:
+                # the probe times the credit's loop: its answer waits behind what the peer sends meanwhile
+                self._probe_token = self._next_ping_token
+                self._probe_due_at = now + RTT_PROBE_INTERVAL
+                self.ping(now)
 
     # ------------------------------------------------------------------ link API
 
