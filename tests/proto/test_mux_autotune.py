@@ -68,18 +68,19 @@ class LoadedLink:
 
 def test_a_window_grows_on_a_link_whose_loaded_round_trip_is_longer_than_its_idle_one() -> None:
     """Idle, the link answers pings in 0.1 s; loaded (queues, losses recovered), in 0.3 s, and a reader
-    consuming a window every 0.6 s is held by the window, not by itself. Compared with the idle RTT the epoch
-    looks slow (0.6 > 4 x 0.1); the probes sent with the credit measure the loaded round trip and it grows."""
+    consuming a window every 0.6 s is held by the window, not by itself. Compared with the idle RTT each half
+    window looks slow (0.3 s > 2 x 0.1 s); the probes sent with the credit measure the loaded round trip and
+    the window grows."""
     link = LoadedLink(loaded_rtt=0.3)
     windows = [link.epoch(0.6) for _ in range(8)]
-    assert 0.6 < GROWTH_ROUND_TRIPS * link.server.smoothed_rtt
+    assert GROWTH_ROUND_TRIPS * 0.1 < 0.3 < GROWTH_ROUND_TRIPS * link.server.smoothed_rtt
     assert windows[-1] > WINDOW, windows
     assert windows == sorted(windows)
 
 
 def test_a_window_stays_when_the_reader_is_slow_even_under_load() -> None:
     link = LoadedLink(loaded_rtt=0.3)
-    windows = [link.epoch(GROWTH_ROUND_TRIPS * 0.3 + 0.2) for _ in range(8)]
+    windows = [link.epoch(2 * GROWTH_ROUND_TRIPS * 0.3 + 0.2) for _ in range(8)]  # each half: 0.7 s > 2 x 0.3 s
     assert windows == [WINDOW] * 8
 
 
@@ -103,10 +104,10 @@ def test_probes_ride_with_credit_one_at_a_time_and_no_more_often_than_the_interv
     answer = client.data_to_send()
     assert client.send_data(stream_id, b"x" * (WINDOW // 2)) == WINDOW // 2
     server.receive_data(client.data_to_send(), 1.0)
-    server.acknowledge_received(stream_id, WINDOW // 2, 1.0 + 2 * RTT_PROBE_INTERVAL)
+    server.acknowledge_received(stream_id, WINDOW // 2, 1.0 + 3 * RTT_PROBE_INTERVAL)
     wire = server.data_to_send()
     assert pings_sent(wire) == 0, "the first probe is still unanswered"
-    client.receive_data(wire, 1.2)
+    client.receive_data(wire, 1.3)
     assert server.receive_data(answer, 1.5) == [PingAcked(0.5)]
     assert client.send_data(stream_id, b"x" * (WINDOW // 2)) == WINDOW // 2
     server.receive_data(client.data_to_send(), 1.5)

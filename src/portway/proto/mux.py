@@ -88,11 +88,12 @@ link has *under load*. A keepalive ping measures an idle link; loaded, the peer'
 already queued, and on a lossy link behind TCP's loss recovery, just as the data our credit lets it send does.
 At most 10 pings a second each way: far below any peer's control-frame budget."""
 
-GROWTH_ROUND_TRIPS = 4
-"""A stream's window doubles when the application consumed a whole window within this many round trips: the
+GROWTH_ROUND_TRIPS = 2
+"""A stream's window doubles when the application consumed half a window within this many round trips: the
 peer then sent at least a quarter of the window per round trip, and credit returned at half a window, after
 a round trip and after the stalls of TCP's loss recovery, would hold it at about that. QUIC stacks grow theirs
-on the same pace (half a window within two smoothed RTTs)."""
+on the same pace. Deciding every half window rather than every whole one takes a stream from the base window
+to 4 MiB after 1.9 MB instead of 3.75 MB: on a long link, most of a transfer of a few MB."""
 
 _MIN_GROWTH_RTT = 0.001
 """Growth takes the round trip as at least this (seconds): on loopback, or with a coarse clock, a ping can come
@@ -798,7 +799,7 @@ class Mux:
 
         Credit is batched: a WINDOW_UPDATE goes out once at least half the window is owed, so tiny reads don't
         cost a frame each. Auto-growth doubles the window (up to ``max_window``) when the application consumed
-        a whole window within ``GROWTH_ROUND_TRIPS`` round trips of finishing the previous one (or of the peer
+        half a window within ``GROWTH_ROUND_TRIPS`` round trips of the previous such half (or of the peer
         being able to start sending: its SYN, or its ACK of our open): the window, not the reader, was then
         limiting throughput. The round trip is the smoothed RTT of the pings answered so far, which include the RTT
         probes sent from here while data is consumed (see ``RTT_PROBE_INTERVAL``), so it is the link's round
@@ -827,7 +828,7 @@ class Mux:
         if not stream.may_receive:
             return  # the peer has finished sending, stream credit would be wasted (link credit is not)
         stream.epoch_consumed += n
-        if stream.epoch_consumed >= stream.receive_window:
+        if stream.epoch_consumed * 2 >= stream.receive_window:
             rtt = ASSUMED_RTT if self._smoothed_rtt is None else max(self._smoothed_rtt, _MIN_GROWTH_RTT)
             if (now - stream.epoch_started_at < GROWTH_ROUND_TRIPS * rtt
                     and stream.receive_window < self.config.max_window):
