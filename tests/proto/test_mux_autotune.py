@@ -201,9 +201,9 @@ def test_auto_tuned_windows_stay_within_their_bounds_and_the_relay_holds_at_most
     assert all(b - a >= RTT_PROBE_INTERVAL - 1e-9 for a, b in zip(probes_at, probes_at[1:]))
 
 
-def fast_readers(config: MuxConfig, streams: int) -> list[int]:
+def fast_readers(config: MuxConfig, streams: int) -> tuple[list[int], int]:
     """Agent streams sending flat out to relay readers that consume at once, a millisecond per round;
-    return the relay's receive windows, sorted."""
+    return the relay's receive windows, sorted, and its window growth counter."""
     pair = MuxPair(config)
     client, server = pair.client, pair.server
     stream_ids = [pair.open_stream() for _ in range(streams)]
@@ -218,15 +218,15 @@ def fast_readers(config: MuxConfig, streams: int) -> list[int]:
                 server.acknowledge_received(event.stream_id, len(event.data), now)
         client.receive_data(server.data_to_send(), now)
         server.receive_data(client.data_to_send(), now)
-    return sorted(stream.receive_window for stream in server._streams.values())
+    return sorted(stream.receive_window for stream in server._streams.values()), server.window_growth_total
 
 
 def test_fast_readers_take_a_window_to_max_window_and_no_further() -> None:
     """The bounds property above is not vacuous: windows do reach their limits."""
-    assert fast_readers(MuxConfig(max_window=1 * MiB), streams=2) == [1 * MiB, 1 * MiB]
+    assert fast_readers(MuxConfig(max_window=1 * MiB), streams=2) == ([1 * MiB, 1 * MiB], 2 * (1 * MiB - WINDOW))
 
 
 def test_fast_readers_together_grow_by_half_the_link_window_and_no_further() -> None:
     config = MuxConfig(max_window=1 * MiB, link_window=2 * MiB)
-    windows = fast_readers(config, streams=3)
-    assert sum(w - WINDOW for w in windows) == config.link_window // 2
+    windows, growth_total = fast_readers(config, streams=3)
+    assert sum(w - WINDOW for w in windows) == growth_total == config.link_window // 2

@@ -358,6 +358,7 @@ class Mux:
         # at half the link window: a few streams that read fast, then stalled (a paused video) must not hold
         # all of it, or every other stream of the link would wait for them.
         self._link_growth = 0
+        self._window_growth_total = 0  # what auto-growth ever added, for metrics (streams gone included)
         # Resuming (see proto/resume.py). Streams closed in both directions whose last bytes or FIN the peer
         # has not confirmed yet: kept to send again if the link is lost first.
         self._retained: dict[int, _Stream] = {}
@@ -399,6 +400,11 @@ class Mux:
         """Round-trip time smoothed over every answered ping (keepalive and probes alike), or None before the
         first answer; window growth compares with it."""
         return self._smoothed_rtt
+
+    @property
+    def window_growth_total(self) -> int:
+        """Bytes window auto-growth has added to our streams' receive windows on this mux, ever (a counter)."""
+        return self._window_growth_total
 
     @property
     def can_park(self) -> bool:
@@ -838,6 +844,7 @@ class Mux:
                     stream.unannounced_growth += growth  # doubling owes >= half: announced below
                     stream.receive_window += growth
                     self._link_growth += growth
+                    self._window_growth_total += growth
             stream.epoch_started_at = now
             stream.epoch_consumed = 0
         if (stream.unannounced + stream.unannounced_growth) * 2 >= stream.receive_window:
