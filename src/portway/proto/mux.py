@@ -77,7 +77,7 @@ __all__ = ["ASSUMED_RTT", "GROWTH_ROUND_TRIPS", "RTT_PROBE_INTERVAL", "Mux", "Mu
 ASSUMED_RTT = 0.1
 """Round-trip time (seconds) window growth assumes until a ping has measured one: a typical WAN path.
 
-Guessing is safe in both directions: growth also needs the application to consume a whole window that fast,
+Guessing is safe in both directions: growth also needs the application to consume half a window that fast,
 so a slow reader never earns a bigger window whatever the RTT.
 """
 
@@ -307,7 +307,7 @@ class _Stream:
         self.peer_window = INITIAL_STREAM_WINDOW
         self.peer_consumed = 0
         self.sent_any = False  # a stream we answered on did real work; resetting it is no flood
-        # Window auto-growth measures how long the application takes to consume a full window ("epoch").
+        # Window auto-growth measures how long the application takes to consume half a window ("epoch").
         self.epoch_started_at = epoch_started_at
         self.epoch_consumed = 0
 
