@@ -28,6 +28,7 @@ sys.path.insert(0, str(FsPath(__file__).resolve().parent))
 
 import loads  # noqa: E402
 import paths  # noqa: E402
+import wan  # noqa: E402
 from procs import Monitor, Registry, StartError, machine_cpu_share, read_machine_ticks, summarize  # noqa: E402
 
 ROOT = FsPath(__file__).resolve().parents[1]
@@ -514,11 +515,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", default=str(DEFAULT_JSON), help=f"results file (default {DEFAULT_JSON.relative_to(ROOT)})")
     ap.add_argument("--paths", default=",".join(PATH_ORDER),
                     help=f"comma-separated subset of {','.join(PATH_ORDER)} (default: all)")
-    ap.add_argument("--repeat", type=int, default=1, metavar="N",
-                    help="run every case N times over every path (interleaved) and report the median run (odd N)")
+    ap.add_argument("--repeat", type=int, default=None, metavar="N",
+                    help="run every case N times over every path (interleaved) and report the median run (odd N; "
+                         "default 1, with --wan 3)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the child processes' logs (path printed)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failing cases")
+    ap.add_argument("--wan", action="store_true",
+                    help="instead of the loopback cases: the tunnel against plain TCP over an impaired link on the "
+                         "NAT test-bed (root only; see bench/README.md)")
     args = ap.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 3 if args.wan else 1
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    if args.wan:
+        return wan_main(args, argv)
 
     selected = [p.strip() for p in args.paths.split(",") if p.strip()]
     unknown = [p for p in selected if p not in PATH_ORDER]
@@ -540,8 +551,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    if args.repeat < 1:
-        ap.error("--repeat must be at least 1")
     cfg = config_for(args.quick)
     cfg["repeat"] = args.repeat
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -625,6 +634,72 @@ def main(argv: list[str] | None = None) -> int:
           + ("   (INTERRUPTED)" if interrupted else ""))
     if args.keep_logs:
         print(f"logs: {logdir}")
+    if results.get("fatal_error"):
+        print(f"FATAL: {results['fatal_error']}", file=sys.stderr)
+        return 1
+    return 130 if interrupted else 0
+
+
+def wan_main(args, argv: list[str] | None) -> int:
+    """The WAN case alone (see bench/wan.py): its own table and JSON."""
+    reason = wan.unavailable()
+    if reason:
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
+    if not (ROOT / "node_modules" / "ws").is_dir():  # portway itself runs from src/ (bench/wan.py)
+        print("error: the benchmark's Node packages are missing: run `npm ci` here first (or bash scripts/test.sh)",
+              file=sys.stderr)
+        return 2
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    t_run = time.monotonic()
+    logdir = FsPath(tempfile.mkdtemp(prefix="portway-bench-wan-"))
+    reg = Registry(logdir)
+    results: dict = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "quick": args.quick,
+        "machine": machine_info(),
+        "versions": versions(None),
+    }
+    m = results["machine"]
+    print(f"Portway benchmark, WAN case {'(quick) ' if args.quick else ''}on {m['cpu_model']}, {m['cores']} cores; "
+          f"logs in {logdir}", flush=True)
+    print(wan.wan_table({}), flush=True)
+    interrupted = False
+    try:
+        wan.run_wan(args, reg, results)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: stopping every process and removing the test-bed", file=sys.stderr, flush=True)
+    except Exception as exc:  # noqa: BLE001 - still write what was measured
+        results["fatal_error"] = _short_error(exc)
+        if args.verbose:
+            traceback.print_exc()
+    finally:
+        reg.kill_all()
+        if not args.keep_logs:
+            shutil.rmtree(logdir, ignore_errors=True)
+    results["runtime_s"] = round(time.monotonic() - t_run, 1)
+    results["machine"]["loadavg_end"] = _loadavg()
+    results["interrupted"] = interrupted
+    results["table_markdown"] = wan.wan_table(results)
+    out_path = FsPath(args.json) if args.json != str(DEFAULT_JSON) else DEFAULT_JSON.with_name("wan.json")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(results["table_markdown"])
+    for cell in (results.get("wan") or {}).get("cells", []):
+        for error in cell["errors"]:
+            print(f"- {cell['rtt_ms']} ms, {cell['loss_pct']} %, {cell['direction']}, {cell['streams']}: {error}")
+    for error in (results.get("wan") or {}).get("errors", []):
+        print(f"- {error}")
+    print(f"\nJSON: {out_path}   total runtime: {results['runtime_s']:.0f} s"
+          + ("   (INTERRUPTED)" if interrupted else ""))
     if results.get("fatal_error"):
         print(f"FATAL: {results['fatal_error']}", file=sys.stderr)
         return 1

@@ -39,7 +39,8 @@ from portway.proto.frame import (
     FrameType,
     GoAwayCode,
 )
-from portway.proto.mux import ASSUMED_RTT, LINK_CONFIRM_EVERY, Mux, MuxConfig, Role
+from portway.proto.mux import (ASSUMED_RTT, GROWTH_ROUND_TRIPS, LINK_CONFIRM_EVERY, RTT_PROBE_INTERVAL, Mux, MuxConfig,
+                               Role)
 
 from .helpers import FrameFactory, MuxPair, decode_all, window_credit
 
@@ -297,7 +298,8 @@ def test_a_reader_that_stops_reading_stalls_the_sender_exactly_at_the_window() -
     server.acknowledge_received(stream_id, WINDOW // 4, SLOW)
     assert server.data_to_send() == b"", "credit below half a window is batched"
     server.acknowledge_received(stream_id, WINDOW // 4, SLOW)
-    assert pair.transfer(SLOW) == ([WindowUpdated(stream_id)], [])
+    # the credit goes out with an RTT probe, whose answer comes back at once here
+    assert pair.transfer(SLOW) == ([WindowUpdated(stream_id)], [PingAcked(0.0)])
     assert client.send_window(stream_id) == WINDOW // 2
 
 
@@ -700,17 +702,20 @@ def fill_and_consume(pair: MuxPair, stream_id: int, times: list[float]) -> int:
     return credit
 
 
-def test_window_doubles_when_a_full_window_is_consumed_within_two_rtts() -> None:
+def test_window_doubles_when_half_a_window_is_consumed_within_two_rtts() -> None:
     pair = MuxPair(MuxConfig(max_window=1 * MiB))
     stream_id = pair.open_stream(now=0.0)
-    assert fill_and_consume(pair, stream_id, [0.05, 0.1]) == WINDOW + WINDOW  # the credit plus the growth
-    assert pair.client.send_window(stream_id) == 2 * WINDOW
+    # the first half's credit plus the growth; the second half's credit is owed (below half the new window)
+    assert fill_and_consume(pair, stream_id, [0.05, 0.1]) == WINDOW // 2 + WINDOW
+    assert pair.server._streams[stream_id].receive_window == 2 * WINDOW
+    assert pair.client.send_window(stream_id) == WINDOW + WINDOW // 2
 
 
 def test_window_stays_when_the_reader_is_slow() -> None:
     pair = MuxPair(MuxConfig(max_window=1 * MiB))
     stream_id = pair.open_stream(now=0.0)
-    assert fill_and_consume(pair, stream_id, [0.1, 2 * ASSUMED_RTT + 0.01]) == WINDOW
+    slow = GROWTH_ROUND_TRIPS * ASSUMED_RTT + 0.01  # each half takes longer than the round trips allowed
+    assert fill_and_consume(pair, stream_id, [slow, 2 * slow]) == WINDOW
     assert pair.client.send_window(stream_id) == WINDOW
 
 
@@ -721,7 +726,7 @@ def test_window_growth_stops_at_max_window() -> None:
     for epoch in range(4):
         now = epoch * 0.01
         fill_and_consume(pair, stream_id, [now, now])
-        windows.append(pair.client.send_window(stream_id))
+        windows.append(pair.server._streams[stream_id].receive_window)
     assert windows == [2 * WINDOW, 3 * WINDOW, 3 * WINDOW, 3 * WINDOW]
 
 
@@ -733,7 +738,7 @@ def test_window_growth_uses_the_measured_rtt(measured_rtt: float | None, grows: 
         pair.server.ping(0.0)
         pair.transfer(now=measured_rtt)
         assert pair.server.last_rtt == measured_rtt
-    fill_and_consume(pair, stream_id, [1.5, 1.5])  # a full window consumed 1.5 s after the open
+    fill_and_consume(pair, stream_id, [1.5])  # a full window consumed at once, 1.5 s after the open
     assert pair.client.send_window(stream_id) == (2 * WINDOW if grows else WINDOW)
 
 
@@ -746,7 +751,7 @@ def test_window_growth_stops_at_half_the_link_window() -> None:
     def grow(stream_id: int) -> int:
         for epoch in range(3):
             fill_and_consume(pair, stream_id, [epoch * 0.01] * 2)
-        return pair.client.send_window(stream_id)
+        return pair.server._streams[stream_id].receive_window
 
     assert grow(first) == 1 * MiB  # 768 KiB above the base
     assert grow(second) == 2 * WINDOW  # only 256 KiB of the 1 MiB budget was left

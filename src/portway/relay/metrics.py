@@ -102,6 +102,8 @@ class RelayCollector:
                                           labels=["tunnel"])
         rtt = GaugeMetricFamily("portway_link_rtt_seconds", "Last measured round trip of an agent link",
                                 labels=["tunnel"])
+        growth = CounterMetricFamily("portway_link_window_growth_bytes", "Bytes window auto-tuning added to the "
+                                     "receive windows of an agent link's streams", labels=["tunnel"])
         for tunnel in tunnels:
             name, own = tunnel.name, tunnel.counters
             for status_class, count in zip(STATUS_CLASSES, own.answers):
@@ -112,9 +114,12 @@ class RelayCollector:
             open_upgrades.add_metric([name], own.websockets_open)
             if tunnel.kind == "localtunnel":
                 pool_waits.add_metric([name], own.pool_waits)
-            if isinstance(tunnel, AgentTunnel) and tunnel.online and tunnel.session.mux.last_rtt is not None:
-                rtt.add_metric([name], tunnel.session.mux.last_rtt)
-        yield from (requests, received, sent, upgrades, open_upgrades, rtt, pool_waits)
+            if isinstance(tunnel, AgentTunnel) and tunnel.online:
+                mux = tunnel.session.mux
+                if mux.last_rtt is not None:
+                    rtt.add_metric([name], mux.last_rtt)
+                growth.add_metric([name], mux.window_growth_total)
+        yield from (requests, received, sent, upgrades, open_upgrades, rtt, growth, pool_waits)
         yield CounterMetricFamily("portway_unrouted_requests", "Requests the relay answered itself",
                                   value=counters.unrouted_requests)
         duration = counters.request_duration
