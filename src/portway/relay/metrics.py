@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 from ..metrics import DURATION_BUCKETS, STATUS_CLASSES, Collector, Histogram, exposition  # noqa: F401 (re-exported)
 
@@ -126,20 +126,13 @@ class RelayCollector:
         yield HistogramMetricFamily("portway_request_duration_seconds",
                                     "Time from a request's head to the end of its answer",
                                     buckets=duration.cumulative(), sum_value=duration.total)
-        failures = CounterMetricFamily("portway_auth_failures", "Failed authentications", labels=["kind"])
-        for kind, count in counters.auth_failures.items():
-            failures.add_metric([kind], count)
-        yield failures
-        errors = CounterMetricFamily("portway_protocol_errors", "Protocol errors, by who made them",
-                                     labels=["peer"])
-        for peer, count in counters.protocol_errors.items():
-            errors.add_metric([peer], count)
-        yield errors
-        refused = CounterMetricFamily("portway_refused_connections", "Connections and upgrades refused by the "
-                                      "per-address limits, by limit", labels=["limit"])
-        for limit, count in counters.refused_connections.items():
-            refused.add_metric([limit], count)
-        yield refused
+        yield _by_label(CounterMetricFamily("portway_auth_failures", "Failed authentications", labels=["kind"]),
+                        counters.auth_failures)
+        yield _by_label(CounterMetricFamily("portway_protocol_errors", "Protocol errors, by who made them",
+                                            labels=["peer"]), counters.protocol_errors)
+        yield _by_label(CounterMetricFamily("portway_refused_connections", "Connections and upgrades refused by "
+                                            "the per-address limits, by limit", labels=["limit"]),
+                        counters.refused_connections)
         if self.node_links is not None:
             yield from self._node_link_families()
 
@@ -148,22 +141,20 @@ class RelayCollector:
 
         assert self.node_links is not None
         counters = self.counters
-        links = GaugeMetricFamily("portway_node_links", "Node links open: opened by this node to other nodes (out), "
-                                  "accepted from them (in)", labels=["direction"])
-        for direction, count in self.node_links().items():
-            links.add_metric([direction], count)
-        yield links
-        streams = CounterMetricFamily("portway_forwarded_streams", "Streams over node links: opened to other nodes "
-                                      "for this node's visitors (out), accepted for this node's tunnels (in)",
-                                      labels=["direction"])
-        for direction, count in counters.forwarded_streams.items():
-            streams.add_metric([direction], count)
-        yield streams
-        failures = CounterMetricFamily("portway_node_link_failures", "Node links that did not open, by why",
-                                       labels=["reason"])
-        for reason, count in counters.node_link_failures.items():
-            failures.add_metric([reason], count)
-        yield failures
+        yield _by_label(GaugeMetricFamily("portway_node_links", "Node links open: opened by this node to other nodes "
+                                          "(out), accepted from them (in)", labels=["direction"]), self.node_links())
+        yield _by_label(CounterMetricFamily("portway_forwarded_streams", "Streams over node links: opened to other "
+                                            "nodes for this node's visitors (out), accepted for this node's tunnels "
+                                            "(in)", labels=["direction"]), counters.forwarded_streams)
+        yield _by_label(CounterMetricFamily("portway_node_link_failures", "Node links that did not open, by why",
+                                            labels=["reason"]), counters.node_link_failures)
+
+
+def _by_label(family, counts: Mapping[str, float]):
+    """`family` with one sample per label value of `counts`."""
+    for label, count in counts.items():
+        family.add_metric([label], count)
+    return family
 
 
 async def serve_metrics(host: str, port: int, collector: Collector) -> asyncio.base_events.Server:

@@ -27,7 +27,7 @@ import ssl
 import time
 import weakref
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from ..config import RelayConfig
 from ..errors import ConduitReset, ConfigurationError, HttpError, MuxClosedError
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from .front import VisitorConnection
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")  # what a stream's first line parses to
 
 NODE_CONNECT_TIMEOUT = 3.0  # seconds to reach another node: an unreachable one is a quick 502, not a hang
 NODE_ANSWER_TIMEOUT = 5.0  # seconds for a node's 101, and for its answer line on each new stream
@@ -183,6 +184,17 @@ async def _read_line(stream: MuxStream) -> tuple[bytes, bytes]:
         while (got := reader.feed(b"".join(await _read_some(stream)))) is None:
             pass
     return got
+
+
+async def _first_line(stream: MuxStream, parse: Callable[[bytes], T]) -> tuple[T, bytes] | None:
+    """A stream's first line parsed, and what came after it; None, the stream aborted, when it didn't come in time,
+    the stream ended first, or the line is not what `parse` takes."""
+    try:
+        line, rest = await _read_line(stream)
+        return parse(line), rest
+    except (ConduitReset, TimeoutError, HttpError):
+        stream.abort()
+        return None
 
 
 async def _read_some(stream: MuxStream) -> list[bytes]:
@@ -396,12 +408,9 @@ class NodeLinks:
     async def serve_stream(self, stream: MuxStream) -> None:
         """One stream from another node: name the tunnel's rules and splice it to the tunnel's agent link."""
         self.counters.forwarded_streams["in"] += 1
-        try:
-            line, rest = await _read_line(stream)
-            preamble = parse_preamble(line)
-        except (ConduitReset, TimeoutError, HttpError):
-            stream.abort()
+        if (first := await _first_line(stream, parse_preamble)) is None:
             return
+        preamble, rest = first
         tunnel = self.registry.get(preamble.tunnel)
         try:
             if isinstance(tunnel, LtTunnel):
@@ -461,12 +470,9 @@ class NodeLinks:
     async def _take_notice(self, stream: MuxStream, node: str) -> None:
         """A stream the node `node` opened on the link this node dialled: its agent of a tunnel is going away, so
         the streams kept idle for that tunnel go (the agent waits for each one) and no more are kept."""
-        try:
-            line, _ = await _read_line(stream)
-            notice = parse_going_away(line)
-        except (ConduitReset, TimeoutError, HttpError):
-            stream.abort()
+        if (first := await _first_line(stream, parse_going_away)) is None:
             return
+        notice, _ = first
         tunnel = self.tunnels.get(notice.tunnel)
         if tunnel is not None and tunnel.lease.node == node:
             tunnel.agent_going_away = True
