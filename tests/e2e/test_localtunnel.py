@@ -10,6 +10,7 @@ import re
 import select
 import signal
 import socket
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -179,6 +180,22 @@ def test_40_concurrent_visitors_share_the_10_socket_pool(forwstest):
     # only more than POOL requests at once could finish sooner.
     rounds = visitors // POOL
     assert elapsed >= rounds * (answer_ms - 50) / 1000
+
+
+def test_visitors_that_each_close_their_connection_are_all_served_while_lt_replaces_its_sockets(procs, origin):
+    """A visitor's `Connection: close` reaches the local app, which closes lt's local connection, so lt closes
+    its pool socket and opens a new one: with every visitor doing that at once the pool empties now and then, and
+    visitors arriving at such a moment wait for the replacements instead of being told lt is not connected.
+    wrk makes new connections fast enough for that to happen many times in two seconds (past the default cap of
+    new connections per address, so it is raised here)."""
+    relay = start_relay(procs, "--max-connection-rate-per-ip", "1000000")
+    _, name = lt_tunnel(procs, relay, origin, "closers")
+    run = subprocess.run(["wrk", "-t1", f"-c{POOL}", "-d2s", "-H", f"Host: {relay.host(name)}", "-H",
+                          "Connection: close", f"http://127.0.0.1:{relay.port}/"],
+                         capture_output=True, text=True, timeout=60)
+    served = re.search(r"(\d+) requests in", run.stdout)
+    assert run.returncode == 0 and served and int(served.group(1)) > 0, run.stdout + run.stderr
+    assert "Non-2xx" not in run.stdout and "Socket errors" not in run.stdout, run.stdout
 
 
 def test_10mb_upload_intact(forwstest):

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 KEEPALIVE_IDLE = 60
 KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 3
+# An emptied pool is waited on this long for lt's replacement sockets before visitors get "not connected".
+REPLACEMENT_WAIT = 1.0
 
 
 class PoolSocket(Connection):
@@ -117,11 +119,12 @@ class LtTunnel(Tunnel):
         self.servers: list[asyncio.base_events.Server] = []
         self.port = 0
         self.closed = False
+        self._replacing: asyncio.TimerHandle | None = None  # the pool emptied just now: lt is opening new sockets
 
     # state
     @property
     def online(self) -> bool:
-        return bool(self.sockets) and not self.closed
+        return not self.closed and (bool(self.sockets) or self._replacing is not None)
 
     @property
     def connected_sockets(self) -> int:
@@ -164,6 +167,9 @@ class LtTunnel(Tunnel):
             log.info("lt tunnel %s: refused a pool socket from %s: %s", self.name, sock.peer_ip, verdict.value)
             return False
         self.sockets.add(sock)
+        if self._replacing is not None:
+            self._replacing.cancel()
+            self._replacing = None
         if self.registry.get(self.name) is self:
             self.registry.keep(self)
         self._offer(sock)
@@ -182,10 +188,18 @@ class LtTunnel(Tunnel):
             if sock in stack:
                 stack.remove(sock)
         if not self.sockets and not self.closed:
-            log.info("lt tunnel %s: no pool socket left; name kept for %ss", self.name, self.grace_period)
-            self._wake_all()
+            # lt replaces each socket it sees closed within milliseconds, and a pool of visitors that each close
+            # their connection (so lt's local one, so its socket) empties it now and then: visitors wait for the
+            # replacements, up to REPLACEMENT_WAIT; an lt client that is gone gets them their 502 after that
+            if self._replacing is None:
+                self._replacing = asyncio.get_running_loop().call_later(REPLACEMENT_WAIT, self._replacement_overdue)
             if self.registry.get(self.name) is self:
                 self.registry.free_after(self, self.grace_period)
+
+    def _replacement_overdue(self) -> None:
+        self._replacing = None
+        log.info("lt tunnel %s: no pool socket left; name kept for %ss", self.name, self.grace_period)
+        self._wake_all()
 
     def _offer(self, sock: PoolSocket) -> None:
         """A clean, free socket: to the longest waiting visitor, else into the pool."""
@@ -268,6 +282,9 @@ class LtTunnel(Tunnel):
         if self.closed:
             return
         self.closed = True
+        if self._replacing is not None:
+            self._replacing.cancel()
+            self._replacing = None
         self._close_servers()
         for sock in list(self.sockets):
             sock.close()
