@@ -64,15 +64,25 @@ def cluster(procs, redis_server, tmp_path):  # noqa: F811
     return cluster
 
 
+class NotAnswered(Exception):
+    """The node refused the connection, or ended it before a byte of an answer: what a node that stops listening
+    does (closing its listener resets the connections still in its accept queue, which it never saw). A client
+    retries such a GET elsewhere, as browsers do; a node may not fail one it has answered any part of."""
+
+
 def visit(relay: Relay, index: int) -> None:
-    """One new visitor's GET through `relay`; raises unless it got the whole, right answer (ConnectionRefusedError
-    when the node doesn't listen)."""
+    """One new visitor's GET through `relay`; raises unless it got the whole, right answer (NotAnswered when the
+    node doesn't listen, or let go of the connection without answering)."""
     size = SIZES[index % len(SIZES)]
     conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=20)
     try:
-        conn.request("GET", f"/download?bytes={size}&seed=s{size}",
-                     headers={"Host": relay.host("web"), "Connection": "close"})
-        response = conn.getresponse()
+        try:
+            conn.request("GET", f"/download?bytes={size}&seed=s{size}",
+                         headers={"Host": relay.host("web"), "Connection": "close"})
+            response = conn.getresponse()
+        except (ConnectionRefusedError, ConnectionResetError, BrokenPipeError) as error:
+            # (http.client's RemoteDisconnected, an end before the status line, is a ConnectionResetError)
+            raise NotAnswered(repr(error)) from error
         body = response.read()
     finally:
         conn.close()
@@ -84,7 +94,7 @@ def served_by_all(nodes: list[Relay]) -> bool:
     try:
         for index, node in enumerate(nodes):
             visit(node, index)
-    except (AssertionError, OSError, http.client.HTTPException):
+    except (NotAnswered, AssertionError, OSError, http.client.HTTPException):
         return False
     return True
 
@@ -106,8 +116,8 @@ def received_by_peer(sock: socket.socket) -> bool:
 
 class Visitors(threading.Thread):
     """New visitors one after the other, round robin over the nodes; a visitor whose node refuses the
-    connection goes on to the next node (as a client of a DNS name with several addresses does). Anything else
-    that isn't the right answer is a failure."""
+    connection or ends it unanswered goes on to the next node (as a client of a DNS name with several addresses
+    does). Anything else that isn't the right answer is a failure."""
 
     def __init__(self, nodes: list[Relay]) -> None:
         super().__init__(daemon=True)
@@ -123,7 +133,7 @@ class Visitors(threading.Thread):
                 node = self.nodes[(index + attempt) % len(self.nodes)]
                 try:
                     visit(node, index)
-                except ConnectionRefusedError:
+                except NotAnswered:
                     continue
                 except (AssertionError, OSError, http.client.HTTPException) as error:
                     self.failures.append(f"visitor {index} via port {node.port}: {error!r}")
@@ -131,7 +141,7 @@ class Visitors(threading.Thread):
                     self.served += 1
                 break
             else:
-                self.failures.append(f"visitor {index}: every node refused the connection")
+                self.failures.append(f"visitor {index}: every node refused the connection or left it unanswered")
             index += 1
 
     def stop(self) -> None:
