@@ -14,9 +14,12 @@ import urllib.request
 from .conftest import PORTWAY, Proc, Processes, Relay, free_port, start_origin, start_relay
 
 IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)$")
-NEVER_IN_A_PLAIN_RELAY = ("rich", "portway.inspector", "portway.relay.acme", "portway.relay.cluster", "acme",
-                          "josepy", "cryptography", "redis")
-NEVER_IN_AGENT_WITHOUT_INSPECTOR = ("rich", "portway.inspector", "wsproto", "h11", "email")
+# and neither reads a TOML file (tomllib, and the datetime it loads), suggests a mistyped key (difflib) or serves
+# an error page (html's entity table) here
+UNUSED_BY_BOTH = ("rich", "portway.inspector", "tomllib", "datetime", "difflib", "html")
+NEVER_IN_A_PLAIN_RELAY = (*UNUSED_BY_BOTH, "portway.relay.acme", "portway.relay.cluster", "acme", "josepy",
+                          "cryptography", "redis")
+NEVER_IN_AGENT_WITHOUT_INSPECTOR = (*UNUSED_BY_BOTH, "wsproto", "h11", "email")
 
 
 def imported(proc: Proc) -> set[str]:
