@@ -41,7 +41,7 @@ from .configfile import (
 )
 from .errors import ConfigurationError, RegistrationError
 from .proto.mux import MuxConfig
-from .runtime import tune_for_serving
+from .runtime import HeapTrimmer, tune_for_serving
 
 class Stderr:
     """The commands' standard error. A plain line is written as it is; rich (its console is 40-odd modules and
@@ -322,10 +322,16 @@ def _run(make: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal)
+        trimmer = HeapTrimmer.for_this_process()
+        if trimmer is not None:
+            trimmer.start()
         try:
             return await make(stop)
         except asyncio.CancelledError:
             return 0
+        finally:
+            if trimmer is not None:
+                trimmer.stop()
 
     try:
         import uvloop
