@@ -164,7 +164,7 @@ class MuxStream(ReceiveBuffer):
 
     async def send(self, data: bytes) -> None:
         session = self.session
-        view = memoryview(data)
+        view = data  # passed whole: the mux keeps a small payload as it is (a view only for what is left)
         while True:
             if self._reset or self._closed:
                 raise ConduitReset(f"stream {self.stream_id} was reset")
@@ -175,7 +175,7 @@ class MuxStream(ReceiveBuffer):
             session.schedule_flush()
             if sent == len(view):
                 break
-            view = view[sent:]
+            view = memoryview(view)[sent:]
             self._window_waiter = self._loop.create_future()
             try:
                 await self._window_waiter
