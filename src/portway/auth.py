@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import tomllib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,8 @@ OPEN_GRANT = Grant(label="anonymous", digest="")
 def load_tokens_file(path: str | Path) -> list[Grant]:
     """Read `[[token]]` tables: `sha256` (or `token`, hashed on load), `label`, `names`, `ports`, `max_tunnels`.
     A port reserved by two tokens is refused: it could only ever be the first one's."""
+    import tomllib  # here: an open relay never needs it (nor datetime, which it loads)
+
     try:
         document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as error:

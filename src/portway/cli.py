@@ -6,16 +6,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import functools
 import logging
 import os
 import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Awaitable, Callable, Mapping
-
-from rich.console import Console
-from rich.markup import escape
+from typing import Awaitable, Callable, Mapping, TextIO
 
 from . import __version__
 from .auth import hash_token
@@ -43,16 +41,45 @@ from .configfile import (
 )
 from .errors import ConfigurationError, RegistrationError
 from .proto.mux import MuxConfig
-from .runtime import tune_for_serving
+from .runtime import HeapTrimmer, tune_for_serving
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)  # a message stays one line, whatever the width
+class Stderr:
+    """The commands' standard error. A plain line is written as it is; rich (its console is 40-odd modules and
+    about 2 MiB of a relay or an agent that idles at ~30) is loaded only for what needs it: the coloured prefix
+    of an error or a warning, and the agent's live display on a terminal."""
+
+    @property
+    def file(self) -> TextIO:
+        return sys.stderr  # looked up at each write, as rich's Console(stderr=True) does
+
+    def say(self, line: str) -> None:
+        self.file.write(line + "\n")
+        self.file.flush()
+
+    @functools.cached_property
+    def rich(self):
+        from rich.console import Console
+
+        return Console(stderr=True, highlight=False, soft_wrap=True)  # a message stays one line, whatever the width
+
+    def marked(self, prefix: str, text: str) -> None:
+        """`text` (never read as markup) after `prefix`, rich markup such as "[red]error:[/]"."""
+        from rich.markup import escape
+
+        self.rich.print(f"{prefix} {escape(text)}")
+
+    def is_terminal(self) -> bool:
+        return self.file.isatty() and self.rich.is_terminal
+
+
+stderr = Stderr()
 
 
 def fail(message: str, status: int) -> int:
     """Print an error for the user (never read as rich markup) and return the exit status. A message of several
     lines (a relay refusing several tunnels, one reason each) is one error line each."""
     for line in message.splitlines() or [""]:
-        stderr.print(f"[red]error:[/] {escape(line)}")
+        stderr.marked("[red]error:[/]", line)
     return status
 
 EMBEDDED_PORT_ATTEMPTS = 50
@@ -164,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "start":
             path, config, tunnels = start_config(args, os.environ)
             names = ", ".join(tunnel.label for tunnel in tunnels) if tunnels else str(config.name)
-            stderr.print(f"tunnel{'s' if len(tunnels) > 1 else ''} {escape(names)} of {escape(str(path))}")
+            stderr.say(f"tunnel{'s' if len(tunnels) > 1 else ''} {names} of {path}")
         else:
             config = config_from(args, os.environ)
             if args.command == "tcp":
@@ -208,10 +235,10 @@ def verbose_logging() -> bool:
 
 def inspector_config(config: AgentConfig):
     """The inspector's settings from `--inspect ADDR` / `--no-inspect`; None when it is off."""
+    if config.no_inspect:
+        return None  # and the inspector's modules (its capture, wsproto, h11, email) are never imported
     from .inspector.app import InspectorConfig
 
-    if config.no_inspect:
-        return None
     if config.inspect is None:
         return InspectorConfig()
     host, port = config.inspect
@@ -295,10 +322,16 @@ def _run(make: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal)
+        trimmer = HeapTrimmer.for_this_process()
+        if trimmer is not None:
+            trimmer.start()
         try:
             return await make(stop)
         except asyncio.CancelledError:
             return 0
+        finally:
+            if trimmer is not None:
+                trimmer.stop()
 
     try:
         import uvloop
@@ -317,21 +350,21 @@ async def run_server(config: RelayConfig, stop: asyncio.Event | None = None) -> 
         return fail(str(error), 2)
     except OSError as error:
         return fail(f"cannot listen on {config.bind}:{config.port}: {error.strerror or error}", 1)
-    stderr.print(f"Portway relay on {config.bind}:{relay.port}; tunnels at {relay.public_url('NAME')}")
+    stderr.say(f"Portway relay on {config.bind}:{relay.port}; tunnels at {relay.public_url('NAME')}")
     tokens = f"{len(config.grants)} agent token(s)" if config.grants else "no tokens (open relay)"
     tls = "TLS on" if config.tls_cert else "no TLS"
     if config.acme_email:
         tls = f"TLS by ACME ({'a wildcard certificate through DNS-01' if config.acme_dns else 'per-name TLS-ALPN-01'})"
-    stderr.print(f"{tokens}, {tls}, access log {config.log_format if config.access_log else 'off'}")
+    stderr.say(f"{tokens}, {tls}, access log {config.log_format if config.access_log else 'off'}")
     if config.cluster is not None:
         links = (f"over TLS, each node checked as NODE-ID.{config.domain}" if relay.nodes.tls is not None
                  else "in plain TCP (keep them on a private network)")
-        stderr.print(f"cluster node {config.node_id} (reached at {config.advertise}), registry {config.cluster}, "
-                     f"node links {links}")
+        stderr.say(f"cluster node {config.node_id} (reached at {config.advertise}), registry {config.cluster}, "
+                   f"node links {links}")
     if relay.metrics_address is not None:
         host, port = relay.metrics_address
-        stderr.print(f"metrics: http://{host}:{port}/metrics" if ":" not in host
-                     else f"metrics: http://[{host}]:{port}/metrics")
+        stderr.say(f"metrics: http://{host}:{port}/metrics" if ":" not in host
+                   else f"metrics: http://[{host}]:{port}/metrics")
     if relay.certificates is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, relay.certificates.reload)
     elif relay.acme is not None:
@@ -341,10 +374,10 @@ async def run_server(config: RelayConfig, stop: asyncio.Event | None = None) -> 
         await (stop or asyncio.Event()).wait()
         busy = relay.exchanges_in_flight()
         agents = "agents are handed over to the other nodes" if config.cluster else "agents were told to reconnect"
-        stderr.print(f"stopping: no new visitors; {busy} exchange(s) in flight get up to {config.drain_timeout:g} s to "
-                     f"finish, {agents} (a second signal stops at once)")
+        stderr.say(f"stopping: no new visitors; {busy} exchange(s) in flight get up to {config.drain_timeout:g} s to "
+                   f"finish, {agents} (a second signal stops at once)")
         cut = await relay.drain(config.drain_timeout)
-        stderr.print(f"stopped: {cut} exchange(s) cut at the drain timeout" if cut else "stopped: all exchanges done")
+        stderr.say(f"stopped: {cut} exchange(s) cut at the drain timeout" if cut else "stopped: all exchanges done")
     finally:
         await relay.close()
     return 0
@@ -377,13 +410,13 @@ async def start_inspector(config: AgentConfig, inspect):
     except OSError as error:
         if not inspect.next_free:
             raise
-        stderr.print(f"inspector: off ({escape(error.strerror or str(error))} on ports {inspect.port}-"
-                     f"{inspect.port + inspect.port_attempts - 1}; use --inspect ADDR)")
+        stderr.say(f"inspector: off ({error.strerror or error} on ports {inspect.port}-"
+                   f"{inspect.port + inspect.port_attempts - 1}; use --inspect ADDR)")
         return None
-    stderr.print(f"inspector: {inspector.url}", soft_wrap=True)
+    stderr.say(f"inspector: {inspector.url}")
     if not inspect.loopback:
-        stderr.print("[yellow]warning:[/] the inspector shows every request, cookies and credentials included, "
-                     f"to whoever reaches {escape(inspect.host)}:{inspector.port}")
+        stderr.marked("[yellow]warning:[/]", "the inspector shows every request, cookies and credentials included, "
+                      f"to whoever reaches {inspect.host}:{inspector.port}")
     return inspector
 
 
@@ -421,21 +454,20 @@ async def serve_until_stopped(agent, config: AgentConfig, stop: asyncio.Event, s
 
 async def run_http(config: AgentConfig, inspect=None, stop: asyncio.Event | None = None, tunnels: tuple = ()) -> int:
     from .agent.client import Agent
-    from .agent.console import AgentConsole, Tally
-    from .agent.metrics import AgentCollector, exposition
+    from .agent.console import AgentConsole
 
     relay = None
     relay_urls = config.relay
     if not relay_urls:
         relay = await start_embedded_relay(config.mux)
         relay_urls = (f"http://127.0.0.1:{relay.port}",)
-        stderr.print(f"No --relay given: running an embedded relay on 127.0.0.1:{relay.port}. Its URL works on this "
-                     "machine only; to share beyond it, run `portway server` on a public host and pass --relay URL.")
+        stderr.say(f"No --relay given: running an embedded relay on 127.0.0.1:{relay.port}. Its URL works on this "
+                   "machine only; to share beyond it, run `portway server` on a public host and pass --relay URL.")
     relay_url = ", ".join(relay_urls)
     if config.basic_auth:
-        stderr.print("visitors must log in (--basic-auth)")
+        stderr.say("visitors must log in (--basic-auth)")
     if config.allow_ip:
-        stderr.print(f"visitors only from {', '.join(config.allow_ip)} (--allow-ip)")
+        stderr.say(f"visitors only from {', '.join(config.allow_ip)} (--allow-ip)")
 
     inspector = None
     console = None
@@ -448,11 +480,14 @@ async def run_http(config: AgentConfig, inspect=None, stop: asyncio.Event | None
                             f"{error.strerror or error}", 1)
         tally = None
         if inspector is not None:
+            from .agent.console import Tally
+
             tally = Tally()
             inspector.store.listen(tally.on_event)
         target = ", ".join(tunnel.target for tunnel in tunnels) if tunnels else f"{config.local_host}:{config.port}"
-        console = AgentConsole(stderr, relay_url, target, tally,
-                               live=stderr.is_terminal and not verbose_logging(), log_format=config.log_format)
+        live = stderr.is_terminal() and not verbose_logging()
+        console = AgentConsole(stderr.rich if live else stderr, relay_url, target, tally, live=live,
+                               log_format=config.log_format)
 
         def show_url(url: str) -> None:
             console.url(url)
@@ -464,6 +499,8 @@ async def run_http(config: AgentConfig, inspect=None, stop: asyncio.Event | None
         agent = Agent(config, relay_urls, on_url=show_url, on_status=console.status, tunnels=tunnels)
         console.agent = agent
         if inspector is not None:
+            from .agent.metrics import AgentCollector, exposition
+
             agent.new_tap = inspector.tap
             collector = AgentCollector(tally, agent)
             inspector.metrics = lambda: exposition(collector)

@@ -9,11 +9,9 @@ Every mistake is a one-line ConfigurationError naming the file and the key, and 
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -86,6 +84,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigurationError(f"cannot read {path}: {error.strerror or error}") from None
     except UnicodeDecodeError:
         raise ConfigurationError(f"{path}: not UTF-8 text, so not TOML") from None
+    import tomllib  # here: a relay or an agent run without a file never needs it (nor datetime, which it loads)
+
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -116,6 +116,8 @@ def check_keys(table: Mapping[str, Any], allowed: Iterable[str], path: Path, pre
     allowed = list(allowed)
     for key in table:
         if key not in allowed:
+            import difflib  # only to say what a mistyped key was meant to be
+
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigurationError(f"unknown key '{prefix}{toml_key(key)}' in {path}{hint}; allowed {what}: "
@@ -222,6 +224,8 @@ class AgentFile:
         for name in names:
             folded = name.lower()
             if folded not in known:
+                import difflib  # only to say what a mistyped name was meant to be
+
                 close = difflib.get_close_matches(folded, known, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ConfigurationError(f"no tunnel named '{name}' in {self.path}{hint}; its tunnels: "

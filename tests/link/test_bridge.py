@@ -4,10 +4,12 @@ loopback sockets in one process: flow control in both directions, integrity, end
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import socket
 import struct
+import weakref
 
 import pytest
 
@@ -182,6 +184,35 @@ def test_a_reset_on_either_side_resets_the_other(how):
         await world.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("how", ["clean end", "reset"])
+def test_a_finished_bridge_is_freed_without_the_cycle_collector(how):
+    """One bridge (and stream, and service connection) per proxied connection: a reference cycle left between
+    them is garbage the collector finds only at its next run, by then thousands of connections' worth under a
+    burst of new connections."""
+
+    async def main():
+        world = await World.start()
+        world.service.reading.set()
+        stream = world.relay_side.open_stream()
+        stream.write(b"hello")
+        await until(lambda: world.bridges, "the bridge")
+        bridge = weakref.ref(world.bridges.pop())
+        if how == "clean end":
+            stream.write_eof()
+            assert await stream.read_chunks() == []  # the service ended its side too: the bridge forwarded it
+            stream.close()
+        else:
+            stream.abort()
+        await until(lambda: bridge() is None, "the bridge to be freed by reference counting")
+        await world.stop()
+
+    gc.disable()
+    try:
+        asyncio.run(main())
+    finally:
+        gc.enable()
 
 
 def test_what_arrived_before_a_take_over_reaches_the_stream_whole_and_in_order():

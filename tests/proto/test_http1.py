@@ -238,6 +238,20 @@ def test_close_delimited_response_parser_is_freed_at_eof():
         gc.enable()
 
 
+def test_a_closed_request_parser_is_freed_without_the_cycle_collector():
+    # one parser per visitor connection: left as a cycle, a burst of new connections piles them up between runs
+    gc.disable()
+    try:
+        parser = http1.RequestParser()
+        parser.feed(b"GET / HTTP/1.1\r\nHost: a.x\r\n\r\n")
+        parser.close()
+        alive = weakref.ref(parser)
+        del parser
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
 # ----------------------------------------------------------------------------------------------- hardening
 
 CHUNKED_WITH_TRAILER = (b"POST / HTTP/1.1\r\nHost: a.x\r\nTransfer-Encoding: chunked\r\n\r\n"

@@ -20,10 +20,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from ..inspector.capture import SERVICE, VISITOR, Exchange
 from ..metrics import DURATION_BUCKETS, Histogram
 
 if TYPE_CHECKING:
+    from ..inspector.capture import Exchange
     from .client import Agent
 
 RECENT = 12  # requests the display lists
@@ -66,6 +66,9 @@ class Tally:
     """What the tunnel has carried, as seen by the capture: counters and the last requests."""
 
     def __init__(self, recent: int = RECENT, clock: Callable[[], float] = time.monotonic) -> None:
+        # imported here: a tally exists only with the inspector on, and an agent without it never loads its modules
+        from ..inspector.capture import SERVICE, VISITOR
+
         self.clock = clock
         self.answers = [0, 0, 0, 0, 0]  # by status class, index = status // 100 - 1
         self.unanswered = 0  # exchanges that ended without a response
@@ -245,7 +248,7 @@ class AgentConsole:
 
     def __init__(self, console, relay: str, target: str, tally: Tally | None, live: bool,
                  log_format: str = "text") -> None:
-        self.console = console  # rich Console on stderr
+        self.console = console  # live: a rich Console on stderr; else anything with the `file` to write lines to
         self.relay = relay
         self.target = target
         self.tally = tally
@@ -281,9 +284,8 @@ class AgentConsole:
             self.statuses.append(f"{clock_time(time.time())} {text}")
             self._live.refresh()
         else:
-            from rich.markup import escape
-
-            self.console.print(escape(text))
+            self.console.file.write(text + "\n")
+            self.console.file.flush()
 
     def request_done(self, done: Finished) -> None:
         if self.live_mode:

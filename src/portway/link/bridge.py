@@ -58,7 +58,7 @@ class StreamBridge(asyncio.Protocol):
             return
         if self.tap is not None:
             self.tap.to_visitor(data)
-        self._send(memoryview(data))
+        self._send(data)
 
     def eof_received(self) -> bool:
         self._service_ended = True
@@ -110,7 +110,7 @@ class StreamBridge(asyncio.Protocol):
             self.session.consumed(self.stream.stream_id, held)
 
     # service -> stream
-    def _send(self, view: memoryview) -> None:
+    def _send(self, view: bytes | memoryview) -> None:
         session = self.session
         try:
             sent = session.mux.send_data(self.stream.stream_id, view)
@@ -119,7 +119,7 @@ class StreamBridge(asyncio.Protocol):
             return
         session.schedule_flush()
         if sent < len(view):
-            self._unsent = view[sent:]
+            self._unsent = memoryview(view)[sent:]
             self._pause_reading()
         elif session.writing_paused and not self._waiting_for_link:
             self._waiting_for_link = True

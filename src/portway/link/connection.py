@@ -108,7 +108,10 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
     (reading pauses past HIGH_WATER), and tracks the peer's end, a reset, and whether writes must wait (`drain`).
     Visitors' connections, lt pool sockets and the agent's dial-out before its link starts are Connections."""
 
-    HIGH_WATER = 512 * 1024
+    HIGH_WATER = 128 * 1024
+    """Reading pauses past this much unread, so at most one socket read (uvloop's are up to 256 KiB) waits beyond
+    it, and what a reader takes is usually one chunk, not a join of several. At 512 KiB a visitor's 200 MB upload
+    kept ~2 MiB more in the relay (the chunks read ahead, their join, the parser's copy of it) for no throughput."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None

@@ -107,9 +107,11 @@ class MuxStream(ReceiveBuffer):
         self._reset = True
         self._eof = True
         self._closed = True
-        if self._sink is not None:
+        sink = self._sink
+        if sink is not None:
             self._deliver()
-            self._sink.stream_reset()
+            self._sink = None  # gone from the session: nothing more for it (see _forget)
+            sink.stream_reset()
             return
         self._wake_reader()
         self._on_window()
@@ -162,7 +164,7 @@ class MuxStream(ReceiveBuffer):
 
     async def send(self, data: bytes) -> None:
         session = self.session
-        view = memoryview(data)
+        view = data  # passed whole: the mux keeps a small payload as it is (a view only for what is left)
         while True:
             if self._reset or self._closed:
                 raise ConduitReset(f"stream {self.stream_id} was reset")
@@ -173,7 +175,7 @@ class MuxStream(ReceiveBuffer):
             session.schedule_flush()
             if sent == len(view):
                 break
-            view = view[sent:]
+            view = memoryview(view)[sent:]
             self._window_waiter = self._loop.create_future()
             try:
                 await self._window_waiter
@@ -232,6 +234,9 @@ class MuxStream(ReceiveBuffer):
     def _forget(self) -> None:
         self._closed = True
         self.session.streams.pop(self.stream_id, None)
+        # The sink (a bridge) refers to this stream too: unlinked now, the pair and the connection it holds are
+        # freed as the stream ends, not piled up by the thousand (a connection each) for the cyclic collector.
+        self._sink = None
 
 
 class MuxSession(asyncio.Protocol):

@@ -158,6 +158,11 @@ class RequestParser:
         """Whether a request has begun and not ended: its remaining bytes (body) are still to come."""
         return self._in_message and not self._switched
 
+    def close(self) -> None:
+        """The connection is done: let go of llhttp, which holds our bound callbacks (as ResponseParser does when
+        its response ends), so both are freed by reference counting instead of left as a cycle per connection."""
+        self._parser = None
+
     def feed(self, data: bytes) -> list[object]:
         """Parse `data`; returns RequestHead, Body, MessageEnd and Switched events in order."""
         if self._switched:

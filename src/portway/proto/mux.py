@@ -769,12 +769,17 @@ class Mux:
             if fin:
                 self.end_stream(stream_id)
             return 0
-        view = memoryview(data)[:accepted]
-        if type(view.obj) is not bytes:
-            # Queued frames reference the payload until data_to_send(); a mutable buffer must be frozen first.
-            view = memoryview(bytes(view))
-        stream.retransmit.append(view)  # kept until the peer confirms it (the window bounds how much)
         frame_size = self.config.max_frame_size
+        if accepted == size <= frame_size and type(data) is bytes:
+            # one whole frame, kept and queued as it is: a view would add ~230 bytes to each small payload kept
+            # for a resend, and a relay keeps thousands of request heads (an agent, of answers) at a time
+            view = data
+        else:
+            view = memoryview(data)[:accepted]
+            if type(view.obj) is not bytes:
+                # Queued frames reference the payload until data_to_send(); a mutable buffer must be frozen first.
+                view = memoryview(bytes(view))
+        stream.retransmit.append(view)  # kept until the peer confirms it (the window bounds how much)
         outbound = self._outbound
         for start in range(0, accepted, frame_size):
             chunk = view[start : start + frame_size]
@@ -1150,10 +1155,10 @@ class Mux:
         stream.send_window = INITIAL_STREAM_WINDOW - retransmit.end
         return self._resend(stream_id, retransmit.since(0), stream.state in _FIN_SENT_STATES)
 
-    def _resend(self, stream_id: int, chunks: list[memoryview], fin: bool) -> int:
+    def _resend(self, stream_id: int, chunks: list[bytes | memoryview], fin: bool) -> int:
         frame_size = self.config.max_frame_size
         outbound = self._outbound
-        frames: list[memoryview] = []
+        frames: list[bytes | memoryview] = []
         for chunk in chunks:
             frames.extend(chunk[start : start + frame_size] for start in range(0, len(chunk), frame_size))
         for index, frame in enumerate(frames):

@@ -141,9 +141,9 @@ class RetransmitTally:
 class RetransmitBuffer:
     """The bytes of one stream sent but not yet known to have arrived: positions ``start`` to ``end``.
 
-    Holds the payload views the mux queued (no copy); ``trim`` drops what the peer confirmed, ``since``
-    returns what to send again from a position the peer reported, ``clear`` drops it all (the stream is done
-    with). The link's tally follows every change.
+    Holds the payloads the mux queued (no copy: a small one whole, as it is, the rest as views); ``trim`` drops
+    what the peer confirmed, ``since`` returns what to send again from a position the peer reported, ``clear``
+    drops it all (the stream is done with). The link's tally follows every change.
     """
 
     __slots__ = ("start", "end", "_chunks", "_tally")
@@ -151,13 +151,13 @@ class RetransmitBuffer:
     def __init__(self, tally: RetransmitTally) -> None:
         self.start = 0
         self.end = 0
-        self._chunks: deque[memoryview] = deque()
+        self._chunks: deque[bytes | memoryview] = deque()
         self._tally = tally
 
     def __len__(self) -> int:
         return self.end - self.start
 
-    def append(self, chunk: memoryview) -> None:
+    def append(self, chunk: bytes | memoryview) -> None:
         self._chunks.append(chunk)
         self.end += len(chunk)
         self._tally.held += len(chunk)
@@ -177,21 +177,21 @@ class RetransmitBuffer:
                 chunks.popleft()
                 drop -= len(first)
             else:
-                chunks[0] = first[drop:]
+                chunks[0] = memoryview(first)[drop:]
                 drop = 0
         self.start = position
 
-    def since(self, position: int) -> list[memoryview]:
+    def since(self, position: int) -> list[bytes | memoryview]:
         """The bytes from ``position`` to the end; ``position`` must be in ``start..end``."""
         if not self.start <= position <= self.end:
             raise ValueError(f"position {position} is outside the buffer's {self.start}..{self.end}")
         skip = position - self.start
-        chunks: list[memoryview] = []
+        chunks: list[bytes | memoryview] = []
         for chunk in self._chunks:
             if skip >= len(chunk):
                 skip -= len(chunk)
                 continue
-            chunks.append(chunk[skip:] if skip else chunk)
+            chunks.append(memoryview(chunk)[skip:] if skip else chunk)
             skip = 0
         return chunks
 

@@ -175,6 +175,7 @@ class VisitorConnection:
             pass
         finally:
             conn.close()
+            self.parser.close()
 
     async def linger(self) -> None:
         """The relay answered before the visitor finished sending its request: end our side after the answer
