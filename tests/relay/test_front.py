@@ -15,7 +15,7 @@ from portway.link.connection import ReceiveBuffer
 from portway.relay.front import FrontServices, VisitorConnection
 from portway.relay.metrics import RelayCounters, TunnelCounters
 from portway.config import RelayConfig
-from portway.proto.http1 import Switched
+from portway.proto.http1 import RequestHead, RequestParser, Switched
 
 
 class ScriptedConduit(ReceiveBuffer):
@@ -64,11 +64,18 @@ class RecordingVisitor:
         raise AssertionError("the visitor must not be reset")
 
 
+def request_head(method: str, upgrade: bytes | None) -> RequestHead:
+    asks = b"Connection: Upgrade\r\nUpgrade: %b\r\n" % upgrade if upgrade is not None else b""
+    (head, *_) = RequestParser().feed(b"%b / HTTP/1.1\r\nHost: a.x\r\n%b\r\n" % (method.encode(), asks))
+    assert isinstance(head, RequestHead) and head.upgrade == upgrade
+    return head
+
+
 def forward(reads: list[list[bytes]], method: str = "GET", upgrade: bytes | None = None):
     async def main():
         visitor = RecordingVisitor()
         proxy = VisitorConnection(visitor, "http", FrontServices(RelayConfig(), None, None, None, RelayCounters(), None))
-        request = SimpleNamespace(method=method, http_version="1.1", keep_alive=True, upgrade=upgrade)
+        request = request_head(method, upgrade)
         conduit = ScriptedConduit(reads)
         outcome = await proxy.forward_response(request, conduit, may_retry=False)
         return outcome, visitor.writes, list(conduit._chunks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import httptools
 
@@ -107,7 +108,7 @@ class ResponseHead:
 
 @dataclass(slots=True)
 class Body:
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(slots=True)
@@ -158,7 +159,7 @@ class RequestParser:
         """Whether a request has begun and not ended: its remaining bytes (body) are still to come."""
         return self._in_message and not self._switched
 
-    def feed(self, data: bytes) -> list[object]:
+    def feed(self, data: bytes | memoryview) -> list[object]:
         """Parse `data`; returns RequestHead, Body, MessageEnd and Switched events in order."""
         if self._switched:
             raise RuntimeError("the connection has switched protocols; feed raw bytes elsewhere")
@@ -168,7 +169,7 @@ class RequestParser:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._switched = True
-            self._events.append(Switched(data[upgrade.args[0] :]))
+            self._events.append(Switched(bytes(data[upgrade.args[0] :])))
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__
             if isinstance(cause, HttpError):
@@ -278,18 +279,22 @@ class RequestParser:
     @staticmethod
     def _origin_form(target: bytes, host: str) -> bytes:
         try:
-            url = httptools.parse_url(target)
+            # Any: httptools' URL fields are None when absent, whatever its stubs say (a compiled build checks them)
+            url: Any = httptools.parse_url(target)
         except httptools.HttpParserInvalidURLError:
             raise HttpError(400, "the request target is not a valid URL") from None
-        if url.host is None:
+        url_host: bytes | None = url.host
+        if url_host is None:
             raise HttpError(400, "the request target is not a valid URL")
-        authority = url.host.decode("latin-1")
-        if url.port is not None:
-            authority += f":{url.port}"
+        authority = url_host.decode("latin-1")
+        port: int | None = url.port
+        if port is not None:
+            authority += f":{port}"
         if authority.lower() != host.lower():
             raise HttpError(400, "the absolute request target names a different host than the Host header")
-        path = url.path or b"/"
-        return path + (b"?" + url.query if url.query else b"")
+        path: bytes | None = url.path
+        query: bytes | None = url.query
+        return (path or b"/") + (b"?" + query if query else b"")
 
     def on_body(self, body: bytes) -> None:
         self._events.append(Body(body))
@@ -311,7 +316,7 @@ class ResponseParser:
 
     def __init__(self, request_method: str, upgrade: bytes | None = None,
                  max_head_bytes: int = MAX_HEAD_BYTES) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._head_request = request_method == "HEAD"
         self._upgrade_asked = upgrade
         self._max_head_bytes = max_head_bytes
@@ -328,7 +333,7 @@ class ResponseParser:
         self.complete = False
         self.switched = False
 
-    def feed(self, data: bytes) -> list[object]:
+    def feed(self, data: bytes | memoryview) -> list[object]:
         if self.complete:
             raise HttpError(502, "the origin sent bytes after its response ended")
         events = self._feed_length_body(data) if self._body_left > 0 else self._feed_parser(data)
@@ -338,15 +343,17 @@ class ResponseParser:
             self._parser = None
         return events
 
-    def _feed_parser(self, data: bytes) -> list[object]:
+    def _feed_parser(self, data: bytes | memoryview) -> list[object]:
         head = self.head
         awaiting_head = head is None or head.informational
+        parser = self._parser
+        assert parser is not None, "fed after the response ended"
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self.switched = True
             self.complete = True
-            self._events.append(Switched(data[upgrade.args[0] :]))
+            self._events.append(Switched(bytes(data[upgrade.args[0] :])))
         except httptools.HttpParserCallbackError as error:
             if isinstance(error.__context__, HttpError):
                 raise error.__context__ from None
@@ -372,7 +379,7 @@ class ResponseParser:
             self._body_left = head.content_length - self._body_seen
         return events
 
-    def _feed_length_body(self, data: bytes) -> list[object]:
+    def _feed_length_body(self, data: bytes | memoryview) -> list[object]:
         left = self._body_left
         if len(data) < left:
             self._body_left = left - len(data)
@@ -421,6 +428,7 @@ class ResponseParser:
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self._parser
+        assert parser is not None
         status = parser.get_status_code()
         if status == 101:
             self._check_switch()
@@ -525,10 +533,10 @@ def encode_response_head(head: ResponseHead, *, framing: BodyFraming, keep_alive
     return b"\r\n".join(lines)
 
 
-def encode_chunk(data: bytes) -> bytes:
+def encode_chunk(data: bytes | memoryview) -> bytes:
     if not data:  # a zero-size chunk is the last chunk: an empty Body must not end the message early
         return b""
-    return b"%x\r\n%b\r\n" % (len(data), data)
+    return b"".join((b"%x\r\n" % len(data), data, b"\r\n"))
 
 
 LAST_CHUNK = b"0\r\n\r\n"
