@@ -11,6 +11,10 @@ HOT_PATH = (
     "portway.proto.frame",
     "portway.proto.http1",
     "portway.proto.mux",
+    "portway.link.connection",
+    "portway.link.deadlines",
+    "portway.link.session",
+    "portway.relay.front",
 )
 
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from portway.errors import ConduitReset, VisitorGone
-from portway.link.connection import ReceiveBuffer
+from portway.link.connection import Connection, ReceiveBuffer
 from portway.relay.front import FrontServices, VisitorConnection
 from portway.relay.metrics import RelayCounters, TunnelCounters
 from portway.config import RelayConfig
@@ -20,8 +20,6 @@ from portway.proto.http1 import RequestHead, RequestParser, Switched
 
 class ScriptedConduit(ReceiveBuffer):
     """A conduit whose reads return the scripted lists of chunks, one list per read."""
-
-    __slots__ = ("_loop", "_chunks", "_eof", "_reset", "_read_waiter", "_reads")
 
     def __init__(self, reads: list[list[bytes]]) -> None:
         self._loop = asyncio.get_running_loop()
@@ -45,13 +43,12 @@ class ScriptedConduit(ReceiveBuffer):
         raise AssertionError("the conduit must not be aborted")
 
 
-class RecordingVisitor:
-    """The visitor's side of a VisitorConnection: records every write."""
-
-    peer_ip = "127.0.0.1"
-    must_drain = False
+class RecordingVisitor(Connection):
+    """The visitor's side of a VisitorConnection: records every write (never paused, so never drained)."""
 
     def __init__(self) -> None:
+        super().__init__()
+        self.peer_ip = "127.0.0.1"
         self.writes: list[bytes] = []
 
     def writelines(self, buffers: list[bytes]) -> None:
