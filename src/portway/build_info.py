@@ -11,9 +11,12 @@ HOT_PATH = (
     "portway.proto.frame",
     "portway.proto.http1",
     "portway.proto.mux",
+    "portway.link.bridge",
     "portway.link.connection",
     "portway.link.deadlines",
+    "portway.link.pipe",
     "portway.link.session",
+    "portway.proto.routing",
     "portway.relay.front",
 )
 

@@ -12,7 +12,11 @@ import pytest
 
 from portway.errors import ConduitReset, VisitorGone
 from portway.link.connection import Connection, ReceiveBuffer
+from portway.auth import BasicAuthGuard
+from portway.proto.names import SYSTEM_NAMES
+from portway.proto.routing import Router
 from portway.relay.front import FrontServices, VisitorConnection
+from portway.relay.registry import MemoryRegistry
 from portway.relay.metrics import RelayCounters, TunnelCounters
 from portway.config import RelayConfig
 from portway.proto.http1 import RequestHead, RequestParser, Switched
@@ -61,6 +65,12 @@ class RecordingVisitor(Connection):
         raise AssertionError("the visitor must not be reset")
 
 
+def front_services() -> FrontServices:
+    """What forward_response and switch_protocols use of a relay: its settings and counters."""
+    return FrontServices(RelayConfig(), Router("a.x", SYSTEM_NAMES), MemoryRegistry(), None, RelayCounters(),
+                         BasicAuthGuard())
+
+
 def request_head(method: str, upgrade: bytes | None) -> RequestHead:
     asks = b"Connection: Upgrade\r\nUpgrade: %b\r\n" % upgrade if upgrade is not None else b""
     (head, *_) = RequestParser().feed(b"%b / HTTP/1.1\r\nHost: a.x\r\n%b\r\n" % (method.encode(), asks))
@@ -71,7 +81,7 @@ def request_head(method: str, upgrade: bytes | None) -> RequestHead:
 def forward(reads: list[list[bytes]], method: str = "GET", upgrade: bytes | None = None):
     async def main():
         visitor = RecordingVisitor()
-        proxy = VisitorConnection(visitor, "http", FrontServices(RelayConfig(), None, None, None, RelayCounters(), None))
+        proxy = VisitorConnection(visitor, "http", front_services())
         request = request_head(method, upgrade)
         conduit = ScriptedConduit(reads)
         outcome = await proxy.forward_response(request, conduit, may_retry=False)
@@ -119,7 +129,7 @@ def test_a_visitor_gone_when_the_101_arrived_resets_the_conduit():
 
     async def main():
         proxy = VisitorConnection(GoneVisitor(), "http",
-                                  FrontServices(RelayConfig(), None, None, None, RelayCounters(), None))
+                                  front_services())
         conduit = SimpleNamespace(aborted=False)
         conduit.abort = lambda: setattr(conduit, "aborted", True)
 

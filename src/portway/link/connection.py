@@ -17,6 +17,8 @@ from ..errors import ConduitReset
 
 Chunk = bytes | memoryview
 """What a read hands out: a connection's reads are bytes, a stream's payloads may be views of its link's read."""
+Buffer = bytes | bytearray | memoryview
+"""What a write takes (the types are checked at run time where this module is compiled: see setup.py)."""
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -210,12 +212,12 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
             self.transport.set_protocol(protocol)
         return data, self._eof, self._lost
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Buffer) -> None:
         if self._lost or self.transport is None:
             raise ConduitReset("connection already closed")
         self.transport.write(data)
 
-    def writelines(self, buffers: list[bytes]) -> None:
+    def writelines(self, buffers: list[Buffer]) -> None:
         if self._lost or self.transport is None:
             raise ConduitReset("connection already closed")
         self.transport.writelines(buffers)
@@ -232,7 +234,7 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
             if self._lost:
                 raise ConduitReset("connection closed while writing")
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: Buffer) -> None:
         self.write(data)
         if self.must_drain:
             await self.drain()

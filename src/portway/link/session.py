@@ -18,7 +18,7 @@ from typing import Awaitable, Callable, Protocol
 from ..errors import ConduitReset, MuxClosedError, ProtocolError
 from ..proto import events as ev
 from ..proto.mux import Mux, MuxConfig, Role
-from .connection import Chunk, ReceiveBuffer
+from .connection import Buffer, Chunk, ReceiveBuffer
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class MuxStream(ReceiveBuffer):
         self._taken += taken
         return chunks
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: Buffer) -> None:
         session = self.session
         view = memoryview(data)
         while True:
@@ -183,7 +183,7 @@ class MuxStream(ReceiveBuffer):
         if session.writing_paused or session.closed.done():
             await session.drain()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Buffer) -> None:
         """Queue without waiting; only for small control writes (error pages) that fit the window."""
         if self._reset or self._closed:
             raise ConduitReset(f"stream {self.stream_id} was reset")

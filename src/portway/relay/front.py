@@ -20,7 +20,7 @@ from ..proto import exchange, http1
 from ..proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseHead, Switched
 from ..proto.pages import error_response
 from ..proto.routing import NotServed, OneTunnel, Router, ToRelay, ToTunnel
-from ..link.connection import Connection
+from ..link.connection import Buffer, Connection
 from ..link.deadlines import Deadline
 from .access_log import AccessLog
 from .metrics import RelayCounters
@@ -453,7 +453,7 @@ class VisitorConnection:
                         raise CloseAfterResponse from None
                     conn.abort()  # mid-body: the visitor must see the answer as cut short
                     raise CloseAfterResponse from None
-                out: list[bytes | memoryview] = []  # one write per read from the conduit: head and body leave together
+                out: list[Buffer] = []  # one write per read from the conduit: head and body leave together
                 try:
                     for event in events:
                         if isinstance(event, Body):
@@ -479,7 +479,7 @@ class VisitorConnection:
                         for piece in out:
                             self.bytes_out += len(piece)
                         try:
-                            conn.writelines(out)  # type: ignore[arg-type]
+                            conn.writelines(out)
                         except ConduitReset:
                             raise VisitorGone from None
                 if sent_head:
