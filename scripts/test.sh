@@ -6,7 +6,7 @@
 #   - Debian packages: redis-server, wrk, chromium, openssh-server, prometheus, systemd, pebble (Let's Encrypt's
 #     test CA), bind9, curl, iproute2, nftables and iptables (only the missing ones;
 #     nodejs only when `node` is missing; npm is never installed through apt)
-#   - the Python package with its test extras:  pip install -e '.[test]'
+#   - the Python package with its test extras:  pip install -e '.[test]'  (the hot path compiled with mypyc)
 #   - the pinned Node test tools (ws, localtunnel) from package-lock.json:  npm ci
 # It never starts services; the end-to-end tests start redis, origins, relays... themselves.
 # pytest's exit status 5 ("no tests ran") is a failure too.
@@ -33,6 +33,7 @@ have ip || missing+=(iproute2)   # the NAT test-bed (tests/e2e/test_netlab.py, a
 have nft || missing+=(nftables)  # ...and its NAT router
 have iptables || missing+=(iptables)  # ...and its impairments where the kernel has no netem
 have node || missing+=(nodejs)
+have gcc || missing+=(gcc)  # mypyc's C output: the compiled hot path (setup.py; without it, pure Python)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -90,6 +91,8 @@ fi
 PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --disable-pip-version-check \
     --root-user-action=ignore -e '.[test]'
 
+log "$(python3 -m portway --version)"
+
 # --- Node test tools (exact versions from package-lock.json) -------------------------------
 npm ci --include=dev --no-audit --no-fund --loglevel=error
 
@@ -98,5 +101,13 @@ rc=0
 python3 -m pytest "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
     log "pytest ran no tests (exit 5): treated as a failure"
+fi
+# The whole suite ran the compiled hot path; the unit tests run again on the pure-Python modules that every
+# machine without a C compiler gets (only when no test paths were given: those name what to run).
+only_options=1
+for arg in "$@"; do [ "${arg#-}" = "$arg" ] && only_options=0; done
+if [ "$rc" -eq 0 ] && [ "$only_options" -eq 1 ] && python3 -c 'import sys; from portway.build_info import compiled_hot_path; sys.exit(not compiled_hot_path())'; then
+    log "the unit tests again, on the pure-Python hot path"
+    PORTWAY_PURE_PYTHON=1 python3 -m pytest "$@" --ignore=tests/e2e || rc=$?
 fi
 exit "$rc"

@@ -25,6 +25,7 @@ ALLOWED = {
     "configfile": {"config", "errors"},
     "errors": set(),
     "runtime": set(),
+    "build_info": set(),
     "metrics": set(),
 }
 

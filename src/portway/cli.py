@@ -121,9 +121,22 @@ def flag_type(setting: Setting) -> Callable[[str], object]:
     return parse
 
 
+class _VersionAction(argparse.Action):
+    """--version: the release, and whether this install runs the compiled hot path or pure Python."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the version and the build, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from .build_info import describe
+
+        parser.exit(message=f"portway {__version__} ({describe()})\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="portway", description="Self-hosted HTTP and WebSocket tunnels.")
-    parser.add_argument("--version", action="version", version=f"portway {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the relay/agent does")
     commands = parser.add_subparsers(dest="command", required=True)
 

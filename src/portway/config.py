@@ -21,6 +21,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from .auth import Grant, hash_token, load_tokens_file
 from .errors import ConfigurationError, InvalidName
 from .proto.mux import MuxConfig
+
+_MUX_DEFAULTS = MuxConfig()  # read by instance: a compiled MuxConfig keeps its defaults out of class attributes
 from .proto.names import validate_name
 from .proto.port_sets import describe_port_set, parse_port_set
 
@@ -305,16 +307,16 @@ DRAIN = Setting("drain_timeout", "--drain-timeout", seconds, 30.0,
                 "second signal stops at once)", "SECONDS")
 
 KEEPALIVE = (
-    Setting("keepalive_interval", "--keepalive-interval", seconds, MuxConfig.keepalive_interval,
+    Setting("keepalive_interval", "--keepalive-interval", seconds, _MUX_DEFAULTS.keepalive_interval,
             "seconds without hearing from the other end of the agent link before pinging it; below "
             "--keepalive-timeout (default: a third of it)", "SECONDS"),
-    Setting("keepalive_timeout", "--keepalive-timeout", seconds, MuxConfig.keepalive_timeout,
+    Setting("keepalive_timeout", "--keepalive-timeout", seconds, _MUX_DEFAULTS.keepalive_timeout,
             "seconds the other end of the agent link may stay silent before the link is declared dead (it is "
             "pinged well before): the bound for noticing a dead link or a frozen peer (default 10)", "SECONDS"),
 )
 
 RESUME = (
-    Setting("resume_window", "--resume-window", seconds_or_zero, MuxConfig.resume_window,
+    Setting("resume_window", "--resume-window", seconds_or_zero, _MUX_DEFAULTS.resume_window,
             "seconds the streams of a lost agent link (downloads, uploads, WebSockets) wait for the agent to be back "
             "and carry on; both ends keep them (0: they end with the link)", "SECONDS"),
 )
@@ -374,7 +376,7 @@ RELAY_SETTINGS = (
     Setting("auth_failure_window", "--auth-failure-window", seconds, 60.0,
             "seconds failed logins (agent tokens, tunnels' basic auth) count: past 10 from one address, or 100 on "
             "one basic-auth tunnel, logins are refused with 429", "SECONDS"),
-    Setting("link_window", "--link-window", mebibytes, MuxConfig.link_window,
+    Setting("link_window", "--link-window", mebibytes, _MUX_DEFAULTS.link_window,
             "MiB of visitor data one agent link may have on its way to the relay or buffered there, over all its "
             "streams: what a hostile agent can make the relay hold; many stalled visitors of one tunnel can fill it "
             "and make its other visitors wait (default 32)", "MIB"),

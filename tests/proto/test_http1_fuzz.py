@@ -507,6 +507,6 @@ def test_spellings_of_a_tunnel_host_all_reach_it_and_lookalikes_never_do(name, d
 
 def test_route_cache_cannot_be_grown_without_bound():
     router = Router("pw.test", SYSTEM_NAMES)
-    for i in range(3 * Router.CACHE_SIZE):
+    for i in range(3 * router.CACHE_SIZE):
         router.route(f"n{i}.pw.test")
-    assert len(router._cache) <= Router.CACHE_SIZE
+    assert len(router._cache) <= router.CACHE_SIZE

@@ -127,7 +127,7 @@ def test_a_repeated_host_header_value_routes_the_same_from_the_cache():
 
 def test_routes_stay_right_after_the_cache_is_emptied():
     router = Router("example.com", SYSTEM_NAMES)
-    for i in range(Router.CACHE_SIZE + 10):
+    for i in range(router.CACHE_SIZE + 10):
         assert router.route(f"n{i}.example.com") == ToTunnel(f"n{i}")
     assert router.route("n0.example.com") == ToTunnel("n0")
 

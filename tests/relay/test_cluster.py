@@ -13,6 +13,8 @@ import pytest
 from portway.auth import FailureThrottle, Grant, TokenBook, hash_token
 from portway.config import ClusterTarget, RelayConfig, host_port, node_id
 from portway.errors import ConfigurationError, HttpError
+from portway.link.session import MuxSession
+from portway.proto.mux import Role
 from portway.relay.cluster import MAX_LOOKUPS, RedisRegistry
 from portway.relay.metrics import RelayCounters
 from portway.relay.naming import NameClaims
@@ -234,27 +236,16 @@ def test_redis_gone_keeps_local_names_refuses_new_ones_fast_and_leases_come_back
     with_nodes(redis, scenario)
 
 
-class Session:
-    """What the registry sees of an agent's link: whether it closed it."""
-
-    def __init__(self) -> None:
-        self.closed_by_registry = False
-        self.closed = asyncio.get_running_loop().create_future()
-
-    def close(self) -> None:
-        self.closed_by_registry = True
-
-
 def test_a_dropped_agent_tunnel_has_its_link_closed(redis):
     async def scenario(nodes):
         a = nodes.node("node-a", lease_ttl=0.3)
         b = nodes.node("node-b", lease_ttl=0.3)
-        session = Session()
+        session = MuxSession(Role.SERVER)  # a link never connected: what the registry does to it shows
         await taken(a, "web", tunnel=AgentTunnel("web", session, "resume-key"))
         await eventually(lambda: not lease_of(redis, "web"))
         await taken(b, "web")
         await a.renew()
-        assert session.closed_by_registry and a.get("web") is None
+        assert session.closed.done() and a.get("web") is None
 
     with_nodes(redis, scenario)
 
@@ -266,13 +257,13 @@ def test_a_stopping_node_drops_a_name_its_agent_took_elsewhere_without_cutting_t
     async def scenario(nodes):
         a = nodes.node("node-a")
         b = nodes.node("node-b")
-        session = Session()
+        session = MuxSession(Role.SERVER)  # a link never connected: what the registry does to it shows
         await a.lease("web", owner="", kind="portway", max_tunnels=0, key="key-from-a")
         a.add(AgentTunnel("web", session, "key-from-a"))
         await a.leave()
         await b.lease("web", owner="", kind="portway", max_tunnels=0, proof="key-from-a", key="key-from-b")
         await a.renew()
-        assert a.get("web") is None and not session.closed_by_registry
+        assert a.get("web") is None and not session.closed.done()
         assert lease_of(redis, "web")["node"] == "node-b"
 
     with_nodes(redis, scenario)

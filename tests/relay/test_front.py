@@ -11,17 +11,19 @@ from types import SimpleNamespace
 import pytest
 
 from portway.errors import ConduitReset, VisitorGone
-from portway.link.connection import ReceiveBuffer
+from portway.link.connection import Connection, ReceiveBuffer
+from portway.auth import BasicAuthGuard
+from portway.proto.names import SYSTEM_NAMES
+from portway.proto.routing import Router
 from portway.relay.front import FrontServices, VisitorConnection
+from portway.relay.registry import MemoryRegistry
 from portway.relay.metrics import RelayCounters, TunnelCounters
 from portway.config import RelayConfig
-from portway.proto.http1 import Switched
+from portway.proto.http1 import RequestHead, RequestParser, Switched
 
 
 class ScriptedConduit(ReceiveBuffer):
     """A conduit whose reads return the scripted lists of chunks, one list per read."""
-
-    __slots__ = ("_loop", "_chunks", "_eof", "_reset", "_read_waiter", "_reads")
 
     def __init__(self, reads: list[list[bytes]]) -> None:
         self._loop = asyncio.get_running_loop()
@@ -45,13 +47,12 @@ class ScriptedConduit(ReceiveBuffer):
         raise AssertionError("the conduit must not be aborted")
 
 
-class RecordingVisitor:
-    """The visitor's side of a VisitorConnection: records every write."""
-
-    peer_ip = "127.0.0.1"
-    must_drain = False
+class RecordingVisitor(Connection):
+    """The visitor's side of a VisitorConnection: records every write (never paused, so never drained)."""
 
     def __init__(self) -> None:
+        super().__init__()
+        self.peer_ip = "127.0.0.1"
         self.writes: list[bytes] = []
 
     def writelines(self, buffers: list[bytes]) -> None:
@@ -64,11 +65,24 @@ class RecordingVisitor:
         raise AssertionError("the visitor must not be reset")
 
 
+def front_services() -> FrontServices:
+    """What forward_response and switch_protocols use of a relay: its settings and counters."""
+    return FrontServices(RelayConfig(), Router("a.x", SYSTEM_NAMES), MemoryRegistry(), None, RelayCounters(),
+                         BasicAuthGuard())
+
+
+def request_head(method: str, upgrade: bytes | None) -> RequestHead:
+    asks = b"Connection: Upgrade\r\nUpgrade: %b\r\n" % upgrade if upgrade is not None else b""
+    (head, *_) = RequestParser().feed(b"%b / HTTP/1.1\r\nHost: a.x\r\n%b\r\n" % (method.encode(), asks))
+    assert isinstance(head, RequestHead) and head.upgrade == upgrade
+    return head
+
+
 def forward(reads: list[list[bytes]], method: str = "GET", upgrade: bytes | None = None):
     async def main():
         visitor = RecordingVisitor()
-        proxy = VisitorConnection(visitor, "http", FrontServices(RelayConfig(), None, None, None, RelayCounters(), None))
-        request = SimpleNamespace(method=method, http_version="1.1", keep_alive=True, upgrade=upgrade)
+        proxy = VisitorConnection(visitor, "http", front_services())
+        request = request_head(method, upgrade)
         conduit = ScriptedConduit(reads)
         outcome = await proxy.forward_response(request, conduit, may_retry=False)
         return outcome, visitor.writes, list(conduit._chunks)
@@ -115,7 +129,7 @@ def test_a_visitor_gone_when_the_101_arrived_resets_the_conduit():
 
     async def main():
         proxy = VisitorConnection(GoneVisitor(), "http",
-                                  FrontServices(RelayConfig(), None, None, None, RelayCounters(), None))
+                                  front_services())
         conduit = SimpleNamespace(aborted=False)
         conduit.abort = lambda: setattr(conduit, "aborted", True)
 

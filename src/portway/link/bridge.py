@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 
 from ..errors import MuxClosedError, ProtocolError
-from .connection import Connection, abort_with_reset, set_nodelay
+from .connection import Chunk, Connection, abort_with_reset, set_nodelay
 from .session import MuxStream
 
 
@@ -148,7 +148,7 @@ class StreamBridge(asyncio.Protocol):
         self._maybe_finished()
 
     # stream -> service
-    def stream_data(self, chunks: list[bytes]) -> None:
+    def stream_data(self, chunks: list[Chunk]) -> None:
         transport = self.transport
         if self._closed or transport is None or transport.is_closing():
             return

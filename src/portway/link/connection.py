@@ -11,7 +11,14 @@ import asyncio
 import socket
 from collections import deque
 
+from mypy_extensions import mypyc_attr
+
 from ..errors import ConduitReset
+
+Chunk = bytes | memoryview
+"""What a read hands out: a connection's reads are bytes, a stream's payloads may be views of its link's read."""
+Buffer = bytes | bytearray | memoryview
+"""What a write takes (the types are checked at run time where this module is compiled: see setup.py)."""
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -24,7 +31,7 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
             pass
 
 
-def abort_with_reset(transport: asyncio.BaseTransport) -> None:
+def abort_with_reset(transport: asyncio.WriteTransport) -> None:
     """Close with a TCP reset, so the other side sees an error rather than a clean end."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
@@ -35,12 +42,13 @@ def abort_with_reset(transport: asyncio.BaseTransport) -> None:
     transport.abort()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # conduits in tests; compiled, the class would refuse them
 class ReceiveBuffer:
     """Bytes that arrived and were not read yet, and a way to wait for more: shared by every conduit."""
 
     __slots__ = ()
     _loop: asyncio.AbstractEventLoop
-    _chunks: deque[bytes]
+    _chunks: deque[Chunk]
     _eof: bool
     _reset: bool
     _read_waiter: asyncio.Future[None] | None
@@ -68,18 +76,18 @@ class ReceiveBuffer:
             raise ConduitReset(f"{self._describe()} was reset")
         if self._eof:
             return False
-        waiter = self._read_waiter = self._loop.create_future()
+        waiter = self._read_waiter = self._loop.create_future()  # type: ignore[misc]  # slots: in the classes
         return waiter
 
-    async def read_chunks(self) -> list[bytes]:
+    async def read_chunks(self) -> list[Chunk]:
         """The chunks that have arrived (at least one; a stream hands out at most its READ_BUDGET bytes at a
         time), or [] at a clean end; raises ConduitReset after an abort. The chunks stay apart, so they can
         leave in one vectored write without being joined."""
-        while type(chunks := self.chunks_or_waiter()) is not list:
+        while not isinstance(chunks := self.chunks_or_waiter(), list):
             await chunks
         return chunks
 
-    def chunks_or_waiter(self) -> "list[bytes] | asyncio.Future[None]":
+    def chunks_or_waiter(self) -> "list[Chunk] | asyncio.Future[None]":
         """What read_chunks() returns if it can return now, else the future to await before asking again: a
         reader on the hot path loops on this inline instead of creating a coroutine per read."""
         readable = self.poll_readable()
@@ -87,10 +95,10 @@ class ReceiveBuffer:
             return self._take_chunks()
         return [] if readable is False else readable
 
-    def _take_chunks(self) -> list[bytes]:
+    def _take_chunks(self) -> list[Chunk]:
         raise NotImplementedError
 
-    def put_back(self, chunks: list[bytes]) -> None:
+    def put_back(self, chunks: list[Chunk]) -> None:
         """Return chunks `read_chunks()` gave but the reader will not use, so that the conduit shows unread
         bytes and is not reused."""
         self._chunks.extendleft(reversed(chunks))
@@ -103,6 +111,7 @@ class ReceiveBuffer:
         return "the connection"
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # lt pool sockets, TCP visitors, the relay's served connections
 class Connection(ReceiveBuffer, asyncio.Protocol):
     """A TCP (or TLS) connection as a conduit: owns its transport and the bytes read from it not yet taken
     (reading pauses past HIGH_WATER), and tracks the peer's end, a reset, and whether writes must wait (`drain`).
@@ -115,7 +124,7 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[Chunk] = deque()
         self._buffered = 0
         self._eof = False
         self._lost = False
@@ -187,9 +196,9 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
 
     def take_buffered(self) -> bytes:
         chunks = self._take_chunks()
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)  # bytes(bytes) is the same object
 
-    def _take_chunks(self) -> list[bytes]:
+    def _take_chunks(self) -> list[Chunk]:
         chunks = list(self._chunks)
         self._chunks.clear()
         self._buffered = 0
@@ -206,12 +215,12 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
             self.transport.set_protocol(protocol)
         return data, self._eof, self._lost
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Buffer) -> None:
         if self._lost or self.transport is None:
             raise ConduitReset("connection already closed")
         self.transport.write(data)
 
-    def writelines(self, buffers: list[bytes]) -> None:
+    def writelines(self, buffers: list[Buffer]) -> None:
         if self._lost or self.transport is None:
             raise ConduitReset("connection already closed")
         self.transport.writelines(buffers)
@@ -228,7 +237,7 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
             if self._lost:
                 raise ConduitReset("connection closed while writing")
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: Buffer) -> None:
         self.write(data)
         if self.must_drain:
             await self.drain()

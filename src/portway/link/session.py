@@ -18,7 +18,7 @@ from typing import Awaitable, Callable, Protocol
 from ..errors import ConduitReset, MuxClosedError, ProtocolError
 from ..proto import events as ev
 from ..proto.mux import Mux, MuxConfig, Role
-from .connection import ReceiveBuffer
+from .connection import Buffer, Chunk, ReceiveBuffer
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class StreamSink(Protocol):
     """Receives a stream's events as callbacks (see link.bridge), for a data path without tasks."""
 
-    def stream_data(self, chunks: list[bytes]) -> None: ...
+    def stream_data(self, chunks: list[Chunk]) -> None: ...
 
     def stream_ended(self) -> None: ...
 
@@ -49,7 +49,7 @@ class MuxStream(ReceiveBuffer):
         self.session = session
         self._loop = session.loop
         self.stream_id = stream_id
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[Chunk] = deque()
         self._eof = False
         self._reset = False
         self._local_ended = False
@@ -57,7 +57,7 @@ class MuxStream(ReceiveBuffer):
         self._read_waiter: asyncio.Future[None] | None = None
         self._window_waiter: asyncio.Future[None] | None = None
         self._sink: StreamSink | None = None
-        self._undelivered: list[bytes] | None = None  # for the sink, from the link read being dispatched
+        self._undelivered: list[Chunk] | None = None  # for the sink, from the link read being dispatched
         self._taken = 0  # bytes the reader took and has not come back for more since: credit not returned yet
 
     def attach(self, sink: "StreamSink") -> None:
@@ -75,7 +75,7 @@ class MuxStream(ReceiveBuffer):
             sink.stream_ended()
 
     # fed by the session
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: Chunk) -> None:
         if self._sink is not None:
             # held until the session has dispatched the whole link read: the frames one read brought for
             # this stream then leave in one vectored write
@@ -145,13 +145,14 @@ class MuxStream(ReceiveBuffer):
         if taken and not self._closed:
             self.session.consumed(self.stream_id, taken)
 
-    reader_done = _return_credit  # an idle stream in a pool must not hold link credit back
+    def reader_done(self) -> None:
+        self._return_credit()  # an idle stream in a pool must not hold link credit back
 
-    def put_back(self, chunks: list[bytes]) -> None:
+    def put_back(self, chunks: list[Chunk]) -> None:
         self._taken -= sum(map(len, chunks))  # not consumed after all: their credit goes when they are
         ReceiveBuffer.put_back(self, chunks)
 
-    def _take_chunks(self) -> list[bytes]:
+    def _take_chunks(self) -> list[Chunk]:
         pending = self._chunks
         chunks = [pending.popleft()]  # frames' payloads: joining them would copy every byte again
         taken = len(chunks[0])
@@ -162,7 +163,7 @@ class MuxStream(ReceiveBuffer):
         self._taken += taken
         return chunks
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: Buffer) -> None:
         session = self.session
         view = data  # passed whole: the mux keeps a small payload as it is (a view only for what is left)
         while True:
@@ -184,7 +185,7 @@ class MuxStream(ReceiveBuffer):
         if session.writing_paused or session.closed.done():
             await session.drain()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Buffer) -> None:
         """Queue without waiting; only for small control writes (error pages) that fit the window."""
         if self._reset or self._closed:
             raise ConduitReset(f"stream {self.stream_id} was reset")
@@ -464,50 +465,49 @@ class MuxSession(asyncio.Protocol):
         self._shutdown("closed locally")
 
     # internals
-    def _dispatch(self, events: list[object]) -> None:
+    def _dispatch(self, events: list[ev.Event]) -> None:
         streams = self.streams
         for event in events:
-            kind = type(event)
-            if kind is ev.DataReceived:
+            if isinstance(event, ev.DataReceived):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream._on_data(event.data)
                 else:
                     # the app already forgot this stream; return the credit so the window stays honest
                     self.consumed(event.stream_id, len(event.data))
-            elif kind is ev.WindowUpdated:
+            elif isinstance(event, ev.WindowUpdated):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream._on_window()
-            elif kind is ev.StreamEnded:
+            elif isinstance(event, ev.StreamEnded):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream._on_end()
                     if stream._local_ended:
                         stream._forget()
-            elif kind is ev.StreamReset:
+            elif isinstance(event, ev.StreamReset):
                 stream = streams.pop(event.stream_id, None)
                 if stream is not None:
                     stream._on_reset()
-            elif kind is ev.StreamOpened:
+            elif isinstance(event, ev.StreamOpened):
                 self._accept(event.stream_id)
-            elif kind is ev.GoAwayReceived:
+            elif isinstance(event, ev.GoAwayReceived):
                 self.go_away_received = True
                 if self.on_go_away is not None:
                     self.on_go_away()
-            elif kind is ev.MoveRequested:
+            elif isinstance(event, ev.MoveRequested):
                 self.moved_to = event.address
                 if self.on_move is not None:
                     self.on_move(event.address)
-            elif kind is ev.ConnectionTerminated:
+            elif isinstance(event, ev.ConnectionTerminated):
                 self._terminate(event.reason)
-            elif kind is ev.LinkLost:  # keepalive: the peer went silent and the mux parked the streams
+            elif isinstance(event, ev.LinkLost):  # keepalive: the peer went silent and the mux parked the streams
                 transport, self.transport = self.transport, None
                 if transport is not None:
                     transport.set_protocol(asyncio.Protocol())
                     transport.abort()
                 self._parked(event.reason)
-            elif kind is ev.LinkResumed:
+            elif isinstance(event, ev.LinkResumed):
                 self._end_exchange()
                 log.info("agent link resumed: %d streams carry on, %d bytes sent again", event.streams,
                          event.resent)
@@ -528,7 +528,7 @@ class MuxSession(asyncio.Protocol):
             return  # opened and reset in the same read (legal): there is nothing left to serve
         stream = MuxStream(self, stream_id)
         self.streams[stream_id] = stream
-        task = self.loop.create_task(self._on_stream(stream))
+        task: asyncio.Task[None] = asyncio.ensure_future(self._on_stream(stream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -44,7 +44,7 @@ class DataReceived:
     """Payload for a stream. Call ``acknowledge_received`` once it is consumed, or the peer's window runs dry."""
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
 
     def __repr__(self) -> str:  # payloads can be 64 KiB; keep logs and test failures readable
         return f"DataReceived(stream_id={self.stream_id}, data=<{len(self.data)} bytes>)"

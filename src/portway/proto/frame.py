@@ -111,7 +111,7 @@ class Frame(NamedTuple):
     flags: Flag
     stream_id: int
     length: int
-    payload: bytes = b""
+    payload: bytes | memoryview = b""
 
     def encode(self) -> bytes:
         """Serialise the frame; raise ValueError for a frame the decoder would reject as malformed."""
@@ -178,7 +178,7 @@ class FrameDecoder:
             else:
                 self._buffer = bytearray(data)
             return
-        if type(buffer) is bytes:
+        if isinstance(buffer, bytes):
             self._buffer = buffer = bytearray(memoryview(buffer)[offset:])
             self._offset = 0
         elif offset >= _COMPACT_AFTER and offset * 2 >= len(buffer):
@@ -190,11 +190,18 @@ class FrameDecoder:
         return self
 
     def __next__(self) -> Frame:
+        frame = self.next_frame()
+        if frame is None:
+            raise StopIteration
+        return frame
+
+    def next_frame(self) -> Frame | None:
+        """The next whole frame, or None until more bytes arrive (no exception per read: see __next__)."""
         buffer = self._buffer
         offset = self._offset
         available = len(buffer) - offset
         if available < HEADER_SIZE:
-            raise StopIteration
+            return None
         version, type_value, flags_value, stream_id, length = HEADER.unpack_from(buffer, offset)
         if version != PROTOCOL_VERSION:
             raise FrameError(f"unsupported protocol version {version}")
@@ -211,7 +218,8 @@ class FrameDecoder:
                 raise FrameError(f"DATA frame of {length} bytes exceeds the {self.max_frame_size}-byte limit")
             end = HEADER_SIZE + length
             if available < end:
-                raise StopIteration
+                return None
+            payload: bytes | memoryview
             if type(buffer) is bytes:
                 if end * _VIEW_PIN_LIMIT >= len(buffer):
                     view = self._view
@@ -242,7 +250,7 @@ class FrameDecoder:
                 raise FrameError(f"RESUME frame of {length} bytes exceeds the {self.max_frame_size}-byte limit")
             end = HEADER_SIZE + length
             if available < end:
-                raise StopIteration
+                return None
             payload = bytes(buffer[offset + HEADER_SIZE : offset + end])  # rare: a copy is fine
             self._offset = offset + end
             return Frame(FrameType.RESUME, _FLAGS_BY_VALUE[flags_value], 0, length, payload)
@@ -253,7 +261,7 @@ class FrameDecoder:
                 raise FrameError(f"MOVE address of {length} bytes (1 to {MAX_MOVE_ADDRESS})")
             end = HEADER_SIZE + length
             if available < end:
-                raise StopIteration
+                return None
             payload = bytes(buffer[offset + HEADER_SIZE : offset + end])
             self._offset = offset + end
             return Frame(FrameType.MOVE, Flag(0), 0, length, payload)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import httptools
 
@@ -107,7 +108,7 @@ class ResponseHead:
 
 @dataclass(slots=True)
 class Body:
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(slots=True)
@@ -142,7 +143,7 @@ class RequestParser:
     """Incremental parser of a visitor's requests; a keep-alive connection yields many heads."""
 
     def __init__(self, max_head_bytes: int = MAX_HEAD_BYTES) -> None:
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._max_head_bytes = max_head_bytes
         self._events: list[object] = []
         self._in_head = False
@@ -163,17 +164,20 @@ class RequestParser:
         its response ends), so both are freed by reference counting instead of left as a cycle per connection."""
         self._parser = None
 
-    def feed(self, data: bytes) -> list[object]:
+    def feed(self, data: bytes | memoryview) -> list[object]:
         """Parse `data`; returns RequestHead, Body, MessageEnd and Switched events in order."""
         if self._switched:
             raise RuntimeError("the connection has switched protocols; feed raw bytes elsewhere")
         if self._in_head or not self._events:
             self._head_bytes += len(data) if self._in_head else 0
+        parser = self._parser
+        if parser is None:
+            raise RuntimeError("the parser was closed with its connection")
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._switched = True
-            self._events.append(Switched(data[upgrade.args[0] :]))
+            self._events.append(Switched(bytes(data[upgrade.args[0] :])))
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__
             if isinstance(cause, HttpError):
@@ -222,6 +226,7 @@ class RequestParser:
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self._parser
+        assert parser is not None  # called back by it
         method = parser.get_method().decode("ascii")
         if method == "CONNECT":
             raise HttpError(405, "CONNECT is not supported by this relay")
@@ -283,18 +288,22 @@ class RequestParser:
     @staticmethod
     def _origin_form(target: bytes, host: str) -> bytes:
         try:
-            url = httptools.parse_url(target)
+            # Any: httptools' URL fields are None when absent, whatever its stubs say (a compiled build checks them)
+            url: Any = httptools.parse_url(target)
         except httptools.HttpParserInvalidURLError:
             raise HttpError(400, "the request target is not a valid URL") from None
-        if url.host is None:
+        url_host: bytes | None = url.host
+        if url_host is None:
             raise HttpError(400, "the request target is not a valid URL")
-        authority = url.host.decode("latin-1")
-        if url.port is not None:
-            authority += f":{url.port}"
+        authority = url_host.decode("latin-1")
+        port: int | None = url.port
+        if port is not None:
+            authority += f":{port}"
         if authority.lower() != host.lower():
             raise HttpError(400, "the absolute request target names a different host than the Host header")
-        path = url.path or b"/"
-        return path + (b"?" + url.query if url.query else b"")
+        path: bytes | None = url.path
+        query: bytes | None = url.query
+        return (path or b"/") + (b"?" + query if query else b"")
 
     def on_body(self, body: bytes) -> None:
         self._events.append(Body(body))
@@ -316,7 +325,7 @@ class ResponseParser:
 
     def __init__(self, request_method: str, upgrade: bytes | None = None,
                  max_head_bytes: int = MAX_HEAD_BYTES) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._head_request = request_method == "HEAD"
         self._upgrade_asked = upgrade
         self._max_head_bytes = max_head_bytes
@@ -333,7 +342,7 @@ class ResponseParser:
         self.complete = False
         self.switched = False
 
-    def feed(self, data: bytes) -> list[object]:
+    def feed(self, data: bytes | memoryview) -> list[object]:
         if self.complete:
             raise HttpError(502, "the origin sent bytes after its response ended")
         events = self._feed_length_body(data) if self._body_left > 0 else self._feed_parser(data)
@@ -343,15 +352,17 @@ class ResponseParser:
             self._parser = None
         return events
 
-    def _feed_parser(self, data: bytes) -> list[object]:
+    def _feed_parser(self, data: bytes | memoryview) -> list[object]:
         head = self.head
         awaiting_head = head is None or head.informational
+        parser = self._parser
+        assert parser is not None, "fed after the response ended"
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self.switched = True
             self.complete = True
-            self._events.append(Switched(data[upgrade.args[0] :]))
+            self._events.append(Switched(bytes(data[upgrade.args[0] :])))
         except httptools.HttpParserCallbackError as error:
             if isinstance(error.__context__, HttpError):
                 raise error.__context__ from None
@@ -377,7 +388,7 @@ class ResponseParser:
             self._body_left = head.content_length - self._body_seen
         return events
 
-    def _feed_length_body(self, data: bytes) -> list[object]:
+    def _feed_length_body(self, data: bytes | memoryview) -> list[object]:
         left = self._body_left
         if len(data) < left:
             self._body_left = left - len(data)
@@ -426,6 +437,7 @@ class ResponseParser:
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self._parser
+        assert parser is not None
         status = parser.get_status_code()
         if status == 101:
             self._check_switch()
@@ -530,10 +542,10 @@ def encode_response_head(head: ResponseHead, *, framing: BodyFraming, keep_alive
     return b"\r\n".join(lines)
 
 
-def encode_chunk(data: bytes) -> bytes:
+def encode_chunk(data: bytes | memoryview) -> bytes:
     if not data:  # a zero-size chunk is the last chunk: an empty Body must not end the message early
         return b""
-    return b"%x\r\n%b\r\n" % (len(data), data)
+    return b"".join((b"%x\r\n" % len(data), data, b"\r\n"))
 
 
 LAST_CHUNK = b"0\r\n\r\n"

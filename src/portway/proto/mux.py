@@ -363,6 +363,7 @@ class Mux:
         self._link_waiting: dict[int, int] = {}
         self._link_woken: dict[int, int] = {}
         self._link_reserved = 0
+        self.link_waits = 0  # how often a stream was held up by the link window (streams by their own don't count)
         # How far the streams' receive windows are above the protocol's base, all together. Auto-growth stops
         # at half the link window: a few streams that read fast, then stalled (a paused video) must not hold
         # all of it, or every other stream of the link would wait for them.
@@ -460,16 +461,16 @@ class Mux:
         events: list[Event] = []
         if self._resume_parts is not None:
             try:
-                self._receive_resume(now, events)
+                still_waiting = self._receive_resume(now, events)
             except ProtocolError as error:
                 self._close(go_away_code=error.code)
                 raise
-            if self._resume_parts is not None or self._closed:
+            if still_waiting or self._closed:
                 return events
         streams = self._streams
         link_remaining = self._link_receive_remaining  # kept in a local while frames take the fast path
         try:
-            for frame in decoder:
+            while (frame := decoder.next_frame()) is not None:
                 frame_type, flags, stream_id, length, payload = frame
                 # Fast path: payload on a stream that may receive it, within its window and the link's.
                 if frame_type is _DATA and not flags:
@@ -517,7 +518,7 @@ class Mux:
             if self.role is not Role.CLIENT:
                 raise ProtocolError("MOVE from an agent: only a relay names where to go")
             try:
-                address = payload.decode("ascii")
+                address = bytes(payload).decode("ascii")
             except UnicodeDecodeError:
                 raise ProtocolError("MOVE address is not ASCII") from None
             events.append(MoveRequested(address))
@@ -542,7 +543,7 @@ class Mux:
         flags: int,
         stream_id: int,
         length: int,
-        payload: bytes,
+        payload: bytes | memoryview,
         now: float,
         events: list[Event],
     ) -> None:
@@ -770,15 +771,17 @@ class Mux:
                 self.end_stream(stream_id)
             return 0
         frame_size = self.config.max_frame_size
+        view: bytes | memoryview
         if accepted == size <= frame_size and type(data) is bytes:
             # one whole frame, kept and queued as it is: a view would add ~230 bytes to each small payload kept
             # for a resend, and a relay keeps thousands of request heads (an agent, of answers) at a time
             view = data
         else:
-            view = memoryview(data)[:accepted]
-            if type(view.obj) is not bytes:
+            part = memoryview(data)[:accepted]
+            if type(part.obj) is not bytes:
                 # Queued frames reference the payload until data_to_send(); a mutable buffer must be frozen first.
-                view = memoryview(bytes(view))
+                part = memoryview(bytes(part))
+            view = part
         stream.retransmit.append(view)  # kept until the peer confirms it (the window bounds how much)
         outbound = self._outbound
         for start in range(0, accepted, frame_size):
@@ -1061,18 +1064,17 @@ class Mux:
         events.append(ConnectionTerminated(GoAwayCode.INTERNAL_ERROR, reason))
         return events
 
-    def _receive_resume(self, now: float, events: list[Event]) -> None:
+    def _receive_resume(self, now: float, events: list[Event]) -> bool:
         """While we wait for the peer's RESUME: collect it, and once whole apply it and go on with the frames
-        that follow it in the same read like any others."""
-        parts = self._resume_parts
-        assert parts is not None
+        that follow it in the same read like any others. Returns whether we still wait for it."""
+        parts: list[bytes] | None = self._resume_parts
         for frame in self._decoder:
             if parts is None:
                 self._receive_frame(frame, now, events)
                 continue
             if frame.type is not FrameType.RESUME:
                 raise ProtocolError(f"{frame.type.name} frame before the peer's RESUME on a resumed link")
-            parts.append(frame.payload)
+            parts.append(bytes(frame.payload))  # RESUME payloads are bytes already: no copy
             # an honest list holds at most the streams a link may hold (live and retained); twice ours is
             # generous for a peer configured otherwise, and keeps what a hostile one can make us buffer bounded
             if sum(map(len, parts)) > 2 * self.config.max_streams * ENTRY.size + len(parts) * RESUME_HEADER.size:
@@ -1081,6 +1083,7 @@ class Mux:
                 self._resume_parts = None
                 self._apply_resume(decode_resume(parts), now, events)
                 parts = None
+        return parts is not None
 
     def _apply_resume(self, resume: ResumeList, now: float, events: list[Event]) -> None:
         """Settle every stream with what the peer says it holds, then let them carry on."""
@@ -1243,6 +1246,8 @@ class Mux:
         if reserved is not None:
             self._link_reserved -= reserved
         if size > link_window < stream.send_window:
+            if stream_id not in self._link_waiting:
+                self.link_waits += 1
             self._link_waiting[stream_id] = size - accepted  # a stream already waiting keeps its place
         else:
             self._link_waiting.pop(stream_id, None)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from ..auth import BasicAuthGuard
 from ..errors import ConduitReset, HttpError, VisitorGone
@@ -20,7 +20,7 @@ from ..proto import exchange, http1
 from ..proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseHead, Switched
 from ..proto.pages import error_response
 from ..proto.routing import NotServed, OneTunnel, Router, ToRelay, ToTunnel
-from ..link.connection import Connection
+from ..link.connection import Buffer, Connection
 from ..link.deadlines import Deadline
 from .access_log import AccessLog
 from .metrics import RelayCounters
@@ -42,16 +42,16 @@ class FrontServices:
     """What a relay hands each visitor connection: its settings, how hosts route, the registry, its own
     endpoints (for requests to the relay's host), and where counts and log lines go."""
 
-    config: "RelayConfig"
+    config: Any
     router: Router | OneTunnel
-    registry: "Registry"
+    registry: Any
     serve_own: Callable[["VisitorConnection", RequestHead], Awaitable[bool]]
     counters: RelayCounters
     guard: BasicAuthGuard
     access_log: AccessLog | None = None
     draining: asyncio.Event = field(default_factory=asyncio.Event)  # set when the relay stops gracefully
     admission: Admission | None = None  # per-address caps: an upgrade moves a connection to its own count
-    nodes: "NodeLinks | None" = None  # the cluster's other nodes, for tunnels held there (None: not in a cluster)
+    nodes: Any = None  # the cluster's other nodes, for tunnels held there (None: not in a cluster)
 
 
 class VisitorConnection:
@@ -428,7 +428,9 @@ class VisitorConnection:
                                 rest = chunks[index:]
                                 if parser.switched:
                                     # the origin's first raw bytes after its 101 reach the visitor first
-                                    events[-1] = Switched(events[-1].trailing + b"".join(rest))
+                                    switched = events[-1]
+                                    assert isinstance(switched, Switched)
+                                    events[-1] = Switched(switched.trailing + b"".join(rest))
                                 else:
                                     # stray bytes after the response: left unread, the conduit is not reused
                                     conduit.put_back(rest)
@@ -452,7 +454,7 @@ class VisitorConnection:
                         raise CloseAfterResponse from None
                     conn.abort()  # mid-body: the visitor must see the answer as cut short
                     raise CloseAfterResponse from None
-                out: list[bytes] = []  # one write per read from the conduit: head and body leave together
+                out: list[Buffer] = []  # one write per read from the conduit: head and body leave together
                 try:
                     for event in events:
                         if isinstance(event, Body):
