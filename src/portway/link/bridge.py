@@ -14,10 +14,21 @@ control is the two sides' own signals ("service" below is whatever the TCP conne
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
 from ..errors import MuxClosedError, ProtocolError
 from .connection import Chunk, Connection, abort_with_reset, set_nodelay
 from .session import MuxStream
+
+
+class BridgeTap(Protocol):
+    """Sees a copy of what crosses a bridge (the inspector's); never raises."""
+
+    def to_service(self, chunks: list[Chunk]) -> None: ...
+
+    def to_visitor(self, data: bytes) -> None: ...
+
+    def closed(self) -> None: ...
 
 
 class StreamBridge(asyncio.Protocol):
@@ -26,12 +37,10 @@ class StreamBridge(asyncio.Protocol):
     take yet, and the credit held back while the connection's write buffer is full. `closed` resolves when the
     connection is gone."""
 
-    # Sees a copy of what crosses (the inspector's): to_service(chunks), to_visitor(data), closed(); never raises.
-    tap = None
-
     def __init__(self, stream: MuxStream) -> None:
         self.stream = stream
         self.session = stream.session
+        self.tap: BridgeTap | None = None  # the inspector's, when it is on
         self.closed: asyncio.Future[None] = stream.session.loop.create_future()  # the connection is gone
         self.transport: asyncio.Transport | None = None
         self._unsent: memoryview | None = None  # service bytes the stream window could not take yet
