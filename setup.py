@@ -3,6 +3,10 @@
 Every module listed in COMPILED is also shipped as source, and a module whose extension is missing imports from
 its .py: a machine without a C compiler (or where mypyc refuses the code) gets a working pure-Python install,
 only slower per request. PORTWAY_PURE_PYTHON=1 at build time skips the compiled build on purpose.
+
+Compiled, these modules' annotations are checked at run time, their classes refuse subclasses from Python unless
+marked (mypyc_attr(allow_interpreted_subclasses=True)), and their instances must not be weakly referenced (mypyc
+does not clear weak references to them when they are freed): the tests run both builds.
 """
 
 import hashlib

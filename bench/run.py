@@ -101,6 +101,14 @@ def machine_info() -> dict:
             "kernel": platform.release(), "platform": platform.platform()}
 
 
+def _portway_build() -> str | None:
+    try:
+        line = subprocess.run(paths.PORTWAY + ["--version"], capture_output=True, text=True, timeout=30).stdout
+    except OSError:
+        return None
+    return line[line.find("(") + 1 : line.rfind(")")] if "(" in line else None
+
+
 def versions(lt_server_dir: str | None) -> dict:
     from importlib import metadata
 
@@ -130,6 +138,8 @@ def versions(lt_server_dir: str | None) -> dict:
         "openssh": _cmd_version(["ssh", "-V"]),
         "portway": pkg("portway"),
         "portway_git": git(["describe", "--always", "--dirty"], ROOT),
+        # "hot path compiled with mypyc" or "pure Python": the build the relay and the agent run
+        "portway_build": _portway_build(),
         "uvloop": pkg("uvloop"),
         "websockets": pkg("websockets"),
         "localtunnel_client": node_pkg(ROOT / "node_modules" / "localtunnel" / "package.json"),
@@ -625,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"Machine: {m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}; "
           f"Python {results['versions']['python']}, Node {results['versions']['node']}, "
-          f"Portway {results['versions']['portway']} ({results['versions']['portway_git']})")
+          f"Portway {results['versions']['portway']} ({results['versions']['portway_git']}, "
+          f"{results['versions'].get('portway_build')})")
     print(table)
     print()
     for n in notes:

@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from portway import __version__
+from portway.build_info import compiled_hot_path
 from portway.cli import build_parser, config_from
 from portway.config import AGENT_SETTINGS, RELAY_SETTINGS, AgentConfig, RelayConfig
 from portway.errors import ConfigurationError
@@ -168,3 +170,11 @@ def test_nonsense_budgets_are_refused(capsys, argv, fragment):
     with pytest.raises(SystemExit) as exited:
         parse(*argv)
     assert exited.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_version_says_which_build_of_the_hot_path_runs(capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--version"])
+    assert exited.value.code == 0
+    build = "hot path compiled with mypyc" if compiled_hot_path() else "pure Python"
+    assert capsys.readouterr().out == f"portway {__version__} ({build})\n"

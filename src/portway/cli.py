@@ -131,7 +131,8 @@ class _VersionAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         from .build_info import describe
 
-        parser.exit(message=f"portway {__version__} ({describe()})\n")
+        print(f"portway {__version__} ({describe()})")  # on stdout, as argparse's own version action
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
