@@ -119,29 +119,32 @@ class StreamBridge(asyncio.Protocol):
             self.session.consumed(self.stream.stream_id, held)
 
     # service -> stream
-    def _send(self, view: bytes | memoryview) -> None:
+    def _send(self, view: bytes | memoryview) -> bool:
+        """Hand service bytes to the stream; returns whether the stream window took them all."""
         session = self.session
         try:
             sent = session.mux.send_data(self.stream.stream_id, view)
         except (KeyError, ValueError, MuxClosedError, ProtocolError):
             self._abort()
-            return
+            return True  # nothing is left to send: the bridge is gone
         session.schedule_flush()
         if sent < len(view):
             self._unsent = memoryview(view)[sent:]
             self._pause_reading()
-        elif session.writing_paused and not self._waiting_for_link:
+            return False
+        if session.writing_paused and not self._waiting_for_link:
             self._waiting_for_link = True
             self._pause_reading()
             session.call_when_writable(self._link_writable)
+        return True
 
     def window_opened(self) -> None:
         view = self._unsent
         if view is None or self._closed:
             return
         self._unsent = None
-        self._send(view)
-        if self._unsent is None:
+        # what _send says, not a second look at self._unsent: compiled, that read would still be typed None
+        if self._send(view):
             if self._service_ended:
                 self._end_stream()
             elif not self._waiting_for_link:
