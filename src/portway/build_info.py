@@ -11,6 +11,8 @@ HOT_PATH = (
     "portway.proto.frame",
     "portway.proto.http1",
     "portway.proto.mux",
+    "portway.proto.resume",
+    "portway.metrics",
     "portway.link.bridge",
     "portway.link.connection",
     "portway.link.deadlines",
@@ -18,6 +20,8 @@ HOT_PATH = (
     "portway.link.session",
     "portway.proto.routing",
     "portway.relay.front",
+    "portway.relay.metrics",
+    "portway.relay.tunnels",
 )
 
 

@@ -30,8 +30,9 @@ class Histogram:
         self.total += value
         self.observations += 1
 
-    def cumulative(self) -> list[tuple[str, float]]:
-        buckets, running = [], 0
+    def cumulative(self) -> list[tuple[str, int]]:
+        buckets: list[tuple[str, int]] = []
+        running = 0
         for bound, count in zip((*map(repr, self.bounds), "+Inf"), self.counts):
             running += count
             buckets.append((bound, running))

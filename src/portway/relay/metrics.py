@@ -114,7 +114,7 @@ class RelayCollector:
             open_upgrades.add_metric([name], own.websockets_open)
             if tunnel.kind == "localtunnel":
                 pool_waits.add_metric([name], own.pool_waits)
-            if isinstance(tunnel, AgentTunnel) and tunnel.online:
+            if isinstance(tunnel, AgentTunnel) and tunnel.online and tunnel.session is not None:
                 mux = tunnel.session.mux
                 if mux.last_rtt is not None:
                     rtt.add_metric([name], mux.last_rtt)

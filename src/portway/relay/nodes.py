@@ -25,7 +25,6 @@ import logging
 import secrets
 import ssl
 import time
-import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable, TypeVar
 
@@ -224,9 +223,6 @@ class NodeLinks:
         self._lookups: dict[str, asyncio.Task[RemoteTunnel | None]] = {}  # tunnel name -> its lease being read
         self.accepted: set[MuxSession] = set()
         self.tunnels: OrderedDict[str, RemoteTunnel] = OrderedDict()
-        # this node's agent tunnels -> the accepted node links that carried streams of theirs (told when the agent
-        # goes away); an entry goes with its tunnel
-        self._forwarded_to: weakref.WeakKeyDictionary[AgentTunnel, set[MuxSession]] = weakref.WeakKeyDictionary()
         self._notices: set[asyncio.Task] = set()
 
     # forwarding side
@@ -420,7 +416,7 @@ class NodeLinks:
                     raise HttpError(502, f"The agent for tunnel {tunnel.name!r} is not connected (agent "
                                          "reconnecting); try again in a moment.")
                 origin = await tunnel.fresh_conduit()
-                self._forwarded_to.setdefault(tunnel, set()).add(stream.session)
+                tunnel.forwarding_links.add(stream.session)
                 tunnel.on_going_away = self._tell_going_away
             else:
                 raise HttpError(404, f"There is no tunnel {preamble.tunnel!r} on relay node {self.node_id}.")
@@ -445,7 +441,8 @@ class NodeLinks:
 
     def _tell_going_away(self, tunnel: AgentTunnel) -> None:
         """The agent of `tunnel` said it is going away: tell every node that forwarded visitors to it."""
-        for session in self._forwarded_to.pop(tunnel, ()):
+        sessions, tunnel.forwarding_links = tunnel.forwarding_links, set()
+        for session in sessions:
             if session.closed.done():
                 continue
             try:

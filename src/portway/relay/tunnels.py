@@ -12,7 +12,9 @@ import ipaddress
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
+
+from mypy_extensions import mypyc_attr
 
 from ..auth import BasicAuthGuard
 from ..errors import HttpError, MuxClosedError
@@ -76,10 +78,11 @@ class AccessPolicy:
                 raise HttpError(401, "this tunnel requires a user name and password", close=False)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # localtunnel's, the cluster's and the tests' tunnels
 class Tunnel:
     """Common part of every tunnel kind: name, idle conduit pool, online state."""
 
-    kind = "tunnel"
+    kind: ClassVar[str] = "tunnel"
 
     def __init__(self, name: str, access: AccessPolicy | None = None, owner: str = "") -> None:
         self.name = name
@@ -142,7 +145,7 @@ class Tunnel:
 class AgentTunnel(Tunnel):
     """A tunnel served by a Portway agent over one multiplexed link."""
 
-    kind = "portway"
+    kind: ClassVar[str] = "portway"
 
     def __init__(self, name: str, session: MuxSession, resume_key: str, access: AccessPolicy | None = None,
                  owner: str = "") -> None:
@@ -154,6 +157,8 @@ class AgentTunnel(Tunnel):
         # set by relay/nodes.py once other cluster nodes forward visitors here: told when the agent says it is going
         # away, as they keep streams of this tunnel idle (the agent waits for every stream it has open to end)
         self.on_going_away: Callable[["AgentTunnel"], None] | None = None
+        # the accepted node links that carried streams of this tunnel (relay/nodes.py): the ones told on going away
+        self.forwarding_links: set[MuxSession] = set()
 
     @property
     def online(self) -> bool:
