@@ -13,7 +13,7 @@ def request(raw: str):
 
 
 def response(status: int, framing: BodyFraming, keep_alive: bool = True) -> ResponseHead:
-    return ResponseHead(status, b"X", "1.1", [], framing, 0, keep_alive)
+    return ResponseHead(status, b"X", [], framing, 0, keep_alive)
 
 
 GET_11 = "GET / HTTP/1.1\r\nHost: a\r\n\r\n"

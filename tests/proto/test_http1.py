@@ -603,7 +603,7 @@ def test_a_switch_to_more_than_was_asked_is_a_bad_gateway(asked, answered):
 
 def test_the_informational_property():
     def head(status):
-        return ResponseHead(status, b"", "1.1", [], BodyFraming.NONE, 0, True)
+        return ResponseHead(status, b"", [], BodyFraming.NONE, 0, True)
 
     assert [s for s in (99, 100, 101, 103, 199, 200) if head(s).informational] == [100, 103, 199]
 
@@ -611,13 +611,13 @@ def test_the_informational_property():
 def test_response_heads_to_the_visitor_drop_hop_by_hop_except_on_a_switch():
     headers = [(b"Connection", b"x"), (b"Upgrade", b"y"), (b"Keep-Alive", b"5"), (b"Transfer-Encoding", b"gzip"),
                (b"Content-Length", b"9"), (b"X-App", b"1")]
-    wire = http1.encode_response_head(ResponseHead(200, b"OK", "1.1", headers, BodyFraming.LENGTH, 3, True),
+    wire = http1.encode_response_head(ResponseHead(200, b"OK", headers, BodyFraming.LENGTH, 3, True),
                                       framing=BodyFraming.LENGTH, keep_alive=False)
     assert wire == b"HTTP/1.1 200 OK\r\nX-App: 1\r\nContent-Length: 3\r\nConnection: close\r\n\r\n"
-    wire = http1.encode_response_head(ResponseHead(101, b"Switching", "1.1", headers, BodyFraming.NONE, 0, True),
+    wire = http1.encode_response_head(ResponseHead(101, b"Switching", headers, BodyFraming.NONE, 0, True),
                                       framing=BodyFraming.NONE, keep_alive=True)
     assert wire == b"HTTP/1.1 101 Switching\r\nConnection: x\r\nUpgrade: y\r\nX-App: 1\r\n\r\n"
-    wire = http1.encode_response_head(ResponseHead(103, b"Early", "1.1", [(b"Link", b"<a>")], BodyFraming.NONE, 0,
+    wire = http1.encode_response_head(ResponseHead(103, b"Early", [(b"Link", b"<a>")], BodyFraming.NONE, 0,
                                                    True), framing=BodyFraming.NONE, keep_alive=True)
     assert wire == b"HTTP/1.1 103 Early\r\nLink: <a>\r\n\r\n"
 

@@ -457,7 +457,7 @@ def test_an_empty_read_never_ends_a_chunked_body():
 @given(st.lists(st.tuples(names, values), max_size=6), st.sampled_from(list(BodyFraming)), st.booleans())
 def test_response_heads_are_reframed_canonically(headers, framing, keep_alive):
     raw_headers = [(k.encode(), v) for k, v in headers] + [(b"Content-Length", b"3"), (b"Transfer-Encoding", b"x")]
-    head = ResponseHead(200, b"OK", "1.1", raw_headers, framing, 3, keep_alive)
+    head = ResponseHead(200, b"OK", raw_headers, framing, 3, keep_alive)
     wire = http1.encode_response_head(head, framing=framing, keep_alive=keep_alive)
     lines = wire[:-4].split(b"\r\n")
     names_out = [line.split(b":", 1)[0].lower() for line in lines[1:]]

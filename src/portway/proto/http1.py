@@ -95,7 +95,6 @@ class RequestHead:
 class ResponseHead:
     status: int
     reason: bytes
-    http_version: str
     headers: list[tuple[bytes, bytes]]
     framing: BodyFraming
     content_length: int
@@ -447,7 +446,6 @@ class ResponseParser:
         self.head = ResponseHead(
             status=status,
             reason=self._reason,
-            http_version=parser.get_http_version(),
             headers=self._headers,
             framing=framing,
             content_length=length,

@@ -37,6 +37,19 @@ class CloseAfterResponse(Exception):
     """The exchange finished in a way that leaves the visitor connection unusable."""
 
 
+class Drain:
+    """Set once when the relay starts stopping gracefully; each visitor connection checks it after every
+    exchange (a plain flag: an asyncio.Event's is_set() was a Python call per request)."""
+
+    __slots__ = ("started",)
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
+
+
 @dataclass(frozen=True, slots=True)
 class FrontServices:
     """What a relay hands each visitor connection: its settings, how hosts route, the registry, its own
@@ -49,7 +62,7 @@ class FrontServices:
     counters: RelayCounters
     guard: BasicAuthGuard
     access_log: AccessLog | None = None
-    draining: asyncio.Event = field(default_factory=asyncio.Event)  # set when the relay stops gracefully
+    draining: Drain = field(default_factory=Drain)
     admission: Admission | None = None  # per-address caps: an upgrade moves a connection to its own count
     nodes: Any = None  # the cluster's other nodes, for tunnels held there (None: not in a cluster)
 
@@ -162,7 +175,7 @@ class VisitorConnection:
                     head = await self.next_head()
                     self.served += 1
                     # a draining relay finishes the exchange under way, then closes: no new one starts
-                    if not await self.handle(head) or self.draining.is_set():
+                    if not await self.handle(head) or self.draining.started:
                         break
             except HttpError as error:
                 self.counters.protocol_errors["visitor"] += 1

@@ -135,7 +135,7 @@ class Relay:
         its visitors as before, so there is no gap. Only then are the other nodes' links told GO_AWAY."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        self.front.draining.set()
+        self.front.draining.start()
         for server in (self.server, *self.extra_servers):
             if server is not None:
                 server.close()
@@ -277,7 +277,7 @@ class Relay:
             same_address.discard(visitor)
             if not same_address:
                 del self.visitors[address]
-            if self.front.draining.is_set() and not self.exchanges_in_flight():
+            if self.front.draining.started and not self.exchanges_in_flight():
                 self._exchanges_done.set()
             self.deadlines.unwatch(visitor.deadline)
             self.admission.release(address, visitor.upgraded, loop.time())
