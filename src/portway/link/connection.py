@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
+from typing import Callable
 
 from mypy_extensions import mypyc_attr
 
@@ -66,16 +67,23 @@ class ReceiveBuffer:
     def has_unread(self) -> bool:
         return bool(self._chunks) or self._eof
 
-    def poll_readable(self) -> "bool | asyncio.Future[None]":
-        """True once a chunk is buffered, False at a clean end, else a future to await for the next change;
-        raises ConduitReset after an abort. Readers loop on it inline: a helper coroutine per read would cost
-        a coroutine object on every request."""
+    def poll_buffered(self) -> bool | None:
+        """True once a chunk is buffered, False at a clean end, None while neither; raises ConduitReset after
+        an abort. For a reader driven by callbacks, which has no future to wait on."""
         if self._chunks:
             return True
         if self._reset:
             raise ConduitReset(f"{self._describe()} was reset")
         if self._eof:
             return False
+        return None
+
+    def poll_readable(self) -> "bool | asyncio.Future[None]":
+        """What poll_buffered() says, or instead of None a future to await for the next change. Readers loop on
+        it inline: a helper coroutine per read would cost a coroutine object on every request."""
+        state = self.poll_buffered()
+        if state is not None:
+            return state
         waiter = self._read_waiter = self._loop.create_future()  # type: ignore[misc]  # slots: in the classes
         return waiter
 
@@ -135,6 +143,9 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
         self._writing_paused = False
         self._tls = False
         self.peer_ip = ""
+        # a reader driven by callbacks instead of awaiting reads (the relay's front, relay/front.py): called on
+        # every change a reader or writer waits for (bytes, the end, the loss, the write buffer draining)
+        self.on_change: Callable[[], None] | None = None
         self._loop = asyncio.get_running_loop()  # looked up once: get_running_loop costs a getpid() per call
         self.closed = self._loop.create_future()
 
@@ -179,6 +190,14 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
         self._writing_paused = False
         if self._write_waiter is not None and not self._write_waiter.done():
             self._write_waiter.set_result(None)
+        if self.on_change is not None:
+            self.on_change()
+
+    def _wake_reader(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+        else:
+            ReceiveBuffer._wake_reader(self)
 
     # the conduit interface
     async def read(self) -> bytes:
@@ -188,6 +207,11 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
                 return b""
             await readable
         return self.take_buffered()
+
+    @property
+    def lost(self) -> bool:
+        """The connection is gone (closed by either side, or reset)."""
+        return self._lost
 
     @property
     def must_drain(self) -> bool:

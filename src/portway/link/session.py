@@ -74,6 +74,14 @@ class MuxStream(ReceiveBuffer):
         elif self._eof:
             sink.stream_ended()
 
+    def detach(self) -> None:
+        """Take the stream's events back from its sink: from now on they wait for read_chunks() again."""
+        self._sink = None
+        undelivered = self._undelivered
+        if undelivered is not None:
+            self._undelivered = None
+            self._chunks.extend(undelivered)
+
     # fed by the session
     def _on_data(self, data: Chunk) -> None:
         if self._sink is not None:
@@ -95,12 +103,16 @@ class MuxStream(ReceiveBuffer):
             self._undelivered = None
             self._sink.stream_data(chunks)
 
+    # A sink may let go of the stream (detach, close) while it is handed the data delivered first: each of these
+    # tells it the rest only if it is still the sink afterwards, and otherwise wakes a reader instead.
     def _on_end(self) -> None:
         self._eof = True
-        if self._sink is not None:
+        sink = self._sink
+        if sink is not None:
             self._deliver()
-            self._sink.stream_ended()
-            return
+            if self._sink is sink:
+                sink.stream_ended()
+                return
         self._wake_reader()
 
     def _on_reset(self) -> None:
@@ -110,17 +122,20 @@ class MuxStream(ReceiveBuffer):
         sink = self._sink
         if sink is not None:
             self._deliver()
-            self._sink = None  # gone from the session: nothing more for it (see _forget)
-            sink.stream_reset()
-            return
+            if self._sink is sink:
+                self._sink = None  # gone from the session: nothing more for it (see _forget)
+                sink.stream_reset()
+                return
         self._wake_reader()
         self._on_window()
 
     def _on_window(self) -> None:
-        if self._sink is not None:
+        sink = self._sink
+        if sink is not None:
             self._deliver()
-            self._sink.window_opened()
-            return
+            if self._sink is sink:
+                sink.window_opened()
+                return
         waiter = self._window_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -184,6 +199,19 @@ class MuxStream(ReceiveBuffer):
                 self._window_waiter = None
         if session.writing_paused or session.closed.done():
             await session.drain()
+
+    def send_now(self, data: Buffer) -> bool:
+        """Queue `data` whole if the stream takes it without waiting (its window has room and the link's write
+        buffer is not full); otherwise queue nothing and return False, for the caller to await send()."""
+        session = self.session
+        if self._reset or self._closed or session.writing_paused or session.closed.done():
+            return False
+        mux = session.mux
+        if mux.send_window(self.stream_id) < len(data):
+            return False
+        mux.send_data(self.stream_id, data)
+        session.schedule_flush()
+        return True
 
     def write(self, data: Buffer) -> None:
         """Queue without waiting; only for small control writes (error pages) that fit the window."""

@@ -409,6 +409,10 @@ class ResponseParser:
         raise HttpError(502, "the origin closed the connection before its response was complete")
 
     def on_message_begin(self) -> None:
+        if self.complete:
+            # bytes past the answer's end in the same read: llhttp would parse them as a next response, dropped
+            # unseen, and the conduit would look clean for the next request
+            raise HttpError(502, "the origin sent bytes after its response ended")
         self._in_head = True
         self._head_bytes = 0
         self._trailer_bytes = 0

@@ -20,10 +20,12 @@ from ..proto import exchange, http1
 from ..proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseHead, Switched
 from ..proto.pages import error_response
 from ..proto.routing import NotServed, OneTunnel, Router, ToRelay, ToTunnel
-from ..link.connection import Buffer, Connection
+from ..link.connection import Buffer, Chunk, Connection
 from ..link.deadlines import Deadline
+from ..link.session import MuxStream
 from .access_log import AccessLog
 from .metrics import RelayCounters
+from .tunnels import AgentTunnel
 
 if TYPE_CHECKING:
     from ..config import RelayConfig
@@ -35,6 +37,19 @@ log = logging.getLogger(__name__)
 
 class CloseAfterResponse(Exception):
     """The exchange finished in a way that leaves the visitor connection unusable."""
+
+
+# What a connection served from callbacks needs its task for (the result of the future the task sleeps on):
+TASK_SERVES = 0  # the request first in `pending` (a body, an upgrade, a refusal, a retry, no idle conduit...)
+TASK_ENDS = 1  # nothing more: the answer said so, the relay is draining, or an error answer went out
+TASK_GONE = 2  # the visitor's connection is gone
+TASK_REFUSES = 3  # the visitor sent a malformed request
+TASK_DRAINS = 4  # the answer is out but waits in a full write buffer: drain it, then release the conduit
+
+# which deadline waits for the next request head while callbacks serve: none yet, the idle one, the head one
+_NOT_WAITING = 0
+_WAITING_IDLE = 1
+_WAITING_HEAD = 2
 
 
 class Drain:
@@ -99,6 +114,12 @@ class VisitorConnection:
         self.pending: deque[object] = deque()
         self.loop = asyncio.get_running_loop()
         self.deadline = Deadline(self.loop)
+        # Served from callbacks (the common request, see InlineExchange), the task sleeps on `task_needed`
+        self.task_needed: asyncio.Future[int] | None = None
+        self.inline: InlineExchange | None = None  # the exchange in flight, served from callbacks
+        self.draining_inline: InlineExchange | None = None  # one whose answer waits for the task to drain it
+        self.refusal: HttpError | None = None  # a malformed request met between exchanges, for the task
+        self.waiting = _NOT_WAITING
 
     def _parse_or_waiter(self) -> "asyncio.Future[None] | None":
         """Parse what the visitor sent into `pending`, or return the future to await for more first. Readers
@@ -172,6 +193,20 @@ class VisitorConnection:
         try:
             try:
                 while True:
+                    # common requests are served from callbacks, with no step of this task; it wakes for the rest
+                    step = await self.serve_from_callbacks()
+                    if step == TASK_ENDS:
+                        break
+                    if step == TASK_GONE:
+                        raise VisitorGone
+                    if step == TASK_REFUSES:
+                        refusal, self.refusal = self.refusal, None
+                        assert refusal is not None
+                        raise refusal
+                    if step == TASK_DRAINS:
+                        if not await self.drain_inline() or self.draining.started:
+                            break
+                        continue
                     head = await self.next_head()
                     self.served += 1
                     # a draining relay finishes the exchange under way, then closes: no new one starts
@@ -187,8 +222,152 @@ class VisitorConnection:
         except VisitorGone:
             pass
         finally:
+            conn.on_change = None  # the connection no longer calls back into this object (no cycle left behind)
+            if self.inline is not None:  # cancelled with an exchange in flight
+                self.inline.abandon(TASK_GONE)
             conn.close()
             self.parser.close()
+
+    # Serving from callbacks. A connection's requests are mostly plain ones to a tunnel of this relay's own agents:
+    # those are parsed, routed and forwarded inside the visitor's read callback, and their answers copied inside
+    # the conduit's (InlineExchange), so a request costs no task step and no future. Everything else, and
+    # whatever has to wait, goes to the connection's task: the exact same code serves it there.
+    def serve_from_callbacks(self) -> "asyncio.Future[int]":
+        """Serve requests from callbacks until one needs the task; returns the future that says what for."""
+        needed = self.task_needed = self.loop.create_future()
+        self.conn.on_change = self._visitor_changed
+        self.serve_buffered()
+        return needed
+
+    def _visitor_changed(self) -> None:
+        inline = self.inline
+        if inline is not None:
+            inline.visitor_changed()
+        elif self.task_needed is not None:
+            self.serve_buffered()
+
+    def serve_buffered(self) -> None:
+        """Between exchanges: parse what the visitor sent, and serve its next request inline or hand it to the
+        task. The deadlines are next_head()'s: idle_timeout for a first byte, then head_timeout for the head."""
+        pending = self.pending
+        conn = self.conn
+        if not pending:
+            try:
+                buffered = conn.poll_buffered()
+            except ConduitReset:
+                buffered = False
+            if buffered is None:
+                if self.waiting == _NOT_WAITING:
+                    self.waiting = _WAITING_IDLE
+                    self.idle = True
+                    self.deadline.arm(self.config.idle_timeout, conn.close)
+                return
+            if buffered is False:
+                self.hand_to_task(TASK_GONE)
+                return
+            self.idle = False
+            try:
+                pending.extend(self.parser.feed(conn.take_buffered()))
+            except HttpError as error:
+                self.refusal = error
+                self.hand_to_task(TASK_REFUSES)
+                return
+            if not pending:
+                if self.waiting != _WAITING_HEAD:
+                    self.waiting = _WAITING_HEAD
+                    self.deadline.arm(self.config.head_timeout, self._head_timed_out)
+                return
+        self.waiting = _NOT_WAITING
+        self.deadline.disarm()
+        head = pending[0]
+        try:
+            started = isinstance(head, RequestHead) and self._start_inline(head)
+        except HttpError:  # a Host the router refuses: the task meets the same refusal and answers it
+            started = False
+        if not started:
+            self.hand_to_task(TASK_SERVES)
+
+    def _start_inline(self, head: RequestHead) -> bool:
+        """Start serving `head` from callbacks if it is a plain request: no body, no upgrade, to an online
+        tunnel of an agent of this relay with no access rules, over an idle conduit whose window takes the
+        request now. Refusals, uploads, waits for a conduit and the cluster's tunnels are the task's."""
+        pending = self.pending
+        if head.upgrade is not None or len(pending) < 2 or pending[1] is not MESSAGE_END:
+            return False
+        route = self.router.route(head.host)
+        if not isinstance(route, ToTunnel):
+            return False
+        tunnel = self.registry.get(route.name)
+        if type(tunnel) is not AgentTunnel or not tunnel.online:
+            return False
+        access = tunnel.access
+        if access.requires_login or access.allow_networks:
+            return False
+        conduit = tunnel.take_idle()
+        if conduit is None:
+            return False
+        request = http1.encode_request_head(head, peer_ip=self.conn.peer_ip, scheme=self.scheme)
+        if not (isinstance(conduit, MuxStream) and conduit.send_now(request)):
+            tunnel.release(conduit, True)  # not used: back to the pool
+            return False
+        pending.popleft()
+        pending.popleft()
+        self.served += 1
+        self.status = self.bytes_in = self.bytes_out = 0
+        self.switched = False
+        inline = self.inline = InlineExchange(self, head, tunnel, conduit)
+        self.deadline.arm(self.config.response_timeout, inline.give_up)
+        conduit.attach(inline)
+        return True
+
+    def hand_to_task(self, step: int) -> None:
+        """Stop serving from callbacks and wake the task with `step`."""
+        self.conn.on_change = None
+        self.deadline.disarm()
+        self.waiting = _NOT_WAITING
+        self.idle = False
+        needed, self.task_needed = self.task_needed, None
+        if needed is not None and not needed.done():
+            needed.set_result(step)
+
+    def retry_in_task(self, head: RequestHead) -> None:
+        """An idle conduit turned out closed before its origin saw `head`: the task sends it again (as its own
+        exchange() does), on another idle conduit or a fresh one."""
+        self.pending.appendleft(MESSAGE_END)
+        self.pending.appendleft(head)
+        self.served -= 1  # counted again when the task takes it
+        self.hand_to_task(TASK_SERVES)
+
+    async def drain_inline(self) -> bool:
+        """The inline exchange's answer is complete but waits in the visitor's write buffer: once it has left,
+        the conduit goes back (its credit with it, as after forward_response()). Whether the visitor continues."""
+        inline, self.draining_inline = self.draining_inline, None
+        assert inline is not None
+        try:
+            await self.conn.drain()
+        except ConduitReset:
+            inline.conduit.close()
+            self.account(inline.head, inline.tunnel, inline.started)
+            raise VisitorGone from None
+        except BaseException:
+            inline.conduit.abort()
+            raise
+        return inline.release()
+
+    def account(self, head: RequestHead, tunnel: Any, started: float) -> None:
+        """Count a finished exchange: the tunnel's metrics, the request duration, the access log."""
+        duration = self.loop.time() - started
+        if tunnel is not None:
+            counters = tunnel.counters
+            if self.status:
+                counters.answers[RelayCounters.status_index(self.status)] += 1
+            counters.bytes_from_visitors += self.bytes_in
+            counters.bytes_to_visitors += self.bytes_out
+            self.counters.request_duration.observe(duration)
+        if self.access_log is not None:
+            self.access_log.record(client=self.conn.peer_ip, method=head.method, host=head.host,
+                                   target=head.target, status=self.status, duration=duration,
+                                   sent=self.bytes_out, websocket=self.switched)
 
     async def linger(self) -> None:
         """The relay answered before the visitor finished sending its request: end our side after the answer
@@ -265,18 +444,7 @@ class VisitorConnection:
                                          "reconnecting); try again in a moment.", [("Retry-After", "2")])
             return await self.exchange(head, tunnel)
         finally:
-            duration = self.loop.time() - started
-            if tunnel is not None:
-                counters = tunnel.counters
-                if self.status:
-                    counters.answers[RelayCounters.status_index(self.status)] += 1
-                counters.bytes_from_visitors += self.bytes_in
-                counters.bytes_to_visitors += self.bytes_out
-                self.counters.request_duration.observe(duration)
-            if self.access_log is not None:
-                self.access_log.record(client=self.conn.peer_ip, method=head.method, host=head.host,
-                                       target=head.target, status=self.status, duration=duration,
-                                       sent=self.bytes_out, websocket=self.switched)
+            self.account(head, tunnel, started)
 
     async def skip_body(self, head: RequestHead) -> bool:
         """Read and drop a request body we answer ourselves; False if it can't be skipped cheaply. The rest of
@@ -531,3 +699,184 @@ class VisitorConnection:
 
 class _RetryOnFreshConduit(Exception):
     """A reused keep-alive conduit was closed by the origin before it saw our request."""
+
+
+class InlineExchange:
+    """One plain exchange served from callbacks: the request went out whole on an idle conduit, and this is the
+    conduit's sink (link/session.py's StreamSink) while the answer comes back, parsed and re-framed for the
+    visitor as forward_response() does it, with the same deadlines and the same answers to every failure.
+    What has to wait (an answer still in a full write buffer, a retry on a fresh conduit) goes to the
+    visitor's task."""
+
+    def __init__(self, visitor: VisitorConnection, head: RequestHead, tunnel: AgentTunnel, conduit: MuxStream) -> None:
+        self.visitor = visitor
+        self.head = head
+        self.tunnel = tunnel
+        self.conduit = conduit
+        self.parser = http1.ResponseParser(head.method, None)
+        self.started = visitor.loop.time()
+        self.sent_head = False
+        self.chunked_out = False
+        self.keep_alive = False
+        self.received_any = False
+        self.stray = False  # the origin sent bytes past its answer: the conduit is not reused
+        self.credit_held = 0  # answer bytes written while the visitor's write buffer was full
+        self.over = False
+
+    # the conduit's events
+    def stream_data(self, chunks: list[Chunk]) -> None:
+        if self.over:
+            return
+        self.received_any = True
+        parser = self.parser
+        size = 0
+        events: list[object] = []
+        try:
+            for chunk in chunks:
+                if parser.complete:
+                    self.stray = True
+                    break
+                size += len(chunk)
+                events += parser.feed(chunk)
+        except HttpError as error:
+            self._failed(error)
+            return
+        self._forward(events, size)
+
+    def stream_ended(self) -> None:
+        if self.over:
+            return
+        try:
+            events = self.parser.feed_eof()
+        except HttpError as error:
+            self._failed(error)
+            return
+        self._forward(events, 0)
+
+    def stream_reset(self) -> None:
+        if not self.over:
+            self._failed(None)
+
+    def window_opened(self) -> None:
+        pass  # the request went out whole: nothing waits for window
+
+    # the visitor's connection
+    def visitor_changed(self) -> None:
+        conn = self.visitor.conn
+        if conn.lost:
+            self.abandon(TASK_GONE)
+        elif self.credit_held and not conn.must_drain:
+            held, self.credit_held = self.credit_held, 0
+            self.conduit.session.consumed(self.conduit.stream_id, held)
+
+    def give_up(self) -> None:
+        """The origin did not answer, or fell silent, or the visitor stopped reading, for response_timeout."""
+        if self.over:
+            return
+        visitor = self.visitor
+        if self.sent_head:
+            visitor.conn.abort()  # mid-body: the visitor must see the answer as cut short
+        else:
+            visitor.send_error(504, f"The origin did not answer within {visitor.config.response_timeout:g} s.",
+                               close=True)
+        self.abandon(TASK_ENDS)
+
+    def _forward(self, events: list[object], size: int) -> None:
+        visitor = self.visitor
+        conn = visitor.conn
+        out: list[Buffer] = []  # one write per delivery from the conduit: head and body leave together
+        complete = False
+        for event in events:
+            if isinstance(event, Body):
+                out.append(http1.encode_chunk(event.data) if self.chunked_out else event.data)
+            elif event is MESSAGE_END:
+                if self.chunked_out:
+                    out.append(http1.LAST_CHUNK)
+                complete = True
+                break
+            elif isinstance(event, ResponseHead):
+                if event.informational:
+                    out.append(http1.encode_response_head(event, framing=BodyFraming.NONE, keep_alive=True))
+                    continue
+                framing, self.keep_alive = exchange.response_framing(self.head, event)
+                visitor.status = event.status
+                self.chunked_out = framing is BodyFraming.CHUNKED
+                out.append(http1.encode_response_head(event, framing=framing, keep_alive=self.keep_alive))
+                self.sent_head = True
+        if out:
+            for piece in out:
+                visitor.bytes_out += len(piece)
+            try:
+                conn.writelines(out)
+            except ConduitReset:
+                self.abandon(TASK_GONE)
+                return
+        if size:
+            if conn.must_drain:
+                self.credit_held += size  # given back once the visitor reads: the peer stops sending meanwhile
+            else:
+                self.conduit.session.consumed(self.conduit.stream_id, size)
+        if complete:
+            self._complete()
+        elif self.sent_head:
+            visitor.deadline.arm(visitor.config.response_timeout, self.give_up)
+
+    def _failed(self, error: HttpError | None) -> None:
+        """The conduit was reset or ended early, or the origin's answer was malformed (`error`)."""
+        visitor = self.visitor
+        if not self.sent_head:
+            if not self.received_any:
+                # an idle conduit whose origin connection had closed: the request goes again on another one
+                self._end()
+                self.conduit.close()
+                visitor.retry_in_task(self.head)
+                return
+            if error is not None:
+                visitor.counters.protocol_errors["origin"] += 1
+                visitor.send_error(error.status, error.message, close=True)
+            else:
+                visitor.send_error(502, "The tunnel's agent went away before the origin answered.", close=True)
+        else:
+            visitor.conn.abort()  # mid-body: the visitor must see the answer as cut short
+        self.abandon(TASK_ENDS)
+
+    def _complete(self) -> None:
+        visitor = self.visitor
+        self._end()
+        if visitor.conn.must_drain:
+            visitor.draining_inline = self
+            visitor.hand_to_task(TASK_DRAINS)
+            return
+        if not self.release() or visitor.draining.started:
+            visitor.hand_to_task(TASK_ENDS)
+        else:
+            visitor.serve_buffered()  # the next request, if it came already
+
+    def release(self) -> bool:
+        """The answer has left: the conduit goes back to the pool if it can serve again, with the credit still
+        held for it, and the exchange is counted. Returns whether the visitor's connection goes on."""
+        conduit = self.conduit
+        held, self.credit_held = self.credit_held, 0
+        if held:
+            conduit.session.consumed(conduit.stream_id, held)
+        self.tunnel.release(conduit, exchange.conduit_reusable(self.keep_alive, True, conduit.has_unread or self.stray))
+        self.visitor.account(self.head, self.tunnel, self.started)
+        return exchange.visitor_continues(self.head, self.keep_alive, True)
+
+    def abandon(self, step: int) -> None:
+        """End the exchange as failed: reset the conduit, count the exchange, wake the task with `step`."""
+        if self.over:
+            return
+        self._end()
+        self.conduit.abort()
+        visitor = self.visitor
+        visitor.account(self.head, self.tunnel, self.started)
+        visitor.hand_to_task(step)
+
+    def _end(self) -> None:
+        """No longer the conduit's sink, nor the visitor's exchange in flight; the response deadline is off."""
+        self.over = True
+        self.conduit.detach()
+        visitor = self.visitor
+        visitor.inline = None
+        visitor.deadline.disarm()
