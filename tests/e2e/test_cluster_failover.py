@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import re
 import signal
 import socket
 import threading
@@ -87,7 +88,9 @@ def visit(relay: Relay, index: int) -> None:
     finally:
         conn.close()
     if response.status != 200 or hashlib.sha256(body).hexdigest() != EXPECTED[size]:
-        raise AssertionError(f"{relay.port}: {response.status} {body[:200]!r}")
+        # a relay's own error page says why in its one paragraph (its head is mostly style)
+        said = re.search(rb"<p>(.*?)</p>", body) if response.status != 200 else None
+        raise AssertionError(f"{relay.port}: {response.status} {said.group(1) if said else body[:200]!r}")
 
 
 def served_by_all(nodes: list[Relay]) -> bool:

@@ -925,11 +925,33 @@ def test_go_away_refuses_new_streams_and_lets_existing_ones_drain() -> None:
     assert client.stream_count == server.stream_count == 0
     assert not client.is_closed and not server.is_closed
 
-    # Peers that open anyway are refused, whichever side said go-away.
-    assert server.receive_data(f.syn(3), 0.0) == []
-    assert decode_all(server.data_to_send()) == [Frame(FrameType.WINDOW_UPDATE, Flag.RST, 3, 0)]
+    # A peer that opens anyway after reading the other side's GO_AWAY is refused.
     assert client.receive_data(f.syn(2), 0.0) == []
     assert decode_all(client.data_to_send()) == [Frame(FrameType.WINDOW_UPDATE, Flag.RST, 2, 0)]
+
+
+def test_a_stream_that_crossed_our_go_away_is_served_and_none_after_the_peers() -> None:
+    """The relay opens a stream for a visitor just as the agent (registered on another node) says GO_AWAY: the
+    relay has not read it yet and counts on that stream, so the agent serves it rather than refuse it (the
+    visitor would get a 502 for a request nobody saw). Once the relay has said GO_AWAY too, nothing of its can
+    still be on its way, and a stream opened anyway is refused."""
+    pair = MuxPair()
+    agent, relay = pair.client, pair.server
+    stream_id = relay.open_stream()
+    relay.send_data(stream_id, b"GET / HTTP/1.1")
+    agent.go_away()
+    agent_events, relay_events = pair.transfer()  # both were on the wire at once: they crossed
+    assert agent_events == [StreamOpened(stream_id), DataReceived(stream_id, b"GET / HTTP/1.1")]
+    assert relay_events == [GoAwayReceived(GoAwayCode.NORMAL)]
+    agent.accept_stream(stream_id)
+    agent.send_data(stream_id, b"HTTP/1.1 200 OK", end_stream=True)
+    relay.go_away()
+    agent_events, relay_events = pair.transfer()
+    assert relay_events == [StreamAccepted(stream_id), DataReceived(stream_id, b"HTTP/1.1 200 OK"),
+                            StreamEnded(stream_id)]
+    assert agent_events == [GoAwayReceived(GoAwayCode.NORMAL)]
+    assert agent.receive_data(f.syn(stream_id + 2), 0.0) == []
+    assert decode_all(agent.data_to_send()) == [Frame(FrameType.WINDOW_UPDATE, Flag.RST, stream_id + 2, 0)]
 
 
 def test_go_away_is_sent_once_and_checks_its_code() -> None:

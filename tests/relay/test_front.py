@@ -1,6 +1,7 @@
 """How the relay copies one origin response to the visitor when a single read from the conduit brings
 several chunks (several frames of one link read): they leave in one write; stray bytes after the response's
-end are left unread on the conduit and never sent, and after a 101 the origin's first bytes are not lost."""
+end are left unread on the conduit and never sent, and after a 101 the origin's first bytes are not lost. And where a
+cluster node sends a visitor whose tunnel's agent just moved to another node."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from portway.proto.names import SYSTEM_NAMES
 from portway.proto.routing import Router
 from portway.relay.front import FrontServices, VisitorConnection
 from portway.relay.registry import MemoryRegistry
+from portway.relay.tunnels import AgentTunnel, Tunnel
+from portway.link.session import MuxSession
+from portway.proto.mux import MuxConfig, Role
 from portway.relay.metrics import RelayCounters, TunnelCounters
 from portway.config import RelayConfig
 from portway.proto.http1 import RequestHead, RequestParser, Switched
@@ -141,5 +145,56 @@ def test_a_visitor_gone_when_the_101_arrived_resets_the_conduit():
             await proxy.switch_protocols(tunnel, conduit, Switched(b"\x81\x02hi"))
         assert conduit.aborted
         assert tunnel.counters.websockets_open == 0
+
+    asyncio.run(main())
+
+
+class ElsewhereTunnel(Tunnel):
+    """A tunnel as another cluster node serves it: its one conduit answers with the scripted reads."""
+
+    def __init__(self, name: str, reads: list[list[bytes]]) -> None:
+        super().__init__(name)
+        self.reads = reads
+        self.sent: list[bytes] = []
+
+    @property
+    def online(self) -> bool:
+        return True
+
+    async def _new_conduit(self):
+        conduit = ScriptedConduit(self.reads)
+        sent = self.sent
+
+        async def send(data: bytes) -> None:
+            sent.append(bytes(data))
+
+        conduit.send = send
+        return conduit
+
+
+def test_a_cluster_node_forwards_a_visitor_of_a_tunnel_whose_agent_moved_away_to_the_node_it_went_to():
+    """A stopping node's agent, registered on another node, said GO_AWAY here; until this node has seen the
+    name's lease go (a Redis read away), a visitor still on it is served through the node the name went to, not
+    refused with a 502 because the agent here takes no new streams."""
+
+    async def main():
+        session = MuxSession(Role.SERVER, MuxConfig())
+        session.go_away_received = True
+        registry = MemoryRegistry()
+        registry.add(AgentTunnel("web", session, "key"))
+        new_node = ElsewhereTunnel("web", [[HEAD + b"hello world!"]])
+
+        async def find(name: str):
+            return new_node if name == "web" else None
+
+        services = FrontServices(RelayConfig(), Router("a.x", SYSTEM_NAMES), registry, None, RelayCounters(),
+                                 BasicAuthGuard(), nodes=SimpleNamespace(find=find))
+        visitor = RecordingVisitor()
+        proxy = VisitorConnection(visitor, "http", services)
+        proxy.pending.extend(RequestParser().feed(b"GET / HTTP/1.1\r\nHost: web.a.x\r\n\r\n"))
+        assert await proxy.handle(proxy.pending.popleft()) is True
+        answer = b"".join(visitor.writes)
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"hello world!")
+        assert len(new_node.sent) == 1 and new_node.sent[0].startswith(b"GET / HTTP/1.1\r\n")
 
     asyncio.run(main())

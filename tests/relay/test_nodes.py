@@ -6,6 +6,7 @@ reach the metrics."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -108,3 +109,42 @@ def test_a_node_link_that_does_not_open_is_counted_by_why(answer):
 def test_a_relay_of_its_own_has_no_node_link_series():
     text = exposition(RelayCollector(RelayCounters(), MemoryRegistry(), lambda: 0)).decode()
     assert "portway_node_link" not in text and "portway_forwarded_streams" not in text
+
+
+def test_visitors_refused_by_a_node_the_name_left_all_follow_it_to_its_new_node():
+    """Two visitors of one tunnel ask node A for a stream at once, just as its agent moved to node B: A refuses
+    both (404: not here any more) and each reads the lease again. The first follows the name to B; the second,
+    finding B too, must not take the tunnel's lease (already B's, moved by the first) for the one it was refused
+    under, and goes to B as well instead of passing A's 404 on."""
+
+    async def scenario():
+        moved = RemoteLease("node-b", "127.0.0.1:9102", "portway", 2)
+        both_asked = asyncio.Event()
+        asked_a = 0
+
+        class Registry:
+            async def held_elsewhere(self, name):
+                return moved
+
+            def get(self, name):
+                return None
+
+        class MovingTunnel(RemoteTunnel):
+            async def _conduit_from_holder(self):
+                nonlocal asked_a
+                if self.lease.node == "node-a":
+                    asked_a += 1
+                    if asked_a == 2:
+                        both_asked.set()
+                    await both_asked.wait()
+                    raise HttpError(404, "There is no tunnel 'web' on relay node node-a.")
+                return f"a stream through {self.lease.node}"
+
+        tunnel = MovingTunnel("web", RemoteLease("node-a", "127.0.0.1:9100", "portway", 1),
+                              SimpleNamespace(registry=Registry()))
+        got = await asyncio.wait_for(asyncio.gather(tunnel.fresh_conduit(), tunnel.fresh_conduit(),
+                                                    return_exceptions=True), 5)
+        assert got == ["a stream through node-b"] * 2
+        assert tunnel.lease == moved
+
+    run(scenario)

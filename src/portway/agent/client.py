@@ -319,11 +319,15 @@ class Agent:
         return registered
 
     async def _finish(self, session: MuxSession) -> None:
-        """An old link after a move: closed once its streams are done, or at --drain-timeout."""
+        """An old link after a move: closed once the relay node has answered our GO_AWAY with its own and the
+        streams are done, or at --drain-timeout. Before that answer a stream the node opened for a visitor may
+        still be on its way (it crossed our GO_AWAY, and is served): closing under it would fail that visitor.
+        (A node older than that answer closes the link itself once it has drained.)"""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.drain_timeout
         try:
-            while session.streams and not session.closed.done() and loop.time() < deadline:
+            while ((session.streams or not session.go_away_received) and not session.closed.done()
+                   and loop.time() < deadline):
                 await asyncio.sleep(DRAIN_CHECK)
         finally:
             session.close()

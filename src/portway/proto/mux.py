@@ -656,15 +656,17 @@ class Mux:
         self._count_control_frame(now)
 
     def _receive_syn(self, stream_id: int, now: float, events: list[Event]) -> _Stream | None:
-        """Register a stream the peer opens, or refuse it with RST (no event) when we are at a limit."""
+        """Register a stream the peer opens, or refuse it with RST (no event) when we are at a limit or the peer
+        said GO_AWAY. One that arrives after our own GO_AWAY crossed it (the peer opened it before reading ours,
+        and opens none after): it is served like any other, since a refusal would fail a request nobody saw (a
+        moving agent's old node opening a stream for a visitor just as the agent said GO_AWAY)."""
         if stream_id % 2 != self._remote_parity:
             raise ProtocolError(f"peer opened stream {stream_id}, an id from our half of the space")
         if stream_id <= self._highest_remote_id:
             raise ProtocolError(f"peer reopened stream {stream_id}; ids must increase")
         self._highest_remote_id = stream_id
         if (
-            self._go_away_sent
-            or self._go_away_received
+            self._go_away_received
             or self._unaccepted >= self.config.accept_backlog
             or len(self._streams) + len(self._retained) >= self.config.max_streams
         ):
@@ -910,7 +912,8 @@ class Mux:
         self._outbound.append(_pack_header(PROTOCOL_VERSION, FrameType.MOVE, 0, 0, len(encoded)) + encoded)
 
     def go_away(self, code: int = GoAwayCode.NORMAL) -> None:
-        """Tell the peer no new streams will be accepted or opened; existing streams drain normally."""
+        """Tell the peer to open no new streams, and that none will be opened from here; existing streams drain
+        normally, and so do those the peer opened before it read this (see _receive_syn)."""
         code = GoAwayCode(code)
         if self._closed or self._go_away_sent:
             return

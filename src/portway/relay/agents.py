@@ -147,7 +147,12 @@ class AgentLinks:
     def _went_away(self, tunnels: list, session: MuxSession) -> None:
         """The agent said GO_AWAY: no new streams go to it over this link. It is stopping, or (in a cluster) it
         moved to another node, which holds the names now: then this node lets them go at once, and its visitors
-        for them are forwarded there while the streams in flight here finish."""
+        for them are forwarded there while the streams in flight here finish.
+
+        The relay says GO_AWAY back: a stream it opened before reading the agent's crossed it and is served, and
+        once the agent reads this answer none can still be on its way, so the agent may close the link as soon as
+        its streams are done (agent/client.py), never under a stream just opened."""
+        session.go_away()
         for tunnel in tunnels:
             if isinstance(tunnel, AgentTunnel):
                 tunnel.drop_idle()

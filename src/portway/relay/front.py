@@ -410,9 +410,11 @@ class VisitorConnection:
         self.status = self.bytes_in = self.bytes_out = 0
         self.switched = False
         try:
-            if (tunnel is None or not tunnel.online) and isinstance(route, ToTunnel) and self.nodes is not None:
+            if self.nodes is not None and isinstance(route, ToTunnel) and (
+                    tunnel is None or not tunnel.online or tunnel.agent_leaving):
                 # held by another node of the cluster? then it is served from here over a node link (nodes.py);
-                # so is a name whose agent, away from this node, came back on another one
+                # so is a name whose agent, away from this node, came back on another one, or moved to another
+                # (it said GO_AWAY here, and this node has not yet seen its name go)
                 try:
                     tunnel = await self.nodes.find(route.name) or tunnel
                 except HttpError as error:

@@ -115,6 +115,7 @@ class RemoteTunnel(Tunnel):
         that fails (the node can't be reached, its link is closing, it no longer holds the name), so the lease
         is read again: when the name moved (its agent went to another node, or to this one), the stream comes
         from its new place instead of a refusal."""
+        tried = self.lease
         try:
             return await self._conduit_from_holder()
         except HttpError as refused:
@@ -125,11 +126,14 @@ class RemoteTunnel(Tunnel):
             local = self.links.registry.get(self.name) if lease is None else None
             if isinstance(local, AgentTunnel) and local.online:
                 return await local.fresh_conduit()  # the agent moved to this node meanwhile
-            if lease is None or lease == self.lease:
+            # (compared with the lease this visitor tried, not self.lease: another visitor refused by the same
+            # node may have followed the name to its new node already)
+            if lease is None or lease == tried:
                 raise
-        log.info("tunnel %s moved from relay node %s to %s", self.name, self.lease.node, lease.node)
-        self.drop_idle()
-        self.lease = lease
+        if lease != self.lease and lease.epoch >= self.lease.epoch:  # (not back to an older one)
+            log.info("tunnel %s moved from relay node %s to %s", self.name, self.lease.node, lease.node)
+            self.drop_idle()
+            self.lease = lease
         self.checked_at = asyncio.get_running_loop().time()
         return await self._conduit_from_holder()
 

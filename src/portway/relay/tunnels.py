@@ -95,6 +95,11 @@ class Tunnel:
     def online(self) -> bool:
         raise NotImplementedError
 
+    @property
+    def agent_leaving(self) -> bool:
+        """Its agent said it goes away (it stops, or it moved to another node of the cluster): no new streams."""
+        return False
+
     async def _new_conduit(self):
         raise NotImplementedError
 
@@ -164,6 +169,11 @@ class AgentTunnel(Tunnel):
     def online(self) -> bool:
         """The agent's link is up (a parked session, whose link is lost, is not online: it waits for one)."""
         return self.session is not None and not self.session.closed.done() and not self.session.parked
+
+    @property
+    def agent_leaving(self) -> bool:
+        session = self.session
+        return session is not None and session.go_away_received
 
     def drop_idle(self) -> None:
         super().drop_idle()
