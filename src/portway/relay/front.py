@@ -298,8 +298,8 @@ class VisitorConnection:
         if not isinstance(route, ToTunnel):
             return False
         tunnel = self.registry.get(route.name)
-        if type(tunnel) is not AgentTunnel or not tunnel.online:
-            return False
+        if type(tunnel) is not AgentTunnel or not tunnel.online or (self.nodes is not None and tunnel.agent_leaving):
+            return False  # (a cluster node forwards the visitors of an agent that moved away: nodes.py)
         access = tunnel.access
         if access.requires_login or access.allow_networks:
             return False
