@@ -18,6 +18,7 @@ from portway.link.connection import Connection
 from portway.errors import ConduitReset
 from portway.link.session import MuxSession
 from portway.proto.mux import MuxConfig, Role
+from tests.async_wait import until
 
 TOTAL = 48 * 1024 * 1024
 PIECE = 256 * 1024
@@ -25,15 +26,6 @@ PIECE = 256 * 1024
 
 def payload() -> bytes:
     return os.urandom(TOTAL)
-
-
-async def until(condition, what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not condition():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 class Service:

@@ -23,18 +23,10 @@ from portway.relay.front import FrontServices, VisitorConnection
 from portway.relay.metrics import RelayCounters
 from portway.relay.registry import MemoryRegistry
 from portway.relay.tunnels import AgentTunnel
+from tests.async_wait import until
 
 HOST = b"app.a.x"
 BIG = os.urandom(24 * 1024 * 1024)  # well past what the loopback socket buffers can take
-
-
-async def until(condition, what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not condition():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def answer(body: bytes, extra: bytes = b"") -> bytes:
@@ -178,6 +170,15 @@ def run(main) -> None:
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+async def on_second_request(world: World) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A visitor whose first request opened the conduit (in the task) and whose second is on its way inline."""
+    reader, writer = await world.visitor()
+    writer.write(get("/1"))
+    await read_answer(reader)
+    writer.write(get("/2"))
+    return reader, writer
+
+
 def test_plain_requests_are_answered_without_waking_the_connections_task():
     async def main():
         world = await World.start(lambda n: answer(b"answer %d" % n))
@@ -252,10 +253,7 @@ def test_a_pooled_conduit_the_origin_closed_unanswered_is_retried_on_a_fresh_one
 def test_an_origin_silent_past_the_response_timeout_gets_a_504_and_its_conduit_reset():
     async def main():
         world = await World.start(lambda n: answer(b"first") if n == 1 else "silent", response_timeout=0.3)
-        reader, writer = await world.visitor()
-        writer.write(get("/1"))
-        await read_answer(reader)
-        writer.write(get("/2"))
+        reader, writer = await on_second_request(world)
         status, headers, body = await read_answer(reader)
         assert status == 504 and headers[b"connection"] == b"close" and b"did not answer within 0.3 s" in body
         assert await asyncio.wait_for(reader.read(), 10) == b""  # and the connection closes
@@ -269,10 +267,7 @@ def test_an_origin_silent_past_the_response_timeout_gets_a_504_and_its_conduit_r
 def test_a_malformed_answer_is_a_502_and_the_connection_closes():
     async def main():
         world = await World.start(lambda n: answer(b"ok") if n == 1 else b"HTTP/1.1 2xx Nope\r\n\r\n")
-        reader, writer = await world.visitor()
-        writer.write(get("/1"))
-        await read_answer(reader)
-        writer.write(get("/2"))
+        reader, writer = await on_second_request(world)
         status, headers, body = await read_answer(reader)
         assert status == 502 and headers[b"connection"] == b"close" and b"malformed response" in body
         assert await asyncio.wait_for(reader.read(), 10) == b""
@@ -285,10 +280,7 @@ def test_a_malformed_answer_is_a_502_and_the_connection_closes():
 def test_an_answer_cut_short_by_the_origin_reaches_the_visitor_cut_short():
     async def main():
         world = await World.start(lambda n: answer(b"ok") if n == 1 else "reset")
-        reader, writer = await world.visitor()
-        writer.write(get("/1"))
-        await read_answer(reader)
-        writer.write(get("/2"))
+        reader, writer = await on_second_request(world)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 100" in head
         try:
@@ -304,10 +296,7 @@ def test_an_answer_cut_short_by_the_origin_reaches_the_visitor_cut_short():
 def test_a_visitor_leaving_mid_exchange_resets_the_conduit():
     async def main():
         world = await World.start(lambda n: answer(b"ok") if n == 1 else "silent")
-        reader, writer = await world.visitor()
-        writer.write(get("/1"))
-        await read_answer(reader)
-        writer.write(get("/2"))
+        reader, writer = await on_second_request(world)
         await until(lambda: world.origin.requests == 2, "the origin to read the second request")
         abort_with_reset(writer.transport)
         await until(lambda: world.origin.gone == 1, "the origin connection to be closed by the stream's reset")
@@ -322,10 +311,7 @@ def test_a_visitor_leaving_mid_exchange_resets_the_conduit():
 def test_bytes_glued_to_an_answer_are_a_502_and_retire_the_conduit():
     async def main():
         world = await World.start(lambda n: answer(b"ok") + b"HTTP/1.1 200 OK\r\n" if n == 2 else answer(b"ok"))
-        reader, writer = await world.visitor()
-        writer.write(get("/1"))
-        await read_answer(reader)
-        writer.write(get("/2"))
+        reader, writer = await on_second_request(world)
         status, headers, body = await read_answer(reader)
         assert status == 502 and b"bytes after its response ended" in body and headers[b"connection"] == b"close"
         await until(lambda: world.origin.gone == 1, "the conduit to be reset")
@@ -349,10 +335,7 @@ def test_bytes_after_an_answer_keep_its_conduit_out_of_the_pool():
 
         world = await World.start(script)
         writers = world.origin.writers
-        reader, writer = await world.visitor()
-        writer.write(get("/1"))
-        await read_answer(reader)
-        writer.write(get("/2"))
+        reader, writer = await on_second_request(world)
         assert (await read_answer(reader))[2] == b"answer 2"
         late.set()
         await until(lambda: world.tunnel.idle and world.tunnel.idle[0].has_unread, "the surplus to reach the conduit")
