@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from ..auth import BasicAuthGuard
 from ..errors import ConduitReset, HttpError, VisitorGone
@@ -26,11 +26,6 @@ from ..link.session import MuxStream
 from .access_log import AccessLog
 from .metrics import RelayCounters
 from .tunnels import AgentTunnel
-
-if TYPE_CHECKING:
-    from ..config import RelayConfig
-    from .nodes import NodeLinks
-    from .registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -389,6 +384,18 @@ class VisitorConnection:
         self.status = status
         self.send(error_response(status, message, close=close, extra_headers=extra_headers), head_only=head_only)
 
+    def answer_origin_failure(self, error: HttpError | None) -> None:
+        """The conduit failed before the answer's head reached the visitor (`error`: the origin's answer was
+        malformed; None: the stream was reset or ended early): say why, and close."""
+        if error is None:
+            self.send_error(502, "The tunnel's agent went away before the origin answered.", close=True)
+        else:
+            self.counters.protocol_errors["origin"] += 1
+            self.send_error(error.status, error.message, close=True)
+
+    def answer_timed_out(self) -> None:
+        self.send_error(504, f"The origin did not answer within {self.config.response_timeout:g} s.", close=True)
+
     def send(self, response: bytes, *, head_only: bool = False) -> None:
         """Write a response the relay made itself; `head_only` for HEAD, whose answer has no body
         (RFC 9110 §9.3.2): a body there would desync the visitor's next response."""
@@ -624,16 +631,11 @@ class VisitorConnection:
                 except (ConduitReset, HttpError) as error:
                     if not sent_head:
                         if timed_out:
-                            self.send_error(504, f"The origin did not answer within {timeout:g} s.", close=True)
+                            self.answer_timed_out()
                             raise CloseAfterResponse from None
                         if may_retry and not received_any:
                             raise _RetryOnFreshConduit from None
-                        status = error.status if isinstance(error, HttpError) else 502
-                        if isinstance(error, HttpError):
-                            self.counters.protocol_errors["origin"] += 1
-                        message = (error.message if isinstance(error, HttpError)
-                                   else "The tunnel's agent went away before the origin answered.")
-                        self.send_error(status, message, close=True)
+                        self.answer_origin_failure(error if isinstance(error, HttpError) else None)
                         raise CloseAfterResponse from None
                     conn.abort()  # mid-body: the visitor must see the answer as cut short
                     raise CloseAfterResponse from None
@@ -779,8 +781,7 @@ class InlineExchange:
         if self.sent_head:
             visitor.conn.abort()  # mid-body: the visitor must see the answer as cut short
         else:
-            visitor.send_error(504, f"The origin did not answer within {visitor.config.response_timeout:g} s.",
-                               close=True)
+            visitor.answer_timed_out()
         self.abandon(TASK_ENDS)
 
     def _forward(self, events: list[object], size: int) -> None:
@@ -833,11 +834,7 @@ class InlineExchange:
                 self.conduit.close()
                 visitor.retry_in_task(self.head)
                 return
-            if error is not None:
-                visitor.counters.protocol_errors["origin"] += 1
-                visitor.send_error(error.status, error.message, close=True)
-            else:
-                visitor.send_error(502, "The tunnel's agent went away before the origin answered.", close=True)
+            visitor.answer_origin_failure(error)
         else:
             visitor.conn.abort()  # mid-body: the visitor must see the answer as cut short
         self.abandon(TASK_ENDS)
