@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from portway.proto import exchange
-from portway.proto.http1 import BodyFraming, RequestParser, ResponseHead, ResponseParser
+from portway.proto.http1 import MESSAGE_END, BodyFraming, RequestParser, ResponseHead, ResponseParser, Switched
 
 
 def request(raw: str):
@@ -80,3 +80,49 @@ def test_conduit_reuse(keep_alive, complete, unread, reusable):
 ])
 def test_visitor_connection_continues(raw, keep_alive, complete, continues):
     assert exchange.visitor_continues(request(raw), keep_alive, complete) is continues
+
+
+def reframed(raw_request: str, raw_answer: bytes, pieces: int = 1):
+    """The bytes the visitor gets for `raw_answer`, fed in `pieces`, and what reframe() returned last."""
+    reframer = exchange.ResponseReframer(request(raw_request))
+    parser = ResponseParser(reframer.request.method, reframer.request.upgrade)
+    out: list = []
+    ended = None
+    size = -(-len(raw_answer) // pieces)
+    for start in range(0, len(raw_answer), size):
+        ended = reframer.reframe(parser.feed(raw_answer[start:start + size]), out)
+    return reframer, b"".join(bytes(piece) for piece in out), ended
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 50])
+def test_a_close_delimited_answer_is_rechunked_for_an_http_11_visitor(pieces):
+    reframer, wire, ended = reframed(GET_11, b"HTTP/1.1 200 OK\r\nKeep-Alive: x\r\n\r\nhello", pieces)
+    assert ended is None  # ends only at the origin's close
+    end = []
+    assert reframer.reframe([MESSAGE_END], end) is MESSAGE_END
+    wire += b"".join(end)
+    head, _, body = wire.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head and b"Keep-Alive" not in head and b"Connection: keep-alive" in head
+    assert body.endswith(b"0\r\n\r\n") and reframer.keep_alive and reframer.status == 200 and reframer.sent_head
+    assert b"".join(body.split(b"\r\n")[1::2]) == b"hello"
+
+
+def test_interim_heads_pass_and_only_the_final_one_counts():
+    reframer, wire, ended = reframed(GET_11, b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                                             b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert ended is MESSAGE_END and reframer.status == 204
+    assert wire.startswith(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 204 No Content\r\n")
+
+
+def test_a_switch_is_returned_with_its_trailing_bytes():
+    reframer, wire, ended = reframed("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+                                     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                     b"Connection: Upgrade\r\n\r\nraw")
+    assert isinstance(ended, Switched) and ended.trailing == b"raw" and reframer.status == 101
+    assert b"Upgrade: websocket" in wire and b"Connection: Upgrade" in wire
+
+
+def test_nothing_is_sent_before_a_head():
+    reframer = exchange.ResponseReframer(request(GET_11))
+    out: list = []
+    assert reframer.reframe([], out) is None and out == [] and not reframer.sent_head and reframer.status == 0

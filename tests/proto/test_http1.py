@@ -369,6 +369,85 @@ def test_a_response_head_just_under_the_limit_passes_in_pieces():
     assert events[0].status == 200 and events[-1] is MESSAGE_END
 
 
+KEEP_ALIVE_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def answered(parser: http1.ResponseParser, raw: bytes) -> list[object]:
+    events = [event for i in range(0, len(raw), 7) for event in parser.feed(raw[i:i + 7])]
+    assert parser.complete
+    return events
+
+
+def test_a_reusable_parser_parses_the_next_answer_after_a_keep_alive_one():
+    parser = http1.ResponseParser("GET", reusable=True)
+    parser.feed(KEEP_ALIVE_ANSWER)
+    for method, raw, body in [("GET", b"HTTP/1.1 404 Nope\r\nContent-Length: 1\r\n\r\nx", b"x"),
+                              ("POST", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+                               b"abc")]:
+        assert parser.restart(method)
+        events = parser.feed(raw)
+        assert isinstance(events[0], ResponseHead) and events[-1] is MESSAGE_END
+        assert b"".join(bytes(event.data) for event in events if isinstance(event, Body)) == body
+        assert parser.head is events[0] and parser.complete
+
+
+@pytest.mark.parametrize("method, raw, why", [
+    ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok", "not keep-alive"),
+    ("GET", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", "HTTP/1.0 without keep-alive"),
+    ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", "llhttp stopped after a HEAD answer's head"),
+])
+def test_a_parser_is_not_restarted_after_an_answer_llhttp_cannot_go_on_from(method, raw, why):
+    parser = http1.ResponseParser(method, reusable=True)
+    parser.feed(raw)
+    assert parser.complete
+    assert not parser.restart("GET"), why
+
+
+def test_a_parser_is_not_restarted_mid_answer_after_a_failure_or_without_being_asked():
+    split_body = http1.ResponseParser("GET", reusable=True)
+    split_body.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    split_body.feed(b"cd")  # the rest of a Content-Length body is counted past llhttp, which never sees it
+    assert split_body.complete and not split_body.restart("GET")
+    unfinished = http1.ResponseParser("GET", reusable=True)
+    unfinished.feed(b"HTTP/1.1 200 OK\r\nContent-Len")
+    assert not unfinished.restart("GET")
+    glued = http1.ResponseParser("GET", reusable=True)
+    with pytest.raises(HttpError):
+        glued.feed(KEEP_ALIVE_ANSWER + b"HTTP/1.1 200 OK\r\n")  # surplus after the answer, in the same read
+    assert not glued.restart("GET")
+    single_use = http1.ResponseParser("GET")
+    single_use.feed(KEEP_ALIVE_ANSWER)
+    assert not single_use.restart("GET")
+    closed = http1.ResponseParser("GET", reusable=True)
+    closed.feed(KEEP_ALIVE_ANSWER)
+    closed.close()
+    assert not closed.restart("GET")
+
+
+def test_a_restarted_parser_refuses_surplus_and_bounds_heads_as_a_new_one():
+    parser = http1.ResponseParser("GET", reusable=True)
+    parser.feed(KEEP_ALIVE_ANSWER)
+    assert parser.restart("GET")
+    with pytest.raises(HttpError) as surplus:
+        parser.feed(KEEP_ALIVE_ANSWER + b"X")
+    assert surplus.value.status == 502
+    parser = http1.ResponseParser("GET", reusable=True)
+    parser.feed(KEEP_ALIVE_ANSWER)
+    assert parser.restart("GET")
+    with pytest.raises(HttpError) as too_large:
+        parser.feed(b"HTTP/1.1 200 OK\r\nX: " + b"v" * (http1.MAX_HEAD_BYTES + 1))
+    assert too_large.value.status == 502
+
+
+def test_a_restarted_parser_checks_a_switch_against_the_new_request():
+    parser = http1.ResponseParser("GET", reusable=True)
+    parser.feed(KEEP_ALIVE_ANSWER)
+    assert parser.restart("GET", None)
+    with pytest.raises(HttpError) as refused:
+        parser.feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    assert refused.value.status == 502
+
+
 def test_refused_request_body_state_is_known():
     parser = RequestParser()
     parser.feed(b"POST / HTTP/1.1\r\nHost: a.x\r\nContent-Length: 5\r\n\r\nab")

@@ -200,6 +200,38 @@ def test_plain_requests_are_answered_without_waking_the_connections_task():
     run(main)
 
 
+def test_one_connection_reuses_its_answer_parser_only_where_llhttp_can_go_on():
+    """Answers of every shape in a row on one connection: each parses as if its parser were new, and the
+    parser is made again only after an answer llhttp could not go on from (a HEAD's, a split body's)."""
+    scripts = {1: answer(b"one"), 2: answer(b"two"), 3: b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+               4: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nfour\r\n0\r\n\r\n",
+               5: answer(b"five")}
+
+    async def main():
+        world = await World.start(lambda n: scripts[n])
+        reader, writer = await world.visitor()
+        parsers = []
+        for number, path in enumerate(["/1", "/2", "/head", "/4", "/5"], start=1):
+            writer.write(get(path) if path != "/head" else b"HEAD / HTTP/1.1\r\nHost: %b\r\n\r\n" % HOST)
+            if path == "/head":
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+            elif path == "/4":
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert b"Transfer-Encoding: chunked" in head
+                assert await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 10) == b"4\r\nfour\r\n0\r\n\r\n"
+            else:
+                assert (await read_answer(reader))[2] == {1: b"one", 2: b"two", 5: b"five"}[number]
+            parsers.append(world.proxies[0].answer_parser)
+        assert parsers[0] is parsers[1] is parsers[2]  # the HEAD answer's parser is the reused one...
+        assert parsers[3] is not parsers[2] and parsers[4] is parsers[3]  # ...and not used again after it
+        assert world.proxies[0].served == 5 and world.origin.connections == 1
+        await world.stop()
+        await until(lambda: world.proxies[0].answer_parser._parser is None, "the connection's end to close it")
+
+    run(main)
+
+
 def test_pipelined_requests_are_answered_in_order():
     async def main():
         world = await World.start(lambda n: answer(b"answer %d" % n))

@@ -5,7 +5,8 @@ is worth skipping. Pure decisions on parsed heads; relay/front.py moves the byte
 
 from __future__ import annotations
 
-from .http1 import BodyFraming, RequestHead, ResponseHead
+from . import http1
+from .http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseHead, Switched
 
 SKIPPABLE_BODY = 64 * 1024
 """Largest declared body the relay reads and drops to keep a connection after refusing its request."""
@@ -23,6 +24,44 @@ def response_framing(request: RequestHead, response: ResponseHead) -> tuple[Body
     if response.framing is BodyFraming.UNTIL_CLOSE and request.http_version == "1.1":
         return BodyFraming.CHUNKED, request.keep_alive
     return response.framing, response.keep_alive and request.keep_alive
+
+
+class ResponseReframer:
+    """Turns the parsed events of an origin's answer into the bytes the visitor receives: every head re-encoded
+    with the framing response_framing() chose, the body re-chunked when that framing is chunked. Remembers what
+    the exchange needs once the answer ends: its status, whether the head went out, and keep-alive."""
+
+    __slots__ = ("request", "status", "sent_head", "chunked_out", "keep_alive")
+
+    def __init__(self, request: RequestHead) -> None:
+        self.request = request
+        self.status = 0
+        self.sent_head = False  # the final head went out: a failure from here on must look cut short
+        self.chunked_out = False
+        self.keep_alive = False
+
+    def reframe(self, events: list[object], out: list[bytes | bytearray | memoryview]) -> object | None:
+        """Append the visitor's bytes for `events` to `out`. Returns MESSAGE_END once the answer ended, the
+        Switched event if the connection switched protocols (events after either are not read), else None."""
+        for event in events:
+            if isinstance(event, Body):
+                out.append(http1.encode_chunk(event.data) if self.chunked_out else event.data)
+            elif event is MESSAGE_END:
+                if self.chunked_out:
+                    out.append(http1.LAST_CHUNK)
+                return MESSAGE_END
+            elif isinstance(event, ResponseHead):
+                if event.informational:
+                    out.append(http1.encode_response_head(event, framing=BodyFraming.NONE, keep_alive=True))
+                    continue
+                framing, self.keep_alive = response_framing(self.request, event)
+                self.status = event.status
+                self.chunked_out = framing is BodyFraming.CHUNKED
+                out.append(http1.encode_response_head(event, framing=framing, keep_alive=self.keep_alive))
+                self.sent_head = True
+            elif isinstance(event, Switched):
+                return event
+        return None
 
 
 def retry_allowed(request: RequestHead) -> bool:

@@ -323,11 +323,19 @@ class ResponseParser:
     """
 
     def __init__(self, request_method: str, upgrade: bytes | None = None,
-                 max_head_bytes: int = MAX_HEAD_BYTES) -> None:
+                 max_head_bytes: int = MAX_HEAD_BYTES, *, reusable: bool = False) -> None:
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self._max_head_bytes = max_head_bytes
+        # Kept for the next response (restart()) when its owner says so and closes it when done; otherwise let
+        # go of as the response ends: llhttp holds our bound callbacks and we hold llhttp, and letting go frees
+        # the whole response by reference counting instead of leaving a cycle for the collector.
+        self._keep_parser = reusable
+        self._llhttp_clean = False  # llhttp saw this response end and may start the next one (see restart)
+        self._begin(request_method, upgrade)
+
+    def _begin(self, request_method: str, upgrade: bytes | None) -> None:
         self._head_request = request_method == "HEAD"
         self._upgrade_asked = upgrade
-        self._max_head_bytes = max_head_bytes
         self._events: list[object] = []
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -341,13 +349,27 @@ class ResponseParser:
         self.complete = False
         self.switched = False
 
+    def restart(self, request_method: str, upgrade: bytes | None = None) -> bool:
+        """Make ready for the answer to another request, on any conduit, with the same llhttp parser (creating
+        one costs as much as parsing a small answer). Only a parser made `reusable` whose last answer llhttp
+        parsed to its end, keep-alive, can: llhttp is then back at the start of a message. False otherwise
+        (mid-message, stopped after a HEAD answer, switched, failed, or closed): make a new one."""
+        if not self._llhttp_clean or self._parser is None:
+            return False
+        self._llhttp_clean = False
+        self._begin(request_method, upgrade)
+        return True
+
+    def close(self) -> None:
+        """Let go of llhttp (the cycle through our bound callbacks) once no answer will be parsed any more."""
+        self._parser = None
+        self._llhttp_clean = False
+
     def feed(self, data: bytes | memoryview) -> list[object]:
         if self.complete:
             raise HttpError(502, "the origin sent bytes after its response ended")
         events = self._feed_length_body(data) if self._body_left > 0 else self._feed_parser(data)
-        if self.complete:
-            # llhttp holds our bound callbacks and we hold llhttp: letting go of it when the response ends
-            # frees the whole response by reference counting instead of leaving a cycle for the collector
+        if self.complete and not self._llhttp_clean:
             self._parser = None
         return events
 
@@ -359,16 +381,19 @@ class ResponseParser:
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            self._llhttp_clean = False
             self.switched = True
             self.complete = True
             self._events.append(Switched(bytes(data[upgrade.args[0] :])))
         except httptools.HttpParserCallbackError as error:
+            self._llhttp_clean = False  # llhttp stopped where a callback raised: it can't go on
             if isinstance(error.__context__, HttpError):
                 raise error.__context__ from None
             if not isinstance(error.__context__, _HeadResponseDone):
                 raise HttpError(502, f"the origin sent a malformed response: {error}") from None
             # (no local names the stopping exception: its traceback holds this frame, which would make a cycle)
         except httptools.HttpParserError as error:
+            self._llhttp_clean = False
             if self.complete:
                 raise HttpError(502, "the origin sent bytes after its response ended") from None
             raise HttpError(502, f"the origin sent a malformed response: {error}") from None
@@ -479,11 +504,14 @@ class ResponseParser:
         self._events.append(Body(body))
 
     def on_message_complete(self) -> None:
-        if self.head is not None and (self.head.informational or self.head.status == 101):
+        head = self.head
+        if head is not None and (head.informational or head.status == 101):
             return  # a final response follows, or Switched does
         if not self.complete:
             self.complete = True
             self._events.append(MESSAGE_END)
+            # a keep-alive answer leaves llhttp at the start of the next message; after any other it refuses more
+            self._llhttp_clean = self._keep_parser and head is not None and head.keep_alive
 
 
 class _HeadResponseDone(Exception):

@@ -17,7 +17,7 @@ from ..auth import BasicAuthGuard
 from ..errors import ConduitReset, HttpError, VisitorGone
 from ..policy.admission import Admission
 from ..proto import exchange, http1
-from ..proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseHead, Switched
+from ..proto.http1 import MESSAGE_END, Body, BodyFraming, RequestHead, Switched
 from ..proto.pages import error_response
 from ..proto.routing import NotServed, OneTunnel, Router, ToRelay, ToTunnel
 from ..link.connection import Buffer, Chunk, Connection
@@ -106,6 +106,7 @@ class VisitorConnection:
         self.bytes_out = 0
         self.switched = False
         self.parser = http1.RequestParser()
+        self.answer_parser: http1.ResponseParser | None = None  # the last answer's, reused for the next one
         self.pending: deque[object] = deque()
         self.loop = asyncio.get_running_loop()
         self.deadline = Deadline(self.loop)
@@ -166,6 +167,17 @@ class VisitorConnection:
         assert isinstance(head, RequestHead)
         return head
 
+    def response_parser(self, request: RequestHead) -> http1.ResponseParser:
+        """A parser for the answer to `request`: the previous answer's when it can go on (a connection's
+        exchanges come one at a time, and a new llhttp parser costs about as much as parsing a small answer)."""
+        parser = self.answer_parser
+        if parser is not None:
+            if parser.restart(request.method, request.upgrade):
+                return parser
+            parser.close()
+        parser = self.answer_parser = http1.ResponseParser(request.method, request.upgrade, reusable=True)
+        return parser
+
     def upgrade_refusal(self) -> str | None:
         """Why this connection may not become an upgraded one (the address holds too many), or None."""
         if self.admission is None:
@@ -222,6 +234,8 @@ class VisitorConnection:
                 self.inline.abandon(TASK_GONE)
             conn.close()
             self.parser.close()
+            if self.answer_parser is not None:
+                self.answer_parser.close()
 
     # Serving from callbacks. A connection's requests are mostly plain ones to a tunnel of this relay's own agents:
     # those are parsed, routed and forwarded inside the visitor's read callback, and their answers copied inside
@@ -586,10 +600,8 @@ class VisitorConnection:
     async def forward_response(self, request: RequestHead, conduit, may_retry: bool):
         """Copy the response to the visitor; returns keep-alive (bool) or the Switched event."""
         conn = self.conn
-        parser = http1.ResponseParser(request.method, request.upgrade)
-        sent_head = False
-        chunked_out = False
-        keep_alive = False
+        parser = self.response_parser(request)
+        reframer = exchange.ResponseReframer(request)
         received_any = False
         timeout = self.config.response_timeout
         timed_out = False
@@ -598,7 +610,7 @@ class VisitorConnection:
             nonlocal timed_out
             timed_out = True
             conduit.abort()
-            if sent_head:
+            if reframer.sent_head:
                 conn.abort()  # also wakes a write to a visitor that stopped reading
 
         # The origin must start answering within response_timeout, and once it has, it may not fall silent
@@ -629,7 +641,7 @@ class VisitorConnection:
                     else:
                         events = parser.feed_eof()
                 except (ConduitReset, HttpError) as error:
-                    if not sent_head:
+                    if not reframer.sent_head:
                         if timed_out:
                             self.answer_timed_out()
                             raise CloseAfterResponse from None
@@ -640,35 +652,16 @@ class VisitorConnection:
                     conn.abort()  # mid-body: the visitor must see the answer as cut short
                     raise CloseAfterResponse from None
                 out: list[Buffer] = []  # one write per read from the conduit: head and body leave together
-                try:
-                    for event in events:
-                        if isinstance(event, Body):
-                            out.append(http1.encode_chunk(event.data) if chunked_out else event.data)
-                        elif event is MESSAGE_END:
-                            if chunked_out:
-                                out.append(http1.LAST_CHUNK)
-                            return keep_alive
-                        elif isinstance(event, ResponseHead):
-                            if event.informational:
-                                out.append(http1.encode_response_head(event, framing=BodyFraming.NONE,
-                                                                      keep_alive=True))
-                                continue
-                            framing, keep_alive = exchange.response_framing(request, event)
-                            self.status = event.status
-                            chunked_out = framing is BodyFraming.CHUNKED
-                            out.append(http1.encode_response_head(event, framing=framing, keep_alive=keep_alive))
-                            sent_head = True
-                        elif isinstance(event, Switched):
-                            return event
-                finally:
-                    if out:
-                        for piece in out:
-                            self.bytes_out += len(piece)
-                        try:
-                            conn.writelines(out)
-                        except ConduitReset:
-                            raise VisitorGone from None
-                if sent_head:
+                ended = reframer.reframe(events, out)
+                if reframer.sent_head:
+                    self.status = reframer.status
+                if out:
+                    self.write_answer(out)
+                if ended is MESSAGE_END:
+                    return reframer.keep_alive
+                if ended is not None:
+                    return ended  # Switched
+                if reframer.sent_head:
                     deadline.arm(timeout, give_up)
                 if conn.must_drain:
                     try:
@@ -677,6 +670,15 @@ class VisitorConnection:
                         raise VisitorGone from None
         finally:
             deadline.disarm()  # also when cancelled: a stale deadline must not abort a pooled conduit
+
+    def write_answer(self, out: list[Buffer]) -> None:
+        """Write one batch of the answer to the visitor (counted); VisitorGone if the connection is gone."""
+        for piece in out:
+            self.bytes_out += len(piece)
+        try:
+            self.conn.writelines(out)
+        except ConduitReset:
+            raise VisitorGone from None
 
     async def switch_protocols(self, tunnel, conduit, response_switch: Switched) -> None:
         """After a 101: raw bytes both ways, including any that arrived with either head."""
@@ -717,11 +719,9 @@ class InlineExchange:
         self.head = head
         self.tunnel = tunnel
         self.conduit = conduit
-        self.parser = http1.ResponseParser(head.method, None)
+        self.parser = visitor.response_parser(head)
+        self.reframer = exchange.ResponseReframer(head)
         self.started = visitor.loop.time()
-        self.sent_head = False
-        self.chunked_out = False
-        self.keep_alive = False
         self.received_any = False
         self.stray = False  # the origin sent bytes past its answer: the conduit is not reused
         self.credit_held = 0  # answer bytes written while the visitor's write buffer was full
@@ -778,7 +778,7 @@ class InlineExchange:
         if self.over:
             return
         visitor = self.visitor
-        if self.sent_head:
+        if self.reframer.sent_head:
             visitor.conn.abort()  # mid-body: the visitor must see the answer as cut short
         else:
             visitor.answer_timed_out()
@@ -788,30 +788,14 @@ class InlineExchange:
         visitor = self.visitor
         conn = visitor.conn
         out: list[Buffer] = []  # one write per delivery from the conduit: head and body leave together
-        complete = False
-        for event in events:
-            if isinstance(event, Body):
-                out.append(http1.encode_chunk(event.data) if self.chunked_out else event.data)
-            elif event is MESSAGE_END:
-                if self.chunked_out:
-                    out.append(http1.LAST_CHUNK)
-                complete = True
-                break
-            elif isinstance(event, ResponseHead):
-                if event.informational:
-                    out.append(http1.encode_response_head(event, framing=BodyFraming.NONE, keep_alive=True))
-                    continue
-                framing, self.keep_alive = exchange.response_framing(self.head, event)
-                visitor.status = event.status
-                self.chunked_out = framing is BodyFraming.CHUNKED
-                out.append(http1.encode_response_head(event, framing=framing, keep_alive=self.keep_alive))
-                self.sent_head = True
+        reframer = self.reframer
+        complete = reframer.reframe(events, out) is MESSAGE_END  # (no Switched: a plain request asks none)
+        if reframer.sent_head:
+            visitor.status = reframer.status
         if out:
-            for piece in out:
-                visitor.bytes_out += len(piece)
             try:
-                conn.writelines(out)
-            except ConduitReset:
+                visitor.write_answer(out)
+            except VisitorGone:
                 self.abandon(TASK_GONE)
                 return
         if size:
@@ -821,13 +805,13 @@ class InlineExchange:
                 self.conduit.session.consumed(self.conduit.stream_id, size)
         if complete:
             self._complete()
-        elif self.sent_head:
+        elif reframer.sent_head:
             visitor.deadline.arm(visitor.config.response_timeout, self.give_up)
 
     def _failed(self, error: HttpError | None) -> None:
         """The conduit was reset or ended early, or the origin's answer was malformed (`error`)."""
         visitor = self.visitor
-        if not self.sent_head:
+        if not self.reframer.sent_head:
             if not self.received_any:
                 # an idle conduit whose origin connection had closed: the request goes again on another one
                 self._end()
@@ -858,9 +842,10 @@ class InlineExchange:
         held, self.credit_held = self.credit_held, 0
         if held:
             conduit.session.consumed(conduit.stream_id, held)
-        self.tunnel.release(conduit, exchange.conduit_reusable(self.keep_alive, True, conduit.has_unread or self.stray))
+        self.tunnel.release(conduit, exchange.conduit_reusable(self.reframer.keep_alive, True,
+                                                                conduit.has_unread or self.stray))
         self.visitor.account(self.head, self.tunnel, self.started)
-        return exchange.visitor_continues(self.head, self.keep_alive, True)
+        return exchange.visitor_continues(self.head, self.reframer.keep_alive, True)
 
     def abandon(self, step: int) -> None:
         """End the exchange as failed: reset the conduit, count the exchange, wake the task with `step`."""
