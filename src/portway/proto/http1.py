@@ -70,7 +70,9 @@ class BodyFraming(Enum):
     UNTIL_CLOSE = "until-close"
 
 
-@dataclass(slots=True)
+# The heads and events below are slotted dataclasses (equality, repr) with a hand-written __init__: the one
+# @dataclass writes is interpreted Python even in a compiled build, and every request and answer builds them.
+@dataclass(slots=True, init=False)
 class RequestHead:
     method: str
     target: bytes  # origin-form, even when the visitor sent absolute-form
@@ -82,7 +84,21 @@ class RequestHead:
     keep_alive: bool
     upgrade: bytes | None  # the Upgrade header's value when the visitor asks to switch protocols
     # headers the visitor declared hop-by-hop by listing them in `Connection` (RFC 9110 §7.6.1)
-    connection_named: frozenset[bytes] = frozenset()
+    connection_named: frozenset[bytes]
+
+    def __init__(self, method: str, target: bytes, http_version: str, headers: list[tuple[bytes, bytes]], host: str,
+                 framing: BodyFraming, content_length: int, keep_alive: bool, upgrade: bytes | None,
+                 connection_named: frozenset[bytes] = frozenset()) -> None:
+        self.method = method
+        self.target = target
+        self.http_version = http_version
+        self.headers = headers
+        self.host = host
+        self.framing = framing
+        self.content_length = content_length
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.connection_named = connection_named
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -91,7 +107,7 @@ class RequestHead:
         return None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class ResponseHead:
     status: int
     reason: bytes
@@ -100,14 +116,26 @@ class ResponseHead:
     content_length: int
     keep_alive: bool
 
+    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: BodyFraming,
+                 content_length: int, keep_alive: bool) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.framing = framing
+        self.content_length = content_length
+        self.keep_alive = keep_alive
+
     @property
     def informational(self) -> bool:
         return 100 <= self.status < 200 and self.status != 101
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Body:
     data: bytes | memoryview
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self.data = data
 
 
 @dataclass(slots=True)
@@ -115,11 +143,14 @@ class MessageEnd:
     pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Switched:
     """The connection left HTTP; `trailing` is the first raw bytes after the head."""
 
     trailing: bytes
+
+    def __init__(self, trailing: bytes) -> None:
+        self.trailing = trailing
 
 
 MESSAGE_END = MessageEnd()
