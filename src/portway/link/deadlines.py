@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Callable, Protocol
+from typing import Callable, Final, Protocol
 
-NEVER = math.inf
+NEVER: Final = math.inf
 
 
 class Expiring(Protocol):

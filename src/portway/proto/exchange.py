@@ -5,10 +5,11 @@ is worth skipping. Pure decisions on parsed heads; relay/front.py moves the byte
 
 from __future__ import annotations
 
+from typing import Final
 from . import http1
 from .http1 import MESSAGE_END, Body, BodyFraming, RequestHead, ResponseHead, Switched
 
-SKIPPABLE_BODY = 64 * 1024
+SKIPPABLE_BODY: Final = 64 * 1024
 """Largest declared body the relay reads and drops to keep a connection after refusing its request."""
 
 

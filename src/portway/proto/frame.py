@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum, IntFlag
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from portway.errors import FrameError
 
@@ -50,21 +50,21 @@ __all__ = [
     "GoAwayCode",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Final = 1
 """1: resumable streams (GROW, FIN_ACK, RESUME). Version 0 peers are refused by the decoder."""
-HEADER = struct.Struct(">BBHII")
+HEADER: Final = struct.Struct(">BBHII")
 """The header layout; ``HEADER.pack(PROTOCOL_VERSION, type, flags, stream_id, length)`` encodes one."""
-HEADER_SIZE = HEADER.size
-DEFAULT_MAX_FRAME_SIZE = 64 * 1024
-INITIAL_STREAM_WINDOW = 256 * 1024
+HEADER_SIZE: Final = HEADER.size
+DEFAULT_MAX_FRAME_SIZE: Final = 64 * 1024
+INITIAL_STREAM_WINDOW: Final = 256 * 1024
 """Receive window every stream starts with on both sides; anything above it is announced by WINDOW_UPDATE."""
-INITIAL_LINK_WINDOW = 1024 * 1024
+INITIAL_LINK_WINDOW: Final = 1024 * 1024
 """Receive window of the whole link (all streams together) on both sides at link start; anything above it is
 announced by a WINDOW_UPDATE on stream 0."""
-MAX_WINDOW_SIZE = 2**31 - 1
+MAX_WINDOW_SIZE: Final = 2**31 - 1
 """A send window may never exceed this; a WINDOW_UPDATE that would push it over is a protocol error."""
-MAX_STREAM_ID = 2**32 - 1
-MAX_MOVE_ADDRESS = 255
+MAX_STREAM_ID: Final = 2**32 - 1
+MAX_MOVE_ADDRESS: Final = 255
 """Bytes a MOVE frame's address may take."""
 
 
@@ -125,16 +125,16 @@ class Frame(NamedTuple):
 
 # Decoded type and flag fields are mapped to enum members by indexing, which is far cheaper per frame than
 # calling the enum classes; an index past the end is exactly an unknown type or flag bit.
-_TYPES_BY_VALUE = tuple(FrameType)
-_FLAGS_BY_VALUE = tuple(Flag(value) for value in range(32))
-_PING_FLAGS = frozenset((Flag.SYN, Flag.ACK))
-_RESUME_FLAGS = frozenset((0, Flag.FIN))
-_GO_AWAY_CODES = frozenset(GoAwayCode)
-_make_frame = tuple.__new__  # builds a Frame without NamedTuple's Python-level __new__ (hot path)
-_GROW_BIT = int(Flag.GROW)  # tested per DATA frame: `int & Flag` runs the enum's Python-level operator
-_COMPACT_AFTER = 64 * 1024
+_TYPES_BY_VALUE: Final = tuple(FrameType)
+_FLAGS_BY_VALUE: Final = tuple(Flag(value) for value in range(32))
+_PING_FLAGS: Final = frozenset((Flag.SYN, Flag.ACK))
+_RESUME_FLAGS: Final = frozenset((0, Flag.FIN))
+_GO_AWAY_CODES: Final = frozenset(GoAwayCode)
+_make_frame: Final = tuple.__new__  # builds a Frame without NamedTuple's Python-level __new__ (hot path)
+_GROW_BIT: Final = int(Flag.GROW)  # tested per DATA frame: `int & Flag` runs the enum's Python-level operator
+_COMPACT_AFTER: Final = 64 * 1024
 """Consumed bytes worth moving out of the buffer's way once they outweigh what is still unread."""
-_VIEW_PIN_LIMIT = 4
+_VIEW_PIN_LIMIT: Final = 4
 """A payload is handed out as a view of the bytes fed in only if they are at most this many times its frame's
 size; smaller payloads are copied. What a held payload keeps in memory is then at most 4x its frame."""
 

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Final
 
 import httptools
 
 from ..errors import HttpError
 
-MAX_HEAD_BYTES = 32 * 1024
+MAX_HEAD_BYTES: Final = 32 * 1024
 
 # Headers that describe one hop only; the relay drops them and writes its own framing.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -34,7 +34,7 @@ HOP_BY_HOP = frozenset(
 # Headers that tell an origin who the client is. Origins behind proxies trust them (ProxyFix, `set_real_ip_from`),
 # so only the relay may state them: every one a visitor sends is dropped, whatever its spelling, and the relay
 # writes X-Forwarded-For/-Proto/-Host itself. Every `X-Forwarded-*` name is dropped too (FORWARDED_PREFIX).
-CLIENT_IDENTITY_HEADERS = frozenset(
+CLIENT_IDENTITY_HEADERS: Final = frozenset(
     {
         b"forwarded",
         b"x-real-ip",
@@ -55,12 +55,12 @@ CLIENT_IDENTITY_HEADERS = frozenset(
         b"via",
     }
 )
-FORWARDED_PREFIX = b"x-forwarded-"
+FORWARDED_PREFIX: Final = b"x-forwarded-"
 
-_NOTHING: frozenset[bytes] = frozenset()
+_NOTHING: Final[frozenset[bytes]] = frozenset()
 # What the relay never passes through to the origin. It writes its own framing and X-Forwarded-*, and Host
 # itself (the value it routed by, first), so a visitor naming `Host` in `Connection` can't remove it.
-_NOT_FORWARDED = HOP_BY_HOP | CLIENT_IDENTITY_HEADERS | {b"host"}
+_NOT_FORWARDED: Final = HOP_BY_HOP | CLIENT_IDENTITY_HEADERS | {b"host"}
 
 
 class BodyFraming(Enum):
@@ -153,7 +153,7 @@ class Switched:
         self.trailing = trailing
 
 
-MESSAGE_END = MessageEnd()
+MESSAGE_END: Final = MessageEnd()
 
 
 def _framing_of(headers: list[tuple[bytes, bytes]]) -> tuple[BodyFraming, int]:
@@ -609,7 +609,7 @@ def encode_chunk(data: bytes | memoryview) -> bytes:
     return b"".join((b"%x\r\n" % len(data), data, b"\r\n"))
 
 
-LAST_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
 def simple_response(

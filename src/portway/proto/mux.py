@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import Final
 
 from portway.errors import MuxClosedError, ProtocolError
 from portway.proto.events import (
@@ -76,48 +77,52 @@ from portway.proto.resume import (
 
 __all__ = ["ASSUMED_RTT", "GROWTH_ROUND_TRIPS", "RTT_PROBE_INTERVAL", "Mux", "MuxConfig", "Role", "StreamState"]
 
-ASSUMED_RTT = 0.1
+ASSUMED_RTT: Final = 0.1
 """Round-trip time (seconds) window growth assumes until a ping has measured one: a typical WAN path.
 
 Guessing is safe in both directions: growth also needs the application to consume half a window that fast,
 so a slow reader never earns a bigger window whatever the RTT.
 """
 
-RTT_PROBE_INTERVAL = 0.1
+RTT_PROBE_INTERVAL: Final = 0.1
 """While a stream's data is being consumed, a ping goes out with its credit (WINDOW_UPDATE) at most this often
 (seconds), and only once the previous one was answered, so that window growth compares with the round trip the
 link has *under load*. A keepalive ping measures an idle link; loaded, the peer's answer waits behind the data it
 already queued, and on a lossy link behind TCP's loss recovery, just as the data our credit lets it send does.
 At most 10 pings a second each way: far below any peer's control-frame budget."""
 
-GROWTH_ROUND_TRIPS = 2
+GROWTH_ROUND_TRIPS: Final = 2
 """A stream's window doubles when the application consumed half a window within this many round trips: the
 peer then sent at least a quarter of the window per round trip, and credit returned at half a window, after
 a round trip and after the stalls of TCP's loss recovery, would hold it at about that. QUIC stacks grow theirs
 on the same pace. Deciding every half window rather than every whole one takes a stream from the base window
 to 4 MiB after 1.9 MB instead of 3.75 MB: on a long link, most of a transfer of a few MB."""
 
-_MIN_GROWTH_RTT = 0.001
+_MIN_GROWTH_RTT: Final = 0.001
 """Growth takes the round trip as at least this (seconds): on loopback, or with a coarse clock, a ping can come
 back within the same clock reading, and a round trip of 0 would never let a window grow."""
 
-_RTT_GAIN = 1 / 8
+_RTT_GAIN: Final = 1 / 8
 """Weight of a new round-trip sample in the smoothed RTT, as TCP's (RFC 6298): one slow answer (a loss
 recovered) moves it by an eighth, a link that stays slower moves it within a second or two of probes."""
 
 # Plain ints for the flag bits: the Flag enum's operators run in Python and this module tests flags per frame.
-_SYN, _ACK, _FIN, _RST, _GROW = 0x1, 0x2, 0x4, 0x8, 0x10
-_DATA = FrameType.DATA
-_WINDOW_UPDATE = FrameType.WINDOW_UPDATE
-_PING = FrameType.PING
-_pack_header = HEADER.pack
-_PING_TOKEN_MASK = 0xFFFFFFFF
-_CONTROL_BUDGET_PERIOD = 1.0
-_LINK_UPDATE_MIN = 64 * 1024
+_SYN: Final = 0x1
+_ACK: Final = 0x2
+_FIN: Final = 0x4
+_RST: Final = 0x8
+_GROW: Final = 0x10
+_DATA: Final = FrameType.DATA
+_WINDOW_UPDATE: Final = FrameType.WINDOW_UPDATE
+_PING: Final = FrameType.PING
+_pack_header: Final = HEADER.pack
+_PING_TOKEN_MASK: Final = 0xFFFFFFFF
+_CONTROL_BUDGET_PERIOD: Final = 1.0
+_LINK_UPDATE_MIN: Final = 64 * 1024
 """Link credit owed is returned once it reaches half the link window (or LINK_CONFIRM_EVERY), or earlier once it
 is at least what the peer has left, but never in pieces smaller than this: slow readers holding most of the
 window must not turn every consumed frame into a WINDOW_UPDATE."""
-LINK_CONFIRM_EVERY = 1024 * 1024
+LINK_CONFIRM_EVERY: Final = 1024 * 1024
 """Link credit owed goes back, with every stream's consumption credit owed (``_announce_link``), at least once
 this much was consumed, however large the link window. Until then the peer keeps what it sent for a resend: many
 quiet streams (pooled conduits carrying small requests and answers) each owe far less than half their window, so
@@ -232,12 +237,12 @@ class _Input(Enum):
     RECV_FIN = "recv_fin"
 
 
-_S = StreamState
-_I = _Input
+_S: Final = StreamState
+_I: Final = _Input
 # Every legal (state, input) pair and the state it leads to; anything missing is illegal: the peer's fault if
 # the input came off the wire, the application's otherwise. RST is legal in every state and simply forgets the
 # stream, so it has no rows. Reaching CLOSED forgets the stream too.
-_TRANSITIONS: dict[tuple[StreamState, _Input], StreamState] = {
+_TRANSITIONS: Final[dict[tuple[StreamState, _Input], StreamState]] = {
     (_S.IDLE, _I.SEND_SYN): _S.SYN_SENT,
     (_S.IDLE, _I.RECV_SYN): _S.SYN_RECEIVED,
     (_S.SYN_SENT, _I.SEND_DATA): _S.SYN_SENT,
@@ -257,14 +262,14 @@ _TRANSITIONS: dict[tuple[StreamState, _Input], StreamState] = {
     (_S.REMOTE_CLOSED, _I.SEND_DATA): _S.REMOTE_CLOSED,
     (_S.REMOTE_CLOSED, _I.SEND_FIN): _S.CLOSED,
 }
-_REMOTE_INPUTS = frozenset((_I.RECV_SYN, _I.RECV_ACK, _I.RECV_DATA, _I.RECV_FIN))
+_REMOTE_INPUTS: Final = frozenset((_I.RECV_SYN, _I.RECV_ACK, _I.RECV_DATA, _I.RECV_FIN))
 # Data never changes a stream's state, so the hot paths test these flags instead of looking up the table.
-_SENDING_STATES = frozenset(state for state, stream_input in _TRANSITIONS if stream_input is _I.SEND_DATA)
-_RECEIVING_STATES = frozenset(state for state, stream_input in _TRANSITIONS if stream_input is _I.RECV_DATA)
-_UNACCEPTED_STATES = frozenset(state for state, stream_input in _TRANSITIONS if stream_input is _I.SEND_ACK)
-_FIN_SENT_STATES = frozenset((_S.SYN_SENT_LOCAL_CLOSED, _S.LOCAL_CLOSED, _S.CLOSED))
-_FIN_RECEIVED_STATES = frozenset((_S.SYN_RECEIVED_REMOTE_CLOSED, _S.REMOTE_CLOSED, _S.CLOSED))
-_OPENING_STATES = frozenset((_S.SYN_SENT, _S.SYN_SENT_LOCAL_CLOSED))
+_SENDING_STATES: Final = frozenset(state for state, stream_input in _TRANSITIONS if stream_input is _I.SEND_DATA)
+_RECEIVING_STATES: Final = frozenset(state for state, stream_input in _TRANSITIONS if stream_input is _I.RECV_DATA)
+_UNACCEPTED_STATES: Final = frozenset(state for state, stream_input in _TRANSITIONS if stream_input is _I.SEND_ACK)
+_FIN_SENT_STATES: Final = frozenset((_S.SYN_SENT_LOCAL_CLOSED, _S.LOCAL_CLOSED, _S.CLOSED))
+_FIN_RECEIVED_STATES: Final = frozenset((_S.SYN_RECEIVED_REMOTE_CLOSED, _S.REMOTE_CLOSED, _S.CLOSED))
+_OPENING_STATES: Final = frozenset((_S.SYN_SENT, _S.SYN_SENT_LOCAL_CLOSED))
 
 
 class _Stream:

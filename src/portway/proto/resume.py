@@ -35,6 +35,7 @@ from __future__ import annotations
 import struct
 from collections import deque
 from dataclasses import dataclass
+from typing import Final
 
 from portway.errors import ProtocolError
 
@@ -49,13 +50,13 @@ __all__ = [
     "encode_resume",
 ]
 
-RESUME_HEADER = struct.Struct(">II")
+RESUME_HEADER: Final = struct.Struct(">II")
 """highest stream id seen from the peer u32 | link window granted to the peer on the new link u32"""
-ENTRY = struct.Struct(">IBQQI")
+ENTRY: Final = struct.Struct(">IBQQI")
 """stream id u32 | flags u8 | received position u64 | receive limit u64 | receive window u32"""
-ENTRY_ACCEPTED = 0x1
+ENTRY_ACCEPTED: Final = 0x1
 """This side accepted the stream the peer opened (its ACK may have been lost with the link)."""
-_KNOWN_ENTRY_FLAGS = ENTRY_ACCEPTED
+_KNOWN_ENTRY_FLAGS: Final = ENTRY_ACCEPTED
 
 
 @dataclass(frozen=True, slots=True)

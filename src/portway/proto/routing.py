@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import Final
 
 from ..errors import HttpError
 
@@ -24,7 +25,7 @@ class NotServed:
 
 
 Route = ToRelay | ToTunnel | NotServed
-TO_RELAY = ToRelay()
+TO_RELAY: Final = ToRelay()
 
 
 def hostname_of(host_header: str) -> str:
@@ -60,7 +61,7 @@ def hostname_of(host_header: str) -> str:
     return name
 
 
-_DIGITS = frozenset("0123456789")
+_DIGITS: Final = frozenset("0123456789")
 
 
 def _check_port(port: str) -> None:

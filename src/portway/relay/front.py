@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Final
 
 from ..auth import BasicAuthGuard
 from ..errors import ConduitReset, HttpError, VisitorGone
@@ -35,16 +35,16 @@ class CloseAfterResponse(Exception):
 
 
 # What a connection served from callbacks needs its task for (the result of the future the task sleeps on):
-TASK_SERVES = 0  # the request first in `pending` (a body, an upgrade, a refusal, a retry, no idle conduit...)
-TASK_ENDS = 1  # nothing more: the answer said so, the relay is draining, or an error answer went out
-TASK_GONE = 2  # the visitor's connection is gone
-TASK_REFUSES = 3  # the visitor sent a malformed request
-TASK_DRAINS = 4  # the answer is out but waits in a full write buffer: drain it, then release the conduit
+TASK_SERVES: Final = 0  # the request first in `pending` (a body, an upgrade, a refusal, a retry, no idle conduit...)
+TASK_ENDS: Final = 1  # nothing more: the answer said so, the relay is draining, or an error answer went out
+TASK_GONE: Final = 2  # the visitor's connection is gone
+TASK_REFUSES: Final = 3  # the visitor sent a malformed request
+TASK_DRAINS: Final = 4  # the answer is out but waits in a full write buffer: drain it, then release the conduit
 
 # which deadline waits for the next request head while callbacks serve: none yet, the idle one, the head one
-_NOT_WAITING = 0
-_WAITING_IDLE = 1
-_WAITING_HEAD = 2
+_NOT_WAITING: Final = 0
+_WAITING_IDLE: Final = 1
+_WAITING_HEAD: Final = 2
 
 
 class Drain:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from typing import Callable, Final, Iterable, Mapping, TYPE_CHECKING
 
 from ..metrics import DURATION_BUCKETS, STATUS_CLASSES, Collector, Histogram, exposition  # noqa: F401 (re-exported)
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_SCRAPE_REQUEST = 8192  # bytes of request head the metrics listener reads before giving up
+MAX_SCRAPE_REQUEST: Final = 8192  # bytes of request head the metrics listener reads before giving up
 
 
 class TunnelCounters:

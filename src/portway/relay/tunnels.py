@@ -12,7 +12,7 @@ import ipaddress
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Final
 
 from mypy_extensions import mypyc_attr
 
@@ -24,7 +24,7 @@ from ..link.connection import Connection
 from ..link.session import MuxSession
 from .metrics import TunnelCounters
 
-IDLE_CONDUITS_PER_TUNNEL = 256
+IDLE_CONDUITS_PER_TUNNEL: Final = 256
 
 
 @dataclass
