@@ -119,7 +119,7 @@ class ReceiveBuffer:
         return "the connection"
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)  # lt pool sockets, TCP visitors, the relay's served connections
+@mypyc_attr(allow_interpreted_subclasses=True)  # lt pool sockets, TCP visitors (not the hot visitors: see on_made)
 class Connection(ReceiveBuffer, asyncio.Protocol):
     """A TCP (or TLS) connection as a conduit: owns its transport and the bytes read from it not yet taken
     (reading pauses past HIGH_WATER), and tracks the peer's end, a reset, and whether writes must wait (`drain`).
@@ -130,8 +130,11 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
     it, and what a reader takes is usually one chunk, not a join of several. At 512 KiB a visitor's 200 MB upload
     kept ~2 MiB more in the relay (the chunks read ahead, their join, the parser's copy of it) for no throughput."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_made: Callable[[Connection], object] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
+        # called once the connection is made (for TLS, once its handshake is done): how the relay starts serving a
+        # visitor without an interpreted subclass, whose every method call compiled code would make through Python
+        self._on_made = on_made
         self._chunks: deque[Chunk] = deque()
         self._buffered = 0
         self._eof = False
@@ -157,6 +160,8 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer_ip = peer[0]
+        if self._on_made is not None:
+            self._on_made(self)
 
     def data_received(self, data: bytes) -> None:
         self._chunks.append(data)

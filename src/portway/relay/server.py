@@ -9,7 +9,7 @@ import ipaddress
 import logging
 import ssl
 import sys
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from ..auth import BasicAuthGuard, FailureThrottle, TokenBook
 from ..config import RelayConfig
@@ -236,7 +236,7 @@ class Relay:
     def _new_connection(self, front: FrontServices | None = None) -> Connection:
         loop = asyncio.get_running_loop()
         front = front or self.front
-        return _ServedConnection(lambda conn: loop.create_task(self._serve(conn, front)))
+        return Connection(lambda conn: loop.create_task(self._serve(conn, front)))
 
     async def serve_one_tunnel(self, name: str, host: str = "127.0.0.1", first_port: int = 0,
                                attempts: int = 1) -> int:
@@ -318,19 +318,6 @@ class Relay:
 
     def status(self) -> dict:
         return {"tunnels": len(self.registry)}
-
-
-class _ServedConnection(Connection):
-    """A visitor's connection, served from the moment it is made: for TLS only once the handshake is done (a
-    handshake that fails is never served), so its peer address is known to the per-address limits."""
-
-    def __init__(self, serve: Callable[[Connection], object]) -> None:
-        super().__init__()
-        self._serve = serve
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._serve(self)
 
 
 def make_registry(config: RelayConfig) -> Registry:
