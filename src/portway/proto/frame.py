@@ -131,6 +131,8 @@ _PING_FLAGS: Final = frozenset((Flag.SYN, Flag.ACK))
 _RESUME_FLAGS: Final = frozenset((0, Flag.FIN))
 _GO_AWAY_CODES: Final = frozenset(GoAwayCode)
 _make_frame: Final = tuple.__new__  # builds a Frame without NamedTuple's Python-level __new__ (hot path)
+_FRAME: Final = Frame  # (compiled, a Final name is read natively; a class's own name goes through the module dict)
+_DATA_TYPE: Final = FrameType.DATA
 _GROW_BIT: Final = int(Flag.GROW)  # tested per DATA frame: `int & Flag` runs the enum's Python-level operator
 _COMPACT_AFTER: Final = 64 * 1024
 """Consumed bytes worth moving out of the buffer's way once they outweigh what is still unread."""
@@ -202,6 +204,12 @@ class FrameDecoder:
         available = len(buffer) - offset
         if available < HEADER_SIZE:
             return None
+        # typed: compiled, the fields are then native ints, not objects compared and masked through Python
+        version: int
+        type_value: int
+        flags_value: int
+        stream_id: int
+        length: int
         version, type_value, flags_value, stream_id, length = HEADER.unpack_from(buffer, offset)
         if version != PROTOCOL_VERSION:
             raise FrameError(f"unsupported protocol version {version}")
@@ -237,7 +245,7 @@ class FrameDecoder:
                     view = self._view = memoryview(buffer)
                 payload = bytes(view[offset + HEADER_SIZE : offset + end])  # the bytearray is reused by feed()
             self._offset = offset + end
-            return _make_frame(Frame, (FrameType.DATA, _FLAGS_BY_VALUE[flags_value], stream_id, length, payload))
+            return _make_frame(_FRAME, (_DATA_TYPE, _FLAGS_BY_VALUE[flags_value], stream_id, length, payload))
         if type_value == 1:  # WINDOW_UPDATE
             if stream_id == 0 and flags_value:
                 raise FrameError(f"WINDOW_UPDATE on stream 0 (the link's window) takes no flags, got 0x{flags_value:x}")
@@ -271,7 +279,7 @@ class FrameDecoder:
         else:
             self._check_session_frame(_TYPES_BY_VALUE[type_value], flags_value, stream_id, length)
         self._offset = offset + HEADER_SIZE
-        return _make_frame(Frame, (_TYPES_BY_VALUE[type_value], _FLAGS_BY_VALUE[flags_value], stream_id, length, b""))
+        return _make_frame(_FRAME, (_TYPES_BY_VALUE[type_value], _FLAGS_BY_VALUE[flags_value], stream_id, length, b""))
 
     @staticmethod
     def _check_session_frame(frame_type: FrameType, flags_value: int, stream_id: int, length: int) -> None:
