@@ -801,3 +801,17 @@ def test_a_trailer_section_may_reach_the_limit_but_not_pass_it(side):
     assert feed(93, 100)[-1] is MESSAGE_END
     with pytest.raises(HttpError):
         feed(94, 100)
+
+
+def test_header_names_are_lowered_and_folded_from_a_bounded_memory() -> None:
+    """Names are the peers' to choose: remembering them lowered must not grow without bound."""
+    assert http1.lowered_name(b"Content-Type") == b"content-type"
+    assert http1.folded_name(b"X_Forwarded_For") == b"x-forwarded-for"
+    assert http1.lowered_name(b"X_Forwarded_For") == b"x_forwarded_for"  # folding is only for the forward check
+    long_name = b"X-" + b"A" * 100
+    assert http1.lowered_name(long_name) == long_name.lower() and long_name not in http1._LOWERED_NAMES
+    for n in range(2 * http1._NAMES_KEPT):
+        name = b"X-Name-%d" % n
+        assert http1.lowered_name(name) == name.lower() and http1.folded_name(name) == name.lower()
+    assert len(http1._LOWERED_NAMES) <= http1._NAMES_KEPT and len(http1._FOLDED_NAMES) <= http1._NAMES_KEPT
+    assert http1.lowered_name(b"X-Name-%d" % (2 * http1._NAMES_KEPT)) == b"x-name-%d" % (2 * http1._NAMES_KEPT)

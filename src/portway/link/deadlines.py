@@ -61,15 +61,15 @@ class DeadlineSweeper:
 class Deadline:
     """One armed-or-not deadline, for an object watched by a DeadlineSweeper."""
 
-    __slots__ = ("expires_at", "_action", "_loop")
+    __slots__ = ("expires_at", "_action", "_clock")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self._clock: Callable[[], float] = loop.time  # bound once: armed per request, a method lookup each time
         self.expires_at = NEVER
         self._action: Callable[[], None] | None = None
 
     def arm(self, seconds: float, action: Callable[[], None]) -> None:
-        self.expires_at = self._loop.time() + seconds
+        self.expires_at = self._clock() + seconds
         self._action = action
 
     def disarm(self) -> None:

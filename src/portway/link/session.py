@@ -204,7 +204,7 @@ class MuxStream(ReceiveBuffer):
         """Queue `data` whole if the stream takes it without waiting (its window has room and the link's write
         buffer is not full); otherwise queue nothing and return False, for the caller to await send()."""
         session = self.session
-        if self._reset or self._closed or session.writing_paused or session.closed.done():
+        if self._reset or self._closed or session.writing_paused or session.ended:
             return False
         mux = session.mux
         if mux.send_window(self.stream_id) < len(data):
@@ -294,6 +294,7 @@ class MuxSession(asyncio.Protocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self.undelivered: list[MuxStream] = []  # streams with data for their sink from the read being dispatched
         self.closed: asyncio.Future[str] = self.loop.create_future()
+        self.ended = False  # closed.done(), read natively by the checks made per request
         self._link_down: asyncio.Future[str] = self.loop.create_future()  # this link's end: parked or closed
         self.on_link_lost: Callable[[str], None] | None = None  # told why, when the link is lost and streams park
         self._exchange_done: asyncio.Future[None] | None = None  # while a resume exchange runs
@@ -590,8 +591,9 @@ class MuxSession(asyncio.Protocol):
         self._shutdown(reason)
 
     def _shutdown(self, reason: str) -> None:
-        if self.closed.done():
+        if self.ended:
             return
+        self.ended = True
         self.closed.set_result(reason)
         if not self._link_down.done():
             self._link_down.set_result(reason)

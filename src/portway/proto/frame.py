@@ -130,12 +130,16 @@ _FLAGS_BY_VALUE: Final = tuple(Flag(value) for value in range(32))
 _PING_FLAGS: Final = frozenset((Flag.SYN, Flag.ACK))
 _RESUME_FLAGS: Final = frozenset((0, Flag.FIN))
 _GO_AWAY_CODES: Final = frozenset(GoAwayCode)
+_unpack_header: Final = HEADER.unpack_from  # bound once: compiled, ``HEADER.unpack_from(...)`` looks the method up per call
 _make_frame: Final = tuple.__new__  # builds a Frame without NamedTuple's Python-level __new__ (hot path)
 _FRAME: Final = Frame  # (compiled, a Final name is read natively; a class's own name goes through the module dict)
 _DATA_TYPE: Final = FrameType.DATA
 _GROW_BIT: Final = int(Flag.GROW)  # tested per DATA frame: `int & Flag` runs the enum's Python-level operator
 _COMPACT_AFTER: Final = 64 * 1024
 """Consumed bytes worth moving out of the buffer's way once they outweigh what is still unread."""
+_COPY_UP_TO: Final = 1024
+"""A payload this small is copied out of the bytes fed in: cheaper than a view of them (a memoryview object, then a
+slice of it, and a write of a view later goes through the buffer protocol)."""
 _VIEW_PIN_LIMIT: Final = 4
 """A payload is handed out as a view of the bytes fed in only if they are at most this many times its frame's
 size; smaller payloads are copied. What a held payload keeps in memory is then at most 4x its frame."""
@@ -210,7 +214,7 @@ class FrameDecoder:
         flags_value: int
         stream_id: int
         length: int
-        version, type_value, flags_value, stream_id, length = HEADER.unpack_from(buffer, offset)
+        version, type_value, flags_value, stream_id, length = _unpack_header(buffer, offset)
         if version != PROTOCOL_VERSION:
             raise FrameError(f"unsupported protocol version {version}")
         if type_value >= len(_TYPES_BY_VALUE):
@@ -229,7 +233,9 @@ class FrameDecoder:
                 return None
             payload: bytes | memoryview
             if type(buffer) is bytes:
-                if end * _VIEW_PIN_LIMIT >= len(buffer):
+                if length <= _COPY_UP_TO:
+                    payload = buffer[offset + HEADER_SIZE : offset + end]
+                elif end * _VIEW_PIN_LIMIT >= len(buffer):
                     view = self._view
                     if view is None:
                         view = self._view = memoryview(buffer)

@@ -63,6 +63,35 @@ _NOTHING: Final[frozenset[bytes]] = frozenset()
 _NOT_FORWARDED: Final = HOP_BY_HOP | CLIENT_IDENTITY_HEADERS | {b"host"}
 
 
+_LOWERED_NAMES: Final[dict[bytes, bytes]] = {}
+_FOLDED_NAMES: Final[dict[bytes, bytes]] = {}
+_NAMES_KEPT: Final = 512
+"""Header names remembered lowered (and folded): a few dozen recur on every request and answer, and a lookup
+costs a third of ``lower()`` (a method call and a new bytes object each time), and the remembered name's hash
+is then cached for the set lookups after it. Bounded in count and size: names are the peers' to choose."""
+_NAME_KEPT_UP_TO: Final = 64
+
+
+def lowered_name(name: bytes) -> bytes:
+    """``name.lower()``, remembered for the names that recur."""
+    lowered = _LOWERED_NAMES.get(name)
+    if lowered is None:
+        lowered = name.lower()
+        if len(_LOWERED_NAMES) < _NAMES_KEPT and len(name) <= _NAME_KEPT_UP_TO:
+            _LOWERED_NAMES[name] = lowered
+    return lowered
+
+
+def folded_name(name: bytes) -> bytes:
+    """The name lowered with ``_`` folded into ``-``, as CGI/WSGI servers read it; remembered like lowered_name."""
+    folded = _FOLDED_NAMES.get(name)
+    if folded is None:
+        folded = name.lower().replace(b"_", b"-")
+        if len(_FOLDED_NAMES) < _NAMES_KEPT and len(name) <= _NAME_KEPT_UP_TO:
+            _FOLDED_NAMES[name] = folded
+    return folded
+
+
 class BodyFraming(Enum):
     NONE = "none"
     LENGTH = "length"
@@ -102,7 +131,7 @@ class RequestHead:
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
-            if key.lower() == name:
+            if lowered_name(key) == name:
                 return value
         return None
 
@@ -159,7 +188,7 @@ MESSAGE_END: Final = MessageEnd()
 def _framing_of(headers: list[tuple[bytes, bytes]]) -> tuple[BodyFraming, int]:
     length = -1
     for key, value in headers:
-        lowered = key.lower()
+        lowered = lowered_name(key)
         if lowered == b"transfer-encoding":
             return BodyFraming.CHUNKED, -1
         if lowered == b"content-length":
@@ -167,6 +196,17 @@ def _framing_of(headers: list[tuple[bytes, bytes]]) -> tuple[BodyFraming, int]:
     if length >= 0:
         return BodyFraming.LENGTH, length
     return BodyFraming.UNTIL_CLOSE, -1
+
+
+_METHOD_NAMES: Final[dict[bytes, str]] = {}
+
+
+def _method_name(method: bytes) -> str:
+    """The method as text, made once per method (llhttp accepts only the few dozen it knows)."""
+    name = _METHOD_NAMES.get(method)
+    if name is None:
+        name = _METHOD_NAMES[method] = method.decode("ascii")
+    return name
 
 
 class RequestParser:
@@ -232,7 +272,7 @@ class RequestParser:
         self._headers = []
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        self._url = self._url + url if self._url else url  # mostly one piece: kept as it is, not copied
         self._head_bytes += len(url)
         if self._head_bytes > self._max_head_bytes:
             raise HttpError(431, "request head too large")
@@ -257,7 +297,7 @@ class RequestParser:
         self._in_head = False
         parser = self._parser
         assert parser is not None  # called back by it
-        method = parser.get_method().decode("ascii")
+        method = _method_name(parser.get_method())
         if method == "CONNECT":
             raise HttpError(405, "CONNECT is not supported by this relay")
         version = parser.get_http_version()
@@ -269,7 +309,7 @@ class RequestParser:
         upgrade_value: bytes | None = None
         connection_named: set[bytes] | None = None
         for key, value in self._headers:
-            lowered = key.lower()
+            lowered = lowered_name(key)
             if lowered == b"host":
                 if host is not None:
                     raise HttpError(400, "the request has more than one Host header")
@@ -310,7 +350,7 @@ class RequestParser:
                 framing=framing,
                 content_length=length,
                 keep_alive=parser.should_keep_alive(),
-                upgrade=upgrade_value if parser.should_upgrade() else None,
+                upgrade=upgrade_value if upgrade_value is not None and parser.should_upgrade() else None,
                 connection_named=frozenset(connection_named) if connection_named else _NOTHING,
             )
         )
@@ -479,7 +519,7 @@ class ResponseParser:
         self._head_bytes += len(reason)
         if self._head_bytes > self._max_head_bytes:
             raise HttpError(502, "the origin's response head is too large")
-        self._reason += reason
+        self._reason = self._reason + reason if self._reason else reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
@@ -564,7 +604,7 @@ def encode_request_head(
         also_drop = also_drop | {b"authorization"}
     for key, value in head.headers:
         # CGI/WSGI servers fold `_` into `-`: `X_Forwarded_For` or `Transfer_Encoding` must not get through either
-        lowered = key.lower().replace(b"_", b"-")
+        lowered = folded_name(key)
         if lowered in _NOT_FORWARDED or lowered in also_drop or lowered.startswith(FORWARDED_PREFIX):
             continue
         lines.append(key + b": " + value)
@@ -584,12 +624,25 @@ def encode_request_head(
     return b"\r\n".join(lines)
 
 
+_STATUS_LINE_STARTS: Final[dict[int, bytes]] = {}
+
+
+def _status_line_start(status: int) -> bytes:
+    """``b"HTTP/1.1 200 "`` for 200, made once per three-digit status code (at most 900 of them)."""
+    start = _STATUS_LINE_STARTS.get(status)
+    if start is None:
+        start = b"HTTP/1.1 %d " % status
+        if 100 <= status <= 999:
+            _STATUS_LINE_STARTS[status] = start
+    return start
+
+
 def encode_response_head(head: ResponseHead, *, framing: BodyFraming, keep_alive: bool) -> bytes:
     """The response head as the visitor receives it, with the framing the relay chose."""
-    lines = [b"HTTP/1.1 %d " % head.status + head.reason]
+    lines = [_status_line_start(head.status) + head.reason]
     switching = head.status == 101
     for key, value in head.headers:
-        lowered = key.lower()
+        lowered = lowered_name(key)
         if lowered in HOP_BY_HOP and not (switching and lowered in (b"connection", b"upgrade")):
             continue
         lines.append(key + b": " + value)

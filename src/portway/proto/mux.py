@@ -791,11 +791,15 @@ class Mux:
             view = part
         stream.retransmit.append(view)  # kept until the peer confirms it (the window bounds how much)
         outbound = self._outbound
-        for start in range(0, accepted, frame_size):
-            chunk = view[start : start + frame_size]
-            last = start + frame_size >= accepted
-            outbound.append(_pack_header(PROTOCOL_VERSION, _DATA, fin if last else 0, stream_id, len(chunk)))
-            outbound.append(chunk)
+        if accepted <= frame_size:  # one frame: no range object and no slice per call (most sends are small)
+            outbound.append(_pack_header(PROTOCOL_VERSION, _DATA, fin, stream_id, accepted))
+            outbound.append(view)
+        else:
+            for start in range(0, accepted, frame_size):
+                chunk = view[start : start + frame_size]
+                last = start + frame_size >= accepted
+                outbound.append(_pack_header(PROTOCOL_VERSION, _DATA, fin if last else 0, stream_id, len(chunk)))
+                outbound.append(chunk)
         stream.send_window -= accepted
         self._link_send_window -= accepted
         stream.sent_any = True

@@ -24,7 +24,7 @@ from ..link.connection import Buffer, Chunk, Connection
 from ..link.deadlines import Deadline
 from ..link.session import MuxStream
 from .access_log import AccessLog
-from .metrics import RelayCounters
+from .metrics import RelayCounters, TunnelCounters
 from .tunnels import AgentTunnel
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,11 @@ class VisitorConnection:
         self.answer_parser: http1.ResponseParser | None = None  # the last answer's, reused for the next one
         self.pending: deque[object] = deque()
         self.loop = asyncio.get_running_loop()
+        self.clock: Callable[[], float] = self.loop.time  # bound once: a method lookup on the loop per call otherwise
+        # read per request: native floats here, where the config (a Python class) costs an attribute lookup each
+        self.idle_timeout: float = self.config.idle_timeout
+        self.head_timeout: float = self.config.head_timeout
+        self.response_timeout: float = self.config.response_timeout
         self.deadline = Deadline(self.loop)
         # Served from callbacks (the common request, see InlineExchange), the task sleeps on `task_needed`
         self.task_needed: asyncio.Future[int] | None = None
@@ -145,9 +150,8 @@ class VisitorConnection:
             head = self.pending.popleft()
             assert isinstance(head, RequestHead)
             return head
-        config = self.config
         deadline = self.deadline
-        deadline.arm(config.idle_timeout, self.conn.close)
+        deadline.arm(self.idle_timeout, self.conn.close)
         started = False
         self.idle = True
         pending = self.pending
@@ -159,7 +163,7 @@ class VisitorConnection:
                 self.idle = False
                 if not started and not pending:
                     started = True
-                    deadline.arm(config.head_timeout, self._head_timed_out)
+                    deadline.arm(self.head_timeout, self._head_timed_out)
         finally:
             self.idle = False
             deadline.disarm()
@@ -269,7 +273,7 @@ class VisitorConnection:
                 if self.waiting == _NOT_WAITING:
                     self.waiting = _WAITING_IDLE
                     self.idle = True
-                    self.deadline.arm(self.config.idle_timeout, conn.close)
+                    self.deadline.arm(self.idle_timeout, conn.close)
                 return
             if buffered is False:
                 self.hand_to_task(TASK_GONE)
@@ -284,7 +288,7 @@ class VisitorConnection:
             if not pending:
                 if self.waiting != _WAITING_HEAD:
                     self.waiting = _WAITING_HEAD
-                    self.deadline.arm(self.config.head_timeout, self._head_timed_out)
+                    self.deadline.arm(self.head_timeout, self._head_timed_out)
                 return
         self.waiting = _NOT_WAITING
         self.deadline.disarm()
@@ -306,8 +310,11 @@ class VisitorConnection:
         route = self.router.route(head.host)
         if not isinstance(route, ToTunnel):
             return False
-        tunnel = self.registry.get(route.name)
-        if type(tunnel) is not AgentTunnel or not tunnel.online or (self.nodes is not None and tunnel.agent_leaving):
+        found = self.registry.get(route.name)
+        if type(found) is not AgentTunnel:
+            return False
+        tunnel: AgentTunnel = found  # typed: its attributes are then read natively (the registry's are Any)
+        if not tunnel.online or (self.nodes is not None and tunnel.agent_leaving):
             return False  # (a cluster node forwards the visitors of an agent that moved away: nodes.py)
         access = tunnel.access
         if access.requires_login or access.allow_networks:
@@ -325,7 +332,7 @@ class VisitorConnection:
         self.status = self.bytes_in = self.bytes_out = 0
         self.switched = False
         inline = self.inline = InlineExchange(self, head, tunnel, conduit)
-        self.deadline.arm(self.config.response_timeout, inline.give_up)
+        self.deadline.arm(self.response_timeout, inline.give_up)
         conduit.attach(inline)
         return True
 
@@ -365,9 +372,9 @@ class VisitorConnection:
 
     def account(self, head: RequestHead, tunnel: Any, started: float) -> None:
         """Count a finished exchange: the tunnel's metrics, the request duration, the access log."""
-        duration = self.loop.time() - started
+        duration = self.clock() - started
         if tunnel is not None:
-            counters = tunnel.counters
+            counters: TunnelCounters = tunnel.counters  # typed: counted natively (`tunnel` is any kind of tunnel)
             if self.status:
                 counters.answers[RelayCounters.status_index(self.status)] += 1
             counters.bytes_from_visitors += self.bytes_in
@@ -408,7 +415,7 @@ class VisitorConnection:
             self.send_error(error.status, error.message, close=True)
 
     def answer_timed_out(self) -> None:
-        self.send_error(504, f"The origin did not answer within {self.config.response_timeout:g} s.", close=True)
+        self.send_error(504, f"The origin did not answer within {self.response_timeout:g} s.", close=True)
 
     def send(self, response: bytes, *, head_only: bool = False) -> None:
         """Write a response the relay made itself; `head_only` for HEAD, whose answer has no body
@@ -477,7 +484,7 @@ class VisitorConnection:
         if self.pending and self.pending[0] is MESSAGE_END:
             self.pending.popleft()
             return True
-        self.deadline.arm(self.config.head_timeout, self.conn.close)
+        self.deadline.arm(self.head_timeout, self.conn.close)
         try:
             while True:
                 event = await self.next_event()
@@ -603,7 +610,7 @@ class VisitorConnection:
         parser = self.response_parser(request)
         reframer = exchange.ResponseReframer(request)
         received_any = False
-        timeout = self.config.response_timeout
+        timeout = self.response_timeout
         timed_out = False
 
         def give_up() -> None:
@@ -721,7 +728,7 @@ class InlineExchange:
         self.conduit = conduit
         self.parser = visitor.response_parser(head)
         self.reframer = exchange.ResponseReframer(head)
-        self.started = visitor.loop.time()
+        self.started = visitor.clock()
         self.received_any = False
         self.stray = False  # the origin sent bytes past its answer: the conduit is not reused
         self.credit_held = 0  # answer bytes written while the visitor's write buffer was full
@@ -806,7 +813,7 @@ class InlineExchange:
         if complete:
             self._complete()
         elif reframer.sent_head:
-            visitor.deadline.arm(visitor.config.response_timeout, self.give_up)
+            visitor.deadline.arm(visitor.response_timeout, self.give_up)
 
     def _failed(self, error: HttpError | None) -> None:
         """The conduit was reset or ended early, or the origin's answer was malformed (`error`)."""

@@ -168,7 +168,8 @@ class AgentTunnel(Tunnel):
     @property
     def online(self) -> bool:
         """The agent's link is up (a parked session, whose link is lost, is not online: it waits for one)."""
-        return self.session is not None and not self.session.closed.done() and not self.session.parked
+        session = self.session
+        return session is not None and not session.ended and not session.parked
 
     @property
     def agent_leaving(self) -> bool:
