@@ -22,6 +22,7 @@ from portway.proto.frame import (
     FrameDecoder,
     FrameType,
     GoAwayCode,
+    encode_data_header,
 )
 
 from .helpers import FrameFactory
@@ -417,3 +418,25 @@ def test_a_malformed_move_frame_is_refused_before_its_payload(wire: bytes, messa
     decoder.feed(wire)
     with pytest.raises(FrameError, match=message):
         list(decoder)
+
+
+@given(stream_id=st.integers(0, 2**32 - 1), length=st.integers(0, 2**32 - 1), fin=st.booleans())
+def test_the_fast_data_header_is_the_struct_packed_one(stream_id: int, length: int, fin: bool) -> None:
+    flags = Flag.FIN if fin else 0
+    assert encode_data_header(stream_id, length, fin) == HEADER.pack(PROTOCOL_VERSION, FrameType.DATA, flags,
+                                                                    stream_id, length)
+
+
+@given(header=st.binary(min_size=HEADER_SIZE, max_size=HEADER_SIZE))
+def test_headers_decode_alike_from_bytes_and_from_a_bytearray(header: bytes) -> None:
+    """Bytes are decoded byte by byte, a bytearray (a frame split across reads) with struct: the same result."""
+    outcomes = []
+    for make in (bytes, bytearray):
+        decoder = FrameDecoder()
+        decoder.feed(make(header))
+        try:
+            frame = decoder.next_frame()
+            outcomes.append(None if frame is None else (frame.type, frame.flags, frame.stream_id, frame.length))
+        except FrameError as error:
+            outcomes.append(str(error))
+    assert outcomes[0] == outcomes[1]

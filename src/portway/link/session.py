@@ -268,6 +268,10 @@ class MuxStream(ReceiveBuffer):
         self._sink = None
 
 
+def _flush_session(session: MuxSession) -> None:
+    session._flush_now()
+
+
 class MuxSession(asyncio.Protocol):
     """An agent link: the asyncio protocol that owns a transport speaking the multiplexing protocol. Feeds what
     it reads to its sans-I/O Mux, dispatches the mux's events to its MuxStreams, writes what the mux has to send
@@ -286,6 +290,9 @@ class MuxSession(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._on_stream = on_stream
         self._flush_scheduled = False
+        # bound once: called per read, per consumption or once per loop pass (a method lookup each time otherwise)
+        self._call_soon: Callable[..., object] = self.loop.call_soon
+        self._clock: Callable[[], float] = self.loop.time
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._writing_paused = False
@@ -312,7 +319,7 @@ class MuxSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            events = self.mux.receive_data(data, self.loop.time())
+            events = self.mux.receive_data(data, self._clock())
         except ProtocolError as error:
             log.warning("closing agent link: protocol error: %s", error)
             self._flush_now()
@@ -449,7 +456,7 @@ class MuxSession(asyncio.Protocol):
     def consumed(self, stream_id: int, count: int) -> None:
         mux = self.mux
         try:
-            mux.acknowledge_received(stream_id, count, self.loop.time())
+            mux.acknowledge_received(stream_id, count, self._clock())
         except (KeyError, MuxClosedError):
             return
         if mux.has_data_to_send:  # credit is returned in batches: most reads owe the peer nothing yet
@@ -471,7 +478,7 @@ class MuxSession(asyncio.Protocol):
         and ssh write their channels. The wait is the rest of the pass, not a timer."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self.loop.call_soon(self._flush_now)
+            self._call_soon(_flush_session, self)  # (not a bound method: no new object, no cycle through it)
 
     def _flush_now(self) -> None:
         self._flush_scheduled = False

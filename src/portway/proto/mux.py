@@ -63,6 +63,7 @@ from portway.proto.frame import (
     FrameDecoder,
     FrameType,
     GoAwayCode,
+    encode_data_header,
 )
 from portway.proto.resume import (
     ENTRY,
@@ -476,9 +477,10 @@ class Mux:
         link_remaining = self._link_receive_remaining  # kept in a local while frames take the fast path
         try:
             while (frame := decoder.next_frame()) is not None:
-                frame_type, flags, stream_id, length, payload = frame
                 # Fast path: payload on a stream that may receive it, within its window and the link's.
-                if frame_type is _DATA and not flags:
+                if frame.type is _DATA and not frame.flags:
+                    stream_id = frame.stream_id
+                    length = frame.length
                     stream = streams.get(stream_id)
                     if (
                         stream is not None
@@ -490,7 +492,7 @@ class Mux:
                         stream.unacknowledged += length
                         stream.received += length
                         link_remaining -= length
-                        events.append(DataReceived(stream_id, payload))
+                        events.append(DataReceived(stream_id, frame.payload))
                         continue
                 self._link_receive_remaining = link_remaining
                 self._receive_frame(frame, now, events)
@@ -507,7 +509,8 @@ class Mux:
         return events
 
     def _receive_frame(self, frame: Frame, now: float, events: list[Event]) -> None:
-        frame_type, flags, stream_id, length, payload = frame
+        frame_type, flags, stream_id = frame.type, frame.flags, frame.stream_id
+        length, payload = frame.length, frame.payload
         if frame_type is _PING:
             self._receive_ping(int(flags), length, now, events)
         elif frame_type is FrameType.FIN_ACK:
@@ -792,13 +795,13 @@ class Mux:
         stream.retransmit.append(view)  # kept until the peer confirms it (the window bounds how much)
         outbound = self._outbound
         if accepted <= frame_size:  # one frame: no range object and no slice per call (most sends are small)
-            outbound.append(_pack_header(PROTOCOL_VERSION, _DATA, fin, stream_id, accepted))
+            outbound.append(encode_data_header(stream_id, accepted, fin != 0))
             outbound.append(view)
         else:
             for start in range(0, accepted, frame_size):
                 chunk = view[start : start + frame_size]
                 last = start + frame_size >= accepted
-                outbound.append(_pack_header(PROTOCOL_VERSION, _DATA, fin if last else 0, stream_id, len(chunk)))
+                outbound.append(encode_data_header(stream_id, len(chunk), last and fin != 0))
                 outbound.append(chunk)
         stream.send_window -= accepted
         self._link_send_window -= accepted
