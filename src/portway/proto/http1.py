@@ -8,7 +8,7 @@ dying agent look cut short to the visitor. Nothing here does I/O: feed bytes, ge
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Final
 
@@ -144,15 +144,19 @@ class ResponseHead:
     framing: BodyFraming
     content_length: int
     keep_alive: bool
+    # The forwarded header lines, encoded: every header but the hop-by-hop ones, made by the parser while it
+    # meets them (it lowers each name once for its own checks). None: encode_response_head derives them.
+    lines: list[bytes] | None = field(compare=False, repr=False)
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: BodyFraming,
-                 content_length: int, keep_alive: bool) -> None:
+                 content_length: int, keep_alive: bool, lines: list[bytes] | None = None) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
         self.framing = framing
         self.content_length = content_length
         self.keep_alive = keep_alive
+        self.lines = lines
 
     @property
     def informational(self) -> bool:
@@ -183,19 +187,6 @@ class Switched:
 
 
 MESSAGE_END: Final = MessageEnd()
-
-
-def _framing_of(headers: list[tuple[bytes, bytes]]) -> tuple[BodyFraming, int]:
-    length = -1
-    for key, value in headers:
-        lowered = lowered_name(key)
-        if lowered == b"transfer-encoding":
-            return BodyFraming.CHUNKED, -1
-        if lowered == b"content-length":
-            length = int(value)
-    if length >= 0:
-        return BodyFraming.LENGTH, length
-    return BodyFraming.UNTIL_CLOSE, -1
 
 
 _METHOD_NAMES: Final[dict[bytes, str]] = {}
@@ -410,6 +401,9 @@ class ResponseParser:
         self._events: list[object] = []
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._lines: list[bytes] = []
+        self._chunked = False
+        self._length = -1
         self._head_bytes = 0
         self._heads_fed = 0  # bytes fed while the final head was incomplete (1xx heads included)
         self._trailer_bytes = 0
@@ -514,6 +508,9 @@ class ResponseParser:
         self._trailer_bytes = 0
         self._reason = b""
         self._headers = []
+        self._lines = []
+        self._chunked = False
+        self._length = -1
 
     def on_status(self, reason: bytes) -> None:
         self._head_bytes += len(reason)
@@ -532,6 +529,13 @@ class ResponseParser:
         if self._head_bytes > self._max_head_bytes:
             raise HttpError(502, "the origin's response head is too large")
         self._headers.append((name, value))
+        lowered = lowered_name(name)
+        if lowered not in HOP_BY_HOP:
+            self._lines.append(name + b": " + value)
+        elif lowered == b"transfer-encoding":
+            self._chunked = True
+        elif lowered == b"content-length":
+            self._length = int(value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -540,7 +544,12 @@ class ResponseParser:
         status = parser.get_status_code()
         if status == 101:
             self._check_switch()
-        framing, length = _framing_of(self._headers)
+        if self._chunked:
+            framing, length = BodyFraming.CHUNKED, -1
+        elif self._length >= 0:
+            framing, length = BodyFraming.LENGTH, self._length
+        else:
+            framing, length = BodyFraming.UNTIL_CLOSE, -1
         if status in (204, 304) or 100 <= status < 200 or self._head_request:
             framing, length = BodyFraming.NONE, 0
         self.head = ResponseHead(
@@ -550,6 +559,7 @@ class ResponseParser:
             framing=framing,
             content_length=length,
             keep_alive=parser.should_keep_alive() and framing is not BodyFraming.UNTIL_CLOSE,
+            lines=None if status == 101 else self._lines,  # a 101 keeps Connection and Upgrade: derived then
         )
         self._events.append(self.head)
         if self._head_request and 200 <= status:
@@ -641,11 +651,14 @@ def encode_response_head(head: ResponseHead, *, framing: BodyFraming, keep_alive
     """The response head as the visitor receives it, with the framing the relay chose."""
     lines = [_status_line_start(head.status) + head.reason]
     switching = head.status == 101
-    for key, value in head.headers:
-        lowered = lowered_name(key)
-        if lowered in HOP_BY_HOP and not (switching and lowered in (b"connection", b"upgrade")):
-            continue
-        lines.append(key + b": " + value)
+    if head.lines is not None:
+        lines += head.lines
+    else:
+        for key, value in head.headers:
+            lowered = lowered_name(key)
+            if lowered in HOP_BY_HOP and not (switching and lowered in (b"connection", b"upgrade")):
+                continue
+            lines.append(key + b": " + value)
     if framing is BodyFraming.LENGTH:
         lines.append(b"Content-Length: %d" % head.content_length)
     elif framing is BodyFraming.CHUNKED:
