@@ -129,3 +129,34 @@ def test_a_reader_takes_at_most_its_budget_and_returns_credit_only_for_that():
         session.close()
 
     asyncio.run(main())
+
+
+def test_a_burst_of_streams_opened_in_one_read_is_accepted_whole():
+    """A session accepts each stream as its open is dispatched, so many opened in one read (a burst of visitors,
+    here more than the mux's default accept backlog) are all served, none refused with a reset."""
+    burst = 3 * MuxConfig().accept_backlog
+
+    async def main():
+        served: list[int] = []
+
+        async def serve(stream):
+            served.append(stream.stream_id)
+
+        session = MuxSession(Role.CLIENT, MuxConfig(), on_stream=serve)
+        link = LinkTransport()
+        session.connection_made(link)
+        relay = Mux(Role.SERVER, MuxConfig(), now=0.0)
+        relay.receive_data(bytes(link.sent), 0.0)
+        link.sent.clear()
+        opened = [relay.open_stream() for _ in range(burst)]
+        session.data_received(relay.data_to_send())
+        await asyncio.sleep(0)  # the streams' tasks run
+        session._flush_now()
+        answers = relay.receive_data(bytes(link.sent), 0.0)
+        session.close()
+        return opened, served, answers
+
+    opened, served, answers = asyncio.run(main())
+    assert sorted(served) == opened
+    assert [e.stream_id for e in answers if isinstance(e, ev.StreamAccepted)] == opened
+    assert not any(isinstance(e, ev.StreamReset) for e in answers)

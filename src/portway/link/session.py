@@ -11,6 +11,7 @@ the streams up (``abandon``), or the resume window passes and every stream is re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import deque
 from typing import Awaitable, Callable, Protocol
@@ -285,7 +286,11 @@ class MuxSession(asyncio.Protocol):
         on_stream: Callable[[MuxStream], Awaitable[None]] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.mux = Mux(role, config or MuxConfig(), now=self.loop.time())
+        config = config or MuxConfig()
+        # Every stream the peer opens is accepted as its event is dispatched, right after the read that brought
+        # it: the mux's accept backlog (for applications that accept later) would only refuse the streams past
+        # it that one read opened together (a burst of visitors), so the session's bound is max_streams.
+        self.mux = Mux(role, dataclasses.replace(config, accept_backlog=config.max_streams), now=self.loop.time())
         self.streams: dict[int, MuxStream] = {}
         self.transport: asyncio.Transport | None = None
         self._on_stream = on_stream
