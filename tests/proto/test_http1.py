@@ -111,7 +111,7 @@ def test_request_head_encoding_replaces_forwarding_headers():
     (head, _) = feed_all_ways(
         b"GET / HTTP/1.1\r\nHost: a.x\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: keep-alive\r\nAccept: */*\r\n\r\n"
     )
-    wire = http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="https")
+    wire = http1.encode_request_head(head, forwarded=http1.forwarded_fields("10.0.0.1", "https"))
     assert b"6.6.6.6" not in wire
     assert b"X-Forwarded-For: 10.0.0.1\r\n" in wire and b"X-Forwarded-Proto: https\r\n" in wire
     assert b"X-Forwarded-Host: a.x\r\n" in wire and b"Accept: */*\r\n" in wire
@@ -193,15 +193,15 @@ def test_headers_named_in_connection_are_not_forwarded():
     (head, _) = feed_all_ways(
         b"GET / HTTP/1.1\r\nHost: a.x\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nX-Kept: 2\r\n\r\n"
     )
-    wire = http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="http")
+    wire = http1.encode_request_head(head, forwarded=http1.forwarded_fields("10.0.0.1", "http"))
     assert b"X-Secret" not in wire and b"X-Kept: 2" in wire
 
 
 def test_tunnel_credentials_are_not_forwarded_when_the_relay_consumed_them():
     (head, _) = feed_all_ways(b"GET / HTTP/1.1\r\nHost: a.x\r\nAuthorization: Basic dTpw\r\n\r\n")
-    assert b"Authorization" in http1.encode_request_head(head, peer_ip="1.2.3.4", scheme="http")
+    assert b"Authorization" in http1.encode_request_head(head, forwarded=http1.forwarded_fields("1.2.3.4", "http"))
     assert b"Authorization" not in http1.encode_request_head(
-        head, peer_ip="1.2.3.4", scheme="http", drop_authorization=True
+        head, forwarded=http1.forwarded_fields("1.2.3.4", "http"), drop_authorization=True
     )
 
 
@@ -261,7 +261,7 @@ def test_trailer_fields_never_join_the_head(cut):
     (head,) = [event for event in events if isinstance(event, RequestHead)]
     assert [key for key, _ in head.headers] == [b"Host", b"Transfer-Encoding"]
     assert head.header(b"authorization") is None and events[-1] is MESSAGE_END
-    wire = http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="http")
+    wire = http1.encode_request_head(head, forwarded=http1.forwarded_fields("10.0.0.1", "http"))
     assert wire.count(b"\r\nHost:") == 1 and b"evil" not in wire and b"6.6.6.6" not in wire
 
 
@@ -277,13 +277,13 @@ def test_an_endless_trailer_section_is_refused():
 @pytest.mark.parametrize("connection", [b"close, Host", b"Host", b"keep-alive, HOST", b"host, x-forwarded-for"])
 def test_connection_options_cannot_remove_host(connection):
     (head, _) = feed_all_ways(b"GET / HTTP/1.1\r\nHost: a.x\r\nConnection: " + connection + b"\r\n\r\n")
-    wire = http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="http")
+    wire = http1.encode_request_head(head, forwarded=http1.forwarded_fields("10.0.0.1", "http"))
     assert wire.split(b"\r\n")[1] == b"Host: a.x" and wire.count(b"\r\nHost:") == 1
 
 
 def test_the_forwarded_host_is_the_one_the_request_was_routed_by():
     (head, _) = feed_all_ways(b"GET http://A.x:80/p HTTP/1.1\r\nHost:   A.x:80  \r\n\r\n")
-    wire = http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="http")
+    wire = http1.encode_request_head(head, forwarded=http1.forwarded_fields("10.0.0.1", "http"))
     assert wire.startswith(b"GET /p HTTP/1.1\r\nHost: A.x:80\r\n") and wire.count(b"\r\nHost:") == 1
 
 
@@ -293,7 +293,7 @@ def test_the_forwarded_host_is_the_one_the_request_was_routed_by():
                                   b"Forwarded", b"x_real_ip", b"X-Forwarded-Anything-New"])
 def test_every_client_identity_header_from_a_visitor_is_dropped(name):
     (head, _) = feed_all_ways(b"GET / HTTP/1.1\r\nHost: a.x\r\n" + name + b": 6.6.6.6\r\n\r\n")
-    wire = http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="http")
+    wire = http1.encode_request_head(head, forwarded=http1.forwarded_fields("10.0.0.1", "http"))
     assert b"6.6.6.6" not in wire and b"X-Forwarded-For: 10.0.0.1\r\n" in wire
 
 
@@ -460,7 +460,7 @@ def test_refused_request_body_state_is_known():
 
 def origin_head(raw: bytes, **options) -> bytes:
     (head, *_) = feed_all_ways(raw)
-    return http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="http", **options)
+    return http1.encode_request_head(head, forwarded=http1.forwarded_fields("10.0.0.1", "http"), **options)
 
 
 def test_the_origin_gets_the_relays_framing_and_connection():
@@ -486,7 +486,7 @@ def test_an_upgrade_request_reaches_the_origin_as_one():
 def test_an_upgrade_header_without_connection_upgrade_asks_for_nothing():
     (head, *_) = feed_all_ways(b"GET / HTTP/1.1\r\nHost: a.x\r\nUpgrade: websocket\r\n\r\n")
     assert head.upgrade is None
-    wire = http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="http")
+    wire = http1.encode_request_head(head, forwarded=http1.forwarded_fields("10.0.0.1", "http"))
     assert b"Upgrade" not in wire and b"\r\nConnection: keep-alive\r\n" in wire
 
 
@@ -497,7 +497,7 @@ def test_hop_by_hop_and_identity_headers_never_reach_the_origin_as_sent(name):
     wire = http1.encode_request_head(
         RequestHead("GET", b"/", "1.1", [(b"Host", b"a.x"), (name, b"6.6.6.6"), (b"X-Kept", b"1")], "a.x",
                     BodyFraming.NONE, 0, True, None),
-        peer_ip="10.0.0.1", scheme="http")
+        forwarded=http1.forwarded_fields("10.0.0.1", "http"))
     assert b"6.6.6.6" not in wire and b"X-Kept: 1\r\n" in wire
 
 
@@ -505,7 +505,7 @@ def test_hop_by_hop_and_identity_headers_never_reach_the_origin_as_sent(name):
 def test_connection_options_are_matched_however_they_are_spelled(connection):
     (head, *_) = feed_all_ways(b"GET / HTTP/1.1\r\nHost: a.x\r\nConnection: " + connection + b"\r\nX-Secret: 1\r\n\r\n")
     assert head.connection_named >= {b"x-secret"} and b"" not in head.connection_named
-    assert b"X-Secret" not in http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="http")
+    assert b"X-Secret" not in http1.encode_request_head(head, forwarded=http1.forwarded_fields("10.0.0.1", "http"))
 
 
 def test_two_connection_headers_both_count():
@@ -768,7 +768,7 @@ def test_each_header_only_the_relay_may_write_is_dropped_from_the_visitors_head(
     """The list is docs/SECURITY.md's, spelled out here so a name dropped from the code's set is noticed."""
     head = RequestHead("GET", b"/", "1.1", [(b"Host", b"a.x"), (name, b"6.6.6.6"), (b"X-Kept", b"1")], "a.x",
                        BodyFraming.NONE, 0, True, None)
-    wire = http1.encode_request_head(head, peer_ip="10.0.0.1", scheme="http")
+    wire = http1.encode_request_head(head, forwarded=http1.forwarded_fields("10.0.0.1", "http"))
     assert b"6.6.6.6" not in wire and b"X-Kept: 1\r\n" in wire and wire.count(b"\r\nHost:") == 1
 
 
@@ -803,15 +803,19 @@ def test_a_trailer_section_may_reach_the_limit_but_not_pass_it(side):
         feed(94, 100)
 
 
-def test_header_names_are_lowered_and_folded_from_a_bounded_memory() -> None:
-    """Names are the peers' to choose: remembering them lowered must not grow without bound."""
+def test_header_names_are_known_from_a_bounded_memory() -> None:
+    """Names are the peers' to choose: remembering what they mean must not grow without bound."""
     assert http1.lowered_name(b"Content-Type") == b"content-type"
-    assert http1.folded_name(b"X_Forwarded_For") == b"x-forwarded-for"
-    assert http1.lowered_name(b"X_Forwarded_For") == b"x_forwarded_for"  # folding is only for the forward check
+    folded = http1.field_name(b"X_Forwarded_For")
+    assert folded.folded == b"x-forwarded-for" and folded.never_forwarded and not folded.hop_by_hop
+    assert folded.lowered == b"x_forwarded_for"  # folding is only for the forward check
+    assert http1.field_name(b"Transfer-Encoding").hop_by_hop and http1.field_name(b"Transfer_Encoding").never_forwarded
+    assert not http1.field_name(b"Transfer_Encoding").hop_by_hop  # to the visitor, a plain header
+    assert not http1.field_name(b"Accept").never_forwarded and not http1.field_name(b"Accept").hop_by_hop
     long_name = b"X-" + b"A" * 100
-    assert http1.lowered_name(long_name) == long_name.lower() and long_name not in http1._LOWERED_NAMES
+    assert http1.lowered_name(long_name) == long_name.lower() and long_name not in http1._FIELD_NAMES
     for n in range(2 * http1._NAMES_KEPT):
         name = b"X-Name-%d" % n
-        assert http1.lowered_name(name) == name.lower() and http1.folded_name(name) == name.lower()
-    assert len(http1._LOWERED_NAMES) <= http1._NAMES_KEPT and len(http1._FOLDED_NAMES) <= http1._NAMES_KEPT
+        assert http1.lowered_name(name) == name.lower() and http1.field_name(name).folded == name.lower()
+    assert len(http1._FIELD_NAMES) <= http1._NAMES_KEPT
     assert http1.lowered_name(b"X-Name-%d" % (2 * http1._NAMES_KEPT)) == b"x-name-%d" % (2 * http1._NAMES_KEPT)

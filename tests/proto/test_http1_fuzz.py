@@ -172,7 +172,7 @@ def messages(events: list[object]) -> list[tuple[RequestHead, bytes, bool]]:
 
 def forwarded(head: RequestHead, body: bytes) -> bytes:
     """What the relay sends the origin for this request (proxy.forward_request_body's framing)."""
-    wire = http1.encode_request_head(head, peer_ip=PEER, scheme="https")
+    wire = http1.encode_request_head(head, forwarded=http1.forwarded_fields(PEER, "https"))
     if head.framing is BodyFraming.CHUNKED:
         return wire + (http1.encode_chunk(body) if body else b"") + http1.LAST_CHUNK
     return wire + body

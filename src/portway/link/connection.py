@@ -224,17 +224,27 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
         return self._writing_paused or self._lost
 
     def take_buffered(self) -> bytes:
-        chunks = self._take_chunks()
-        return bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)  # bytes(bytes) is the same object
+        chunks = self._chunks
+        if len(chunks) == 1:  # a request in one read, mostly: taken as it is, without a list or a copy
+            chunk = chunks.popleft()
+            data = chunk if isinstance(chunk, bytes) else bytes(chunk)
+        else:
+            data = b"".join(chunks)
+            chunks.clear()
+        self._all_taken()
+        return data
 
     def _take_chunks(self) -> list[Chunk]:
         chunks = list(self._chunks)
         self._chunks.clear()
+        self._all_taken()
+        return chunks
+
+    def _all_taken(self) -> None:
         self._buffered = 0
         if self._reading_paused and self.transport is not None and not self._lost:
             self._reading_paused = False
             self.transport.resume_reading()
-        return chunks
 
     def hand_over(self, protocol: asyncio.Protocol) -> tuple[bytes, bool, bool]:
         """Give the transport to another protocol; returns what arrived unread, whether the peer ended

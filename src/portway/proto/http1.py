@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Final
+from typing import Any, Final, final
 
 import httptools
 
@@ -63,33 +63,38 @@ _NOTHING: Final[frozenset[bytes]] = frozenset()
 _NOT_FORWARDED: Final = HOP_BY_HOP | CLIENT_IDENTITY_HEADERS | {b"host"}
 
 
-_LOWERED_NAMES: Final[dict[bytes, bytes]] = {}
-_FOLDED_NAMES: Final[dict[bytes, bytes]] = {}
+@final
+class FieldName:
+    """What the relay needs to know of one header name, worked out once per distinct spelling (see field_name)."""
+
+    def __init__(self, name: bytes) -> None:
+        self.lowered = name.lower()
+        # CGI/WSGI servers fold `_` into `-`: `X_Forwarded_For` or `Transfer_Encoding` must not get through either
+        self.folded = self.lowered.replace(b"_", b"-")
+        self.hop_by_hop = self.lowered in HOP_BY_HOP
+        self.never_forwarded = self.folded in _NOT_FORWARDED or self.folded.startswith(FORWARDED_PREFIX)
+
+
+_FIELD_NAMES: Final[dict[bytes, FieldName]] = {}
 _NAMES_KEPT: Final = 512
-"""Header names remembered lowered (and folded): a few dozen recur on every request and answer, and a lookup
-costs a third of ``lower()`` (a method call and a new bytes object each time), and the remembered name's hash
-is then cached for the set lookups after it. Bounded in count and size: names are the peers' to choose."""
+"""Header names remembered with what they mean: a few dozen recur on every request and answer, and one lookup
+replaces ``lower()`` (a method call and a new bytes object each time) and the set lookups after it. Bounded in
+count and size: names are the peers' to choose."""
 _NAME_KEPT_UP_TO: Final = 64
+
+
+def field_name(name: bytes) -> FieldName:
+    known = _FIELD_NAMES.get(name)
+    if known is None:
+        known = FieldName(name)
+        if len(_FIELD_NAMES) < _NAMES_KEPT and len(name) <= _NAME_KEPT_UP_TO:
+            _FIELD_NAMES[name] = known
+    return known
 
 
 def lowered_name(name: bytes) -> bytes:
     """``name.lower()``, remembered for the names that recur."""
-    lowered = _LOWERED_NAMES.get(name)
-    if lowered is None:
-        lowered = name.lower()
-        if len(_LOWERED_NAMES) < _NAMES_KEPT and len(name) <= _NAME_KEPT_UP_TO:
-            _LOWERED_NAMES[name] = lowered
-    return lowered
-
-
-def folded_name(name: bytes) -> bytes:
-    """The name lowered with ``_`` folded into ``-``, as CGI/WSGI servers read it; remembered like lowered_name."""
-    folded = _FOLDED_NAMES.get(name)
-    if folded is None:
-        folded = name.lower().replace(b"_", b"-")
-        if len(_FOLDED_NAMES) < _NAMES_KEPT and len(name) <= _NAME_KEPT_UP_TO:
-            _FOLDED_NAMES[name] = folded
-    return folded
+    return field_name(name).lowered
 
 
 class BodyFraming(Enum):
@@ -279,8 +284,9 @@ class RequestParser:
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._max_head_bytes:
             raise HttpError(431, "request head too large")
-        if b"\x00" in value:
-            # llhttp refuses CR/LF inside values but tolerates other controls; a proxy must not pass NUL on
+        if 0 in value:
+            # llhttp refuses CR/LF inside values but tolerates other controls; a proxy must not pass NUL on.
+            # (The byte's value: `b"\x00" in value` first tries its needle as an int and builds a TypeError.)
             raise HttpError(400, "a header value contains a NUL byte")
         self._headers.append((name, value))
 
@@ -529,12 +535,12 @@ class ResponseParser:
         if self._head_bytes > self._max_head_bytes:
             raise HttpError(502, "the origin's response head is too large")
         self._headers.append((name, value))
-        lowered = lowered_name(name)
-        if lowered not in HOP_BY_HOP:
+        known = field_name(name)
+        if not known.hop_by_hop:
             self._lines.append(name + b": " + value)
-        elif lowered == b"transfer-encoding":
+        elif known.lowered == b"transfer-encoding":
             self._chunked = True
-        elif lowered == b"content-length":
+        elif known.lowered == b"content-length":
             self._length = int(value)
 
     def on_headers_complete(self) -> None:
@@ -599,23 +605,42 @@ class _HeadResponseDone(Exception):
     """Stops llhttp after the head of a response to HEAD; never escapes this module."""
 
 
+def forwarded_fields(peer_ip: str, scheme: str) -> bytes:
+    """The X-Forwarded-For and X-Forwarded-Proto lines the relay writes into each request of one visitor
+    connection (made once per connection)."""
+    return b"X-Forwarded-For: " + peer_ip.encode("ascii") + b"\r\nX-Forwarded-Proto: " + scheme.encode("ascii") + b"\r\n"
+
+
+_REQUEST_LINE_STARTS: Final[dict[str, bytes]] = {}
+
+
+def _request_line_start(method: str) -> bytes:
+    """``b"GET "`` for GET, made once per method (llhttp knows some forty)."""
+    start = _REQUEST_LINE_STARTS.get(method)
+    if start is None:
+        start = method.encode("ascii") + b" "
+        if len(_REQUEST_LINE_STARTS) < 64:
+            _REQUEST_LINE_STARTS[method] = start
+    return start
+
+
 def encode_request_head(
-    head: RequestHead, *, peer_ip: str, scheme: str, connection: bytes = b"keep-alive",
-    drop_authorization: bool = False,
+    head: RequestHead, *, forwarded: bytes, connection: bytes = b"keep-alive", drop_authorization: bool = False,
 ) -> bytes:
     """The request head as the origin receives it: the one Host the request was routed by, hop-by-hop and
-    client-identity headers replaced by the relay's own framing and X-Forwarded-*.
+    client-identity headers replaced by the relay's own framing and X-Forwarded-* (`forwarded`, from
+    forwarded_fields(), then X-Forwarded-Host).
 
     `drop_authorization` keeps the relay's own visitor credentials (tunnel basic auth) from the origin.
     """
-    lines = [head.method.encode("ascii") + b" " + head.target + b" HTTP/1.1", b"Host: " + head.host.encode("latin-1")]
+    host = head.host.encode("latin-1")
+    lines = [_request_line_start(head.method) + head.target + b" HTTP/1.1", b"Host: " + host]
     also_drop = head.connection_named
     if drop_authorization:
         also_drop = also_drop | {b"authorization"}
     for key, value in head.headers:
-        # CGI/WSGI servers fold `_` into `-`: `X_Forwarded_For` or `Transfer_Encoding` must not get through either
-        lowered = folded_name(key)
-        if lowered in _NOT_FORWARDED or lowered in also_drop or lowered.startswith(FORWARDED_PREFIX):
+        known = field_name(key)
+        if known.never_forwarded or (also_drop and known.folded in also_drop):
             continue
         lines.append(key + b": " + value)
     if head.framing is BodyFraming.LENGTH:
@@ -627,10 +652,7 @@ def encode_request_head(
         lines.append(b"Upgrade: " + head.upgrade)
     else:
         lines.append(b"Connection: " + connection)
-    lines.append(b"X-Forwarded-For: " + peer_ip.encode("ascii"))
-    lines.append(b"X-Forwarded-Proto: " + scheme.encode("ascii"))
-    lines.append(b"X-Forwarded-Host: " + head.host.encode("latin-1"))
-    lines.append(b"\r\n")
+    lines.append(forwarded + b"X-Forwarded-Host: " + host + b"\r\n\r\n")
     return b"\r\n".join(lines)
 
 

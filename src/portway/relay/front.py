@@ -86,6 +86,7 @@ class VisitorConnection:
     def __init__(self, conn: Connection, scheme: str, services: FrontServices) -> None:
         self.conn = conn
         self.scheme = scheme
+        self.forwarded = http1.forwarded_fields(conn.peer_ip, scheme)  # the same in each request it forwards
         self.config = services.config
         self.router = services.router
         self.registry = services.registry
@@ -322,7 +323,7 @@ class VisitorConnection:
         conduit = tunnel.take_idle()
         if conduit is None:
             return False
-        request = http1.encode_request_head(head, peer_ip=self.conn.peer_ip, scheme=self.scheme)
+        request = http1.encode_request_head(head, forwarded=self.forwarded)
         if not (isinstance(conduit, MuxStream) and conduit.send_now(request)):
             tunnel.release(conduit, True)  # not used: back to the pool
             return False
@@ -506,8 +507,7 @@ class VisitorConnection:
 
     async def exchange(self, head: RequestHead, tunnel) -> bool:
         request_bytes = http1.encode_request_head(
-            head, peer_ip=self.conn.peer_ip, scheme=self.scheme,
-            drop_authorization=tunnel.access.requires_login,
+            head, forwarded=self.forwarded, drop_authorization=tunnel.access.requires_login,
         )
         retry_allowed = exchange.retry_allowed(head)
         request_complete: bool | None = None
