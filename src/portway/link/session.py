@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import logging
 from collections import deque
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Final, Protocol
 
 from ..errors import ConduitReset, MuxClosedError, ProtocolError
 from ..proto import events as ev
@@ -269,7 +269,16 @@ class MuxStream(ReceiveBuffer):
         self._sink = None
 
 
+_LONE_PASSES_BEFORE_WRITING_AT_ONCE: Final = 4
+"""Deferred link writes in a row that each carried one send, before the session writes first sends at once."""
+
+
 def _flush_session(session: MuxSession) -> None:
+    """A pass's batched link write (MuxSession.schedule_flush)."""
+    if session._flush_scheduled:  # (a link read may have flushed it meanwhile)
+        session._lone_passes = 0 if session._batch_joined else session._lone_passes + 1
+    session._batch_joined = False
+    session._wrote_through = False
     session._flush_now()
 
 
@@ -295,6 +304,11 @@ class MuxSession(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._on_stream = on_stream
         self._flush_scheduled = False
+        # (schedule_flush) whether a send went out at once since the link was last read; deferred writes in a row
+        # that carried one send each; whether another send joined the pending one
+        self._wrote_through = False
+        self._lone_passes = 0
+        self._batch_joined = False
         # bound once: called per read, per consumption or once per loop pass (a method lookup each time otherwise)
         self._call_soon: Callable[..., object] = self.loop.call_soon
         self._clock: Callable[[], float] = self.loop.time
@@ -323,16 +337,20 @@ class MuxSession(asyncio.Protocol):
         self._rearm_timer()
 
     def data_received(self, data: bytes) -> None:
+        self._flush_scheduled = True  # what the streams send while this read is dispatched leaves at its end
         try:
-            events = self.mux.receive_data(data, self._clock())
-        except ProtocolError as error:
-            log.warning("closing agent link: protocol error: %s", error)
+            try:
+                events = self.mux.receive_data(data, self._clock())
+            except ProtocolError as error:
+                log.warning("closing agent link: protocol error: %s", error)
+                self._flush_now()
+                self.protocol_error = True
+                self._terminate(f"protocol error: {error}")
+                return
+            self._dispatch(events)
+        finally:
+            self._wrote_through = False
             self._flush_now()
-            self.protocol_error = True
-            self._terminate(f"protocol error: {error}")
-            return
-        self._dispatch(events)
-        self._flush_now()
         self._rearm_timer()
 
     def eof_received(self) -> bool:
@@ -455,7 +473,7 @@ class MuxSession(asyncio.Protocol):
         stream_id = self.mux.open_stream()
         stream = MuxStream(self, stream_id)
         self.streams[stream_id] = stream
-        self.schedule_flush()
+        self._defer_flush()  # the opener's first bytes follow at once, mostly: the open leaves with them
         return stream
 
     def consumed(self, stream_id: int, count: int) -> None:
@@ -478,11 +496,28 @@ class MuxSession(asyncio.Protocol):
                 raise ConduitReset("the agent link is closed")
 
     def schedule_flush(self) -> None:
-        """One vectored link write per loop pass, whatever the streams sent in it: with many visitors the
-        requests (relay) and responses (agent) of a pass share a writev instead of one each, the way sshd
-        and ssh write their channels. The wait is the rest of the pass, not a timer."""
+        """Link writes batched per loop pass, the way sshd and ssh write their channels: with many visitors the
+        requests (relay) and responses (agent) of a pass share a writev instead of one each, and what a link
+        read makes the streams send leaves at the end of that read. A batch waits for the rest of the pass (not
+        a timer), which costs the loop a pass through its ready queue: when the last passes each batched one
+        send only, the streams are taking turns (a WebSocket's messages, one request at a time), and the first
+        send after each link read leaves at once instead. A second send before the next link read means
+        they no longer do: it waits for the batch, and so do the sends after it until passes are lone again."""
+        if self._flush_scheduled:
+            self._batch_joined = True
+            return
+        if self._wrote_through:
+            self._lone_passes = 0
+        elif self._lone_passes >= _LONE_PASSES_BEFORE_WRITING_AT_ONCE:
+            self._wrote_through = True
+            self._flush_now()
+            return
+        self._defer_flush()
+
+    def _defer_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
+            self._batch_joined = False
             self._call_soon(_flush_session, self)  # (not a bound method: no new object, no cycle through it)
 
     def _flush_now(self) -> None:
