@@ -57,6 +57,20 @@ def test_forwarded_headers_replace_visitor_ones(tunnel):
     assert seen["host"] == relay.host(name)
 
 
+def test_head_answer_says_the_size_and_the_connection_goes_on(tunnel):
+    relay, name, _ = tunnel
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=30)
+    try:
+        conn.request("HEAD", "/download?bytes=123457&seed=7", headers={"Host": relay.host(name)})
+        response = conn.getresponse()
+        assert (response.status, response.getheader("Content-Length"), response.read()) == (200, "123457", b"")
+        conn.request("GET", "/", headers={"Host": relay.host(name)})  # the same connection: no body was awaited
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"hello from origin")
+    finally:
+        conn.close()
+
+
 def test_50mb_download_intact(tunnel):
     relay, name, _ = tunnel
     size = 50 * 1024 * 1024

@@ -150,6 +150,24 @@ def test_head_response_has_no_body():
     assert events[-1] is MESSAGE_END and parser.complete
 
 
+@pytest.mark.parametrize("method, raw, kept", [
+    ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n", True),
+    ("HEAD", b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\n", True),
+    ("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1048576\r\n\r\n", True),
+    ("HEAD", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", False),
+    ("HEAD", b"HTTP/1.1 200 OK\r\n\r\n", False),
+    ("GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", False),  # never on a 204 (RFC 9110 §8.6)
+])
+def test_a_bodiless_answer_keeps_the_size_a_get_would_receive(method, raw, kept):
+    events = http1.ResponseParser(method).feed(raw)
+    head = events[0]
+    assert head.framing is BodyFraming.NONE and events[-1] is MESSAGE_END
+    wire = http1.encode_response_head(head, framing=BodyFraming.NONE, keep_alive=True)
+    lengths = [line for line in wire.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    expected = [b"Content-Length: " + raw.split(b"Content-Length: ")[1].split(b"\r\n")[0]] if kept else []
+    assert lengths == expected, wire
+
+
 def test_informational_then_final():
     parser, events = response_events(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
     assert [e.status for e in events if isinstance(e, ResponseHead)] == [100, 204]

@@ -557,6 +557,11 @@ class ResponseParser:
         else:
             framing, length = BodyFraming.UNTIL_CLOSE, -1
         if status in (204, 304) or 100 <= status < 200 or self._head_request:
+            if self._length >= 0 and not self._chunked and (status == 304 or (self._head_request and status >= 200
+                                                                                and status != 204)):
+                # No body follows, but the Content-Length is the size a GET would receive (RFC 9110 §8.6):
+                # download managers and `curl -I` read it there.
+                self._lines.append(b"Content-Length: %d" % self._length)
             framing, length = BodyFraming.NONE, 0
         self.head = ResponseHead(
             status=status,
