@@ -456,8 +456,9 @@ async def serve_until_stopped(agent, config: AgentConfig, stop: asyncio.Event, s
         if running.done():
             running.result()  # a refusal for good (RegistrationError) is raised here
             return
-        busy = agent.streams_in_flight()
-        say(f"stopping: no new requests; {busy} in flight get up to {config.drain_timeout:g} s to finish "
+        busy = agent.open_streams()
+        # a stream is a visitor connection, busy or pooled idle by the relay (which lets the idle ones go at once)
+        say(f"stopping: no new requests; {busy} open stream(s) get up to {config.drain_timeout:g} s to finish "
             "(a second signal stops at once)")
         await agent.drain(config.drain_timeout)
     finally:

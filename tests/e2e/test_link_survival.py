@@ -179,7 +179,7 @@ def test_agent_sigterm_finishes_the_download_in_flight_exits_0_and_frees_its_nam
     download.start()
     assert download.started.wait(20) and download.error is None
     agent.popen.send_signal(signal.SIGTERM)
-    agent.wait_for_line(r"stopping: no new requests; 1 in flight")
+    agent.wait_for_line(r"stopping: no new requests; 1 open stream\(s\)")
     status, body = visit(port, "leaving")  # a new request meanwhile: refused, not taken
     assert status == 502, body
     download.finish(30)

@@ -332,7 +332,7 @@ class Agent:
         finally:
             session.close()
 
-    def streams_in_flight(self) -> int:
+    def open_streams(self) -> int:
         session = self.session
         return 0 if session is None or session.closed.done() else len(session.streams)
 
