@@ -219,4 +219,4 @@ def test_an_agent_stopping_finishes_what_node_b_forwards_and_leaves(procs, redis
         status, body = slow.result(timeout=30)
     assert status == 200 and hashlib.sha256(body).hexdigest() == expected_sha256(20000, "drain")
     assert agent.wait_exit(timeout=20) == 0  # bound well below --drain-timeout 60: the idle streams did not count
-    assert "in flight get up to 60 s" in agent.output()
+    assert "open stream(s) get up to 60 s" in agent.output()
