@@ -42,3 +42,22 @@ def test_no_cost_without_a_tunnel_without_work_or_after_an_error():
     assert run.cpu_per_unit("get_c10", {"requests": 0}, resources(get_c10=(1.0, 1.0))) is None
     assert run.cpu_per_unit("download", {"error": "timed out"}, resources(download=(1.0, 1.0))) is None
     assert run.cpu_per_unit("streams", {"ok": 100}, resources(streams=(1.0, 1.0))) is None
+
+
+def test_the_monitor_samples_only_the_path_under_load_and_the_origin_between_phase_edges():
+    import os
+
+    from procs import Monitor
+
+    monitor = Monitor(interval=3600)  # its thread stays asleep: the test asks the question the loop asks
+    try:
+        for name in ("origin", "portway:server", "portway:client", "ssh:server", "ssh:client"):
+            monitor.watch(name, os.getpid())
+        monitor.set_phase("ssh/get_c10#2")
+        assert [role.name for role in monitor.roles_under_load()] == ["origin", "ssh:server", "ssh:client"]
+        monitor.set_phase("portway/warmup")
+        assert [role.name for role in monitor.roles_under_load()] == ["origin", "portway:server", "portway:client"]
+        ended = monitor.unwatch_all()
+        assert all("ssh/get_c10#2" in role.phases for role in ended.values())  # every role still gets each phase
+    finally:
+        monitor.stop()
