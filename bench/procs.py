@@ -165,24 +165,43 @@ def read_status_kib(pid: int, key: str) -> int | None:
 HAVE_SCHEDSTAT = os.path.exists("/proc/self/schedstat")
 
 
-def read_cpu_ns(pid: int) -> int | None:
-    """CPU time one process has run, in nanoseconds: the sum of its threads' on-CPU time from
-    /proc/PID/task/*/schedstat, exact where utime + stime counts 10 ms ticks (a 20 MB transfer through a
-    tunnel costs a few ticks, too coarse to divide by its megabytes). On a kernel without schedstat, the
-    ticks of /proc/PID/stat."""
+def read_cpu(pid: int) -> tuple[int, int] | None:
+    """CPU time one process has run, in nanoseconds, and how many times its threads were put on a CPU (each
+    wake-up after waiting for I/O is one, and so is each return after a preemption): the sums over its threads of
+    /proc/PID/task/*/schedstat's first and third fields. Its nanoseconds are exact where utime + stime counts 10 ms
+    ticks (a 20 MB transfer through a tunnel costs a few ticks, too coarse to divide by its megabytes). On a kernel
+    without schedstat, the ticks of /proc/PID/stat and no count of runs (0)."""
     if not HAVE_SCHEDSTAT:
-        return _read_stat_cpu_ns(pid)
+        cpu_ns = _read_stat_cpu_ns(pid)
+        return None if cpu_ns is None else (cpu_ns, 0)
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
-    total = 0
+    cpu_ns = runs = 0
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
-                total += int(fh.read().split()[0])
+                fields = fh.read().split()
+            cpu_ns += int(fields[0])
+            runs += int(fields[2])
         except (OSError, ValueError, IndexError):
             pass  # a thread that ended since the listing: its time went with it
+    return cpu_ns, runs
+
+
+def read_syscalls(pid: int) -> int:
+    """System calls one process made that read or write (/proc/PID/io syscr + syscw, all its threads); 0 where
+    the kernel has no I/O accounting."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/io") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key in ("syscr", "syscw"):
+                    total += int(value)
+    except (OSError, ValueError):
+        return 0
     return total
 
 
@@ -241,20 +260,27 @@ class RoleStats:
 
     peak_rss_kib: int = 0
     cpu_ns: int = 0
+    syscalls: int = 0  # read-like + write-like system calls (/proc/PID/io syscr + syscw)
+    runs: int = 0  # times a thread was put on a CPU (schedstat's third field): wake-ups and preemptions
 
 
 @dataclass
 class Role:
     name: str
     root_pid: int
-    # Last CPU time (ns) seen per pid in the tree (a pid that exits keeps its last value).
-    last_cpu_ns: dict[int, int] = field(default_factory=dict)
+    # Last counters seen per pid in the tree, as (CPU ns, syscalls, runs) (a pid that exits keeps its last values).
+    last_counts: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     hwm_reset_ok: bool = False
     phases: dict[str, RoleStats] = field(default_factory=dict)
-    cpu_ns_at_phase_start: int = 0
+    counts_at_phase_start: tuple[int, int, int] = (0, 0, 0)
 
-    def total_cpu_ns(self) -> int:
-        return sum(self.last_cpu_ns.values())
+    def total_counts(self) -> tuple[int, int, int]:
+        cpu_ns = syscalls = runs = 0
+        for pid_cpu_ns, pid_syscalls, pid_runs in self.last_counts.values():
+            cpu_ns += pid_cpu_ns
+            syscalls += pid_syscalls
+            runs += pid_runs
+        return cpu_ns, syscalls, runs
 
 
 class Monitor:
@@ -297,7 +323,7 @@ class Monitor:
             self.phase = phase
             for role in self.roles.values():
                 role.phases[phase] = RoleStats()
-                role.cpu_ns_at_phase_start = role.total_cpu_ns()
+                role.counts_at_phase_start = role.total_counts()
                 role.hwm_reset_ok = reset_hwm(role.root_pid)
                 self._sample_role(role)
 
@@ -310,7 +336,8 @@ class Monitor:
                 hwm = read_status_kib(role.root_pid, "VmHWM")
                 if hwm:
                     stats.peak_rss_kib = max(stats.peak_rss_kib, hwm)
-            stats.cpu_ns = role.total_cpu_ns() - role.cpu_ns_at_phase_start
+            (cpu_ns, syscalls, runs), start = role.total_counts(), role.counts_at_phase_start
+            stats.cpu_ns, stats.syscalls, stats.runs = cpu_ns - start[0], syscalls - start[1], runs - start[2]
 
     def _sample_role(self, role: Role) -> None:
         rss = 0
@@ -318,9 +345,9 @@ class Monitor:
             kib = read_status_kib(pid, "VmRSS")
             if kib:
                 rss += kib
-            cpu_ns = read_cpu_ns(pid)
-            if cpu_ns is not None:
-                role.last_cpu_ns[pid] = cpu_ns
+            cpu = read_cpu(pid)
+            if cpu is not None:
+                role.last_counts[pid] = (cpu[0], read_syscalls(pid), cpu[1])
         stats = role.phases.setdefault(self.phase, RoleStats())
         stats.peak_rss_kib = max(stats.peak_rss_kib, rss)
 
@@ -346,7 +373,8 @@ def summarize(role: Role, phase_prefix: str) -> dict:
     whole run, so a role idles through the other paths' phases; the shared origin counts per path."""
     own = {name[len(phase_prefix):]: st for name, st in role.phases.items() if name.startswith(phase_prefix)}
     phases = {
-        name: {"peak_rss_mib": round(st.peak_rss_kib / 1024, 1), "cpu_s": round(st.cpu_ns / 1e9, 4)}
+        name: {"peak_rss_mib": round(st.peak_rss_kib / 1024, 1), "cpu_s": round(st.cpu_ns / 1e9, 4),
+               "syscalls": st.syscalls, "runs": st.runs}
         for name, st in own.items()
     }
     # with --repeat, a case's later runs are phases "CASE#2", "CASE#3", ...

@@ -307,6 +307,9 @@ def run_paths(selected: list[str], reg: Registry, mon: Monitor, origin, origin_p
                 cost = cpu_per_unit(name, case, out["resources"])
                 if cost is not None:
                     case["cpu_us_per_unit"] = cost
+                activity = activity_per_unit(name, case, out["resources"])
+                if activity is not None:
+                    case["activity_per_unit"] = activity
             out["wall_s"] = round(time.monotonic() - t_start, 2)
         for path in ready.values():
             reg.kill(path.procs)
@@ -349,6 +352,24 @@ def cpu_per_unit(name: str, case: dict, resources: dict) -> dict | None:
         cpu_s = resources.get(role, {}).get("phases", {}).get(phase, {}).get("cpu_s")
         cost[role] = round(cpu_s / units * 1e6, 1) if cpu_s is not None else None
     return cost
+
+
+def activity_per_unit(name: str, case: dict, resources: dict) -> dict | None:
+    """System calls (reads and writes) and runs on a CPU (wake-ups and returns after preemption) per unit of a
+    case's work for every process role of the path, the origin included, over the run the table reports: where
+    CPU per request differs between runs or paths, these say whether the processes did more system calls or woke
+    up more often per request, or spent more per call. None when the case failed."""
+    units = work_units(name, case)
+    if case.get("error") or not units:
+        return None
+    phase = case.get("phase", name)
+    activity: dict = {"unit": CASE_UNITS.get(name, "request"), "syscalls": {}, "runs": {}}
+    for role, info in resources.items():
+        counts = info.get("phases", {}).get(phase, {})
+        for key in ("syscalls", "runs"):
+            if key in counts:
+                activity[key][role] = round(counts[key] / units, 2)
+    return activity
 
 
 def _brief(result: dict) -> str:

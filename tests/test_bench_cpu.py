@@ -61,3 +61,40 @@ def test_the_monitor_samples_only_the_path_under_load_and_the_origin_between_pha
         assert all("ssh/get_c10#2" in role.phases for role in ended.values())  # every role still gets each phase
     finally:
         monitor.stop()
+
+
+def test_system_calls_and_runs_are_per_unit_of_the_reported_run_for_every_role():
+    resources = {
+        "server": {"phases": {"get_c10": {"cpu_s": 1.0, "syscalls": 999, "runs": 999},
+                              "get_c10#3": {"cpu_s": 1.0, "syscalls": 2_100, "runs": 350}}},
+        "client": {"phases": {"get_c10#3": {"cpu_s": 1.0, "syscalls": 2_000, "runs": 1_000}}},
+        "origin": {"phases": {"get_c10#3": {"cpu_s": 1.0, "syscalls": 2_000, "runs": 125}}},
+    }
+    activity = run.activity_per_unit("get_c10", {"requests": 1_000, "phase": "get_c10#3"}, resources)
+    assert activity == {"unit": "request", "syscalls": {"server": 2.1, "client": 2.0, "origin": 2.0},
+                        "runs": {"server": 0.35, "client": 1.0, "origin": 0.12}}
+    assert run.activity_per_unit("get_c10", {"error": "timed out"}, resources) is None
+
+
+def test_the_monitor_counts_a_phase_s_system_calls_and_runs():
+    import os
+    import time
+
+    from procs import Monitor
+
+    monitor = Monitor(interval=3600)
+    try:
+        monitor.watch("bench:client", os.getpid())
+        monitor.set_phase("bench/get_c10")
+        fd = os.open("/proc/self/stat", os.O_RDONLY)
+        try:
+            for _ in range(50):
+                os.pread(fd, 100, 0)  # 50 read system calls
+        finally:
+            os.close(fd)
+        time.sleep(0.001)  # not a wait for anything: a thread that sleeps is put back on a CPU when it wakes
+        stats = monitor.unwatch_all()["bench:client"].phases["bench/get_c10"]
+        assert stats.syscalls >= 50
+        assert stats.runs >= 1 and stats.cpu_ns > 0
+    finally:
+        monitor.stop()
