@@ -461,7 +461,7 @@ _GOOD = {
     **tomllib.loads(RELAY_FILE), **tomllib.loads(ACME_RELAY_FILE), "relay": "http://127.0.0.1:9", "token": "t", "name": "front-end", "proto": "tcp",
     "local_host": "::1", "basic_auth": "u:p", "allow_ip": ["10.0.0.0/8"], "ca_file": "ca.pem",
     "wait_for_relay": False, "inspect": 4041, "no_inspect": True, "port": "127.0.0.1:8080", "remote_port": 20001,
-    "proxy_protocol": "v2",
+    "proxy_protocol": "v2", "scheduling": "batch",
 }
 
 

@@ -41,7 +41,7 @@ from .configfile import (
 )
 from .errors import ConfigurationError, RegistrationError
 from .proto.mux import MuxConfig
-from .runtime import HeapTrimmer, tune_for_serving
+from .runtime import HeapTrimmer, SchedulingGovernor, schedule, tune_for_serving
 
 class Stderr:
     """The commands' standard error. A plain line is written as it is; rich (its console is 40-odd modules and
@@ -216,9 +216,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(fail(str(error), 2))
     if isinstance(config, RelayConfig):
         sys.exit(_run(lambda stop: run_server(config, stop)))
+    if config.scheduling != "auto":
+        schedule(config.scheduling)
     any_http = not tunnels or any(tunnel.proto == "http" for tunnel in tunnels)
     inspect = inspector_config(config) if any_http else None
-    sys.exit(_run(lambda stop: run_http(config, inspect, stop, tunnels)))
+    sys.exit(_run(lambda stop: run_http(config, inspect, stop, tunnels),
+                  govern_scheduling=config.scheduling == "auto"))
 
 
 def http_tunnels(targets: list[tuple[str | None, int]], names: list[str], config: AgentConfig) -> tuple:
@@ -317,9 +320,10 @@ def read_secret() -> str:
     return sys.stdin.readline().strip()
 
 
-def _run(make: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+def _run(make: Callable[[asyncio.Event], Awaitable[int]], govern_scheduling: bool = False) -> int:
     """Run a role until it returns. The first SIGINT or SIGTERM sets the event it is given (stop gracefully);
-    a second one cancels it (stop at once)."""
+    a second one cancels it (stop at once). `govern_scheduling`: the scheduling policy follows the load
+    (--scheduling auto)."""
     tune_for_serving()
 
     async def guarded() -> int:
@@ -339,6 +343,12 @@ def _run(make: Callable[[asyncio.Event], Awaitable[int]]) -> int:
         trimmer = HeapTrimmer.for_this_process()
         if trimmer is not None:
             trimmer.start()
+        governor = None
+        if govern_scheduling and hasattr(os, "SCHED_BATCH"):
+            from .link.session import LINK_WRITES
+
+            governor = SchedulingGovernor(lambda: LINK_WRITES.joined, schedule)
+            governor.start()
         try:
             return await make(stop)
         except asyncio.CancelledError:
@@ -346,6 +356,8 @@ def _run(make: Callable[[asyncio.Event], Awaitable[int]]) -> int:
         finally:
             if trimmer is not None:
                 trimmer.stop()
+            if governor is not None:
+                governor.stop()
 
     try:
         import uvloop

@@ -151,6 +151,16 @@ def log_format(text: str) -> str:
     return text
 
 
+SCHEDULING = ("auto", "batch", "normal")
+"""The agent's CPU scheduling (--scheduling): SCHED_BATCH while busy (runtime.SchedulingGovernor), always, never."""
+
+
+def scheduling(text: str) -> str:
+    if text not in SCHEDULING:
+        raise ValueError("must be auto, batch or normal")
+    return text
+
+
 def text(value: str) -> str:
     return value
 
@@ -434,6 +444,10 @@ AGENT_SETTINGS = (
     Setting("log_format", "--log-format", log_format, "text",
             "when stderr is not a terminal, a line per request as text or one JSON object per line (text, json)",
             "FORMAT"),
+    Setting("scheduling", "--scheduling", scheduling, "auto",
+            "how Linux schedules the agent: batch (SCHED_BATCH: woken, it waits for its turn and forwards what "
+            "arrived meanwhile together: fewer context switches per request), normal, or auto: batch while it "
+            "serves many streams at once, normal otherwise", "POLICY"),
     DRAIN,
     *KEEPALIVE,
     *RESUME,
@@ -579,6 +593,7 @@ class AgentConfig:
     inspect: tuple[str, int] | None = None  # the inspector's address; None: the default one, or the next free
     no_inspect: bool = False
     log_format: str = "text"  # stderr not a terminal: a line per request, text or "json" (one object per line)
+    scheduling: str = "auto"  # the process's CPU scheduling policy, one of SCHEDULING
     drain_timeout: float = 30.0  # on SIGTERM, streams in flight may take this long to finish
     remote_port: int | None = None  # `portway tcp`: the public port asked for; None: any the relay offers
     proxy_protocol: str | None = None  # `portway tcp`: "v1" | "v2", the PROXY header the local service gets first
@@ -586,6 +601,7 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         log_format(self.log_format)
+        scheduling(self.scheduling)
         if not 1 <= self.port <= 65535:
             raise ConfigurationError(f"the local port must be 1-65535, got {self.port}")
 

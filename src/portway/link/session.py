@@ -273,10 +273,27 @@ _LONE_PASSES_BEFORE_WRITING_AT_ONCE: Final = 4
 """Deferred link writes in a row that each carried one send, before the session writes first sends at once."""
 
 
+class LinkWrites:
+    """This process's batched link writes that carried more than one send (of its sessions together): how busy
+    the streams are, for runtime.SchedulingGovernor."""
+
+    __slots__ = ("joined",)
+
+    def __init__(self) -> None:
+        self.joined = 0
+
+
+LINK_WRITES: Final = LinkWrites()
+
+
 def _flush_session(session: MuxSession) -> None:
     """A pass's batched link write (MuxSession.schedule_flush)."""
     if session._flush_scheduled:  # (a link read may have flushed it meanwhile)
-        session._lone_passes = 0 if session._batch_joined else session._lone_passes + 1
+        if session._batch_joined:
+            session._lone_passes = 0
+            LINK_WRITES.joined += 1
+        else:
+            session._lone_passes += 1
     session._batch_joined = False
     session._wrote_through = False
     session._flush_now()
