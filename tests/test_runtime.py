@@ -106,11 +106,15 @@ def test_the_governor_batches_while_many_streams_write_at_once_and_not_a_moment_
     asyncio.run(main())
 
 
-def test_a_policy_the_kernel_refuses_is_not_taken_for_applied():
+def test_a_policy_the_kernel_refuses_is_not_taken_for_applied_nor_asked_for_again():
     async def main() -> None:
         governed = Governed(refuse=True)
-        assert governed.interval(500) == "normal"
-        assert governed.interval(500) == "normal" and governed.applied == ["batch", "batch"]  # asked again
+        governed.joined = 500
+        governed.governor.check()
+        assert governed.governor.policy == "normal" and governed.applied == ["batch"]
+        assert governed.governor._timer is None  # no further looks
+        governed.governor.start()
+        assert governed.governor._timer is None
 
     asyncio.run(main())
 

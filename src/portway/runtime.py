@@ -102,6 +102,7 @@ class SchedulingGovernor(Periodic):
         self.idle = idle
         self.policy = "normal"
         self.switches = 0
+        self.stop_looking = False
         self._last = joined_writes()
 
     def observe(self, joined_writes: int) -> str | None:
@@ -112,9 +113,17 @@ class SchedulingGovernor(Periodic):
 
     def look(self) -> None:
         wanted = self.observe(self.joined_writes())
-        if wanted is not None and self.apply(wanted):
+        if wanted is None:
+            return
+        if self.apply(wanted):
             self.policy = wanted
             self.switches += 1
+        else:
+            self.stop_looking = True  # the kernel won't change its mind: the agent stays as it is
+
+    def start(self) -> None:
+        if not self.stop_looking:
+            super().start()
 
 
 def _glibc(*functions: str) -> ctypes.CDLL | None:
