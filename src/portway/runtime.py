@@ -10,6 +10,8 @@ import logging
 import os
 from typing import Callable
 
+log = logging.getLogger(__name__)
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -29,8 +31,6 @@ def tune_for_serving() -> None:
     gc.set_threshold(20_000, 20, 20)
     _keep_freed_buffers_mapped()
 
-
-log = logging.getLogger(__name__)
 
 def schedule(policy: str) -> bool:
     """Run the calling thread (and the threads it starts later) under `policy`: "batch" is Linux's SCHED_BATCH,
