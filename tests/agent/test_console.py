@@ -3,7 +3,6 @@ plain and JSON lines, the display's head; and the agent's metrics built from the
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import re
@@ -161,26 +160,17 @@ def test_the_head_states_url_relay_link_and_counts():
 
 
 def fake_agent(connected: bool, rtt: float | None = None, reconnects: int = 0):
-    loop = asyncio.new_event_loop()
-    closed = loop.create_future()
-    if not connected:
-        closed.set_result("gone")
-    session = SimpleNamespace(closed=closed, parked=False, mux=SimpleNamespace(last_rtt=rtt))
-    return SimpleNamespace(session=session, reconnects=reconnects), loop
+    session = SimpleNamespace(ended=not connected, parked=False, mux=SimpleNamespace(last_rtt=rtt))
+    return SimpleNamespace(session=session, reconnects=reconnects)
 
 
 def test_the_link_view_follows_the_agent():
     assert link_view(None).state == "connecting"
-    agent, loop = fake_agent(True, 0.01, 2)
-    assert link_view(agent) == LinkView("connected", 0.01, 2)
-    loop.close()
-    agent, loop = fake_agent(False)
-    assert link_view(agent).state == "reconnecting"
-    loop.close()
-    agent, loop = fake_agent(True)
+    assert link_view(fake_agent(True, 0.01, 2)) == LinkView("connected", 0.01, 2)
+    assert link_view(fake_agent(False)).state == "reconnecting"
+    agent = fake_agent(True)
     agent.session.parked = True  # the link is lost, its streams wait for the next one
     assert link_view(agent).state == "reconnecting"
-    loop.close()
 
 
 def test_plain_mode_writes_a_line_per_request_and_prints_statuses():
@@ -227,11 +217,7 @@ def test_the_agent_metrics_come_from_the_tally():
     http_exchange(store, status=502)
     websocket_exchange(store).closed(9.0)
     websocket_exchange(store)
-    agent, loop = fake_agent(True, 0.02, 3)
-    try:
-        text = exposition(AgentCollector(tally, agent)).decode()
-    finally:
-        loop.close()
+    text = exposition(AgentCollector(tally, fake_agent(True, 0.02, 3))).decode()
     values = metrics_of(text)
     assert values[("portway_agent_requests_total", (("status_class", "2xx"),))] == 1
     assert values[("portway_agent_requests_total", (("status_class", "5xx"),))] == 1
@@ -252,10 +238,6 @@ def test_the_agent_metrics_come_from_the_tally():
 
 
 def test_a_dropped_link_reads_as_down_without_rtt():
-    agent, loop = fake_agent(False, 0.02)
-    try:
-        values = metrics_of(exposition(AgentCollector(Tally(), agent)).decode())
-    finally:
-        loop.close()
+    values = metrics_of(exposition(AgentCollector(Tally(), fake_agent(False, 0.02))).decode())
     assert values[("portway_agent_link_up", ())] == 0
     assert ("portway_agent_link_rtt_seconds", ()) not in values

@@ -326,7 +326,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.drain_timeout
         try:
-            while ((session.streams or not session.go_away_received) and not session.closed.done()
+            while ((session.streams or not session.go_away_received) and not session.ended
                    and loop.time() < deadline):
                 await asyncio.sleep(DRAIN_CHECK)
         finally:
@@ -334,19 +334,19 @@ class Agent:
 
     def open_streams(self) -> int:
         session = self.session
-        return 0 if session is None or session.closed.done() else len(session.streams)
+        return 0 if session is None or session.ended else len(session.streams)
 
     async def drain(self, timeout: float) -> None:
         """Stop gracefully: tell the relay no new streams will be taken (GO_AWAY), and give the streams in flight
         up to `timeout` seconds to finish. The caller then stops `run()`, which closes the link."""
         session = self.session
-        if session is None or session.closed.done():
+        if session is None or session.ended:
             return
         session.go_away()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         # streams end inside bridge callbacks, with nothing to await: look again every DRAIN_CHECK seconds
-        while session.streams and not session.closed.done() and loop.time() < deadline:
+        while session.streams and not session.ended and loop.time() < deadline:
             await asyncio.sleep(min(DRAIN_CHECK, deadline - loop.time()))
 
     async def wait_before_retry(self, delay: float, probe: bool) -> None:

@@ -219,7 +219,7 @@ def link_view(agent: "Agent | None") -> LinkView:
     session = agent.session
     if session is None:
         return LinkView("connecting", reconnects=agent.reconnects)
-    if session.closed.done() or session.parked:  # parked: its streams wait for the new link
+    if session.ended or session.parked:  # parked: its streams wait for the new link
         return LinkView("reconnecting", reconnects=agent.reconnects)
     return LinkView("connected", session.mux.last_rtt, agent.reconnects)
 

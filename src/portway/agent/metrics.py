@@ -57,7 +57,7 @@ class AgentCollector:
             messages.add_metric([sender], tally.ws_messages.get(sender, 0))
         yield messages
         session = agent.session
-        connected = session is not None and not session.closed.done()
+        connected = session is not None and not session.ended
         yield GaugeMetricFamily("portway_agent_link_up", "1 while the link to the relay is connected, else 0",
                                 value=1 if connected else 0)
         rtt = GaugeMetricFamily("portway_agent_link_rtt_seconds", "Last measured round trip of the link")

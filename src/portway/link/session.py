@@ -198,7 +198,7 @@ class MuxStream(ReceiveBuffer):
                 await self._window_waiter
             finally:
                 self._window_waiter = None
-        if session.writing_paused or session.closed.done():
+        if session.writing_paused or session.ended:
             await session.drain()
 
     def send_now(self, data: Buffer) -> bool:
@@ -337,7 +337,7 @@ class MuxSession(asyncio.Protocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self.undelivered: list[MuxStream] = []  # streams with data for their sink from the read being dispatched
         self.closed: asyncio.Future[str] = self.loop.create_future()
-        self.ended = False  # closed.done(), read natively by the checks made per request
+        self.ended = False  # the link is over for good (closed resolved): the one flag every check reads
         self._link_down: asyncio.Future[str] = self.loop.create_future()  # this link's end: parked or closed
         self.on_link_lost: Callable[[str], None] | None = None  # told why, when the link is lost and streams park
         self._exchange_done: asyncio.Future[None] | None = None  # while a resume exchange runs
@@ -386,12 +386,12 @@ class MuxSession(asyncio.Protocol):
     @property
     def may_park(self) -> bool:
         """Losing the link now parks the streams instead of ending them (see proto.mux.Mux.can_park)."""
-        return not self.closed.done() and not self.protocol_error and self.mux.can_park
+        return not self.ended and not self.protocol_error and self.mux.can_park
 
     @property
     def parked(self) -> bool:
         """The link is lost and the streams wait for a new one (``resume_on``)."""
-        return self.transport is None and self.mux.is_parked and not self.closed.done()
+        return self.transport is None and self.mux.is_parked and not self.ended
 
     @property
     def resuming(self) -> bool:
@@ -439,7 +439,7 @@ class MuxSession(asyncio.Protocol):
 
     def abandon(self) -> None:
         """Give the parked streams up at once (the peer no longer has them): each is reset, the session closes."""
-        if not self.closed.done():
+        if not self.ended:
             self._dispatch(self.mux.abandon())
             self._shutdown("the peer no longer had the link's streams")
 
@@ -485,7 +485,7 @@ class MuxSession(asyncio.Protocol):
 
     # for streams
     def open_stream(self) -> MuxStream:
-        if self.transport is None or self.closed.done():
+        if self.transport is None or self.ended:
             raise MuxClosedError("the agent link is closed")
         stream_id = self.mux.open_stream()
         stream = MuxStream(self, stream_id)
@@ -503,13 +503,13 @@ class MuxSession(asyncio.Protocol):
             self.schedule_flush()
 
     async def drain(self) -> None:
-        if self.closed.done():
+        if self.ended:
             raise ConduitReset("the agent link is closed")
         if self._writing_paused:
             waiter = self.loop.create_future()
             self._drain_waiters.append(waiter)
             await waiter
-            if self.closed.done():
+            if self.ended:
                 raise ConduitReset("the agent link is closed")
 
     def schedule_flush(self) -> None:
@@ -627,7 +627,7 @@ class MuxSession(asyncio.Protocol):
 
     def rearm_timer(self) -> None:
         """Fire the timer earlier if the mux now wants it earlier (after an API call that may change that)."""
-        if not self.closed.done():
+        if not self.ended:
             self._rearm_timer()
 
     def _rearm_timer(self) -> None:
@@ -646,7 +646,7 @@ class MuxSession(asyncio.Protocol):
         self._timer_at = None
         self._dispatch(self.mux.handle_timer(self.loop.time()))
         self._flush_now()
-        if not self.closed.done():
+        if not self.ended:
             self._rearm_timer()
 
     def _terminate(self, reason: str) -> None:

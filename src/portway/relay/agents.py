@@ -88,7 +88,7 @@ class AgentLinks:
         existing = self.registry.get(name)
         old_session = existing.session if isinstance(existing, AgentTunnel) else None
         resuming = False
-        if old_session is not None and not old_session.closed.done():
+        if old_session is not None and not old_session.ended:
             # the key proved it: this agent held the name, and has moved on from its old link
             if request.resume_streams:
                 old_session.detach("the agent came back on a new link")
@@ -245,7 +245,7 @@ class AgentLinks:
             + [self.ports.get(port) for port in ports.values()]
             if isinstance(tunnel, (AgentTunnel, TcpTunnel))]
         old_session = next((tunnel.session for tunnel in held if tunnel.session is not None
-                            and not tunnel.session.closed.done()
+                            and not tunnel.session.ended
                             and _holds_resume_key(tunnel, request.resume_key)), None)
         resuming = False
         if old_session is not None:
@@ -402,7 +402,7 @@ class TcpTunnel:
 
     @property
     def online(self) -> bool:
-        return self.session is not None and not self.session.closed.done() and not self.session.parked
+        return self.session is not None and not self.session.ended and not self.session.parked
 
     def drop_idle(self) -> None:
         return None  # visitors are never pooled: each has its own stream, which ends with it

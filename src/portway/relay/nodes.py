@@ -281,7 +281,7 @@ class NodeLinks:
 
     async def session(self, lease: RemoteLease, name: str) -> MuxSession:
         session = self.sessions.get(lease.node)
-        if session is not None and not session.closed.done() and not session.mux.going_away:
+        if session is not None and not session.ended and not session.mux.going_away:
             return session
         dial = self._dialling.get(lease.node)
         if dial is None:
@@ -447,7 +447,7 @@ class NodeLinks:
         """The agent of `tunnel` said it is going away: tell every node that forwarded visitors to it."""
         sessions, tunnel.forwarding_links = tunnel.forwarding_links, set()
         for session in sessions:
-            if session.closed.done():
+            if session.ended:
                 continue
             try:
                 stream = session.open_stream()

@@ -180,10 +180,10 @@ class Relay:
             session.move(address)
         log.info("handing %d agent link(s) over to %s", len(sessions), ", ".join(node for node, _ in nodes))
         loop = asyncio.get_running_loop()
-        while any(not session.go_away_received and not session.closed.done() for session in sessions) \
+        while any(not session.go_away_received and not session.ended for session in sessions) \
                 and loop.time() < deadline:
             await asyncio.sleep(DRAIN_CHECK)
-        stayed = [session for session in sessions if not session.go_away_received and not session.closed.done()]
+        stayed = [session for session in sessions if not session.go_away_received and not session.ended]
         if stayed:
             log.warning("%d agent link(s) did not move within %g s: told to go away", len(stayed), HANDOVER_TIMEOUT)
         return {session for session in sessions if session not in stayed}

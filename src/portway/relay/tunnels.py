@@ -194,11 +194,11 @@ class AgentTunnel(Tunnel):
 
     async def _new_conduit(self):
         session = self.session
-        if session is None or session.closed.done():
+        if session is None or session.ended:
             raise HttpError(502, f"the agent for tunnel {self.name!r} is not connected (agent reconnecting)")
         if session.resuming:  # the agent is back and the streams are being settled: a round trip
             await session.until_resumed()
-        if session.parked or session.closed.done():
+        if session.parked or session.ended:
             raise HttpError(502, f"the agent for tunnel {self.name!r} is not connected (agent reconnecting)")
         try:
             stream = session.open_stream()
