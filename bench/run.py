@@ -267,6 +267,13 @@ def run_case(key: str, path, name: str, load, reg: Registry, mon: Monitor, args,
     return result
 
 
+def repeat_order(keys: list[str], repeat: int) -> list[str]:
+    """The order the paths run a case in on its `repeat`-th run (from 1): reversed on every second one, so that a
+    VM whose speed drifts within a case favours no path for its place in the order (in a fixed order ssh -R always
+    ran last, Portway second, right after direct)."""
+    return keys if repeat % 2 else keys[::-1]
+
+
 def run_paths(selected: list[str], reg: Registry, mon: Monitor, origin, origin_port: int, cfg: dict,
               expected: dict, args, results: dict) -> None:
     """Set every path up, then run each case over all of them in turn, so that the ratios of one case
@@ -292,7 +299,7 @@ def run_paths(selected: list[str], reg: Registry, mon: Monitor, origin, origin_p
             print(f"\n== {name}", flush=True)
             runs: dict[str, list[dict]] = {key: [] for key in ready if only is None or key in only}
             for repeat in range(1, args.repeat + 1):
-                for key in runs:
+                for key in repeat_order(list(runs), repeat):
                     runs[key].append(run_case(key, ready[key], name, load, reg, mon, args, repeat))
             for key, key_runs in runs.items():
                 results["paths"][key]["cases"][name] = median_run(name, key_runs)

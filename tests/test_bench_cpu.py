@@ -98,3 +98,10 @@ def test_the_monitor_counts_a_phase_s_system_calls_and_runs():
         assert stats.runs >= 1 and stats.cpu_ns > 0
     finally:
         monitor.stop()
+
+
+def test_repeats_alternate_the_order_of_the_paths_so_none_always_runs_last():
+    paths = ["direct", "portway", "portway_tcp", "ssh"]
+    orders = [run.repeat_order(paths, repeat) for repeat in (1, 2, 3, 4)]
+    assert orders == [paths, paths[::-1], paths, paths[::-1]]
+    assert paths == ["direct", "portway", "portway_tcp", "ssh"]  # the caller's list is left as it was
