@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from typing import Callable
+from typing import Callable, Final
 
 from mypy_extensions import mypyc_attr
 
@@ -41,6 +41,61 @@ def abort_with_reset(transport: asyncio.WriteTransport) -> None:
         except (OSError, ValueError):  # ValueError: uvloop's stand-in for a socket that is already closed
             pass
     transport.abort()
+
+
+BATCH_HOLDS_UP_TO: Final = 64 * 1024
+"""Bytes a WriteBatch holds in all: small answers are batched, bulk bodies go straight through."""
+
+
+class WriteBatch:
+    """Connection writes held while one read of a multiplexed link is dispatched, then made back to back.
+
+    One link read brings the answers for many visitors. Written as each is parsed, every write wakes the load's
+    reader (on loopback, onto the writer's own CPU, which it then takes over), and each pass of the relay moves a
+    few answers; written together after the read, as sshd writes its channels after a poll, the reader wakes once
+    for many, and so do the agent and the origin behind it. `begin()`/`end()` nest. What is held leaves at the
+    outermost `end()`, before any other use of a connection's transport (close, EOF, abort, hand-over) and before
+    a write that would take the batch past BATCH_HOLDS_UP_TO, so each connection's bytes keep their order; the
+    bound also caps how stale `Connection.must_drain` can be for a writer inside the batch."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.held_bytes = 0
+        self._writes: list[tuple[asyncio.Transport, list[Buffer]]] = []
+
+    def begin(self) -> None:
+        self.depth += 1
+
+    def end(self) -> None:
+        self.depth -= 1
+        if self.depth == 0 and self._writes:
+            self.flush()
+
+    def hold(self, transport: asyncio.Transport, buffers: list[Buffer], size: int) -> bool:
+        """Keep `buffers` for `transport` until the batch ends; False (and everything held already written) if
+        no batch is open or they would take it past BATCH_HOLDS_UP_TO: then the caller writes them itself."""
+        if self.depth == 0:
+            return False
+        if self.held_bytes + size > BATCH_HOLDS_UP_TO:
+            self.flush()
+            return False
+        self.held_bytes += size
+        self._writes.append((transport, buffers))
+        return True
+
+    def flush(self) -> None:
+        writes = self._writes
+        if not writes:
+            return
+        self._writes = []
+        self.held_bytes = 0
+        for transport, buffers in writes:
+            if not transport.is_closing():  # (a transport lost meanwhile: its connection raised for later writes)
+                transport.writelines(buffers)
+
+
+write_batch: Final = WriteBatch()
+"""The batch of the process's event loop (Portway runs one): link sessions open it around their deliveries."""
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # conduits in tests; compiled, the class would refuse them
@@ -250,6 +305,7 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
         """Give the transport to another protocol; returns what arrived unread, whether the peer ended
         its side, and whether the connection is already gone."""
         data = self.take_buffered() if self._chunks else b""
+        write_batch.flush()  # the new protocol may write to the transport itself: what this one wrote goes first
         if self.transport is not None and not self._lost:
             self.transport.set_protocol(protocol)
         return data, self._eof, self._lost
@@ -257,12 +313,17 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
     def write(self, data: Buffer) -> None:
         if self._lost or self.transport is None:
             raise ConduitReset("connection already closed")
-        self.transport.write(data)
+        if not write_batch.hold(self.transport, [data], len(data)):
+            self.transport.write(data)
 
     def writelines(self, buffers: list[Buffer]) -> None:
         if self._lost or self.transport is None:
             raise ConduitReset("connection already closed")
-        self.transport.writelines(buffers)
+        size = 0
+        for buffer in buffers:
+            size += len(buffer)
+        if not write_batch.hold(self.transport, buffers, size):
+            self.transport.writelines(buffers)
 
     async def drain(self) -> None:
         if self._lost:
@@ -282,6 +343,7 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
             await self.drain()
 
     def write_eof(self) -> None:
+        write_batch.flush()
         if self.transport is not None and not self._lost and self.transport.can_write_eof():
             try:
                 self.transport.write_eof()
@@ -289,10 +351,12 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
                 pass
 
     def close(self) -> None:
+        write_batch.flush()  # a closing transport still sends what it was given, not what the batch holds
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
         """Close with a TCP reset, so the other side sees an error rather than a clean end."""
+        write_batch.flush()  # the writes held for other connections must not wait for (nor be lost with) this one
         if self.transport is not None:
             abort_with_reset(self.transport)

@@ -19,7 +19,7 @@ from typing import Awaitable, Callable, Final, Protocol
 from ..errors import ConduitReset, MuxClosedError, ProtocolError
 from ..proto import events as ev
 from ..proto.mux import Mux, MuxConfig, Role
-from .connection import Buffer, Chunk, ReceiveBuffer
+from .connection import Buffer, Chunk, ReceiveBuffer, write_batch
 
 log = logging.getLogger(__name__)
 
@@ -608,8 +608,14 @@ class MuxSession(asyncio.Protocol):
         undelivered = self.undelivered
         if undelivered:
             self.undelivered = []
-            for stream in undelivered:
-                stream._deliver()
+            # what the sinks write to their connections (the relay's answers to visitors) leaves after the last
+            # of them, back to back (connection.WriteBatch)
+            write_batch.begin()
+            try:
+                for stream in undelivered:
+                    stream._deliver()
+            finally:
+                write_batch.end()
 
     def _accept(self, stream_id: int) -> None:
         if self._on_stream is None:
