@@ -319,11 +319,13 @@ class Connection(ReceiveBuffer, asyncio.Protocol):
     def writelines(self, buffers: list[Buffer]) -> None:
         if self._lost or self.transport is None:
             raise ConduitReset("connection already closed")
-        size = 0
-        for buffer in buffers:
-            size += len(buffer)
-        if not write_batch.hold(self.transport, buffers, size):
-            self.transport.writelines(buffers)
+        if write_batch.depth:  # (sized only inside a batch: most writes are made outside one)
+            size = 0
+            for buffer in buffers:
+                size += len(buffer)
+            if write_batch.hold(self.transport, buffers, size):
+                return
+        self.transport.writelines(buffers)
 
     async def drain(self) -> None:
         if self._lost:
