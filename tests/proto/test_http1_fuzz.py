@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import string
 
+import httptools
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -279,6 +280,23 @@ def test_pipelines_split_where_the_origin_splits_them(batch, data):
     assert_origin_agrees(events)
 
 
+@FUZZ
+@given(st.lists(st.tuples(paths, st.sampled_from(["1.0", "1.1"]), st.sampled_from([b"", b"\r\n", b"\r\n\r\n"])),
+                min_size=1, max_size=5), st.data())
+def test_each_pipelined_head_has_the_version_of_its_own_request_line(batch, data):
+    """The parser reads a request's version from its request line when that line starts a read (sparing
+    llhttp's formatted string): a pipeline mixing 1.0 and 1.1 (and the empty lines llhttp skips before a
+    request, and a header line that looks like the end of a request line), split anywhere, still gives each
+    head its own request's version."""
+    raw = b"".join(blank + f"GET {path} HTTP/{version}\r\nX-Note: as HTTP/1.1\r\nHost: a.pw.test\r\n"
+                           f"Connection: keep-alive\r\n\r\n".encode() for path, version, blank in batch)
+    cuts = data.draw(split_points(raw))
+    events, error = parse([raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)])])
+    assert error is None
+    heads = [event for event in events if isinstance(event, RequestHead)]
+    assert [(head.target.decode(), head.http_version) for head in heads] == [(p, v) for p, v, _ in batch]
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 4096), st.sampled_from([b"X-Long: ", b"Host: ", b"GET /"]))
 def test_an_endless_head_is_cut_at_the_limit_in_bounded_work(piece_size, where):
@@ -496,6 +514,121 @@ def test_the_lines_a_parser_keeps_are_the_lines_derived_from_its_headers(headers
     for framing in (head.framing, BodyFraming.LENGTH, BodyFraming.CHUNKED):
         assert (http1.encode_response_head(head, framing=framing, keep_alive=head.keep_alive)
                 == http1.encode_response_head(derived, framing=framing, keep_alive=head.keep_alive))
+
+
+class FieldByField:
+    """The oracle for the response parser, which reads each head from its bytes once llhttp has accepted it:
+    llhttp itself, calling back for the status and for every field, as the relay's parser once did."""
+
+    def __init__(self) -> None:
+        self.heads: list[tuple[int, bytes, list[tuple[bytes, bytes]]]] = []
+        self.body = b""
+        self.complete = False
+        self.parser = httptools.HttpResponseParser(self)
+        self._reason = b""
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._in_head = True
+
+    def on_message_begin(self) -> None:
+        self._reason, self._fields, self._in_head = b"", [], True
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:  # (trailer fields are not the head's)
+            self._fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self.heads.append((self.parser.get_status_code(), self._reason, self._fields))
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.complete = 200 <= self.heads[-1][0]
+
+
+response_names = names | st.sampled_from(["Connection", "Keep-Alive", "content-length", "TE", "Upgrade", "Trailer"])
+response_values = st.sampled_from([b"", b"v", b"  spaced  ", b"\tx", b"a, b", b"close", b"\xa0\xff", b"t\x01"]) | values
+reasons = st.sampled_from([b"OK", b"", b" ", b"Not Found", b"O\x01K", b"  two  spaces", b"\xe9t\xe9"])
+
+
+@st.composite
+def origin_responses(draw) -> bytes:
+    """One final answer (a body by length, chunked with trailers, or until close), perhaps after 1xx heads and the
+    empty lines llhttp skips, with fields of every spelling of whitespace, or the same bytes edited at random."""
+    def head(status: int) -> bytes:
+        fields = draw(st.lists(st.tuples(response_names, st.sampled_from([b": ", b":", b":  ", b":\t"]),
+                                         response_values), max_size=6))
+        return (draw(st.sampled_from([b"", b"\r\n", b"\r\n\r\n"])) + b"HTTP/1.%d %d " % (draw(st.integers(0, 1)), status)
+                + draw(reasons) + b"\r\n" + b"".join(n.encode() + sep + v + b"\r\n" for n, sep, v in fields))
+    raw = b"".join(head(draw(st.sampled_from([100, 102, 103]))) + b"\r\n"
+                   for _ in range(draw(st.integers(0, 2))))
+    status = draw(st.sampled_from([200, 201, 204, 206, 301, 304, 404, 500]))
+    body = draw(st.binary(max_size=40))
+    framing = draw(st.sampled_from(["length", "chunked", "close"]))
+    if framing == "length":
+        raw += head(status) + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    elif framing == "chunked":
+        trailer = draw(st.sampled_from([b"", b"X-T: t\r\n", b"Content-Length: 9\r\nSet-Cookie: s=1\r\n"]))
+        raw += head(status) + b"Transfer-Encoding: chunked\r\n\r\n" + (
+            b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n" + trailer + b"\r\n"
+    else:
+        raw += head(status) + b"\r\n" + body
+    for _ in range(draw(st.integers(0, 2))):
+        where = draw(st.integers(0, len(raw)))
+        raw = raw[:where] + draw(st.sampled_from([b"\r", b"\n", b"\r\n", b" ", b":", b"\x00", b"\r\n\r\n", b"X"])) \
+            + raw[where:]
+    return raw
+
+
+@FUZZ
+@given(origin_responses(), st.data())
+def test_heads_read_from_their_bytes_are_the_heads_llhttp_reads_field_by_field(raw, data):
+    """Whatever the bytes and however they are split: where llhttp accepts the answer, the parser gives the same
+    heads (status, reason, every field with its value, in order), forwards exactly the fields that are not
+    hop-by-hop, as they arrived, and the same body; where llhttp refuses it, the parser refuses it with a 502."""
+    cuts = data.draw(split_points(raw))
+    pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)]) if b > a]
+    oracle = FieldByField()
+    oracle_ended_in = len(pieces)  # the read in which llhttp saw the answer end
+    try:
+        for index, piece in enumerate(pieces):
+            oracle.parser.feed_data(piece)
+            if oracle.complete:
+                oracle_ended_in = index
+                break  # (as the relay stops reading a conduit at the answer's end)
+        refused_by_llhttp = False
+    except httptools.HttpParserError:
+        refused_by_llhttp = True
+    parser = ResponseParser("GET")
+    events: list[object] = []
+    index = len(pieces)
+    try:
+        for index, piece in enumerate(pieces):
+            if parser.complete:
+                break
+            events += parser.feed(piece)
+        index = len(pieces)
+        if not parser.complete:
+            events += parser.feed_eof()
+    except HttpError as error:
+        assert error.status == 502
+        # a refusal of bytes llhttp accepts: an answer cut short, or bytes past its end in the read that ends it
+        assert refused_by_llhttp or not oracle.complete or index == oracle_ended_in, raw
+        return
+    assert not refused_by_llhttp, raw
+    heads = [event for event in events if isinstance(event, ResponseHead)]
+    assert [(head.status, head.reason, head.headers) for head in heads] == oracle.heads[: len(heads)]
+    for head in heads:
+        if head.lines is not None:
+            kept = [line for line in head.lines if not line.startswith(b"Content-Length: ")]  # (304's, added back)
+            assert [line.partition(b":")[0] for line in kept] == \
+                [name for name, _ in head.headers if name.lower() not in http1.HOP_BY_HOP]
+            assert all(line in raw for line in head.lines if not line.startswith(b"Content-Length: "))
+    assert b"".join(event.data for event in events if isinstance(event, Body)) == oracle.body
 
 
 # ----------------------------------------------------------------------------------------------- routing

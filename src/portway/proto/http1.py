@@ -145,23 +145,35 @@ class RequestHead:
 class ResponseHead:
     status: int
     reason: bytes
-    headers: list[tuple[bytes, bytes]]
     framing: BodyFraming
     content_length: int
     keep_alive: bool
-    # The forwarded header lines, encoded: every header but the hop-by-hop ones, made by the parser while it
-    # meets them (it lowers each name once for its own checks). None: encode_response_head derives them.
+    # The header lines as they arrived, `Name: value` (hop-by-hop ones included; the parser keeps them as llhttp
+    # accepted them instead of taking them apart), or made from the (name, value) pairs the head was built with.
+    fields: list[bytes]
+    # The forwarded header lines: every field but the hop-by-hop ones, picked by the parser as it reads the head.
+    # None: encode_response_head derives them from `fields`.
     lines: list[bytes] | None = field(compare=False, repr=False)
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: BodyFraming,
-                 content_length: int, keep_alive: bool, lines: list[bytes] | None = None) -> None:
+                 content_length: int, keep_alive: bool, lines: list[bytes] | None = None,
+                 fields: list[bytes] | None = None) -> None:
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.fields = [name + b": " + value for name, value in headers] if fields is None else fields
         self.framing = framing
         self.content_length = content_length
         self.keep_alive = keep_alive
         self.lines = lines
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The fields as (name, value) pairs, the value without the whitespace before it (as llhttp gives it)."""
+        pairs = []
+        for line in self.fields:
+            name, _, value = line.partition(b":")
+            pairs.append((name, value.lstrip(b" \t")))
+        return pairs
 
     @property
     def informational(self) -> bool:
@@ -205,6 +217,19 @@ def _method_name(method: bytes) -> str:
     return name
 
 
+def _version_in_line(started_in: bytes | None, method: str, target: bytes) -> str | None:
+    """"1.1" or "1.0", read from the request line at the start of `started_in` that llhttp accepted as
+    `METHOD SP target SP HTTP/x.y`; None when the line is not there whole (it began in an earlier read, or after
+    the empty lines llhttp skips) or says another version."""
+    if started_in is None or not started_in or started_in[0] == 13 or started_in[0] == 10:
+        return None
+    minor_at = len(method) + len(target) + 9  # after `METHOD SP target SP HTTP/1.`
+    if minor_at >= len(started_in) or started_in[minor_at - 2] != 49:  # (`1`)
+        return None
+    minor = started_in[minor_at]
+    return "1.1" if minor == 49 else "1.0" if minor == 48 else None
+
+
 class RequestParser:
     """Incremental parser of a visitor's requests; a keep-alive connection yields many heads."""
 
@@ -219,6 +244,8 @@ class RequestParser:
         self._trailer_bytes = 0
         self._in_message = False
         self._switched = False
+        # the data fed when a request began with it, where its request line is read (see on_headers_complete)
+        self._started_in: bytes | None = None
 
     @property
     def mid_message(self) -> bool:
@@ -239,6 +266,8 @@ class RequestParser:
         parser = self._parser
         if parser is None:
             raise RuntimeError("the parser was closed with its connection")
+        if not self._in_message:
+            self._started_in = data if type(data) is bytes else None  # a request starts with these bytes
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -297,7 +326,10 @@ class RequestParser:
         method = _method_name(parser.get_method())
         if method == "CONNECT":
             raise HttpError(405, "CONNECT is not supported by this relay")
-        version = parser.get_http_version()
+        version = _version_in_line(self._started_in, method, self._url)
+        self._started_in = None  # (a pipelined request after this one began in the same bytes, not at their start)
+        if version is None:
+            version = parser.get_http_version()  # (a string formatted anew on each call: a few hundred instructions)
         if version != "1.1" and version != "1.0":
             raise HttpError(400, "only HTTP/1.0 and HTTP/1.1 requests are served")
         host: bytes | None = None
@@ -383,11 +415,16 @@ class RequestParser:
 class ResponseParser:
     """Parser of one origin response (plus any 1xx before it) arriving on a conduit.
 
+    llhttp (strict) checks every byte and frames the body; a head is read from its own bytes once llhttp has
+    accepted it whole (on_headers_complete), not field by field: llhttp calling back into Python for every field
+    cost as much as the rest of the answer. The bytes of the heads being awaited are kept for that, within
+    `max_head_bytes` (the heads, every 1xx and the final one, status lines included, are bounded by the bytes fed,
+    since llhttp consumes an unfinished field without saying so). A trailer section is consumed by llhttp and
+    dropped without being kept, like the chunk framing around the body.
+
     `upgrade` is the Upgrade value of the request (None if it asked for none): a 101 is accepted only for a
     protocol the client asked for (RFC 9110 §7.8), so an origin can never turn a visitor's connection into a
-    raw pipe on its own. The heads (every 1xx and the final one, status line included) are bounded by
-    `max_head_bytes` as bytes arrive: llhttp buffers a header value whole before calling back, so an unfinished
-    head is measured by the bytes fed, never by what the callbacks have seen.
+    raw pipe on its own.
     """
 
     def __init__(self, request_method: str, upgrade: bytes | None = None,
@@ -405,15 +442,11 @@ class ResponseParser:
         self._head_request = request_method == "HEAD"
         self._upgrade_asked = upgrade
         self._events: list[object] = []
-        self._reason = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._lines: list[bytes] = []
-        self._chunked = False
-        self._length = -1
-        self._head_bytes = 0
+        # the bytes fed while the final head was awaited (up to the bound, which a head must fit in), and where in
+        # them the head being parsed begins (after the 1xx heads before it)
+        self._head_bytes = b""
+        self._head_at = 0
         self._heads_fed = 0  # bytes fed while the final head was incomplete (1xx heads included)
-        self._trailer_bytes = 0
-        self._in_head = False
         self.head: ResponseHead | None = None
         self._body_seen = 0
         self._body_left = 0
@@ -449,6 +482,13 @@ class ResponseParser:
         awaiting_head = head is None or head.informational
         parser = self._parser
         assert parser is not None, "fed after the response ended"
+        if awaiting_head:
+            kept = self._head_bytes
+            # the heads must end within the bound: bytes past it are never read as a head (see on_headers_complete)
+            room = self._max_head_bytes - len(kept)
+            if room > 0:
+                piece = data if type(data) is bytes and len(data) <= room else bytes(data[:room])
+                self._head_bytes = kept + piece if kept else piece
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -509,82 +549,77 @@ class ResponseParser:
             # bytes past the answer's end in the same read: llhttp would parse them as a next response, dropped
             # unseen, and the conduit would look clean for the next request
             raise HttpError(502, "the origin sent bytes after its response ended")
-        self._in_head = True
-        self._head_bytes = 0
-        self._trailer_bytes = 0
-        self._reason = b""
-        self._headers = []
-        self._lines = []
-        self._chunked = False
-        self._length = -1
-
-    def on_status(self, reason: bytes) -> None:
-        self._head_bytes += len(reason)
-        if self._head_bytes > self._max_head_bytes:
-            raise HttpError(502, "the origin's response head is too large")
-        self._reason = self._reason + reason if self._reason else reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            # a trailer field: dropped, never merged into the head the visitor already has (RFC 9110 §6.5.1)
-            self._trailer_bytes += len(name) + len(value) + 4
-            if self._trailer_bytes > self._max_head_bytes:
-                raise HttpError(502, "the origin's trailer section is too large")
-            return
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self._max_head_bytes:
-            raise HttpError(502, "the origin's response head is too large")
-        self._headers.append((name, value))
-        known = field_name(name)
-        if not known.hop_by_hop:
-            self._lines.append(name + b": " + value)
-        elif known.lowered == b"transfer-encoding":
-            self._chunked = True
-        elif known.lowered == b"content-length":
-            self._length = int(value)
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        # Read with indexing, comparisons and loops over bytes, which compile to plain C: a method call on bytes
+        # (find, lower, int()) costs hundreds of instructions, more than the work itself.
         parser = self._parser
         assert parser is not None
-        status = parser.get_status_code()
-        if status == 101:
-            self._check_switch()
-        if self._chunked:
-            framing, length = BodyFraming.CHUNKED, -1
-        elif self._length >= 0:
-            framing, length = BodyFraming.LENGTH, self._length
+        kept = self._head_bytes
+        start = self._head_at
+        if start:
+            kept = kept[start:]  # (after a 1xx head)
+        if kept and (kept[0] == 13 or kept[0] == 10):
+            stripped = kept.lstrip(b"\r\n")  # the empty lines llhttp skips before a message
+            start += len(kept) - len(stripped)
+            kept = stripped
+        # llhttp accepted the head whole: its lines end in CRLF and hold no CR or LF, so the first empty line ends it
+        block, end, _ = kept.partition(b"\r\n\r\n")
+        if not end:  # it does not end within the bytes kept: the heads are longer than the bound
+            raise HttpError(502, "the origin's response head is too large")
+        self._head_at = start + len(block) + 4
+        fields = block.split(b"\r\n")
+        status_line = fields.pop(0)
+        # `HTTP/1.1 200 OK`: llhttp allows one digit on each side of the dot, three for the status, one space each
+        status = (status_line[9] - 48) * 100 + (status_line[10] - 48) * 10 + status_line[11] - 48
+        reason = status_line[13:]
+        lines: list[bytes] = []
+        chunked = False
+        length = -1
+        for line in fields:
+            hop_by_hop = _hop_by_hop_name(line)
+            if hop_by_hop is None:
+                lines.append(line)
+            elif hop_by_hop == b"transfer-encoding":
+                chunked = True
+            elif hop_by_hop == b"content-length":
+                length = _digits_after(line, 15)
+        if chunked:
+            framing = BodyFraming.CHUNKED
+        elif length >= 0:
+            framing = BodyFraming.LENGTH
         else:
-            framing, length = BodyFraming.UNTIL_CLOSE, -1
+            framing = BodyFraming.UNTIL_CLOSE
+        body_length = length
         if status in (204, 304) or 100 <= status < 200 or self._head_request:
-            if self._length >= 0 and not self._chunked and (status == 304 or (self._head_request and status >= 200
-                                                                                and status != 204)):
+            if length >= 0 and not chunked and (status == 304 or (self._head_request and status >= 200
+                                                                  and status != 204)):
                 # No body follows, but the Content-Length is the size a GET would receive (RFC 9110 §8.6):
                 # download managers and `curl -I` read it there.
-                self._lines.append(b"Content-Length: %d" % self._length)
-            framing, length = BodyFraming.NONE, 0
-        self.head = ResponseHead(
-            status=status,
-            reason=self._reason,
-            headers=self._headers,
-            framing=framing,
-            content_length=length,
-            keep_alive=parser.should_keep_alive() and framing is not BodyFraming.UNTIL_CLOSE,
-            lines=None if status == 101 else self._lines,  # a 101 keeps Connection and Upgrade: derived then
-        )
-        self._events.append(self.head)
+                lines.append(b"Content-Length: %d" % length)
+            framing, body_length = BodyFraming.NONE, 0
+        head = ResponseHead(status, reason, _NO_PAIRS, framing, body_length,
+                            parser.should_keep_alive() and framing is not BodyFraming.UNTIL_CLOSE,
+                            None if status == 101 else lines,  # a 101 keeps Connection and Upgrade: derived then
+                            fields)
+        if status == 101:
+            self._check_switch(head)
+        if not head.informational:
+            self._head_bytes = b""  # the final head: nothing more is read from the bytes kept
+        self.head = head
+        self._events.append(head)
         if self._head_request and 200 <= status:
             # llhttp can't be told the request was HEAD, so it would wait for a body that never comes.
             self.complete = True
             self._events.append(MESSAGE_END)
             raise _HeadResponseDone
 
-    def _check_switch(self) -> None:
+    def _check_switch(self, head: ResponseHead) -> None:
         asked = self._upgrade_asked
         if asked is None:
             raise HttpError(502, "the origin switched protocols although the request asked for no upgrade")
         offered = {token.strip().split(b"/")[0].lower() for token in asked.split(b",")}
-        switched_to = [value for key, value in self._headers if key.lower() == b"upgrade"]
+        switched_to = [value for key, value in head.headers if key.lower() == b"upgrade"]
         if len(switched_to) != 1 or not switched_to[0].strip():
             raise HttpError(502, "the origin's 101 response does not name one protocol in Upgrade")
         chosen = {token.strip().split(b"/")[0].lower() for token in switched_to[0].split(b",")}
@@ -604,6 +639,40 @@ class ResponseParser:
             self._events.append(MESSAGE_END)
             # a keep-alive answer leaves llhttp at the start of the next message; after any other it refuses more
             self._llhttp_clean = self._keep_parser and head is not None and head.keep_alive
+
+
+_NO_PAIRS: Final[list[tuple[bytes, bytes]]] = []  # a parsed head has its fields as lines
+
+# The hop-by-hop names by their first letter, each with its usual spelling (`Content-Length`): a field line is told
+# from its first bytes, with no search for its colon
+_HOP_BY_HOP_BY_INITIAL: Final[list[list[tuple[bytes, bytes]]]] = [[] for _ in range(128)]
+for _name in sorted(HOP_BY_HOP):
+    _HOP_BY_HOP_BY_INITIAL[_name[0]].append((_name, _name.title()))
+
+
+def _hop_by_hop_name(line: bytes) -> bytes | None:
+    """The hop-by-hop name (lower case) a `Name: value` field line starts with, or None."""
+    initial = line[0] | 0x20  # (a name is never empty; `| 0x20` makes an ASCII capital small)
+    if initial >= 128:
+        return None
+    for name, usual in _HOP_BY_HOP_BY_INITIAL[initial]:
+        size = len(name)
+        # a name is a token, without colon: the line's name is `name` if its colon follows the same letters
+        if len(line) > size and line[size] == 58:
+            spelled = line[:size]
+            if spelled == usual or spelled == name or spelled.lower() == name:
+                return name
+    return None
+
+
+def _digits_after(line: bytes, start: int) -> int:
+    """The number written in decimal digits from `start`, around whitespace (a value llhttp has checked)."""
+    value = 0
+    for index in range(start, len(line)):
+        digit = line[index] - 48
+        if 0 <= digit <= 9:
+            value = value * 10 + digit
+    return value
 
 
 class _HeadResponseDone(Exception):
@@ -681,11 +750,11 @@ def encode_response_head(head: ResponseHead, *, framing: BodyFraming, keep_alive
     if head.lines is not None:
         lines += head.lines
     else:
-        for key, value in head.headers:
-            lowered = lowered_name(key)
+        for line in head.fields:
+            lowered = lowered_name(line[: line.find(b":")])
             if lowered in HOP_BY_HOP and not (switching and lowered in (b"connection", b"upgrade")):
                 continue
-            lines.append(key + b": " + value)
+            lines.append(line)
     if framing is BodyFraming.LENGTH:
         lines.append(b"Content-Length: %d" % head.content_length)
     elif framing is BodyFraming.CHUNKED:
